@@ -1,0 +1,1 @@
+"""llm2vec-fast."""
