@@ -1,1 +1,16 @@
-"""llm2vec-fast."""
+"""llm2vec-fast: decoder-only LLMs as fast bidirectional text encoders (LLM2Vec recipe)."""
+
+from .bidirectional import UnsupportedArchitectureError, enable_bidirectional
+from .default_model import DefaultModelMissingError, default_model_path
+from .encoder import POOLING_MODES, LLM2Vec
+
+__version__ = "0.1.0"
+__all__ = [
+    "LLM2Vec",
+    "POOLING_MODES",
+    "enable_bidirectional",
+    "default_model_path",
+    "DefaultModelMissingError",
+    "UnsupportedArchitectureError",
+    "__version__",
+]

@@ -1,0 +1,31 @@
+"""Options shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..encoder import POOLING_MODES
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--peft", action="append", default=None, metavar="ADAPTER", help="LoRA adapter folder (repeat to chain)")
+    parser.add_argument("--pooling", choices=POOLING_MODES, default=None, help="pooling mode (default: from llm2vec_config.json, else mean)")
+    parser.add_argument("--max-length", type=int, default=None, help="max tokens per input (default 512)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--no-bidirectional", action="store_true", help="keep the causal mask (plain decoder)")
+
+
+def load_encoder(args: argparse.Namespace):
+    from ..encoder import LLM2Vec
+
+    return LLM2Vec.from_pretrained(
+        args.model,
+        peft_model_name_or_path=args.peft,
+        pooling_mode=args.pooling,
+        max_length=args.max_length,
+        enable_bidirectional=not args.no_bidirectional,
+        dtype=args.dtype,
+        device=args.device,
+    )

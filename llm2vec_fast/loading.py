@@ -1,0 +1,89 @@
+"""Resolving and loading checkpoints: the embedded default model, local HF folders,
+official-style LoRA adapter folders (optionally chained), hub ids when a hub is reachable."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> tuple[str, str | None]:
+    """Return ``(path_or_hub_id, model_id)``; ``model_id`` is the original model name used for
+    the official chat wrapping."""
+    if is_default_model(name_or_path):
+        return str(default_model_path()), f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"
+    name = os.fspath(name_or_path)
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return expanded, _model_id_from_folder(Path(expanded)) or name
+    if os.path.exists(expanded):
+        raise NotADirectoryError(f"model path {name!r} is a file; pass the checkpoint folder that holds config.json")
+    if _HUB_ID.match(name) and not name.startswith((".", "~")):
+        return name, name
+    raise FileNotFoundError(
+        f"model path {name!r} does not exist. Pass a local Hugging Face checkpoint folder, or None / 'default' for "
+        f"the embedded {DEFAULT_MODEL_NAME}."
+    )
+
+
+def _model_id_from_folder(folder: Path) -> str | None:
+    for file, key in (("llm2vec_config.json", "model_id"), ("config.json", "_name_or_path")):
+        try:
+            value = json.loads((folder / file).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if value:
+            return value
+    return None
+
+
+def has_weights(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in _WEIGHT_FILES)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_base_model(path: str, dtype: torch.dtype, hf_kwargs: dict) -> nn.Module:
+    """Load the bare decoder (``AutoModel``). An official "mntp" folder (config + LoRA adapter,
+    no weights) loads its base from the adapter's ``base_model_name_or_path`` and merges the adapter."""
+    from transformers import AutoModel
+
+    adapter_cfg = os.path.join(path, "adapter_config.json")
+    if os.path.isdir(path) and os.path.isfile(adapter_cfg) and not has_weights(path):
+        base = read_json(adapter_cfg).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter_cfg} names no base_model_name_or_path")
+        base_path, _ = resolve_model_path(base)
+        model = AutoModel.from_pretrained(base_path, dtype=dtype, **hf_kwargs)
+        return apply_adapters(model, [path], merge_last=True)
+    try:
+        return AutoModel.from_pretrained(path, dtype=dtype, **hf_kwargs)
+    except OSError as err:
+        raise OSError(f"could not load a model from {path!r}: {err}") from err
+
+
+def apply_adapters(model: nn.Module, adapter_paths: list[str], merge_last: bool) -> nn.Module:
+    """Apply LoRA adapters in order; every adapter but the last is merged (MNTP -> SimCSE chains)."""
+    from peft import PeftModel
+
+    for i, adapter in enumerate(adapter_paths):
+        adapter = os.path.expanduser(os.fspath(adapter))
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise FileNotFoundError(f"no LoRA adapter (adapter_config.json) in {adapter!r}")
+        model = PeftModel.from_pretrained(model, adapter)
+        if i < len(adapter_paths) - 1 or merge_last:
+            model = model.merge_and_unload()
+    return model

@@ -1,0 +1,143 @@
+"""Turning ``text`` / ``[instruction, text]`` inputs into token ids plus the span to pool.
+
+This follows the official llm2vec 0.2.3 ``LLM2Vec`` step by step
+(``_convert_to_str`` -> ``prepare_for_tokenization`` -> ``tokenize``):
+
+* the text is trimmed to ``doc_max_length`` tokens by dropping words;
+* instruction and text are joined around a separator, the model-specific chat wrapping is
+  applied to the joined string, then the separator is removed;
+* the pooled span is the last ``len(tokenize(text, add_special_tokens=False))`` tokens, so
+  instruction tokens are attended to but not pooled.
+
+Deliberate differences (documented in the README):
+* ``eos_token`` pooling appends the tokenizer's real EOS *token id* after truncation (the
+  official code appends the literal text " </s>" for every Llama/Mistral config, which is
+  not the EOS of e.g. Llama 3 or SmolLM2, and can be truncated away);
+* an empty text pools over all real tokens (the official slice ``[-0:]`` pools padding), and
+  an input with no tokens at all is encoded as a single EOS token, so nothing is NaN;
+* the separator is split once, so a text that itself contains it is kept intact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+SEPARATOR = "!@#$%^&*()"
+
+# Chat wrapping of the official library, keyed by the checkpoint's original model id.
+_WRAP_LLAMA3 = ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>")
+_WRAP_INST = ("[INST] ", " [/INST]")
+_WRAP_GEMMA2 = ("<bos><start_of_turn>user\n", "<end_of_turn>")
+_WRAP_QWEN2 = ("<|im_start|>user\n", "<|im_end|>")
+CHAT_WRAPPING = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": _WRAP_LLAMA3,
+    "mistralai/Mistral-7B-Instruct-v0.2": _WRAP_INST,
+    "meta-llama/Llama-2-7b-chat-hf": _WRAP_INST,
+    "google/gemma-2-9b-it": _WRAP_GEMMA2,
+    "Qwen/Qwen2-1.5B-Instruct": _WRAP_QWEN2,
+    "Qwen/Qwen2-7B-Instruct": _WRAP_QWEN2,
+}
+
+
+@dataclass(frozen=True)
+class EncodingInput:
+    """One tokenised input: ``input_ids`` (no padding) and how many trailing tokens to pool."""
+
+    input_ids: list[int]
+    num_pooled: int
+    truncated: bool = False
+
+
+def normalize_inputs(sentences: object) -> tuple[list[tuple[str, str]], bool]:
+    """Validate ``encode`` input; return ``(instruction, text)`` pairs and whether a single
+    string was given (which yields a 1-D result, as in sentence-transformers)."""
+    if isinstance(sentences, str):
+        return [("", sentences)], True
+    if not isinstance(sentences, Sequence) or isinstance(sentences, (bytes, bytearray)):
+        raise TypeError(
+            f"sentences must be a string or a list of strings / [instruction, text] pairs, got {type(sentences).__name__}"
+        )
+    if len(sentences) == 0:
+        raise ValueError("encode() got an empty list of sentences; pass at least one text")
+    pairs = []
+    for i, item in enumerate(sentences):
+        if isinstance(item, str):
+            pairs.append(("", item))
+        elif _is_pair(item):
+            pairs.append((item[0], item[1]))
+        else:
+            raise TypeError(
+                f"sentences[{i}] must be a string or an [instruction, text] pair of strings, got {item!r:.80}"
+            )
+    return pairs, False
+
+
+def _is_pair(item: object) -> bool:
+    return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
+
+
+def chat_wrap(text: str, model_id: str | None) -> str:
+    """The official ``prepare_for_tokenization`` wrapping (without the EOS part)."""
+    wrap = CHAT_WRAPPING.get(model_id or "")
+    return f"{wrap[0]}{text.strip()}{wrap[1]}" if wrap else text
+
+
+def trim_to_doc_max_length(tokenizer, text: str, doc_max_length: int, max_length: int) -> str:
+    """Drop trailing words until ``text`` has at most ``doc_max_length`` tokens (official ``_convert_to_str``)."""
+
+    def n_tokens(t: str) -> int:
+        return len(tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"])
+
+    length = n_tokens(text)
+    while length > doc_max_length:
+        words = text.split()
+        text = " ".join(words[: int(len(words) * doc_max_length / length)])
+        length = n_tokens(text)
+    return text
+
+
+def prepare_inputs(
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    *,
+    max_length: int,
+    doc_max_length: int,
+    skip_instruction: bool,
+    model_id: str | None,
+    append_eos: bool,
+) -> list[EncodingInput]:
+    """Tokenise ``(instruction, text)`` pairs exactly like the official library."""
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None and append_eos:
+        raise ValueError("eos_token pooling needs a tokenizer with an EOS token")
+    fallback_id = eos_id if eos_id is not None else (tokenizer.bos_token_id or 0)
+    joined, pooled_texts = [], []
+    for instruction, text in pairs:
+        text = trim_to_doc_max_length(tokenizer, text, doc_max_length, max_length)
+        combined = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
+        combined = chat_wrap(combined, model_id)
+        head, _, pooled = combined.partition(SEPARATOR)
+        joined.append(head + pooled)
+        pooled_texts.append(pooled)
+
+    budget = max_length - 1 if append_eos else max_length
+    full = tokenizer(joined, add_special_tokens=True, truncation=True, max_length=budget)
+    pooled_ids = tokenizer(pooled_texts, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
+    encodings = getattr(full, "encodings", None) or [None] * len(joined)
+    out = []
+    for ids, pool, enc in zip(full["input_ids"], pooled_ids, encodings):
+        truncated = bool(enc.overflowing) if enc is not None else len(ids) >= budget
+        ids = list(ids)
+        n_pool = len(pool) if skip_instruction else len(ids)
+        if append_eos:
+            ids.append(eos_id)
+            n_pool += 1
+        if not ids:
+            ids, n_pool = [fallback_id], 1
+        n_pool = min(n_pool, len(ids)) or len(ids)  # empty text: pool every real token
+        out.append(EncodingInput(ids, n_pool, truncated))
+    return out
