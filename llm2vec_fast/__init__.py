@@ -2,7 +2,8 @@
 
 from .bidirectional import UnsupportedArchitectureError, enable_bidirectional
 from .default_model import DefaultModelMissingError, default_model_path
-from .encoder import POOLING_MODES, LLM2Vec
+from .encoder import LLM2Vec
+from .encoding import POOLING_MODES
 
 __version__ = "0.1.0"
 __all__ = [

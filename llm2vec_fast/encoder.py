@@ -13,25 +13,20 @@ import logging
 import os
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .bidirectional import enable_bidirectional as make_bidirectional
 from .kernels.pooling_reference import masked_pool_reference as masked_pool
 from .loading import apply_adapters, load_base_model, resolve_model_path
-from .prompting import EncodingInput, normalize_inputs, prepare_inputs
+from .encoding import CONFIG_KEYS, KERNEL_POOLING_MODE, POOLING_MODES, EncodeMixin, check_encoder_settings
+from .prompting import EncodingInput
 
 logger = logging.getLogger(__name__)
 
-POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
-_KERNEL_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "last", "last_token": "last", "bos_token": "first"}
-_CONFIG_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
-PROGRESS_BAR_MIN_BATCHES = 10
 
 
-class LLM2Vec(nn.Module):
+class LLM2Vec(EncodeMixin, nn.Module):
     """A decoder-only LLM turned into a text encoder.
 
     Args:
@@ -55,10 +50,7 @@ class LLM2Vec(nn.Module):
         model_id: str | None = None,
     ):
         super().__init__()
-        if pooling_mode not in POOLING_MODES:
-            raise ValueError(f"unknown pooling_mode {pooling_mode!r}; expected one of {POOLING_MODES}")
-        if max_length < 1 or doc_max_length < 1:
-            raise ValueError("max_length and doc_max_length must be positive")
+        check_encoder_settings(pooling_mode, max_length, doc_max_length)
         self.model = model
         self.tokenizer = tokenizer
         self.pooling_mode = pooling_mode
@@ -69,7 +61,6 @@ class LLM2Vec(nn.Module):
         self.config = model.config
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self._warned_truncation = False
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -122,14 +113,14 @@ class LLM2Vec(nn.Module):
         if os.path.isfile(config_file):
             with open(config_file) as f:
                 stored = json.load(f)
-            settings.update({k: v for k, v in stored.items() if k in _CONFIG_KEYS})
+            settings.update({k: v for k, v in stored.items() if k in CONFIG_KEYS})
             model_id = stored.get("model_id", model_id)
         overrides = dict(pooling_mode=pooling_mode, max_length=max_length, doc_max_length=doc_max_length, skip_instruction=skip_instruction)
         settings.update({k: v for k, v in overrides.items() if v is not None})
         encoder = cls(model, tokenizer, model_id=model_id, **settings)
         return encoder.to(device).eval()
 
-    # ---------------------------------------------------------------- tokenising
+    # ------------------------------------------------------------------ batches
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -138,42 +129,10 @@ class LLM2Vec(nn.Module):
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
 
-    def tokenize(self, sentences) -> list[EncodingInput]:
-        """Token ids and pooled-span length of each input, as the official library computes them."""
-        pairs, _ = normalize_inputs(sentences)
-        return self._prepare(pairs)
-
-    def _prepare(self, pairs: list[tuple[str, str]]) -> list[EncodingInput]:
-        items = prepare_inputs(
-            self.tokenizer,
-            pairs,
-            max_length=self.max_length,
-            doc_max_length=self.doc_max_length,
-            skip_instruction=self.skip_instruction,
-            model_id=self.model_id,
-            append_eos=self.pooling_mode == "eos_token",
-        )
-        if not self._warned_truncation and any(x.truncated for x in items):
-            self._warned_truncation = True
-            logger.warning("Some inputs are longer than max_length=%d tokens and were truncated.", self.max_length)
-        return items
-
     def collate(self, items: Sequence[EncodingInput], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Right-padded batch with per-sequence ``position_ids`` and a ``pool_mask`` of the tokens to pool."""
-        batch, length = len(items), max(len(x.input_ids) for x in items)
-        input_ids = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)
-        pool_mask = torch.zeros((batch, length), dtype=torch.bool)
-        for i, item in enumerate(items):
-            n = len(item.input_ids)
-            input_ids[i, :n] = torch.tensor(item.input_ids)
-            attention_mask[i, :n] = 1
-            pool_mask[i, n - item.num_pooled : n] = True
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        features = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, pool_mask=pool_mask)
-        return {k: v.to(device or self.device) for k, v in features.items()}
+        """Right-padded tensor batch (see :meth:`padded_batch`) on ``device`` (default: the model's)."""
+        return {k: torch.from_numpy(v).to(device or self.device) for k, v in self.padded_batch(items).items()}
 
-    # ------------------------------------------------------------------ forward
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embeddings ``[B, hidden]`` of a batch from :meth:`collate` (differentiable)."""
         out = self.model(
@@ -184,49 +143,18 @@ class LLM2Vec(nn.Module):
         return self.pool(out.last_hidden_state, features["pool_mask"])
 
     def pool(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
-        return masked_pool(hidden, pool_mask, _KERNEL_MODE[self.pooling_mode])
+        return masked_pool(hidden, pool_mask, KERNEL_POOLING_MODE[self.pooling_mode])
 
-    # ------------------------------------------------------------------- encode
-    @torch.inference_mode()
-    def encode(
-        self,
-        sentences: str | Sequence[str] | Sequence[Sequence[str]],
-        batch_size: int = 32,
-        show_progress_bar: bool | None = None,
-        convert_to_numpy: bool = False,
-        convert_to_tensor: bool = False,
-        normalize_embeddings: bool = False,
-        device: str | torch.device | None = None,
-    ) -> torch.Tensor | np.ndarray:
-        """Embed texts or ``[instruction, text]`` pairs.
-
-        Inputs are sorted by length for batching and returned in input order, as float32 on
-        the CPU: a tensor by default (like the official library), a numpy array with
-        ``convert_to_numpy=True`` (``convert_to_tensor=True`` wins if both are set). A single
-        string gives a 1-D result. ``show_progress_bar=None`` shows a bar on long runs.
-        """
-        pairs, single = normalize_inputs(sentences)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    def _before_encode(self, device) -> None:
         if device is not None:
             self.to(device)
         self.eval()
-        items = self._prepare(pairs)
-        order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        if show_progress_bar is None:
-            show_progress_bar = len(batches) > PROGRESS_BAR_MIN_BATCHES
-        out = torch.empty(len(items), self.hidden_size, dtype=torch.float32)
-        for idx in tqdm(batches, desc="Encoding", unit="batch", disable=not show_progress_bar):
-            features = self.collate([items[i] for i in idx])
-            out[idx] = self(features).float().cpu()
-        if normalize_embeddings:
-            out = torch.nn.functional.normalize(out, p=2, dim=1)
-        if single:
-            out = out[0]
-        if convert_to_numpy and not convert_to_tensor:
-            return out.numpy()
-        return out
+
+    @torch.inference_mode()
+    def _embed_batch(self, items: Sequence[EncodingInput]) -> torch.Tensor:
+        return self(self.collate(items))
+
+    encode = torch.inference_mode()(EncodeMixin.encode)
 
     # --------------------------------------------------------------------- save
     def save(self, output_path: str | os.PathLike, merge_before_save: bool = True) -> None:
@@ -237,7 +165,7 @@ class LLM2Vec(nn.Module):
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(output_path, safe_serialization=True)
         self.tokenizer.save_pretrained(output_path)
-        config = {k: getattr(self, k) for k in _CONFIG_KEYS}
+        config = {k: getattr(self, k) for k in CONFIG_KEYS}
         config["model_id"] = self.model_id
         with open(os.path.join(output_path, "llm2vec_config.json"), "w") as f:
             json.dump(config, f, indent=4)

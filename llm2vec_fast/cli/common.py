@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..encoder import POOLING_MODES
+from ..encoding import POOLING_MODES
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
