@@ -1,13 +1,93 @@
-"""Shared pytest setup."""
+"""Shared test setup.
+
+* ``TRITON_INTERPRET=1`` before anything imports triton, so kernel tests run the Triton code
+  on CPU tensors (the library itself never uses the interpreter at run time).
+* ``--runslow`` enables tests marked ``slow``.
+* Session fixtures for the embedded default model and tiny random decoders.
+"""
+
+from __future__ import annotations
 
 import os
 
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
 import torch
 
-# --- Triton kernels (tests/test_flash_attn.py, tests/test_pooling_kernels.py) -----------------
-# Without a GPU the kernel tests run the Triton code on CPU tensors through the Triton interpreter,
-# which must be switched on before triton is first imported. The library itself never uses the
-# interpreter unless a test asks for backend="triton" (backend="auto" runs torch on CPU), so the
-# rest of the suite is unaffected. With CUDA the kernel tests run the compiled kernels instead.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("LLM2VEC_FAST_RUNSLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    from llm2vec_fast.default_model import default_model_path
+
+    return str(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def default_encoder(default_model_dir):
+    from llm2vec_fast import LLM2Vec
+
+    return LLM2Vec.from_pretrained(default_model_dir, device="cpu")
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 49152, **overrides):
+    """A tiny random config of a supported family (real architecture, toy sizes)."""
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        pad_token_id=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "gemma": transformers.GemmaConfig,
+        "gemma2": transformers.Gemma2Config,
+    }[family]
+    common.update(overrides)
+    return cls(**common)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm_tokenizer) -> str:
+    """A saved tiny random Llama checkpoint with the SmolLM2 tokenizer."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = AutoModel.from_config(tiny_config("llama"))
+    model.save_pretrained(path)
+    smollm_tokenizer.save_pretrained(path)
+    return str(path)

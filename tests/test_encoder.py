@@ -1,0 +1,143 @@
+"""LLM2Vec.encode contract on the embedded default model and tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from llm2vec_fast import LLM2Vec
+
+def assert_same_embeddings(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal up to fp32 noise: SmolLM2 has outlier dimensions of magnitude ~20."""
+    cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
+    assert cos.min() > 1 - 1e-6, cos
+    assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()) * 10
+
+
+TEXTS = ["A man is playing a guitar.", "A woman is slicing an onion.", "Stocks fell sharply on Monday."]
+
+
+def test_default_model_encodes_in_input_order(default_encoder):
+    out = default_encoder.encode(TEXTS)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (3, 576)
+    reversed_out = default_encoder.encode(TEXTS[::-1], batch_size=2)
+    assert_same_embeddings(reversed_out.flip(0), out)
+    for i, text in enumerate(TEXTS):
+        assert_same_embeddings(default_encoder.encode([text])[0], out[i])
+
+
+def test_output_types_and_normalization(default_encoder):
+    arr = default_encoder.encode(TEXTS, convert_to_numpy=True, normalize_embeddings=True)
+    assert isinstance(arr, np.ndarray) and arr.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(arr, axis=1), 1.0, rtol=1e-5)
+    both = default_encoder.encode(TEXTS, convert_to_numpy=True, convert_to_tensor=True)
+    assert isinstance(both, torch.Tensor)
+    single = default_encoder.encode("just one sentence")
+    assert single.shape == (576,)
+
+
+def test_instruction_is_attended_but_not_pooled(default_encoder):
+    text = "A man is playing a guitar."
+    instruction = "Retrieve semantically similar text:"
+    item = default_encoder.tokenize([[instruction, text]])[0]
+    n_text = len(default_encoder.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert item.num_pooled == n_text
+    assert len(item.input_ids) > n_text
+    plain = default_encoder.encode([text])[0]
+    with_instr = default_encoder.encode([[instruction, text]])[0]
+    assert not torch.allclose(plain, with_instr, atol=1e-3), "instruction tokens must be attended to"
+    default_encoder.skip_instruction = False
+    try:
+        assert default_encoder.tokenize([[instruction, text]])[0].num_pooled == len(item.input_ids)
+    finally:
+        default_encoder.skip_instruction = True
+
+
+def test_eos_token_pooling_appends_real_eos(default_model_dir):
+    enc = LLM2Vec.from_pretrained(default_model_dir, pooling_mode="eos_token", max_length=8)
+    items = enc.tokenize(["hello world", "word " * 50])
+    for item in items:
+        assert item.input_ids[-1] == enc.tokenizer.eos_token_id
+        assert len(item.input_ids) <= 8
+    out = enc.encode(["hello world"])
+    assert torch.isfinite(out).all()
+
+
+def test_empty_strings_embed_without_nan(default_encoder):
+    out = default_encoder.encode(["", "   ", "text", ["Instruction:", ""]])
+    assert torch.isfinite(out).all()
+    assert out.abs().sum(dim=1).gt(0).all()
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        ([], ValueError, "empty list"),
+        ([1, 2], TypeError, "sentences\\[0\\]"),
+        (["ok", None], TypeError, "sentences\\[1\\]"),
+        ([["instr", "text", "extra"]], TypeError, "pair"),
+        (42, TypeError, "list of strings"),
+    ],
+)
+def test_bad_input_raises_clear_error(default_encoder, bad, error, match):
+    with pytest.raises(error, match=match):
+        default_encoder.encode(bad)
+
+
+def test_bad_batch_size(default_encoder):
+    with pytest.raises(ValueError, match="batch_size"):
+        default_encoder.encode(TEXTS, batch_size=0)
+
+
+def test_unknown_pooling_mode_and_missing_path(default_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="pooling_mode"):
+        LLM2Vec.from_pretrained(default_model_dir, pooling_mode="max")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM2Vec.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM2Vec.from_pretrained("./relative/missing")
+
+
+def test_truncation_warns_once(default_model_dir, caplog):
+    enc = LLM2Vec.from_pretrained(default_model_dir, max_length=16)
+    with caplog.at_level(logging.WARNING, logger="llm2vec_fast"):
+        enc.encode(["word " * 100])
+        enc.encode(["other " * 100])
+    warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1
+    assert all(len(x.input_ids) <= 16 for x in enc.tokenize(["word " * 100]))
+
+
+def test_doc_max_length_trims_words(default_model_dir):
+    enc = LLM2Vec.from_pretrained(default_model_dir, doc_max_length=20)
+    item = enc.tokenize([["Represent this:", "lorem ipsum dolor sit amet " * 30]])[0]
+    assert item.num_pooled <= 20
+
+
+def test_save_and_reload_roundtrip(default_encoder, tmp_path):
+    default_encoder.save(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "llm2vec_config.json").read_text())
+    assert config["pooling_mode"] == "mean" and config["max_length"] == 512
+    reloaded = LLM2Vec.from_pretrained(str(tmp_path / "saved"))
+    assert_same_embeddings(reloaded.encode(TEXTS), default_encoder.encode(TEXTS))
+
+
+def test_llm2vec_config_is_honoured_and_overridable(tiny_llama_dir):
+    with open(f"{tiny_llama_dir}/llm2vec_config.json", "w") as f:
+        json.dump({"pooling_mode": "weighted_mean", "max_length": 64}, f)
+    try:
+        enc = LLM2Vec.from_pretrained(tiny_llama_dir)
+        assert enc.pooling_mode == "weighted_mean" and enc.max_length == 64
+        assert LLM2Vec.from_pretrained(tiny_llama_dir, pooling_mode="mean").pooling_mode == "mean"
+    finally:
+        import os
+
+        os.remove(f"{tiny_llama_dir}/llm2vec_config.json")
+
+
+def test_dtype_default_is_fp32_on_cpu(default_encoder):
+    assert next(default_encoder.model.parameters()).dtype == torch.float32
