@@ -1,0 +1,56 @@
+"""``llm2vec-fast encode`` and ``demo``."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from llm2vec_fast.cli import main
+
+
+def test_encode_arguments_to_npy(tmp_path, default_model_dir, capsys):
+    out = tmp_path / "emb.npy"
+    assert main(["encode", "--model", default_model_dir, "hello world", "good night", "--normalize", "-o", str(out)]) == 0
+    emb = np.load(out)
+    assert emb.shape == (2, 576)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_encode_file_to_jsonl_with_instruction(tmp_path, default_model_dir, default_encoder):
+    src = tmp_path / "in.txt"
+    src.write_text("first line\n\nsecond line\n")
+    out = tmp_path / "emb.jsonl"
+    assert main(["encode", "--model", default_model_dir, "--input", str(src), "--instruction", "Represent:", "-o", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1] and rows[1]["text"] == "second line"
+    expected = default_encoder.encode([["Represent:", "second line"]], convert_to_numpy=True)[0]
+    np.testing.assert_allclose(rows[1]["embedding"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_encode_stdin_to_stdout(monkeypatch, default_model_dir, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\n"))
+    assert main(["encode", "--model", default_model_dir]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 1 and len(rows[0]["embedding"]) == 576
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["encode", "--model", "/does/not/exist", "x"], "does not exist"),
+        (["encode", "x", "-o", "out.csv"], ".npy or .jsonl"),
+        (["encode", "--input", "/no/such/file.txt"], "does not exist"),
+    ],
+)
+def test_encode_errors_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_prints_similarity_matrix(default_model_dir, capsys):
+    assert main(["demo", "--model", default_model_dir]) == 0
+    out = capsys.readouterr().out
+    assert "cosine similarity" in out and "1.000" in out
