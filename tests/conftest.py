@@ -1,7 +1,8 @@
 """Shared test setup.
 
-* ``TRITON_INTERPRET=1`` before anything imports triton, so kernel tests run the Triton code
-  on CPU tensors (the library itself never uses the interpreter at run time).
+* Without a GPU, ``TRITON_INTERPRET=1`` before anything imports triton, so kernel tests run the
+  Triton code on CPU tensors. The library never uses the interpreter unless a test asks for
+  ``backend="triton"`` (``auto`` runs torch on CPU). With CUDA the compiled kernels run.
 * ``--runslow`` enables tests marked ``slow``.
 * Session fixtures for the embedded default model and tiny random decoders.
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_addoption(parser):
