@@ -1,0 +1,403 @@
+"""Triton kernels for packed (varlen) bidirectional attention with GQA, forward and backward.
+
+FlashAttention-2 structure:
+
+* forward: one program per (query block, q head, sequence); streams the sequence's key/value
+  blocks with an online softmax (base-2 exponentials, ``qk_scale = softmax_scale * log2(e)``) and
+  stores the output plus the base-2 log-sum-exp ``lse`` (``[Hq, T]`` fp32).
+* backward: ``delta = rowsum(dO * O)`` (preprocess), then a dK/dV kernel -- one program per (key
+  block, kv head, sequence) that loops over the q heads of its GQA group and over the sequence's
+  query blocks, so dK/dV are accumulated in registers without atomics -- and a separate dQ kernel
+  with one program per (query block, q head, sequence).
+
+Grids are sized for ``max_seqlen``; a program whose block starts past the end of its sequence
+exits at once. ``cu_seqlens`` is read inside the kernels. Inner loops run unmasked over full blocks
+and masked only over the last, partial one. Head dims that are not powers of two (80, 96) use a
+power-of-two ``BLOCK_D`` with masked loads/stores.
+
+This module imports triton at import time; :mod:`llm2vec_fast.kernels.flash_attn` imports it lazily.
+On the interpreter (``TRITON_INTERPRET=1`` before import) a single small config is used per kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import interpreter_enabled, new_output, next_power_of_2
+
+#: Whether the kernels below were built for the Triton interpreter (decided when triton.jit ran).
+INTERPRETED = interpreter_enabled()
+
+LOG2E = 1.4426950408889634
+_MAX_GRID_YZ = 65535
+
+
+# --------------------------------------------------------------------------------------------
+# autotune configs
+# --------------------------------------------------------------------------------------------
+
+
+def _configs(gpu_table, interp_cfg):
+    """Configs for one kernel: ``gpu_table`` rows ``(max_block_d, block_m, block_n, warps, stages)``."""
+    if INTERPRETED:
+        return [triton.Config(dict(zip(("BLOCK_M", "BLOCK_N"), interp_cfg)), num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "MAX_BLOCK_D": bd}, num_warps=w, num_stages=s)
+        for bd, bm, bn, w, s in gpu_table
+    ]
+
+
+def _prune_by_head_dim(configs, named_args, **kwargs):
+    """Keep the configs whose ``MAX_BLOCK_D`` class matches this launch's ``BLOCK_D``."""
+    block_d = {**named_args, **kwargs}["BLOCK_D"]
+    if "MAX_BLOCK_D" not in configs[0].kwargs:
+        return configs
+    klass = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+    kept = [c for c in configs if c.kwargs["MAX_BLOCK_D"] == klass]
+    return kept or configs[:1]
+
+
+# (head-dim class, BLOCK_M, BLOCK_N, num_warps, num_stages). Sized for Hopper/Ampere shared memory:
+# D=256 keeps 64x32 / 64x64 tiles and two stages.
+_FWD_TABLE = [
+    (64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (64, 64, 64, 4, 4), (64, 128, 64, 8, 4),
+    (128, 128, 64, 8, 3), (128, 128, 128, 8, 2), (128, 64, 64, 4, 3), (128, 128, 32, 4, 3),
+    (256, 64, 32, 4, 2), (256, 64, 64, 4, 2), (256, 64, 32, 8, 2), (256, 128, 32, 8, 2),
+]
+# dK/dV kernel: BLOCK_N key rows stay resident, BLOCK_M query rows stream.
+_BWD_KV_TABLE = [
+    (64, 32, 128, 4, 3), (64, 64, 128, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 4),
+    (128, 32, 128, 4, 3), (128, 64, 128, 8, 2), (128, 32, 64, 4, 3), (128, 64, 64, 4, 2),
+    (256, 16, 64, 4, 2), (256, 32, 64, 4, 2), (256, 32, 32, 4, 2), (256, 16, 32, 4, 2),
+]
+# dQ kernel: BLOCK_M query rows stay resident, BLOCK_N key rows stream.
+_BWD_Q_TABLE = [
+    (64, 128, 32, 4, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4),
+    (128, 128, 32, 4, 3), (128, 128, 64, 8, 2), (128, 64, 64, 4, 3), (128, 64, 32, 4, 3),
+    (256, 64, 32, 4, 2), (256, 64, 16, 4, 2), (256, 32, 32, 4, 2), (256, 32, 64, 4, 2),
+]
+
+_AUTOTUNE_KEY = ["BLOCK_D", "GROUP", "seq_bucket"]
+_PRUNE = {"early_config_prune": _prune_by_head_dim}
+
+
+# --------------------------------------------------------------------------------------------
+# shared device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(base, rows, stride, offs_d, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """Load ``[len(rows), BLOCK_D]`` from ``base + rows * stride + d``; zero past ``n_rows`` / ``D``."""
+    ptrs = base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
+    if MASK_ROWS:
+        if D == BLOCK_D:
+            x = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < D)[None, :], other=0.0)
+    else:
+        if D == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(base, rows, stride, offs_d, n_rows, x, D: tl.constexpr):
+    ptrs = base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows < n_rows)[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _block_coords(CU, BLOCK: tl.constexpr):
+    """Grid ``(row block, head, sequence)`` -> (first row of the sequence as int64, its length,
+    first row of this program's block within the sequence, head index)."""
+    b = tl.program_id(2)
+    seq_start = tl.load(CU + b)
+    seq_len = tl.load(CU + b + 1) - seq_start
+    return seq_start.to(tl.int64), seq_len, tl.program_id(0) * BLOCK, tl.program_id(1)
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, offs_n, offs_d,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    k = _load_rows(K_seq, cols, stride_kt, offs_d, seq_len, D, BLOCK_D, MASK_N)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASK_N:
+        s = tl.where((cols < seq_len)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(V_seq, cols, stride_vt, offs_d, seq_len, D, BLOCK_D, MASK_N)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.autotune(configs=_configs(_FWD_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    seq_bucket,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+):
+    row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
+    if start_m >= seq_len:
+        return
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q_seq = Q + row0 * stride_qt + h * stride_qh
+    K_seq = K + row0 * stride_kt + hk * stride_kh
+    V_seq = V + row0 * stride_vt + hk * stride_vh
+
+    q = _load_rows(Q_seq, offs_m, stride_qt, offs_d, seq_len, D, BLOCK_D, True)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (seq_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt,
+                                   qk_scale, offs_n, offs_d, D, BLOCK_D, False, PRECISION)
+    if n_full < seq_len:
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, n_full, seq_len, stride_kt, stride_vt,
+                                   qk_scale, offs_n, offs_d, D, BLOCK_D, True, PRECISION)
+    acc = acc / l_i[:, None]
+    _store_rows(O + row0 * stride_ot + h * stride_oh, offs_m, stride_ot, offs_d, seq_len, acc, D)
+    tl.store(LSE + h * stride_lh + row0 + offs_m, m_i + tl.log2(l_i), mask=offs_m < seq_len)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, n_tokens, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``delta[h, t] = sum_d dO[t, h, d] * O[t, h, d]`` in fp32."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + h * stride_oh, rows, stride_ot, offs_d, n_tokens, D, BLOCK_D, True)
+    do = _load_rows(DO + h * stride_doh, rows, stride_dot, offs_d, n_tokens, D, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + h * stride_dh + rows, delta, mask=rows < n_tokens)
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt, stride_dot,
+                qk_scale, offs_m, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr,
+                PRECISION: tl.constexpr):
+    rows = start_m + offs_m
+    q = _load_rows(Q_seq, rows, stride_qt, offs_d, seq_len, D, BLOCK_D, MASK_M)
+    do = _load_rows(DO_seq, rows, stride_dot, offs_d, seq_len, D, BLOCK_D, MASK_M)
+    if MASK_M:
+        # lse = +inf turns the probabilities of rows past the sequence into exact zeros
+        lse = tl.load(LSE_seq + rows, mask=rows < seq_len, other=float("inf"))
+        delta = tl.load(DELTA_seq + rows, mask=rows < seq_len, other=0.0)
+    else:
+        lse = tl.load(LSE_seq + rows)
+        delta = tl.load(DELTA_seq + rows)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+    p_t = tl.exp2(s_t - lse[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(_BWD_KV_TABLE, (32, 64)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+    seq_bucket,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+):
+    row0, seq_len, start_n, hk = _block_coords(CU, BLOCK_N)
+    if start_n >= seq_len:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + row0 * stride_kt + hk * stride_kh, offs_n, stride_kt, offs_d, seq_len, D, BLOCK_D, True)
+    v = _load_rows(V + row0 * stride_vt + hk * stride_vh, offs_n, stride_vt, offs_d, seq_len, D, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_full = (seq_len // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):  # the q heads that share this kv head: no atomics needed
+        h = hk * GROUP + g
+        Q_seq = Q + row0 * stride_qt + h * stride_qh
+        DO_seq = DO + row0 * stride_dot + h * stride_doh
+        LSE_seq = LSE + h * stride_lh + row0
+        DELTA_seq = DELTA + h * stride_lh + row0
+        for start_m in range(0, m_full, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt,
+                                 stride_dot, qk_scale, offs_m, offs_d, D, BLOCK_D, False, PRECISION)
+        if m_full < seq_len:
+            dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, m_full, seq_len, stride_qt,
+                                 stride_dot, qk_scale, offs_m, offs_d, D, BLOCK_D, True, PRECISION)
+    _store_rows(DK + row0 * stride_dkt + hk * stride_dkh, offs_n, stride_dkt, offs_d, seq_len, dk * sm_scale, D)
+    _store_rows(DV + row0 * stride_dvt + hk * stride_dvh, offs_n, stride_dvt, offs_d, seq_len, dv, D)
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, offs_n,
+              offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    k = _load_rows(K_seq, cols, stride_kt, offs_d, seq_len, D, BLOCK_D, MASK_N)
+    v = _load_rows(V_seq, cols, stride_vt, offs_d, seq_len, D, BLOCK_D, MASK_N)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if MASK_N:
+        p = tl.where((cols < seq_len)[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
+@triton.autotune(configs=_configs(_BWD_Q_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh, stride_lh,
+    seq_bucket,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+):
+    row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
+    if start_m >= seq_len:
+        return
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + row0 * stride_qt + h * stride_qh, offs_m, stride_qt, offs_d, seq_len, D, BLOCK_D, True)
+    do = _load_rows(DO + row0 * stride_dot + h * stride_doh, offs_m, stride_dot, offs_d, seq_len, D, BLOCK_D, True)
+    lse = tl.load(LSE + h * stride_lh + row0 + offs_m, mask=offs_m < seq_len, other=0.0)
+    delta = tl.load(DELTA + h * stride_lh + row0 + offs_m, mask=offs_m < seq_len, other=0.0)
+    K_seq = K + row0 * stride_kt + hk * stride_kh
+    V_seq = V + row0 * stride_vt + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (seq_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale,
+                       offs_n, offs_d, D, BLOCK_D, False, PRECISION)
+    if n_full < seq_len:
+        dq = _dq_block(dq, q, do, lse, delta, K_seq, V_seq, n_full, seq_len, stride_kt, stride_vt, qk_scale,
+                       offs_n, offs_d, D, BLOCK_D, True, PRECISION)
+    _store_rows(DQ + row0 * stride_dqt + h * stride_dqh, offs_m, stride_dqt, offs_d, seq_len, dq * sm_scale, D)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers (inputs are validated by llm2vec_fast.kernels.flash_attn)
+# --------------------------------------------------------------------------------------------
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if not x.is_cuda and not INTERPRETED:
+        raise RuntimeError(
+            "the Triton attention kernels were built without the interpreter; CPU tensors need "
+            "TRITON_INTERPRET=1 set before triton is imported"
+        )
+
+
+def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
+    n_seq = cu_seqlens.numel() - 1
+    if n_seq > _MAX_GRID_YZ or q.shape[1] > _MAX_GRID_YZ:
+        raise ValueError(f"at most {_MAX_GRID_YZ} sequences per call, got {n_seq}")
+    return dict(
+        seq_bucket=min(next_power_of_2(max(max_seqlen, 1)), 16384),
+        GROUP=q.shape[1] // k.shape[1],
+        D=q.shape[2],
+        BLOCK_D=max(16, next_power_of_2(q.shape[2])),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float):
+    """Returns ``(out [T, Hq, D], lse [Hq, T] fp32, base-2 log-sum-exp of the scaled scores)``."""
+    _check_device(q)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    n_tokens, n_heads, _ = q.shape
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((n_heads, n_tokens), torch.float32, q.device)
+    n_seq = cu_seqlens.numel() - 1
+    meta = _launch_meta(q, k, cu_seqlens, max_seqlen)
+    if n_tokens == 0:
+        return out, lse
+
+    def grid(cfg):
+        return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, n_seq)
+
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens, softmax_scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        **meta,
+    )
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float):
+    """Returns ``(dq, dk, dv)`` for :func:`attention_forward`'s output gradient ``do``."""
+    _check_device(q)
+    do = _last_dim_contiguous(do)
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    n_seq = cu_seqlens.numel() - 1
+    meta = _launch_meta(q, k, cu_seqlens, max_seqlen)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    if n_tokens == 0:
+        return dq, dk, dv
+    delta = new_output((n_heads, n_tokens), torch.float32, q.device)
+    block_t = 64
+    _bwd_preprocess_kernel[(triton.cdiv(n_tokens, block_t), n_heads)](
+        out, do, delta, n_tokens, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
+        D=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t,
+    )
+    scales = (softmax_scale * LOG2E, softmax_scale)
+    common_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                      do.stride(0), do.stride(1))
+
+    def kv_grid(cfg):
+        return (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), n_kv_heads, n_seq)
+
+    _attn_bwd_dkdv_kernel[kv_grid](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, *scales, *common_strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+        **meta,
+    )
+
+    def q_grid(cfg):
+        return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, n_seq)
+
+    _attn_bwd_dq_kernel[q_grid](
+        q, k, v, do, lse, delta, dq, cu_seqlens, *scales, *common_strides,
+        dq.stride(0), dq.stride(1), lse.stride(0),
+        **meta,
+    )
+    return dq, dk, dv

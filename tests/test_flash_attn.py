@@ -1,0 +1,266 @@
+"""Triton varlen attention vs float64 references (forward and dq/dk/dv).
+
+Without CUDA these run the Triton kernels on CPU tensors through the Triton interpreter
+(``tests/conftest.py`` sets ``TRITON_INTERPRET=1``); with CUDA they run the compiled kernels.
+Error budget (flash-attention's rule): the kernel's max error against the float64 reference may be
+at most twice the error of the same computation done by torch in the input dtype, plus a tiny
+absolute epsilon. Every kernel output is NaN-poisoned before the launch, so an element no program
+writes fails the comparison.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm2vec_fast.kernels import (
+    SUPPORTED_HEAD_DIMS,
+    attention_naive,
+    cu_seqlens_from_lengths,
+    flash_attn_varlen,
+    flash_attn_varlen_reference,
+)
+from llm2vec_fast.kernels import _dispatch
+from llm2vec_fast.kernels import flash_attn as flash_attn_module
+
+# CPU tensors under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1), CUDA otherwise.
+DEVICE = _dispatch.triton_device() or "cpu"
+needs_triton = pytest.mark.skipif(_dispatch.triton_device() is None, reason="needs triton: CUDA or TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels only (bf16 tl.dot is wrong in the interpreter)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def poison_outputs():
+    with _dispatch.poisoned_outputs():
+        yield
+
+
+def cu_from_lengths(lengths, device=DEVICE) -> torch.Tensor:
+    return cu_seqlens_from_lengths(lengths, device)
+
+
+def make_qkv(lengths, hq, hkv, d, dtype, seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    return tuple(
+        torch.randn(n, h, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        for h in (hq, hkv, hkv)
+    )
+
+
+def check_against_fp64(lengths, hq, hkv, d, dtype, max_seqlen=None, seed=0, eps=1e-5):
+    q, k, v = make_qkv(lengths, hq, hkv, d, dtype, seed)
+    cu = cu_from_lengths(lengths)
+    max_seqlen = max(lengths) if max_seqlen is None else max_seqlen
+    out = flash_attn_varlen(q, k, v, cu, max_seqlen, backend="triton")
+    assert out.shape == q.shape and out.dtype == dtype
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    exact_inputs = tuple(t.detach().double().requires_grad_() for t in (q, k, v))  # fp64 leaves: fp64 grads
+    ref = attention_naive(*exact_inputs, cu, upcast=True)
+    ref_grads = torch.autograd.grad(ref, exact_inputs, dout.double())
+    same = attention_naive(q, k, v, cu, upcast=False)
+    same_grads = torch.autograd.grad(same, (q, k, v), dout)
+
+    for name, got, exact, torch_same in zip(
+        ("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), (same, *same_grads)
+    ):
+        assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten elements are NaN-poisoned)"
+        err = (got.double() - exact).abs().max().item()
+        budget = 2 * (torch_same.double() - exact).abs().max().item() + eps
+        assert err <= budget, f"{name}: max error {err:.3g} > budget {budget:.3g} ({dtype}, D={d}, {lengths})"
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_smollm2_heads_ragged(dtype):
+    """SmolLM2 layout (9 q heads, 3 kv heads, D=64), ragged lengths, max_seqlen above the longest."""
+    check_against_fp64([1, 7, 97, 200], 9, 3, 64, dtype, max_seqlen=256)
+
+
+@needs_triton
+def test_long_sequence():
+    check_against_fp64([1025], 2, 1, 64, torch.float16)
+
+
+@needs_triton
+def test_llama_heads_d128():
+    check_against_fp64([3, 40], 32, 8, 128, torch.float16, max_seqlen=64)
+
+
+@needs_triton
+@pytest.mark.parametrize("d", [32, 80, 96, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_head_dims(d, dtype):
+    check_against_fp64([1, 18], 4, 2, d, dtype)
+
+
+@needs_triton
+def test_softmax_scale_and_mha():
+    q, k, v = make_qkv([5, 20], 2, 2, 32, torch.float32)
+    cu = cu_from_lengths([5, 20])
+    out = flash_attn_varlen(q, k, v, cu, 20, softmax_scale=0.3, backend="triton")
+    ref = attention_naive(q, k, v, cu, softmax_scale=0.3)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=0)
+
+
+@needs_triton
+@settings(max_examples=8, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 48), min_size=1, max_size=3),
+    group=st.sampled_from([1, 2, 3]),
+    hkv=st.integers(1, 2),
+    d=st.sampled_from([32, 64, 80, 96]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    extra=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_shapes(lengths, group, hkv, d, dtype, extra, seed):
+    check_against_fp64(lengths, group * hkv, hkv, d, dtype, max_seqlen=max(lengths) + extra, seed=seed)
+
+
+@needs_cuda
+@pytest.mark.parametrize("d", SUPPORTED_HEAD_DIMS)
+def test_bf16_gpu(d):
+    check_against_fp64([1, 7, 97, 200, 1025], 8, 2, d, torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("d", [64, 128])
+def test_fp16_gpu_larger(d):
+    check_against_fp64([1, 100, 513, 2048, 31], 32, 8, d, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# the poison is real: an element no program writes stays NaN
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_triton
+def test_unwritten_outputs_are_nan():
+    from llm2vec_fast.kernels import flash_attn_triton
+
+    q, k, v = make_qkv([200], 2, 1, 32, torch.float32)
+    cu = cu_from_lengths([200])
+    with torch.no_grad():
+        # max_seqlen=1 launches a single block per sequence, so rows past it are never written
+        out, lse = flash_attn_triton.attention_forward(q, k, v, cu, 1, 0.2)
+        assert out[0].isfinite().all() and out[-1].isnan().all() and lse[:, -1].isnan().all()
+        out, lse = flash_attn_triton.attention_forward(q, k, v, cu, 200, 0.2)
+        dq, dk, dv = flash_attn_triton.attention_backward(torch.ones_like(out), q, k, v, out, lse, cu, 1, 0.2)
+        for g in (dq, dk, dv):
+            assert g[0].isfinite().all() and g[-1].isnan().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# references and dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_torch_reference_matches_naive():
+    lengths = [1, 9, 33]
+    q, k, v = make_qkv(lengths, 6, 2, 64, torch.float32, device="cpu")
+    cu = cu_from_lengths(lengths, "cpu")
+    out = flash_attn_varlen(q, k, v, cu, 33, backend="torch")
+    exact_inputs = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_naive(*exact_inputs, cu)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for g, r in zip(grads, torch.autograd.grad(ref, exact_inputs, dout.double())):
+        torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=0)
+
+
+def test_auto_backend_on_cpu_never_uses_triton(monkeypatch):
+    def fail():
+        raise AssertionError("the Triton path ran on CPU tensors with backend='auto'")
+
+    monkeypatch.setattr(flash_attn_module, "_triton_ops", fail)
+    q, k, v = make_qkv([4, 6], 4, 2, 32, torch.float32, device="cpu")
+    cu = cu_from_lengths([4, 6], "cpu")
+    out = flash_attn_varlen(q, k, v, cu, 6)
+    torch.testing.assert_close(out, flash_attn_varlen_reference(q, k, v, cu, 6))
+    out.sum().backward()
+
+
+def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = make_qkv([4], 2, 1, 32, torch.float32, device="cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        flash_attn_varlen(q, k, v, cu_from_lengths([4], "cpu"), 4, backend="triton")
+
+
+def test_imports_and_runs_without_triton():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # import triton now raises ImportError
+        import torch
+        from llm2vec_fast.kernels import flash_attn_varlen, masked_pool
+        q = torch.randn(5, 2, 32)
+        cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+        assert flash_attn_varlen(q, q[:, :1], q[:, :1], cu, 3).shape == (5, 2, 32)
+        assert masked_pool(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), "mean").shape == (2, 4)
+        try:
+            flash_attn_varlen(q, q, q, cu, 3, backend="triton")
+        except RuntimeError as e:
+            assert "triton" in str(e)
+        else:
+            raise AssertionError("backend='triton' without triton should fail")
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# input validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _good():
+    q, k, v = (t.detach() for t in make_qkv([3, 5], 4, 2, 32, torch.float32, device="cpu"))
+    return dict(q=q, k=k, v=v, cu_seqlens=cu_from_lengths([3, 5], "cpu"), max_seqlen=5)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: dict(q=a["q"][0]), "3-D"),
+        (lambda a: dict(k=a["k"][None]), "3-D"),
+        (lambda a: dict(v=a["v"][:, :1]), "same shape"),
+        (lambda a: dict(k=a["k"][:7], v=a["v"][:7]), "agree on T"),
+        (lambda a: dict(k=a["k"][:, :1].expand(8, 3, 32), v=a["v"][:, :1].expand(8, 3, 32)), "multiple"),
+        (lambda a: dict(q=torch.zeros(8, 4, 48), k=torch.zeros(8, 2, 48), v=torch.zeros(8, 2, 48)), "head dim"),
+        (lambda a: dict(k=a["k"].half()), "share a dtype"),
+        (lambda a: dict(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), "not supported"),
+        (lambda a: dict(cu_seqlens=a["cu_seqlens"].long()), "int32"),
+        (lambda a: dict(cu_seqlens=a["cu_seqlens"][None]), "1-D"),
+        (lambda a: dict(cu_seqlens=torch.tensor([1, 3, 8], dtype=torch.int32)), "start at 0"),
+        (lambda a: dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32)), "must equal"),
+        (lambda a: dict(cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32)), "non-decreasing"),
+        (lambda a: dict(max_seqlen=4), "smaller than the longest"),
+        (lambda a: dict(max_seqlen=5.0), "must be an int"),
+    ],
+)
+def test_bad_inputs_raise_value_error(change, match):
+    args = _good()
+    args.update(change(args))
+    with pytest.raises(ValueError, match=match):
+        flash_attn_varlen(**args)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        flash_attn_varlen(**_good(), backend="cuda")
