@@ -16,11 +16,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .bidirectional import decoder_of, is_bidirectional
 from .bidirectional import enable_bidirectional as make_bidirectional
-from .kernels.pooling_reference import masked_pool_reference as masked_pool
+from .kernels import masked_pool, masked_pool_varlen
 from .loading import apply_adapters, load_base_model, resolve_model_path
 from .encoding import CONFIG_KEYS, KERNEL_POOLING_MODE, POOLING_MODES, EncodeMixin, check_encoder_settings
+from .packing import DEFAULT_MAX_TOKENS_PER_BATCH, pack, token_budget_batches
 from .prompting import EncodingInput
+from .varlen_attention import current_backend, packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ class LLM2Vec(EncodeMixin, nn.Module):
         doc_max_length: the text part is trimmed to this many tokens by dropping words.
         skip_instruction: pool only the text tokens (instruction tokens are still attended to).
         model_id: original model name, selects the official chat wrapping.
+        packed: run padding-free packed batches through the varlen attention kernel
+            (``None``: on CUDA when the model is bidirectional).
+        max_tokens_per_batch: token budget of one packed batch (``batch_size`` is ignored then).
     """
 
     def __init__(
@@ -48,6 +54,8 @@ class LLM2Vec(EncodeMixin, nn.Module):
         doc_max_length: int = 400,
         skip_instruction: bool = True,
         model_id: str | None = None,
+        packed: bool | None = None,
+        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
     ):
         super().__init__()
         check_encoder_settings(pooling_mode, max_length, doc_max_length)
@@ -58,6 +66,8 @@ class LLM2Vec(EncodeMixin, nn.Module):
         self.doc_max_length = int(doc_max_length)
         self.skip_instruction = bool(skip_instruction)
         self.model_id = model_id
+        self.packed = packed
+        self.max_tokens_per_batch = int(max_tokens_per_batch)
         self.config = model.config
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -77,6 +87,8 @@ class LLM2Vec(EncodeMixin, nn.Module):
         enable_bidirectional: bool = True,
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
+        packed: bool | None = None,
+        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
         **hf_kwargs,
     ) -> "LLM2Vec":
         """Load an encoder.
@@ -87,6 +99,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
         order (all but the last merged). Encoder settings left as ``None`` come from
         ``llm2vec_config.json`` (in the adapter folder if given, else the model folder), then from
         the defaults (mean, 512, 400, True). ``dtype=None`` picks bf16 on CUDA and fp32 on CPU.
+        ``packed`` / ``max_tokens_per_batch``: see :class:`LLM2Vec`.
         Extra keyword arguments go to ``transformers.AutoModel.from_pretrained``.
         """
         from transformers import AutoTokenizer
@@ -117,7 +130,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
             model_id = stored.get("model_id", model_id)
         overrides = dict(pooling_mode=pooling_mode, max_length=max_length, doc_max_length=doc_max_length, skip_instruction=skip_instruction)
         settings.update({k: v for k, v in overrides.items() if v is not None})
-        encoder = cls(model, tokenizer, model_id=model_id, **settings)
+        encoder = cls(model, tokenizer, model_id=model_id, packed=packed, max_tokens_per_batch=max_tokens_per_batch, **settings)
         return encoder.to(device).eval()
 
     # ------------------------------------------------------------------ batches
@@ -145,6 +158,39 @@ class LLM2Vec(EncodeMixin, nn.Module):
     def pool(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         return masked_pool(hidden, pool_mask, KERNEL_POOLING_MODE[self.pooling_mode])
 
+    # ------------------------------------------------------------ packed path
+    @property
+    def use_packed(self) -> bool:
+        if self.packed is not None:
+            return self.packed
+        return self.device.type == "cuda" and is_bidirectional(self.model)
+
+    def collate_packed(self, items: Sequence[EncodingInput], device: torch.device | str | None = None) -> dict:
+        """Padding-free batch (see :func:`llm2vec_fast.packing.pack`) on ``device``."""
+        return pack(items, device or self.device)
+
+    def forward_packed(self, features: dict) -> torch.Tensor:
+        """Embeddings ``[B, hidden]`` of a packed batch: varlen attention, varlen pooling (differentiable)."""
+        if not is_bidirectional(self.model):
+            raise ValueError("the packed path needs a bidirectional model (enable_bidirectional=True)")
+        cu_seqlens, max_seqlen = features["cu_seqlens"], features["max_seqlen"]
+        with packed_attention(decoder_of(self.model)):
+            out = self.model(
+                input_ids=features["input_ids"],
+                position_ids=features["position_ids"],
+                cu_seq_lens_q=cu_seqlens,
+                cu_seq_lens_k=cu_seqlens,
+                max_length_q=max_seqlen,
+                max_length_k=max_seqlen,
+            )
+        mode = KERNEL_POOLING_MODE[self.pooling_mode]
+        return masked_pool_varlen(out.last_hidden_state[0], cu_seqlens, features["pool_mask"], mode, backend=current_backend())
+
+    def _batches(self, items: list[EncodingInput], batch_size: int) -> list[list[int]]:
+        if self.use_packed:
+            return token_budget_batches([len(x.input_ids) for x in items], self.max_tokens_per_batch)
+        return super()._batches(items, batch_size)
+
     def _before_encode(self, device) -> None:
         if device is not None:
             self.to(device)
@@ -152,6 +198,8 @@ class LLM2Vec(EncodeMixin, nn.Module):
 
     @torch.inference_mode()
     def _embed_batch(self, items: Sequence[EncodingInput]) -> torch.Tensor:
+        if self.use_packed:
+            return self.forward_packed(self.collate_packed(items))
         return self(self.collate(items))
 
     encode = torch.inference_mode()(EncodeMixin.encode)

@@ -66,7 +66,7 @@ def tiny_config(family: str = "llama", vocab_size: int = 49152, **overrides):
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=512,
-        pad_token_id=2,
+        pad_token_id=None,  # no zeroed padding row: SmolLM2 pads with its EOS token (id 2)
         bos_token_id=1,
         eos_token_id=2,
     )
@@ -90,6 +90,19 @@ def tiny_llama_dir(tmp_path_factory, smollm_tokenizer) -> str:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
     model = AutoModel.from_config(tiny_config("llama"))
+    model.save_pretrained(path)
+    smollm_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_dir(tmp_path_factory, smollm_tokenizer) -> str:
+    """A saved tiny random Llama *causal LM* (tied LM head) with the SmolLM2 tokenizer (training tests)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama-lm")
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=True))
     model.save_pretrained(path)
     smollm_tokenizer.save_pretrained(path)
     return str(path)
