@@ -109,7 +109,7 @@ def flash_attn_varlen(
             q head ``h`` reads kv head ``h // (Hq // Hkv)``).
         v: ``[T, Hkv, D]`` values.
         cu_seqlens: int32 ``[B+1]`` offsets: 0, then cumulative sequence lengths, ending at ``T``.
-            Lengths may be any size >= 0 (1 included).
+            Lengths may be any size >= 0 (1 included). Copied to ``q``'s device if needed.
         max_seqlen: an upper bound on the sequence lengths (sizes the kernel grid); may exceed the
             longest sequence, must not be smaller.
         softmax_scale: scale of ``q @ k^T`` before the softmax; default ``1 / sqrt(D)``.
@@ -135,6 +135,7 @@ def flash_attn_varlen(
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     softmax_scale = float(softmax_scale)
-    if resolve_backend(backend, (q, k, v, cu_seqlens)) == "torch":
+    if resolve_backend(backend, (q, k, v)) == "torch":
         return flash_attn_varlen_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    cu_seqlens = cu_seqlens.to(q.device, non_blocking=True)
     return FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale)

@@ -70,7 +70,7 @@ _FWD_TABLE = [
 _BWD_KV_TABLE = [
     (64, 32, 128, 4, 3), (64, 64, 128, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 4),
     (128, 32, 128, 4, 3), (128, 64, 128, 8, 2), (128, 32, 64, 4, 3), (128, 64, 64, 4, 2),
-    (256, 16, 64, 4, 2), (256, 32, 64, 4, 2), (256, 32, 32, 4, 2), (256, 16, 32, 4, 2),
+    (256, 16, 64, 8, 2), (256, 32, 64, 8, 2), (256, 32, 32, 4, 2), (256, 16, 32, 4, 2),
 ]
 # dQ kernel: BLOCK_M query rows stay resident, BLOCK_N key rows stream.
 _BWD_Q_TABLE = [
@@ -363,7 +363,7 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float
 def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float):
     """Returns ``(dq, dk, dv)`` for :func:`attention_forward`'s output gradient ``do``."""
     _check_device(q)
-    do = _last_dim_contiguous(do)
+    do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
     n_tokens, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     n_seq = cu_seqlens.numel() - 1

@@ -110,8 +110,9 @@ def masked_pool_varlen(
     check_pooling_mode(mode)
     _check_hidden_and_mask(hidden, pool_mask, 2, "hidden [T, D] and pool_mask [T]")
     bounds = check_cu_seqlens(cu_seqlens, hidden.shape[0])
-    if resolve_backend(backend, (hidden, pool_mask, cu_seqlens)) == "torch":
+    if resolve_backend(backend, (hidden, pool_mask)) == "torch":
         return masked_pool_varlen_reference(hidden, cu_seqlens, pool_mask, mode)
+    cu_seqlens = cu_seqlens.to(hidden.device, non_blocking=True)
     out, _ = MaskedPoolVarlenFunction.apply(hidden, cu_seqlens, _as_bytes(pool_mask), mode, max_length(bounds))
     return out
 
