@@ -279,6 +279,18 @@ def test_bad_inputs_raise_value_error(change, match):
         flash_attn_varlen(**args)
 
 
+def test_cu_seqlens_modified_in_place_is_checked_again():
+    args = _good()
+    flash_attn_varlen(**args)  # validated (and remembered)
+    args["cu_seqlens"][1] = 9  # now decreasing: the cached check must not be reused
+    with pytest.raises(ValueError, match="non-decreasing"):
+        flash_attn_varlen(**args)
+    with torch.inference_mode():  # inference tensors have no version counter
+        args = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in _good().items()}
+        assert flash_attn_varlen(**args).shape == args["q"].shape
+        assert flash_attn_varlen(**args).shape == args["q"].shape
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         flash_attn_varlen(**_good(), backend="cuda")
