@@ -10,7 +10,8 @@ Modes (``POOLING_MODES``):
   * ``last``          -- the last pooled token.
   * ``first``         -- the first pooled token.
 
-A row without any pooled token returns zeros, never NaN.
+A row without any pooled token returns zeros, never NaN; unpooled tokens never reach the result
+(not even as NaN/Inf).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def masked_pool_reference(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -
     if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
         raise ValueError(f"expected hidden [B, L, D] and mask [B, L], got {tuple(hidden.shape)} and {tuple(mask.shape)}")
     m = mask.to(torch.bool)
-    h32 = hidden.float()
+    h32 = torch.where(m.unsqueeze(-1), hidden.float(), 0.0)  # NaN/Inf in unpooled tokens must not leak
     count = m.sum(dim=1)  # [B]
     if mode in ("mean", "weighted_mean"):
         if mode == "mean":
@@ -64,7 +65,7 @@ def masked_pool_varlen_reference(
     seg = torch.repeat_interleave(torch.arange(n_seq, device=hidden.device), lengths)
     m = pool_mask.to(torch.bool)
     mf = m.float()
-    h32 = hidden.float()
+    h32 = torch.where(m.unsqueeze(1), hidden.float(), 0.0)  # NaN/Inf in unpooled tokens must not leak
     count = torch.zeros(n_seq, device=hidden.device).index_add_(0, seg, mf)
     if mode in ("mean", "weighted_mean"):
         if mode == "mean":

@@ -100,8 +100,10 @@ def test_unpooled_rows_are_never_read(mode):
     h = hidden.to(DEVICE).requires_grad_()
     out = masked_pool(h, mask.to(DEVICE), mode, backend="triton")
     assert torch.isfinite(out).all() and (out[1] == 0).all()
-    clean = torch.where(mask.unsqueeze(-1), hidden, torch.zeros(())).to(DEVICE)
-    torch.testing.assert_close(out, masked_pool_reference(clean, mask.to(DEVICE), mode))
+    torch.testing.assert_close(out, masked_pool_reference(hidden.to(DEVICE), mask.to(DEVICE), mode))
+    flat = masked_pool_varlen_reference(hidden.reshape(24, 16).to(DEVICE), cu_from_lengths([12, 12]),
+                                        mask.reshape(24).to(DEVICE), mode)
+    torch.testing.assert_close(out, flat)
     (grad,) = torch.autograd.grad(out.sum(), h)
     assert torch.isfinite(grad).all() and (grad[~mask.to(DEVICE)] == 0).all()
 
