@@ -182,6 +182,29 @@ def test_unwritten_outputs_are_nan():
             assert g[0].isfinite().all() and g[-1].isnan().all()
 
 
+@pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
+def test_gpu_config_tables_keep_gpu_rules():
+    """The GPU autotune tables (unused by the interpreter): powers of two, tl.dot dims >= 16, a config
+    for every head-dim class, and a rough shared-memory bound under Hopper's ~227 KB (fp16/bf16)."""
+    from llm2vec_fast.kernels import flash_attn_triton as fat
+
+    # (table, rows resident in the program, rows streamed per stage): bytes ~ 2 * BLOCK_D * rows
+    tables = {"fwd": (fat._FWD_TABLE, lambda m, n: m, lambda m, n: 2 * n),
+              "dkdv": (fat._BWD_KV_TABLE, lambda m, n: 2 * n, lambda m, n: 2 * m),
+              "dq": (fat._BWD_Q_TABLE, lambda m, n: 2 * m, lambda m, n: 2 * n)}
+    for name, (table, resident, streamed) in tables.items():
+        for bd, bm, bn, warps, stages in table:
+            for x in (bm, bn, warps):
+                assert x & (x - 1) == 0, (name, bm, bn, warps)
+            assert bm >= 16 and bn >= 16, (name, bm, bn)
+            smem = 2 * bd * (resident(bm, bn) + stages * streamed(bm, bn))
+            assert smem <= 227 * 1024, (name, bd, bm, bn, stages, smem)
+        configs = [fat.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "MAX_BLOCK_D": bd}) for bd, bm, bn, _, _ in table]
+        for block_d in (32, 64, 128, 256):
+            kept = fat._prune_by_head_dim(configs, {"BLOCK_D": block_d})
+            assert kept and all(c.kwargs["MAX_BLOCK_D"] >= block_d for c in kept), (name, block_d)
+
+
 # ---------------------------------------------------------------------------------------------
 # references and dispatch
 # ---------------------------------------------------------------------------------------------
