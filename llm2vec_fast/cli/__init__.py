@@ -11,6 +11,8 @@ import sys
 SUBCOMMANDS = {
     "encode": "encode",
     "demo": "demo",
+    "train": "train",
+    "eval": "eval",
 }
 
 

@@ -1,0 +1,109 @@
+"""STS Benchmark reader and evaluation (Spearman correlation of cosine similarities).
+
+The data lives in ``../shared/data/stsbenchmark/`` relative to the repository root by default;
+``$LLM2VEC_FAST_STSB_DIR`` or the ``data_dir`` argument point elsewhere. Files are the original
+tab-separated ``sts-{train,dev,test}.csv``: the gold score is column 5, the sentence pair columns
+6 and 7 (1-based); they are read with ``csv.QUOTE_NONE`` (sentences contain bare quotes).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "dev", "test")
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def stsb_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The STS-B folder: ``data_dir``, else ``$LLM2VEC_FAST_STSB_DIR``, else ``<repo>/../shared/data/stsbenchmark``."""
+    if data_dir is not None:
+        return Path(data_dir)
+    env = os.environ.get("LLM2VEC_FAST_STSB_DIR")
+    if env:
+        return Path(env)
+    return _REPO_ROOT.parent / "shared" / "data" / "stsbenchmark"
+
+
+def load_stsb(split: str, data_dir: str | os.PathLike | None = None) -> list[tuple[str, str, float]]:
+    """``(sentence1, sentence2, score)`` triples of one split (scores in [0, 5])."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown STS-B split {split!r}; expected one of {SPLITS}")
+    path = stsb_dir(data_dir) / f"sts-{split}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"STS-B file {str(path)!r} not found; set $LLM2VEC_FAST_STSB_DIR to the folder that holds sts-{split}.csv"
+        )
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            if len(row) < 7:
+                raise ValueError(f"{path}:{line_no}: expected at least 7 tab-separated columns, got {len(row)}")
+            rows.append((row[5], row[6], float(row[4])))
+    if not rows:
+        raise ValueError(f"STS-B file {str(path)!r} is empty")
+    return rows
+
+
+def stsb_sentences(split: str = "train", data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The unique sentences of a split in first-seen order (labels unused): unsupervised training text."""
+    seen: dict[str, None] = {}
+    for a, b, _ in load_stsb(split, data_dir):
+        seen.setdefault(a, None)
+        seen.setdefault(b, None)
+    return list(seen)
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks starting at 1, ties get their average rank (``scipy.stats.rankdata``)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    start = 0
+    for end in range(1, len(x) + 1):
+        if end == len(x) or sorted_x[end] != sorted_x[start]:
+            ranks[order[start:end]] = (start + end + 1) / 2.0
+            start = end
+    return ranks
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (Pearson correlation of the average ranks)."""
+    ra, rb = rankdata(a), rankdata(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else 0.0
+
+
+def pair_cosines(embed, pairs: list[tuple[str, str, float]]) -> np.ndarray:
+    """Cosine similarity of each pair; ``embed(list_of_unique_sentences) -> [N, D]`` array/tensor."""
+    unique = list(dict.fromkeys(s for a, b, _ in pairs for s in (a, b)))
+    index = {s: i for i, s in enumerate(unique)}
+    emb = np.asarray(embed(unique), dtype=np.float64)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    ia = np.array([index[a] for a, _, _ in pairs])
+    ib = np.array([index[b] for _, b, _ in pairs])
+    return (emb[ia] * emb[ib]).sum(axis=1)
+
+
+def stsb_spearman(
+    encoder, split: str = "dev", limit: int | None = None, data_dir: str | os.PathLike | None = None, batch_size: int = 32
+) -> float:
+    """Spearman x 100 between the gold scores and the cosine similarities of ``encoder.encode``
+    embeddings on the first ``limit`` pairs of ``split`` (every pair when ``None``). Each unique
+    sentence is encoded once."""
+    pairs = load_stsb(split, data_dir)
+    if limit is not None:
+        pairs = pairs[: int(limit)]
+
+    def embed(sentences):
+        out = encoder.encode(sentences, batch_size=batch_size, convert_to_numpy=True)
+        return out
+
+    cos = pair_cosines(embed, pairs)
+    return 100.0 * spearman(cos, [s for _, _, s in pairs])

@@ -1,0 +1,372 @@
+"""The training loop shared by every stage: model + LoRA, AdamW, linear warmup/decay, DDP,
+tqdm progress, JSONL logs, atomic checkpoints and bit-for-bit resume (on CPU).
+
+A stage (``mntp``, ``simcse``, ``supervised``) implements :class:`Stage`: it loads its data,
+builds its peft model, and runs one optimisation step's forward and backward passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data import BatchSchedule
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"  # final adapter: <output_dir>/adapter
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# --------------------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` (``(0, 1)`` without an initialised process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Initialise torch.distributed from torchrun's environment (``WORLD_SIZE`` > 1); returns
+    whether this process initialised it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def pick_device(config: TrainConfig) -> torch.device:
+    if config.device:
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- the model
+def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """Wrap the bare decoder ``model`` in a peft LoRA model (adapter keys then apply to ``AutoModel``)."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = None
+    if config.lora_layers is not None:
+        n = int(model.config.num_hidden_layers)
+        layers = list(range(max(0, n - config.lora_layers), n))
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+        layers_to_transform=layers,
+        layers_pattern="layers" if layers is not None else None,
+        bias="none",
+        task_type=None,
+    )
+    return get_peft_model(model, lora)
+
+
+def enable_checkpointing(decoder: nn.Module) -> None:
+    decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU, nothing (fp32) on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_base(config: TrainConfig) -> str:
+    from ..loading import resolve_model_path
+
+    return resolve_model_path(config.model)[0]
+
+
+class Stage:
+    """One training stage. Subclasses set ``self.peft_model`` (the LoRA-wrapped bare decoder)
+    and ``self.net`` (what forward calls go through: the peft model or its DDP wrapper)."""
+
+    name = "stage"
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        self.config, self.device = config, device
+        self.peft_model: nn.Module | None = None
+        self.net: nn.Module | None = None
+
+    # data: called before any model is loaded, so bad data fails fast
+    def load_data(self) -> BatchSchedule:
+        raise NotImplementedError
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def step(self, indices: list[int]) -> tuple[torch.Tensor, int]:
+        """Forward and backward of this rank's samples; returns ``(loss, n_tokens)``."""
+        raise NotImplementedError
+
+    def llm2vec_config(self) -> dict | None:
+        """``llm2vec_config.json`` written next to the adapter."""
+        return None
+
+    def save_adapter(self, path: str | os.PathLike) -> None:
+        self.peft_model.save_pretrained(path, safe_serialization=True)
+        settings = self.llm2vec_config()
+        if settings is not None:
+            with open(Path(path) / "llm2vec_config.json", "w") as f:
+                json.dump(settings, f, indent=4)
+
+    def wrap_ddp(self) -> None:
+        _, world = dist_info()
+        self.net = self.peft_model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.peft_model, device_ids=ids)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------- optimisation
+def make_scheduler(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -------------------------------------------------------------------------- checkpoints
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = []
+    for p in root.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = p.name[len(CHECKPOINT_PREFIX) :]
+        if suffix.isdigit() and (p / "trainer_state.pt").is_file():
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(stage: Stage, optimizer, scheduler, step: int, keep: int) -> Path:
+    """Write ``checkpoints/checkpoint-<step>`` atomically (temp dir, then rename). Holds the adapter,
+    the trainable weights, optimizer, scheduler, every rank's RNG state and the data position."""
+    import torch.distributed as dist
+
+    rank, world = dist_info()
+    root = Path(stage.config.output_dir) / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    rngs = [rng_state()]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state())
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        stage.save_adapter(tmp / ADAPTER_DIR)
+        state = {
+            "step": step,
+            "world_size": world,
+            "trainable": {n: p.detach().cpu().clone() for n, p in stage.trainable_parameters().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rngs,
+            "config": stage.config.to_dict(),
+        }
+        torch.save(state, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(stage.config.output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler) -> int:
+    rank, world = dist_info()
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if state["world_size"] != world:
+        raise RuntimeError(f"checkpoint {path} was written with {state['world_size']} ranks, this run has {world}")
+    params = stage.trainable_parameters()
+    missing = set(params) ^ set(state["trainable"])
+    if missing:
+        raise RuntimeError(f"checkpoint {path} does not match the model's trainable parameters: {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][rank])
+    return int(state["step"])
+
+
+# ------------------------------------------------------------------------------ logging
+class JsonlLog:
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and path.is_file():  # drop what a killed run logged after its checkpoint
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if row.get("step", 0) <= resume_step:
+                    kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# -------------------------------------------------------------------------------- train
+def train(stage_name: str, config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Run a stage; returns the final adapter folder (``<output_dir>/adapter``).
+
+    ``resume``: continue from the newest complete checkpoint in ``output_dir`` (a fresh start
+    when there is none). ``stop_after``: raise :class:`InterruptedError` after that many steps
+    (tests use it to simulate a crash).
+    """
+    from tqdm.auto import tqdm
+
+    from . import STAGE_CLASSES
+
+    config.validate()
+    device = pick_device(config)
+    own_pg = init_distributed(device)
+    try:
+        rank, world = dist_info()
+        if config.batch_size % world:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} ranks")
+        stage: Stage = STAGE_CLASSES[stage_name](config, device)
+        schedule = stage.load_data()  # fails before the model is loaded
+        output_dir = Path(config.output_dir)
+        found = checkpoints(output_dir) if resume else []
+        if not resume and checkpoints(output_dir):
+            logger.warning("%s holds checkpoints; starting over (pass --resume to continue)", output_dir)
+        seed_everything(config.seed)
+        stage.build()
+        stage.wrap_ddp()
+        params = list(stage.trainable_parameters().values())
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = make_scheduler(optimizer, config.warmup_steps, config.max_steps)
+        start = load_checkpoint(found[-1], stage, optimizer, scheduler) if found else 0
+        if found:
+            logger.warning("resuming from %s (step %d)", found[-1], start)
+        if rank == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "train_config.json").write_text(json.dumps({"stage": stage_name, **config.to_dict()}, indent=2))
+        log = JsonlLog(Path(config.log_file or output_dir / "log.jsonl"), rank == 0, start if found else None)
+        bar = tqdm(total=config.max_steps, initial=start, desc=stage_name, disable=not (config.progress and rank == 0))
+        t0 = time.perf_counter()
+        for step in range(start, config.max_steps):
+            if stop_after is not None and step - start >= stop_after:
+                raise InterruptedError(f"stopped after step {step}")
+            tic = time.perf_counter()
+            stage.peft_model.train()
+            from .data import rank_slice
+
+            loss, n_tokens = stage.step(rank_slice(schedule.batch(step), rank, world))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value, n_tokens = _reduce_for_log(loss.detach().float(), n_tokens, device)
+            dt = time.perf_counter() - tic
+            row = {
+                "step": step + 1,
+                "loss": loss_value,
+                "lr": lr,
+                "tokens": n_tokens,
+                "tokens_per_s": n_tokens / dt if dt > 0 else None,
+                "step_s": dt,
+                "elapsed_s": time.perf_counter() - t0,
+            }
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            log.write(row)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if (step + 1) % config.save_steps == 0 and step + 1 < config.max_steps:
+                save_checkpoint(stage, optimizer, scheduler, step + 1, config.save_total_limit)
+        bar.close()
+        final = output_dir / ADAPTER_DIR
+        if rank == 0:
+            tmp = output_dir / f".tmp-{ADAPTER_DIR}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            stage.save_adapter(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return final
+    finally:
+        if own_pg:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _reduce_for_log(loss: torch.Tensor, n_tokens: int, device: torch.device) -> tuple[float, int]:
+    """Mean loss and total tokens over ranks (for logging only)."""
+    import torch.distributed as dist
+
+    _, world = dist_info()
+    if world == 1:
+        return float(loss), int(n_tokens)
+    t = torch.stack([loss.to(device), torch.tensor(float(n_tokens), device=device)])
+    dist.all_reduce(t)
+    return float(t[0] / world), int(t[1])

@@ -1,0 +1,146 @@
+"""Training data, batch schedule, configs and the STS-B reader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llm2vec_fast.stsb import load_stsb, rankdata, spearman, stsb_sentences
+from llm2vec_fast.train import ConfigError, load_config, make_config
+from llm2vec_fast.train.data import BatchSchedule, rank_slice, read_text_lines, read_triplets
+
+
+def test_schedule_is_deterministic_and_covers_an_epoch():
+    s = BatchSchedule(103, 10, seed=1)
+    assert s.batches_per_epoch == 10
+    epoch = [s.batch(i) for i in range(10)]
+    flat = [i for b in epoch for i in b]
+    assert len(set(flat)) == 100 and all(len(b) == 10 for b in epoch)
+    assert BatchSchedule(103, 10, seed=1).batch(7) == epoch[7]  # position = step, nothing else
+    assert s.batch(10) != epoch[0]  # next epoch reshuffles
+    assert BatchSchedule(103, 10, seed=2).batch(0) != epoch[0]
+
+
+def test_one_dataset_per_batch():
+    groups = ["a"] * 35 + ["b"] * 21 + ["c"] * 5
+    s = BatchSchedule(len(groups), 8, seed=0, groups=groups)
+    assert s.batches_per_epoch == 4 + 2  # remainders dropped, c has no full batch
+    seen = set()
+    for step in range(12):
+        batch = s.batch(step)
+        assert len(batch) == 8 and len({groups[i] for i in batch}) == 1
+        seen.add(groups[batch[0]])
+    assert seen == {"a", "b"}
+    with pytest.raises(ConfigError, match="full batch"):
+        BatchSchedule(5, 8, seed=0, groups=["a"] * 5)
+
+
+def test_rank_slice():
+    assert rank_slice(list(range(8)), 1, 2) == [4, 5, 6, 7]
+    with pytest.raises(ConfigError, match="divisible"):
+        rank_slice(list(range(7)), 0, 2)
+
+
+def test_readers(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("one\n\n  two  \n")
+    assert read_text_lines([str(text)]) == ["one", "two"]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ConfigError, match="no non-empty line"):
+        read_text_lines([str(tmp_path / "empty.txt")])
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        json.dumps({"query": ["Find the answer", "q1"], "positive": "p", "negative": "n", "dataset": "x"}) + "\n"
+        + json.dumps({"query": "q2", "instruction": "Given", "positive": "p", "negative": "n"}) + "\n"
+    )
+    rows = read_triplets([str(data)])
+    assert (rows[0].instruction, rows[0].query, rows[0].dataset) == ("Find the answer", "q1", "x")
+    assert (rows[1].instruction, rows[1].dataset) == ("Given", "default")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q"}\n')
+    with pytest.raises(ConfigError, match="missing field"):
+        read_triplets([str(bad)])
+
+
+def test_config_defaults_follow_the_official_recipes(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text("a\n")
+    m = make_config("mntp", {"data": str(f)})
+    assert (m.lr, m.max_steps, m.max_length, m.mlm_probability) == (5e-5, 1000, 512, 0.2)
+    s = make_config("simcse", {"data": str(f)})
+    assert (s.lr, s.batch_size, s.max_length, s.max_steps, s.attention_dropout, s.loss_scale) == (3e-5, 128, 128, 1000, 0.3, 20.0)
+    j = tmp_path / "x.jsonl"
+    j.write_text("{}\n")
+    v = make_config("supervised", {"data": str(j)})
+    assert (v.lr, v.warmup_steps, v.batch_size, v.max_length) == (2e-4, 300, 64, 512)
+    assert (m.lora_r, m.lora_alpha, m.lora_dropout) == (16, 32, 0.05)
+    assert m.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_config_file_and_overrides(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text("a\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {f}\nlr: 1.0e-3\nmax_steps: 5\n")
+    c = load_config("simcse", cfg, ["max_steps=7", "peft=[]", "gradcache=true", "lr=2e-4"])
+    assert (c.lr, c.max_steps, c.gradcache, c.peft) == (2e-4, 7, True, [])
+    jcfg = tmp_path / "c.json"
+    jcfg.write_text(json.dumps({"data": str(f), "batch_size": 4}))
+    assert load_config("mntp", jcfg).batch_size == 4
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"data": "x.txt", "learning_rate": 1}, "unknown simcse config key.*'learning_rate'.*did you mean 'lr'"),
+        ({"data": "/nonexistent/data.txt"}, "does not exist"),
+        ({}, "no training data"),
+        ({"data": "x.txt", "lr": "fast"}, "lr must be a number"),
+        ({"data": "x.txt", "max_steps": 0}, "max_steps must be positive"),
+        ({"data": "x.txt", "pooling_mode": "max"}, "pooling_mode must be one of"),
+        ({"data": "x.txt", "peft": ["/nonexistent/adapter"]}, "adapter_config.json"),
+        ({"data": "x.txt", "batch_layout": "ragged"}, "batch_layout"),
+    ],
+)
+def test_bad_configs_fail_clearly(tmp_path, monkeypatch, values, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.txt").write_text("a\n")
+    with pytest.raises(ConfigError, match=message):
+        make_config("simcse", values)
+
+
+def test_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config("mntp", None, ["lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("mntp", tmp_path / "missing.yaml")
+
+
+def test_stsb_reader_and_sentences():
+    dev = load_stsb("dev")
+    assert len(dev) == 1500
+    assert dev[0] == ("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 5.0)
+    assert all(0.0 <= s <= 5.0 for _, _, s in dev)
+    train = stsb_sentences("train")
+    assert len(train) == len(set(train)) > 5000
+    with pytest.raises(ValueError, match="unknown STS-B split"):
+        load_stsb("validation")
+
+
+def test_stsb_dir_is_configurable(tmp_path, monkeypatch):
+    (tmp_path / "sts-dev.csv").write_text("g\tf\ty\t1\t2.5\tA \"quoted\t'b'\n")
+    monkeypatch.setenv("LLM2VEC_FAST_STSB_DIR", str(tmp_path))
+    assert load_stsb("dev") == [('A "quoted', "'b'", 2.5)]
+    with pytest.raises(FileNotFoundError, match="LLM2VEC_FAST_STSB_DIR"):
+        load_stsb("test")
+
+
+def test_spearman_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 10, 200).astype(float)
+    b = a + rng.normal(0, 3, 200)
+    assert spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-12)
+    np.testing.assert_array_equal(rankdata([3, 1, 3, 2]), scipy_stats.rankdata([3, 1, 3, 2]))

@@ -1,0 +1,203 @@
+"""End-to-end training on a tiny random Llama: dropout views, instructions, adapters, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm2vec_fast import LLM2Vec
+from llm2vec_fast.train import STAGE_CLASSES, make_config, train
+
+CLI = "import sys; from llm2vec_fast.cli import main; sys.exit(main())"
+SENTENCES = [f"sentence number {i} talks about {w}." for i, w in enumerate(["cats", "dogs", "rain", "music", "code", "tea"] * 6)]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sentences.txt"
+    path.write_text("\n".join(SENTENCES) + "\n")
+    return str(path)
+
+
+def _cfg(stage, model, data, out, **kw):
+    values = dict(model=model, data=data, output_dir=str(out), batch_size=4, max_length=24, max_steps=4, save_steps=2,
+                  progress=False, device="cpu", lr=1e-3)
+    values.update(kw)
+    return make_config(stage, values)
+
+
+def _build(stage_name, config):
+    stage = STAGE_CLASSES[stage_name](config, torch.device("cpu"))
+    schedule = stage.load_data()
+    torch.manual_seed(0)
+    stage.build()
+    stage.wrap_ddp()
+    return stage, schedule
+
+
+def test_simcse_views_differ_in_train_mode_only(tiny_llama_dir, text_file, tmp_path):
+    stage, schedule = _build("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path))
+    assert stage.encoder.model.config.attention_dropout == 0.3
+    view1, view2 = stage.groups(schedule.batch(0))
+    assert [x.input_ids for x in view1] == [x.input_ids for x in view2]
+    stage.peft_model.train()
+    reps = stage.embed(view1 + view2).chunk(2)
+    assert not torch.allclose(reps[0], reps[1], atol=1e-4)  # independent dropout masks
+    stage.peft_model.eval()
+    with torch.no_grad():
+        reps = stage.embed(view1 + view2).chunk(2)
+    torch.testing.assert_close(reps[0], reps[1], rtol=1e-5, atol=1e-5)
+
+
+def test_micro_batches_equal_one_padded_forward(tiny_llama_dir, text_file, tmp_path):
+    stage, schedule = _build("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path, micro_batch_size=3))
+    stage.peft_model.eval()
+    items = stage.groups(schedule.batch(0))[0] + stage.encoder._prepare([("", "a much longer sentence " * 3)])
+    with torch.no_grad():
+        micro = stage.embed(items)
+        whole = stage._embed_padded(items)
+    torch.testing.assert_close(micro, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_supervised_instructions_are_not_pooled(tiny_llama_dir, tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"query": "q text", "instruction": "Retrieve documents", "positive": "p", "negative": "n", "dataset": "d"}) + "\n")
+    cfg = make_config("supervised", dict(model=tiny_llama_dir, data=str(data), batch_size=1, max_length=32, device="cpu", output_dir=str(tmp_path)))
+    stage, schedule = _build("supervised", cfg)
+    queries, positives, negatives = stage.groups(schedule.batch(0))
+    q = queries[0]
+    n_text = len(stage.encoder.tokenizer("q text", add_special_tokens=False)["input_ids"])
+    assert q.num_pooled == n_text < len(q.input_ids)  # instruction tokens attended to, not pooled
+    features = stage.encoder.collate(queries)
+    assert int(features["pool_mask"].sum()) == n_text and not features["pool_mask"][0, 0]
+    # the pooled embedding changes with the instruction (attended) but pools only the text tokens
+    stage.peft_model.eval()
+    with torch.no_grad():
+        with_instr = stage.embed(queries)
+        no_instr = stage.embed(stage.encoder._prepare([("", "q text")]))
+    assert not torch.allclose(with_instr, no_instr)
+
+
+def test_mntp_adapter_loads_on_bare_decoder(tiny_causal_lm_dir, text_file, tmp_path):
+    adapter = train("mntp", _cfg("mntp", tiny_causal_lm_dir, text_file, tmp_path / "mntp", mlm_probability=0.3))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == tiny_causal_lm_dir
+    keys = load_file(adapter / "adapter_model.safetensors").keys()
+    # peft's prefix + the bare decoder's module names (as on AutoModel), not the causal LM's "model.layers"
+    assert any(k.startswith("base_model.model.layers.0.self_attn.q_proj.lora_A") for k in keys)
+    assert not any(k.startswith("base_model.model.model.") or "lm_head" in k for k in keys)
+    assert (adapter / "llm2vec_config.json").is_file()
+    base = LLM2Vec.from_pretrained(tiny_causal_lm_dir, device="cpu")
+    tuned = LLM2Vec.from_pretrained(tiny_causal_lm_dir, peft_model_name_or_path=str(adapter), device="cpu")
+    e0, e1 = base.encode(SENTENCES[:3]), tuned.encode(SENTENCES[:3])
+    assert not torch.allclose(e0, e1, atol=1e-6)  # the adapter is applied
+    # and it is the trained decoder: compare with the peft model the trainer saved
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from llm2vec_fast.bidirectional import enable_bidirectional
+
+    dec = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_causal_lm_dir), str(adapter)).eval()
+    enable_bidirectional(dec)
+    f = tuned.collate(tuned.tokenize(SENTENCES[:3]))
+    with torch.no_grad():
+        h = dec(input_ids=f["input_ids"], attention_mask=f["attention_mask"], position_ids=f["position_ids"]).last_hidden_state
+    torch.testing.assert_close(tuned.pool(h, f["pool_mask"]), e1, rtol=1e-5, atol=1e-5)
+
+
+def test_chained_adapters_mntp_then_simcse(tiny_causal_lm_dir, text_file, tmp_path):
+    mntp = train("mntp", _cfg("mntp", tiny_causal_lm_dir, text_file, tmp_path / "mntp", max_steps=2))
+    simcse = train("simcse", _cfg("simcse", tiny_causal_lm_dir, text_file, tmp_path / "simcse", max_steps=2, peft=[str(mntp)], pooling_mode="weighted_mean"))
+    settings = json.loads((simcse / "llm2vec_config.json").read_text())
+    assert settings["pooling_mode"] == "weighted_mean"
+    enc = LLM2Vec.from_pretrained(tiny_causal_lm_dir, peft_model_name_or_path=[str(mntp), str(simcse)], device="cpu")
+    assert enc.pooling_mode == "weighted_mean"
+    only_mntp = LLM2Vec.from_pretrained(tiny_causal_lm_dir, peft_model_name_or_path=str(mntp), device="cpu")
+    a, b = enc.encode(SENTENCES[:2]), only_mntp.encode(SENTENCES[:2])
+    assert a.shape == (2, 64) and not torch.allclose(a, b, atol=1e-6)
+
+
+def _adapter_weights(path):
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", ["mntp", "simcse"])
+def test_resume_is_bit_for_bit(stage, tiny_causal_lm_dir, text_file, tmp_path):
+    model = tiny_causal_lm_dir
+    full = train(stage, _cfg(stage, model, text_file, tmp_path / "full", max_steps=6))
+    with pytest.raises(InterruptedError):
+        train(stage, _cfg(stage, model, text_file, tmp_path / "cut", max_steps=6), stop_after=3)  # crash after step 3
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-2" / "trainer_state.pt").is_file()
+    resumed = train(stage, _cfg(stage, model, text_file, tmp_path / "cut", max_steps=6), resume=True)
+    a, b = _adapter_weights(full), _adapter_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log_full = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    log_cut = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_cut] == list(range(1, 7))
+    assert [r["loss"] for r in log_cut] == [r["loss"] for r in log_full]
+
+
+def test_checkpoints_rotate_and_leave_no_temp_dirs(tiny_llama_dir, text_file, tmp_path):
+    train("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path, max_steps=7, save_steps=2, save_total_limit=2))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["checkpoint-4", "checkpoint-6"]
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint-6" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 6 and {"optimizer", "scheduler", "rng", "trainable"} <= state.keys()
+    assert (tmp_path / "checkpoints" / "checkpoint-6" / "adapter" / "adapter_config.json").is_file()
+
+
+def _cli(*args, cwd=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def test_cli_train_smoke_and_resume_after_kill(tiny_llama_dir, text_file, tmp_path):
+    cfg = tmp_path / "simcse.yaml"
+    cfg.write_text(f"model: {tiny_llama_dir}\ndata: {text_file}\nbatch_size: 4\nmax_length: 24\nsave_steps: 2\ndevice: cpu\n")
+    out = tmp_path / "run"
+    r = _cli("train", "simcse", "--config", str(cfg), "--set", "max_steps=4", "--set", f"output_dir={out}", "--set", "progress=false")
+    assert r.returncode == 0, r.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2, 3, 4] and all("tokens_per_s" in x for x in rows)
+    # a run killed after its first checkpoint resumes to the same adapter
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out2 = tmp_path / "killed"
+    args = [sys.executable, "-c", CLI, "train", "simcse", "--config", str(cfg), "--set", "max_steps=4",
+            "--set", f"output_dir={out2}", "--set", "progress=false", "--set", "save_steps=1"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out2 / "checkpoints" / "checkpoint-2").is_dir() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    r = _cli("train", "simcse", "--config", str(cfg), "--set", "max_steps=4", "--set", f"output_dir={out2}",
+             "--set", "progress=false", "--set", "save_steps=1", "--resume")
+    assert r.returncode == 0, r.stderr
+    a, b = _adapter_weights(out / "adapter"), _adapter_weights(out2 / "adapter")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_bad_config_fails_before_work(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: /nonexistent.txt\n")
+    r = _cli("train", "mntp", "--config", str(cfg))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = _cli("train", "simcse", "--set", "data=x", "--set", "batchsize=3")
+    assert r.returncode == 2 and "unknown simcse config key" in r.stderr and "batch_size" in r.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    r = _cli("train", "simcse", "--set", f"data={empty}", "--set", f"output_dir={tmp_path / 'o'}")
+    assert r.returncode == 2 and "no non-empty line" in r.stderr
+    assert not (tmp_path / "o").exists()
