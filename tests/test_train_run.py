@@ -201,3 +201,42 @@ def test_cli_bad_config_fails_before_work(tmp_path):
     r = _cli("train", "simcse", "--set", f"data={empty}", "--set", f"output_dir={tmp_path / 'o'}")
     assert r.returncode == 2 and "no non-empty line" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_head32_dir(tmp_path_factory, smollm_tokenizer):
+    """Tiny causal LM with head_dim 32 (the varlen attention kernel's smallest)."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-lm-hd32")
+    AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=True, num_attention_heads=2, num_key_value_heads=1, head_dim=32)).save_pretrained(path)
+    smollm_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("stage_name", ["mntp", "supervised"])
+def test_packed_batches_match_padded(stage_name, tiny_lm_head32_dir, text_file, tmp_path):
+    """The packed varlen layout (the CUDA default; torch references on CPU) gives the padded loss and gradients."""
+    if stage_name == "supervised":
+        data = tmp_path / "t.jsonl"
+        rows = [{"query": f"query {i} " * (i + 1), "instruction": "Find it" if i % 2 else "", "positive": f"doc {i}", "negative": "no " * i + "x"}
+                for i in range(4)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data_file, extra = str(data), dict(lora_dropout=0.0, attention_dropout=0.0)
+    else:
+        data_file, extra = text_file, dict(lora_dropout=0.0)
+    results = []
+    for layout in ("padded", "packed"):
+        stage, schedule = _build(stage_name, _cfg(stage_name, tiny_lm_head32_dir, data_file, tmp_path / layout, batch_layout=layout, **extra))
+        with torch.no_grad():
+            for name, p in stage.peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        loss, _ = stage.step(schedule.batch(0))
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in stage.trainable_parameters().items()}))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -47,7 +47,7 @@ class TrainConfig:
     save_total_limit: int = 2
     log_file: str | None = None  # default: <output_dir>/log.jsonl
     device: str | None = None  # default: cuda if available
-    batch_layout: str = "auto"  # padded (CPU), packed (CUDA varlen kernels), auto
+    batch_layout: str = "auto"  # auto: packed on CUDA (varlen kernels), padded on CPU
     progress: bool = True
     micro_batch_size: int = 16  # padded layout, one process: rows per length-sorted forward (0: one forward per batch)
 

@@ -10,10 +10,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..encoding import KERNEL_POOLING_MODE
+from ..kernels import masked_pool_varlen
 from ..prompting import EncodingInput
+from ..varlen_attention import current_backend
 from .config import ContrastiveConfig
 from .losses import distributed_info_nce
-from .trainer import Stage, add_lora, autocast, enable_checkpointing, resolve_base, train_dtype
+from .trainer import Stage, add_lora, autocast, enable_checkpointing, packed_forward, pick_layout, train_dtype
 
 
 def _get_rng(device: torch.device):
@@ -104,17 +107,7 @@ class ContrastiveStage(Stage):
         self.layout = self._pick_layout()
 
     def _pick_layout(self) -> str:
-        layout = self.config.batch_layout
-        if layout == "auto":
-            # The packed varlen path (kernels' flash_attn_varlen fwd+bwd, masked_pool_varlen) is
-            # switched on here once the encoder exposes a differentiable packed forward.
-            return "padded"
-        if layout == "packed":
-            raise NotImplementedError(
-                "batch_layout=packed needs the packed varlen forward of LLM2Vec, which is not available yet; "
-                "use batch_layout=padded (or auto)"
-            )
-        return layout
+        return pick_layout(self.config.batch_layout, self.device)
 
     # ----------------------------------------------------------------------- embedding
     def embed(self, items: Sequence[EncodingInput]) -> torch.Tensor:
@@ -123,6 +116,8 @@ class ContrastiveStage(Stage):
         Padded layout: on a single process the inputs are sorted by length and run in micro-batches
         of ``micro_batch_size`` rows, so short sentences do not pay for the longest one's padding
         (same result as one padded forward). Under DDP one forward call per backward is kept."""
+        if self.layout == "packed":
+            return self._embed_packed(items)
         size = self.config.micro_batch_size
         if size and len(items) > size and self.net is self.peft_model:
             order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
@@ -139,6 +134,16 @@ class ContrastiveStage(Stage):
                 position_ids=features["position_ids"],
             )
             reps = self.encoder.pool(out.last_hidden_state, features["pool_mask"])
+        return reps.float()
+
+    def _embed_packed(self, items: Sequence[EncodingInput]) -> torch.Tensor:
+        """Padding-free: one ``[1, T]`` row, varlen attention (Triton fwd + bwd on CUDA; SDPA with a
+        block-diagonal mask when attention dropout is on) and varlen pooling. Goes through
+        ``self.net`` so DDP sees the forward."""
+        features = self.encoder.collate_packed(items, device=self.device)
+        hidden = packed_forward(self.net, self.peft_model, features, self.device)
+        mode = KERNEL_POOLING_MODE[self.encoder.pooling_mode]
+        reps = masked_pool_varlen(hidden, features["cu_seqlens"], features["pool_mask"], mode, backend=current_backend())
         return reps.float()
 
     def groups(self, indices: list[int]) -> list[list[EncodingInput]]:

@@ -20,7 +20,7 @@ from ..bidirectional import decoder_of, enable_bidirectional
 from .config import MNTPConfig
 from .data import BatchSchedule, read_text_lines
 from .losses import linear_cross_entropy
-from .trainer import Stage, add_lora, autocast, enable_checkpointing, resolve_base, train_dtype
+from .trainer import Stage, add_lora, autocast, enable_checkpointing, packed_forward, pick_layout, resolve_base, train_dtype
 
 IGNORE = -100
 BLANK_MASK_TOKEN = "_"  # the official mask token for tokenizers without one
@@ -117,6 +117,7 @@ class MNTPStage(Stage):
         for p in self.peft_model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        self.layout = pick_layout(self.config.batch_layout, self.device)
         self.mask_id = mask_token_id(self.tokenizer)
         self.special_ids = sorted(set(self.tokenizer.all_special_ids))
         self.vocab_size = len(self.tokenizer)
@@ -147,13 +148,13 @@ class MNTPStage(Stage):
         """Mean loss over every masked token of the batch. Padded layout on one process: length-sorted
         micro-batches of ``micro_batch_size`` rows, each weighted by its share of the masked tokens,
         with gradients accumulated (same loss and gradients as one padded forward)."""
-        if self.config.batch_layout == "packed":
-            raise NotImplementedError("packed MNTP batches need the packed varlen forward; use batch_layout=padded")
         # masking draws from a generator seeded by the samples, so it does not depend on the step order
         seed = (self.config.seed * 1_000_003 + hash(tuple(indices))) % 2**63
         b = self.batch(indices, seed)
         n_targets = int((b["labels"][:, 1:] != IGNORE).sum())
         lengths = b["attention_mask"].sum(1)
+        if self.layout == "packed":
+            return self._packed_step(b, lengths), int(lengths.sum())
         size = self.config.micro_batch_size if self.net is self.peft_model else 0
         order = torch.argsort(lengths, stable=True)
         parts = order.split(size) if size else [torch.arange(len(indices))]
@@ -170,6 +171,22 @@ class MNTPStage(Stage):
             loss.backward()
             total += loss.detach().float()
         return total, int(lengths.sum())
+
+    def _packed_step(self, b: dict, lengths: torch.Tensor) -> torch.Tensor:
+        """The same loss on one padding-free row: labels at each sequence's first position are
+        dropped (never a target in the padded path either), so no sequence predicts its neighbour."""
+        from ..packing import pack
+        from ..prompting import EncodingInput
+
+        rows = [b["input_ids"][i, : int(n)].tolist() for i, n in enumerate(lengths)]
+        features = pack([EncodingInput(r, 1) for r in rows], self.device)
+        labels = torch.cat([b["labels"][i, : int(n)] for i, n in enumerate(lengths)]).to(self.device)
+        labels[features["position_ids"][0] == 0] = IGNORE
+        hidden = packed_forward(self.net, self.peft_model, features, self.device)
+        with autocast(self.device):
+            loss = mntp_loss(hidden[None], labels[None], self.lm_head, self.config.loss_chunk_size)
+        loss.backward()
+        return loss.detach().float()
 
     def llm2vec_config(self) -> dict:
         return {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True}

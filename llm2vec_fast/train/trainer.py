@@ -95,6 +95,35 @@ def train_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def pick_layout(layout: str, device: torch.device) -> str:
+    """``auto``: packed varlen batches on CUDA (the kernels' attention and pooling), padded on CPU."""
+    if layout == "auto":
+        return "packed" if device.type == "cuda" else "padded"
+    return layout
+
+
+def packed_forward(net: nn.Module, model: nn.Module, features: dict, device: torch.device) -> torch.Tensor:
+    """Last hidden states ``[T, D]`` of a packed batch (:func:`llm2vec_fast.packing.pack`) through
+    ``net`` (the peft model or its DDP wrapper) with the varlen attention switched on for ``model``'s
+    decoder. The model must be bidirectional."""
+    from ..bidirectional import decoder_of, is_bidirectional
+    from ..varlen_attention import packed_attention
+
+    if not is_bidirectional(model):
+        raise ValueError("packed training batches need a bidirectional model")
+    cu, max_len = features["cu_seqlens"], features["max_seqlen"]
+    with packed_attention(decoder_of(model)), autocast(device):
+        out = net(
+            input_ids=features["input_ids"],
+            position_ids=features["position_ids"],
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max_len,
+            max_length_k=max_len,
+        )
+    return out.last_hidden_state[0]
+
+
 def resolve_base(config: TrainConfig) -> str:
     from ..loading import resolve_model_path
 
