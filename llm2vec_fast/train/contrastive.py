@@ -107,6 +107,11 @@ class ContrastiveStage(Stage):
         self.layout = self._pick_layout()
 
     def _pick_layout(self) -> str:
+        if self.config.batch_layout == "auto" and self.config.attention_dropout > 0:
+            # The varlen attention kernel has no dropout; the packed fallback (SDPA over a [T, T]
+            # block-diagonal mask) costs O(T^2) for T = all tokens of the batch, so SimCSE with
+            # attention dropout keeps padded, length-sorted micro-batches (SDPA with dropout).
+            return "padded"
         return pick_layout(self.config.batch_layout, self.device)
 
     # ----------------------------------------------------------------------- embedding

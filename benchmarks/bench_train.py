@@ -1,0 +1,247 @@
+"""Training speed: tokens/s and peak memory of one MNTP step and one SimCSE step, llm2vec-fast vs
+the plain Hugging Face path, measured in the same run.
+
+* ours: :mod:`llm2vec_fast.train` stages. On CUDA: packed varlen batches through the kernels'
+  attention and pooling (SimCSE with attention dropout keeps padded, length-sorted micro-batches),
+  bf16 autocast; MNTP gathers the masked positions and applies the LM head chunk by chunk.
+  On CPU: padded, length-sorted micro-batches, fp32.
+* plain HF: one right-padded batch, SDPA with a 4D bidirectional mask, MNTP through
+  ``AutoModelForCausalLM(labels=...)`` (full ``[tokens x vocab]`` logits), SimCSE through
+  ``AutoModel`` + mean pooling, same LoRA (all layers), same data, same masking.
+
+CPU: the default model (SmolLM2-135M-Instruct). GPU: random weights with Llama-3.2-1B shapes
+(config written inline, no download; SmolLM2 tokenizer, whose ids fit the vocabulary).
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_train.py        # writes benchmarks/results/train-cpu.json
+    python benchmarks/bench_train.py                          # on a GPU: results/train-<card>.json
+
+Each (stage, implementation) runs in its own subprocess, so the CPU peak memory (max RSS growth
+after the model is loaded) of one does not hide another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("the a man woman dog cat plays guitar runs fast slow river city music quietly bright dark under over "
+         "market shares fell rose sharply monday week chef chops onion kitchen child rides horse field").split()
+
+
+def llama_1b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+
+
+def make_texts(n: int, min_words: int, max_words: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def prepare_model(workdir: Path, on_gpu: bool) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm2vec_fast.default_model import default_model_path
+
+    if not on_gpu:
+        return str(default_model_path())
+    path = workdir / "llama-1b-random"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(llama_1b_config(), dtype=torch.bfloat16)
+        model.save_pretrained(path)
+        AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(path)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------ one worker
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def worker(args) -> dict:
+    from llm2vec_fast.train import STAGE_CLASSES, make_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    values = dict(model=args.model, data=args.data, output_dir=args.workdir, batch_size=args.batch, max_length=args.max_length,
+                  device=str(device), progress=False, lora_layers=None)
+    if args.stage == "simcse":
+        values["attention_dropout"] = args.attention_dropout
+    config = make_config(args.stage, values)
+    stage = STAGE_CLASSES[args.stage](config, device)
+    schedule = stage.load_data()
+    torch.manual_seed(0)
+    stage.build()
+    stage.wrap_ddp()
+    stage.peft_model.train()
+    params = list(stage.trainable_parameters().values())
+    if args.impl == "ours":
+        step = stage.step
+        layout = getattr(stage, "layout", "padded")
+    else:
+        step = _plain_step(stage, args.stage, device)
+        layout = "padded (one batch, 4D mask)"
+    _sync(device)
+    base_rss = _rss_gb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated() / 2**30
+    times, tokens = [], []
+    for i in range(args.warmup + args.steps):
+        batch = schedule.batch(i)
+        _sync(device)
+        t = time.perf_counter()
+        _, n_tok = step(batch)
+        _sync(device)
+        dt = time.perf_counter() - t
+        for p in params:
+            p.grad = None
+        if i >= args.warmup:
+            times.append(dt)
+            tokens.append(n_tok)
+    out = {
+        "stage": args.stage, "impl": args.impl, "layout": layout, "device": str(device),
+        "tokens_per_step": statistics.mean(tokens), "step_s_median": statistics.median(times),
+        "tokens_per_s": sum(tokens) / sum(times),
+    }
+    if device.type == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30 - base_mem
+    else:
+        out["peak_mem_gb"] = _rss_gb() - base_rss
+    return out
+
+
+def _plain_step(stage, stage_name: str, device):
+    """The plain HF training step on the same stage object (same model, LoRA and data)."""
+    from llm2vec_fast.kernels.pooling_reference import masked_pool_reference
+    from llm2vec_fast.train.losses import info_nce
+    from llm2vec_fast.train.trainer import autocast
+
+    if stage_name == "mntp":
+        lm = stage.lm  # the causal LM whose decoder carries the LoRA
+
+        def step(indices):
+            seed = (stage.config.seed * 1_000_003 + hash(tuple(indices))) % 2**63
+            b = {k: v.to(device) for k, v in stage.batch(indices, seed).items()}
+            with autocast(device):
+                out = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+            out.loss.backward()
+            return out.loss.detach(), int(b["attention_mask"].sum())
+
+        return step
+
+    def step(indices):
+        groups = stage.groups(indices)
+        items = [x for g in groups for x in g]
+        f = stage.encoder.collate(items, device=device)
+        with autocast(device):
+            hidden = stage.peft_model(input_ids=f["input_ids"], attention_mask=f["attention_mask"], position_ids=f["position_ids"]).last_hidden_state
+            reps = masked_pool_reference(hidden, f["pool_mask"], "mean").float()
+        q, d = reps.chunk(2)
+        loss = info_nce(q, d, stage.config.loss_scale)
+        loss.backward()
+        return loss.detach(), sum(len(x.input_ids) for x in items)
+
+    return step
+
+
+# -------------------------------------------------------------------------------- driver
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-<cpu|card>.json)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 3 on CPU, 10 on GPU)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-length", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--attention-dropout", type=float, default=0.3)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+
+    on_gpu = torch.cuda.is_available()
+    steps = args.steps or (10 if on_gpu else 3)
+    # (batch, max_length, words per text): official MNTP/SimCSE shapes on GPU, small ones on 2 CPU cores
+    shapes = {"mntp": (32, 512, (40, 400)), "simcse": (128, 128, (10, 100))} if on_gpu else {"mntp": (8, 128, (8, 100)), "simcse": (16, 64, (4, 40))}
+    workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    model = prepare_model(workdir, on_gpu)
+    cases = []
+    for stage_name, (batch, max_length, (lo, hi)) in shapes.items():
+        data = workdir / f"{stage_name}.txt"
+        data.write_text("\n".join(make_texts(batch * (steps + args.warmup) + batch, lo, hi, seed=0)) + "\n")
+        for impl in ("plain_hf", "ours"):
+            cmd = [sys.executable, __file__, "--worker", "--stage", stage_name, "--impl", impl, "--model", model, "--data", str(data),
+                   "--workdir", str(workdir / f"{stage_name}-{impl}"), "--batch", str(batch), "--max-length", str(max_length),
+                   "--steps", str(steps), "--warmup", str(args.warmup), "--attention-dropout", str(args.attention_dropout)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                case = {"stage": stage_name, "impl": impl, "error": proc.stderr[-2000:]}
+            else:
+                case = json.loads(lines[-1][len("RESULT ") :])
+            case.update(batch=batch, max_length=max_length)
+            cases.append(case)
+            print(json.dumps(case), flush=True)
+    summary = {}
+    for stage_name in shapes:
+        by = {c["impl"]: c for c in cases if c["stage"] == stage_name and "error" not in c}
+        if len(by) == 2:
+            summary[stage_name] = {
+                "speedup_tokens_per_s": by["ours"]["tokens_per_s"] / by["plain_hf"]["tokens_per_s"],
+                "peak_mem_ratio": by["ours"]["peak_mem_gb"] / by["plain_hf"]["peak_mem_gb"] if by["plain_hf"]["peak_mem_gb"] > 0 else None,
+            }
+    card = "cpu"
+    if on_gpu:
+        card = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower().replace("nvidia", "")).strip("-")
+    result = {
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct" if not on_gpu else "Llama-3.2-1B shapes, random weights",
+        "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": "bf16 autocast" if on_gpu else "fp32",
+        "torch": torch.__version__,
+        "steps": steps,
+        "lora": "r=16, alpha=32, all 7 projections, every layer",
+        "peak_mem_note": "GPU: max_memory_allocated above the loaded model; CPU: growth of the process max RSS above the loaded model",
+        "cases": cases,
+        "summary": summary,
+        "gpu_target": "tokens/s >= 1.5x and peak memory <= 0.6x of plain HF",
+    }
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"train-{card}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
