@@ -203,6 +203,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
         return self(self.collate(items))
 
     encode = torch.inference_mode()(EncodeMixin.encode)
+    embed_items = torch.inference_mode()(EncodeMixin.embed_items)
 
     # --------------------------------------------------------------------- save
     def save(self, output_path: str | os.PathLike, merge_before_save: bool = True) -> None:

@@ -83,6 +83,21 @@ class EncodeMixin:
         order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
+    def embed_items(
+        self, items: Sequence[EncodingInput], batch_size: int = 32, show_progress_bar: bool | None = None
+    ) -> torch.Tensor:
+        """float32 ``[N, hidden]`` CPU embeddings of already tokenised ``items``, in input order: what
+        :meth:`encode` does after tokenisation (length-sorted batches, forward passes, copy back).
+        Benchmarks and the profiler call it with synthetic token ids."""
+        items = list(items)
+        batches = self._batches(items, batch_size)
+        if show_progress_bar is None:
+            show_progress_bar = len(batches) > PROGRESS_BAR_MIN_BATCHES
+        out = torch.empty(len(items), self.hidden_size, dtype=torch.float32)
+        for idx in tqdm(batches, desc="Encoding", unit="batch", disable=not show_progress_bar):
+            out[idx] = self._embed_batch([items[i] for i in idx]).float().cpu()
+        return out
+
     def encode(
         self,
         sentences: str | Sequence[str] | Sequence[Sequence[str]],
@@ -112,13 +127,7 @@ class EncodeMixin:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self._before_encode(device)
-        items = self._prepare(pairs)
-        batches = self._batches(items, batch_size)
-        if show_progress_bar is None:
-            show_progress_bar = len(batches) > PROGRESS_BAR_MIN_BATCHES
-        out = torch.empty(len(items), self.hidden_size, dtype=torch.float32)
-        for idx in tqdm(batches, desc="Encoding", unit="batch", disable=not show_progress_bar):
-            out[idx] = self._embed_batch([items[i] for i in idx]).float().cpu()
+        out = self.embed_items(self._prepare(pairs), batch_size, show_progress_bar)
         if normalize_embeddings:
             out = torch.nn.functional.normalize(out, p=2, dim=1)
         if single:
