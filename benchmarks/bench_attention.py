@@ -7,7 +7,8 @@ Methods (all bidirectional, same sequences):
     tensors for the mixed-length batch (n/a where the backend rejects them).
   * ``sdpa-mask4d``    -- the default SDPA backend on a padded batch with a 4-D boolean padding mask
     (what Hugging Face and the official llm2vec run).
-  * ``flex-docmask``   -- FlexAttention (``torch.compile``) over the packed batch with a document mask.
+  * ``flex-docmask``   -- FlexAttention (``torch.compile``) over the packed batch with a document mask
+    (skipped with ``--quick`` unless ``--flex``: its compiles alone take minutes).
 
 SDPA baselines get key/value heads already repeated to ``Hq`` (outside the timing), which favours them.
 FLOPs (flash-attention convention): forward ``4 * sum(L_i^2) * Hq * D``; backward 2.5x that, so
@@ -24,6 +25,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from llm2vec_fast.profiling import attention_flops
 
 try:
     from . import common
@@ -44,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--total-tokens", type=int, default=16384, help="packed tokens per batch (default 16384)")
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="equal-length shapes (default 512 2048 8192)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    p.add_argument("--flex", action="store_true", help="run FlexAttention with --quick too (--quick skips it: its compiles alone take minutes)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--name", default="attention", help="results file stem (default: attention)")
     return p.parse_args(argv)
@@ -101,7 +105,7 @@ def build_methods(lengths, args, dtype):
     mask4d = valid[:, None, None, :].expand(n_seq, 1, max_len, max_len).contiguous()
     methods["sdpa-mask4d"] = (lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask4d), (qp, kp, vp))
 
-    if not args.no_flex:
+    if not args.no_flex and (args.flex or not args.quick):
         try:
             methods["flex-docmask"] = _flex_method(lengths, leaf, hq, hkv, d, dev)
         except Exception as exc:  # FlexAttention missing or failing on this torch build
@@ -168,7 +172,7 @@ def main(argv=None) -> None:
     all_rows, ratios, groups = [], [], []
     for label, lengths in workloads(args):
         torch.cuda.empty_cache()
-        flops = 4.0 * sum(n * n for n in lengths) * args.heads * args.head_dim
+        flops = attention_flops(lengths, args.heads, args.head_dim)
         methods, err = build_methods(lengths, args, dtype)
         print(f"\n== {label}: {len(lengths)} sequences, {sum(lengths)} tokens, max {max(lengths)}; "
               f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}; "

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from llm2vec_fast.profiling import pooling_bytes
+
 try:
     from . import common
 except ImportError:  # run as a script
@@ -86,8 +88,7 @@ def main(argv=None) -> None:
         pool = masked_pool if hidden.dim() == 3 else masked_pool_varlen
         leaf = hidden.detach().requires_grad_()
         for mode in args.modes:
-            read = n_tok * d * elt if mode in ("mean", "weighted_mean") else n_seq * d * elt
-            fwd_bytes = read + n_tok + n_seq * d * elt
+            fwd_bytes = pooling_bytes(n_tok, n_seq, d, elt, mode)
             bwd_bytes = n_tok * d * elt + n_tok + n_seq * d * elt
             methods = {"triton": lambda: pool(leaf, *extra, mode, backend="triton"),
                        "torch-ref": lambda: pool(leaf, *extra, mode, backend="torch")}
