@@ -13,6 +13,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from llm2vec_fast.profiling import format_table
+from llm2vec_fast.synthetic import lognormal_lengths  # noqa: F401  (re-exported for the benchmarks)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -35,12 +38,16 @@ def card_name() -> str:
 
 
 def environment() -> dict:
-    import triton
+    try:
+        import triton
 
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     return {
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -89,18 +96,15 @@ def print_table(rows: Sequence[dict], columns: Sequence[str], floatfmt: str = "{
             return "n/a" if math.isnan(v) else floatfmt.format(v)
         return str(v)
 
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    print(format_table(columns, [[fmt(r.get(c, "")) for c in columns] for r in rows]))
 
 
-def write_json(name: str, payload: dict) -> Path:
-    """Write ``benchmarks/results/<name>-<card>.json`` with the environment added; return the path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{card_name()}.json"
+def write_json(name: str, payload: dict, results_dir: Path | None = None) -> Path:
+    """Write ``<results_dir>/<name>-<card>.json`` (default ``benchmarks/results``) with the environment
+    added; return the path."""
+    results_dir = Path(results_dir or RESULTS_DIR)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}-{card_name()}.json"
 
     def clean(v):  # JSON has no NaN
         if isinstance(v, float) and math.isnan(v):
@@ -116,10 +120,11 @@ def write_json(name: str, payload: dict) -> Path:
 
 
 def plot_grouped_bars(
-    name: str, title: str, ylabel: str, groups: Sequence[str], panels: dict[str, dict[str, Sequence[float]]]
+    name: str, title: str, ylabel: str, groups: Sequence[str], panels: dict[str, dict[str, Sequence[float]]],
+    results_dir: Path | None = None,
 ) -> Path | None:
     """Grouped bar charts, one panel per entry of ``panels`` (``{panel: {method: [value per group]}}``),
-    one group per shape, one bar per method -> ``results/<name>-<card>.png``."""
+    one group per shape, one bar per method -> ``<results_dir>/<name>-<card>.png``."""
     try:
         import matplotlib
 
@@ -128,8 +133,9 @@ def plot_grouped_bars(
     except ImportError:
         print("matplotlib is not installed: no plot")
         return None
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{card_name()}.png"
+    results_dir = Path(results_dir or RESULTS_DIR)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}-{card_name()}.png"
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 1.8 * len(groups)) * len(panels), 4.8), squeeze=False)
     for ax, (panel, series) in zip(axes[0], panels.items()):
         n = max(len(series), 1)
@@ -147,18 +153,3 @@ def plot_grouped_bars(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def lognormal_lengths(total_tokens: int, median: float, lo: int, hi: int, seed: int = 0) -> list[int]:
-    """Sequence lengths drawn lognormal(median, sigma=0.8), clipped to ``[lo, hi]``, until ``total_tokens``."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths: list[int] = []
-    total = 0
-    while total < total_tokens:
-        draw = torch.empty(256).log_normal_(math.log(median), 0.8, generator=gen)
-        for x in draw.clamp(lo, hi).round().int().tolist():
-            if total >= total_tokens:
-                break
-            lengths.append(x)
-            total += x
-    return lengths
