@@ -1,0 +1,89 @@
+"""Compact summary of the GPU suite's results: each headline ratio against its target.
+
+Reads ``attention-*.json``, ``pooling-*.json`` and ``encode-*.json`` from a results folder (default
+``benchmarks/results``); needs neither torch nor a GPU. Prints one line per ratio and exits 0; with
+``--strict`` it exits 1 when a ratio with a target misses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: Targets of ratios the issue does not fix are ``None`` (reported, not judged). Encode targets are
+#: read from the encode JSON (``bench_encode.TARGETS``).
+ATTENTION_TARGETS = {"fwd_vs_flash": None, "fwd_vs_cudnn": None, "fwd_vs_mask4d": None, "fwd_bwd_vs_flash": None}
+POOLING_TARGETS = {"fwd_vs_copy": None, "fwd_vs_torch_ref": None}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results_dir", nargs="?", type=Path, default=RESULTS_DIR, help="folder with the result JSON files")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a ratio misses its target")
+    return p.parse_args(argv)
+
+
+def _line(label: str, value, target) -> tuple[str, bool | None]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"  {label:<48} n/a", None
+    if target is None:
+        return f"  {label:<48} {value:6.2f}x  (no target)", None
+    ok = value >= target
+    return f"  {label:<48} {value:6.2f}x  target >= {target:.1f}x  {'ok' if ok else 'MISSED'}", ok
+
+
+def summarize_encode(data: dict) -> list[tuple[str, bool | None]]:
+    lines = []
+    for s in data.get("summary", []):
+        lines.append(_line(f"encode {s['shape']} packed vs reference", s.get("speedup"), s.get("target")))
+        agree = "ok" if s.get("agree") else "DISAGREE"
+        lines.append((f"  {'encode ' + s['shape'] + ' min cosine':<48} {s.get('min_cosine', math.nan):.4f}  >= 0.99  {agree}",
+                      bool(s.get("agree"))))
+    return lines
+
+
+def summarize_attention(data: dict) -> list[tuple[str, bool | None]]:
+    return [_line(f"attention {r['shape']} {key}", r.get(key), target)
+            for r in data.get("ratios", []) for key, target in ATTENTION_TARGETS.items()]
+
+
+def summarize_pooling(data: dict) -> list[tuple[str, bool | None]]:
+    rows = data.get("results", [])
+    lines = []
+    for r in rows:
+        if r.get("method") != "triton":
+            continue
+        layout = r["layout"].split()[0]
+        ref = next((x for x in rows if x["layout"] == r["layout"] and x["mode"] == r["mode"] and x["method"] == "torch-ref"), None)
+        vs_ref = ref["fwd_ms"] / r["fwd_ms"] if ref and ref.get("fwd_ms") and r.get("fwd_ms") else None
+        lines.append(_line(f"pooling {layout} {r['mode']} fwd_vs_copy", r.get("fwd_vs_copy"), POOLING_TARGETS["fwd_vs_copy"]))
+        lines.append(_line(f"pooling {layout} {r['mode']} fwd_vs_torch_ref", vs_ref, POOLING_TARGETS["fwd_vs_torch_ref"]))
+    return lines
+
+
+SECTIONS = {"attention": summarize_attention, "pooling": summarize_pooling, "encode": summarize_encode}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    missed = False
+    for name, summarize in SECTIONS.items():
+        files = sorted(args.results_dir.glob(f"{name}-*.json"))
+        if not files:
+            print(f"{name}: no results in {args.results_dir}")
+        for path in files:
+            data = json.loads(path.read_text())
+            card = data.get("environment", {}).get("card", "?")
+            print(f"{name} ({path.name}, {card}):")
+            for text, ok in summarize(data):
+                print(text)
+                missed |= ok is False
+    return 1 if args.strict and missed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

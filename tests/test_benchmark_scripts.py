@@ -1,0 +1,70 @@
+"""The GPU benchmark scripts still run: ``--help`` of each, ``bench_encode.py --cpu-smoke`` end to end
+(tiny model on CPU, JSON written), and the suite summary over results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPTS = sorted(BENCH_DIR.glob("bench_*.py")) + [BENCH_DIR / "suite_summary.py"]
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_help(script):
+    proc = _run(script, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:")
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("bench-results")
+    return out, _run(BENCH_DIR / "bench_encode.py", "--cpu-smoke", "--no-plot", "--results-dir", out)
+
+
+def test_bench_encode_cpu_smoke(smoke_results):
+    out, proc = smoke_results
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((out / "encode-cpu.json").read_text())
+    assert data["tokenisation_timed"] is False and "embed_items" in data["timed"]
+    rows = data["results"]
+    assert [r["method"] for r in rows] == ["reference", "packed"]
+    assert all(r["tokens_per_s"] > 0 and r["tokens"] == rows[0]["tokens"] for r in rows)
+    (summary,) = data["summary"]
+    assert summary["agree"] and summary["min_cosine"] > 0.999
+    assert summary["speedup"] == pytest.approx(rows[0]["seconds"] / rows[1]["seconds"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
+def test_bench_encode_without_cuda_exits_cleanly():
+    proc = _run(BENCH_DIR / "bench_encode.py", "--quick")
+    assert proc.returncode == 0
+    assert "no CUDA GPU" in proc.stdout
+
+
+def test_suite_summary(smoke_results, tmp_path):
+    out, _ = smoke_results
+    (tmp_path / "encode-cpu.json").write_text((out / "encode-cpu.json").read_text())
+    (tmp_path / "attention-x.json").write_text(json.dumps({"environment": {"card": "X"}, "ratios": [
+        {"shape": "L=512", "fwd_vs_flash": 1.2, "fwd_vs_cudnn": None, "fwd_vs_mask4d": 3.0, "fwd_bwd_vs_flash": 0.9}]}))
+    (tmp_path / "pooling-x.json").write_text(json.dumps({"environment": {"card": "X"}, "results": [
+        {"layout": "varlen 3 seqs", "mode": "mean", "method": "triton", "fwd_ms": 1.0, "fwd_vs_copy": 0.8},
+        {"layout": "varlen 3 seqs", "mode": "mean", "method": "torch-ref", "fwd_ms": 4.0, "fwd_vs_copy": 0.2}]}))
+    proc = _run(BENCH_DIR / "suite_summary.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "attention L=512 fwd_vs_flash" in proc.stdout and "1.20x" in proc.stdout
+    assert "pooling varlen mean fwd_vs_torch_ref" in proc.stdout and "4.00x" in proc.stdout
+    assert "encode tiny packed vs reference" in proc.stdout and "min cosine" in proc.stdout
+    assert "fwd_vs_cudnn" in proc.stdout and "n/a" in proc.stdout
