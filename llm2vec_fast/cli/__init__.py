@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "demo": "demo",
     "train": "train",
     "eval": "eval",
+    "profile": "profile",
 }
 
 
