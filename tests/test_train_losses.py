@@ -117,7 +117,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, model_dir, tmp, gradcache, out):
+def _ddp_worker(rank, world, port, model_dir, tmp, out):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -128,19 +128,20 @@ def _ddp_worker(rank, world, port, model_dir, tmp, gradcache, out):
 
         from llm2vec_fast.train.data import rank_slice
 
-        stage, schedule = _stage(model_dir, Path(tmp), gradcache=gradcache, gradcache_chunk_size=2)
-        loss, _ = stage.step(rank_slice(schedule.batch(0), rank, world))
-        reduced = loss.detach().clone()
-        dist.all_reduce(reduced)
-        torch.save({"loss": reduced / world, "grads": _grads(stage)}, os.path.join(out, f"rank{rank}.pt"))
+        for gradcache in (False, True):
+            stage, schedule = _stage(model_dir, Path(tmp), gradcache=gradcache, gradcache_chunk_size=2)
+            loss, _ = stage.step(rank_slice(schedule.batch(0), rank, world))
+            reduced = loss.detach().clone()
+            dist.all_reduce(reduced)
+            torch.save({"loss": reduced / world, "grads": _grads(stage)}, os.path.join(out, f"rank{rank}-gc{int(gradcache)}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("gradcache", [False, True])
-def test_ddp_two_ranks_match_single_process(tiny_llama_dir, tmp_path, gradcache):
-    """2 gloo ranks, each with half the batch: the mean loss equals the single-process loss on the
-    whole batch, and DDP's averaged gradients equal the single-process gradients."""
+def test_ddp_two_ranks_match_single_process(tiny_llama_dir, tmp_path):
+    """2 gloo ranks, each with half the batch (plain and GradCache): the mean loss equals the
+    single-process loss on the whole batch, and DDP's averaged gradients equal the single-process
+    gradients (negatives are all-gathered with gradients, so no extra scaling is needed)."""
     import torch.multiprocessing as mp
 
     single, schedule = _stage(tiny_llama_dir, tmp_path)
@@ -148,9 +149,43 @@ def test_ddp_two_ranks_match_single_process(tiny_llama_dir, tmp_path, gradcache)
     expected = _grads(single)
     out = tmp_path / "ddp"
     out.mkdir()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_llama_dir, str(tmp_path), gradcache, str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_llama_dir, str(tmp_path), str(out)), nprocs=2, join=True)
     for rank in range(2):
-        got = torch.load(out / f"rank{rank}.pt")
-        torch.testing.assert_close(got["loss"], loss_single.detach(), rtol=1e-5, atol=1e-6)
-        for name, g in expected.items():
-            torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        for gc in (0, 1):
+            got = torch.load(out / f"rank{rank}-gc{gc}.pt")
+            torch.testing.assert_close(got["loss"], loss_single.detach(), rtol=1e-5, atol=1e-6)
+            for name, g in expected.items():
+                torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=f"{name} gradcache={gc}")
+
+
+def _train_worker(rank, world, port, model_dir, data, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from llm2vec_fast.train import make_config, train
+
+    cfg = make_config("supervised", dict(model=model_dir, data=data, output_dir=out_dir, batch_size=8, max_length=32, max_steps=2,
+                                         save_steps=1, lora_dropout=0.0, attention_dropout=0.0, warmup_steps=0, device="cpu", progress=False))
+    train("supervised", cfg)  # initialises and tears down the process group from the torchrun-style environment
+
+
+def test_train_under_two_ranks_matches_one(tiny_llama_dir, tmp_path):
+    """``train()`` as torchrun runs it (WORLD_SIZE=2, gloo): the adapter after 2 steps (with a
+    checkpoint written by every rank at each step) matches a single-process run on the same global batches."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from llm2vec_fast.train import make_config, train
+
+    stage, _ = _stage(tiny_llama_dir, tmp_path)  # writes the triplets file
+    data = str(tmp_path / "triplets.jsonl")
+    single = train("supervised", make_config("supervised", dict(model=tiny_llama_dir, data=data, output_dir=str(tmp_path / "one"), batch_size=8,
+                                                                  max_length=32, max_steps=2, save_steps=1, lora_dropout=0.0, attention_dropout=0.0,
+                                                                  warmup_steps=0, device="cpu", progress=False)))
+    mp.spawn(_train_worker, args=(2, _free_port(), tiny_llama_dir, data, str(tmp_path / "two")), nprocs=2, join=True)
+    a = load_file(single / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    state = torch.load(tmp_path / "two" / "checkpoints" / "checkpoint-1" / "trainer_state.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2

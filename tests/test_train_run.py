@@ -240,3 +240,26 @@ def test_packed_batches_match_padded(stage_name, tiny_lm_head32_dir, text_file, 
     torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir, text_file, tmp_path):
+    grads = []
+    for ckpt in (False, True):
+        stage, schedule = _build("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path / str(ckpt), gradient_checkpointing=ckpt,
+                                                attention_dropout=0.0, lora_dropout=0.0))
+        with torch.no_grad():
+            for name, p in stage.peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        stage.step(schedule.batch(0))
+        grads.append({n: p.grad.clone() for n, p in stage.trainable_parameters().items()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cli_eval_sts(tiny_llama_dir):
+    r = _cli("eval", "sts", "--split", "dev", "--model", tiny_llama_dir, "--limit", "40", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "STS-B dev Spearman x100:" in r.stdout
+    r = _cli("eval", "sts", "--split", "dev", "--model", tiny_llama_dir, "--data-dir", "/nonexistent")
+    assert r.returncode == 2 and "LLM2VEC_FAST_STSB_DIR" in r.stderr
