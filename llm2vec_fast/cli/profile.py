@@ -42,8 +42,8 @@ def add_parser(sub) -> None:
 def _build_encoder(args: argparse.Namespace):
     if args.random_shapes is None:
         return load_encoder(args)
-    if args.model is not None or args.peft:
-        raise ValueError("--random-shapes builds its own model: drop --model / --peft")
+    if args.model is not None or args.peft or args.no_bidirectional:
+        raise ValueError("--random-shapes builds its own (bidirectional) model: drop --model / --peft / --no-bidirectional")
     from ..synthetic import random_encoder
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
