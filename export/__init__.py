@@ -1,1 +1,12 @@
-"""ONNX export and ONNX Runtime encoder."""
+"""ONNX export and ONNX Runtime encoder (``pip install llm2vec-fast[onnx]``).
+
+``export_onnx(encoder, folder, precision)`` writes a self-contained folder; ``OnnxEncoder`` loads
+it with the same ``encode()`` API as :class:`~llm2vec_fast.LLM2Vec`.
+"""
+
+from .exporter import ExportValidationError, ValidationConfig, export_onnx
+from .onnx_encoder import OnnxEncoder
+from .precisions import PRECISIONS, THRESHOLDS
+from .wrapper import NotExportableError
+
+__all__ = ["export_onnx", "OnnxEncoder", "PRECISIONS", "THRESHOLDS", "ExportValidationError", "ValidationConfig", "NotExportableError"]

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "train": "train",
     "eval": "eval",
     "profile": "profile",
+    "export": "export",
 }
 
 

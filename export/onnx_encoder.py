@@ -1,0 +1,151 @@
+"""``OnnxEncoder``: run an exported encoder folder with ONNX Runtime, with ``LLM2Vec.encode``'s API.
+
+The folder is what :func:`~llm2vec_fast.export.export_onnx` writes: ``model.onnx`` (plus
+``model.onnx.data`` for models over 2 GB), the tokenizer files and ``llm2vec_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..encoding import CONFIG_KEYS, EncodeMixin, check_encoder_settings
+from ..prompting import EncodingInput
+from .wrapper import INPUT_NAMES, OUTPUT_NAME
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "llm2vec_config.json"
+GPU_INSTALL_HINT = "pip install llm2vec-fast[onnx-gpu]"
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("OnnxEncoder needs onnxruntime: pip install llm2vec-fast[onnx] (or [onnx-gpu] for CUDA)") from err
+    return onnxruntime
+
+
+def resolve_providers(providers: str | Sequence | None, available: Sequence[str]) -> list:
+    """Normalise ``providers`` (``None`` = CPU; ``"cuda"``/``"cpu"`` aliases; ORT names or
+    ``(name, options)`` tuples) and check they are installed."""
+    if providers is None:
+        providers = ["CPUExecutionProvider"]
+    elif isinstance(providers, str):
+        providers = [providers]
+    out = []
+    for p in providers:
+        name, options = (p[0], p[1]) if isinstance(p, (tuple, list)) else (p, None)
+        if not isinstance(name, str):
+            raise TypeError(f"providers must be names or (name, options) pairs, got {p!r}")
+        name = PROVIDER_ALIASES.get(name.lower(), name)
+        if name not in available:
+            hint = f" For CUDA install onnxruntime-gpu: {GPU_INSTALL_HINT}" if name == "CUDAExecutionProvider" else ""
+            raise ValueError(
+                f"ONNX Runtime execution provider {name!r} is not available; available providers: {list(available)}.{hint}"
+            )
+        out.append((name, options) if options else name)
+    return out
+
+
+class OnnxEncoder(EncodeMixin):
+    """An exported LLM2Vec encoder run by ONNX Runtime; ``encode()`` behaves as ``LLM2Vec.encode``
+    (same tokenisation, instruction handling, batching and output types)."""
+
+    def __init__(self, session, tokenizer, settings: dict, model_id: str | None, hidden_size: int, path: str | None = None):
+        check_encoder_settings(settings["pooling_mode"], settings["max_length"], settings["doc_max_length"])
+        self.session = session
+        self.tokenizer = tokenizer
+        self.pooling_mode = settings["pooling_mode"]
+        self.max_length = int(settings["max_length"])
+        self.doc_max_length = int(settings["doc_max_length"])
+        self.skip_instruction = bool(settings["skip_instruction"])
+        self.model_id = model_id
+        self.hidden_size = int(hidden_size)
+        self.path = path
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.providers = session.get_providers()
+        self._use_io_binding = self.providers[0] != "CPUExecutionProvider"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        providers: str | Sequence | None = None,
+        num_threads: int | None = None,
+        session_options=None,
+    ) -> "OnnxEncoder":
+        """Load an exported folder.
+
+        Args:
+            path: folder written by ``export_onnx`` / ``llm2vec-fast export``.
+            providers: ``None`` (CPU), ``"cuda"``, ``"cpu"``, or a list of ONNX Runtime provider
+                names / ``(name, options)`` pairs, in priority order. CUDA needs ``onnxruntime-gpu``
+                (``pip install llm2vec-fast[onnx-gpu]``); a missing provider raises ``ValueError``.
+            num_threads: intra-op threads on CPU (default: ``$OMP_NUM_THREADS`` if set, else
+                ONNX Runtime's choice, one per physical core).
+            session_options: an ``onnxruntime.SessionOptions`` to use as is (overrides ``num_threads``).
+        """
+        ort = _import_onnxruntime()
+        from transformers import AutoTokenizer
+
+        folder = Path(path).expanduser()
+        model_file = folder / MODEL_FILE
+        if not model_file.is_file():
+            raise FileNotFoundError(f"no {MODEL_FILE} in {str(folder)!r}; export one with `llm2vec-fast export`")
+        with open(folder / CONFIG_FILE) as f:
+            config = json.load(f)
+        settings = {k: config[k] for k in CONFIG_KEYS}
+        report = folder / "export_report.json"
+        if report.is_file() and json.loads(report.read_text()).get("status") == "failed":
+            logger.warning("%s failed validation at export time (see export_report.json)", folder)
+        providers = resolve_providers(providers, ort.get_available_providers())
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            threads = num_threads if num_threads is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+            if threads < 0:
+                raise ValueError(f"num_threads must be >= 0, got {threads}")
+            session_options.intra_op_num_threads = threads
+            session_options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(model_file), sess_options=session_options, providers=providers)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        hidden = config.get("hidden_size") or session.get_outputs()[0].shape[-1]
+        return cls(session, tokenizer, settings, config.get("model_id"), hidden, str(folder))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu")
+
+    def onnx_inputs(self, items: Sequence[EncodingInput]) -> dict[str, np.ndarray]:
+        """The graph's int64 inputs for a batch (``pool_mask`` as 0/1 int64)."""
+        batch = self.padded_batch(items)
+        return {name: batch[name].astype(np.int64, copy=False) for name in INPUT_NAMES}
+
+    def _before_encode(self, device) -> None:
+        if device is not None and torch.device(device).type != self.device.type:
+            raise ValueError(
+                f"OnnxEncoder runs on {self.device.type} (providers {self.providers}); choose the device with "
+                f"OnnxEncoder.from_pretrained(..., providers=...), not encode(device=...)"
+            )
+
+    def _embed_batch(self, items: Sequence[EncodingInput]) -> torch.Tensor:
+        feeds = self.onnx_inputs(items)
+        if not self._use_io_binding:
+            return torch.from_numpy(self.session.run([OUTPUT_NAME], feeds)[0])
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(OUTPUT_NAME, self.device.type)
+        self.session.run_with_iobinding(binding)
+        return torch.from_numpy(binding.copy_outputs_to_cpu()[0])

@@ -1,0 +1,39 @@
+"""Export precisions and the fidelity each must keep against the torch fp32 encoder.
+
+An export whose validation falls below its precision's thresholds fails (``ExportValidationError``,
+report ``status: "failed"``). Cosines are between ONNX and torch embeddings of the same inputs;
+the Spearman drop is in points (x100) on the STS-B dev pairs used for validation, and is only
+checked when the torch encoder itself scores at least ``MIN_MEANINGFUL_SPEARMAN`` (a random
+or untrained encoder's Spearman is noise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+MIN_MEANINGFUL_SPEARMAN = 20.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_cos: float
+    mean_cos: float
+    max_spearman_drop: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+THRESHOLDS = {
+    "fp32": Thresholds(min_cos=0.9999, mean_cos=0.99999, max_spearman_drop=0.1),
+    "fp16": Thresholds(min_cos=0.99, mean_cos=0.998, max_spearman_drop=0.5),
+    "int8": Thresholds(min_cos=0.98, mean_cos=0.99, max_spearman_drop=1.0),
+    "int4": Thresholds(min_cos=0.95, mean_cos=0.99, max_spearman_drop=2.0),
+}
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    return precision

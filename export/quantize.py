@@ -1,0 +1,213 @@
+"""Weight quantization of an exported fp32 graph for int8 and int4 (ONNX Runtime ops only).
+
+* **int8 / int4** -- every MatMul with a constant weight becomes an ONNX Runtime ``MatMulNBits``
+  (block-wise weights, block 32 along the input dimension, min-max asymmetric). The offset of
+  each block is kept *unrounded*:
+
+  - 4-bit: as MatMulNBits' floating-point zero points;
+  - 8-bit: the CPU kernel takes only integer zero points, so the block minimum ``lo`` is applied
+    as ``y += blocksum(x) @ lo`` (one extra MatMul 1/32 the size), with zero points 0.
+
+  Unrounded offsets make the quantization exact for weights that already sit on a 2**b-level grid
+  per 32-block (e.g. checkpoints converted from GGUF Q4_0/Q4_1, like the embedded default model),
+  and remove the zero-point rounding error on any other checkpoint.
+* The embedding table (the big ``Gather``) is stored in fp16 for int8 and int4.
+* int8 MatMuls run with int8 activations (``accuracy_level=4``) only where calibration shows
+  it is harmless (``select_int8_compute``); the others compute in fp32 from int8 weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SIZE = 32
+MS_DOMAIN = "com.microsoft"
+MIN_GATHER_ELEMENTS = 1 << 16  # a Gather table this big is the embedding matrix
+
+
+# ---------------------------------------------------------------------------------- int8 / int4
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def quantize_blocks(w: np.ndarray, bits: int, block: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Min-max asymmetric block quantization of ``w`` ``[K, N]`` along K.
+
+    Returns ``q`` ``[N, K/block, block]`` (uint8 levels), ``scale`` and ``lo`` ``[N, K/block]``
+    with ``w[k, n] ~= scale[n, b] * q[n, b, j] + lo[n, b]``.
+    """
+    k, n = w.shape
+    wb = w.T.reshape(n, k // block, block).astype(np.float64)
+    lo = wb.min(axis=2)
+    hi = wb.max(axis=2)
+    levels = (1 << bits) - 1
+    scale = (hi - lo) / levels
+    scale = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.rint((wb - lo[..., None]) / scale[..., None]), 0, levels).astype(np.uint8)
+    return q, scale.astype(np.float32), lo.astype(np.float32)
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return q
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+class _GraphEditor:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = _initializers(model)
+        self.new_inits: list[onnx.TensorProto] = []
+        self.removed: set[str] = set()
+        self.uses: dict[str, int] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.uses[name] = self.uses.get(name, 0) + 1
+        self._blocksums: dict[str, str] = {}
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.new_inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def weight(self, name: str) -> np.ndarray | None:
+        t = self.inits.get(name)
+        if t is None or t.data_type != onnx.TensorProto.FLOAT:
+            return None
+        return numpy_helper.to_array(t)
+
+    def drop_if_unused(self, name: str) -> None:
+        self.uses[name] -= 1
+        if self.uses[name] == 0:
+            self.removed.add(name)
+
+    def blocksum(self, x: str, k: int, block: int, prefix: str, nodes: list) -> str:
+        """``x [..., K] -> [..., K/block]`` block sums, shared by MatMuls with the same input."""
+        key = f"{x}|{block}"
+        if key in self._blocksums:
+            return self._blocksums[key]
+        tag = f"{prefix}/blocksum"
+        shape = f"{tag}/shape"
+        nodes += [
+            helper.make_node("Shape", [x], [f"{tag}/x_shape"], name=f"{tag}/Shape", end=-1),
+            helper.make_node("Concat", [f"{tag}/x_shape", self.const(f"{tag}/blocks", np.array([k // block, block], np.int64))], [shape], name=f"{tag}/Concat", axis=0),
+            helper.make_node("Reshape", [x, shape], [f"{tag}/blocked"], name=f"{tag}/Reshape"),
+            helper.make_node("ReduceSum", [f"{tag}/blocked", self.const(f"{tag}/axis", np.array([-1], np.int64))], [f"{tag}/out"], name=f"{tag}/ReduceSum", keepdims=0),
+        ]
+        self._blocksums[key] = f"{tag}/out"
+        return self._blocksums[key]
+
+    def finish(self) -> onnx.ModelProto:
+        graph = self.model.graph
+        kept = [t for t in graph.initializer if t.name not in self.removed]
+        graph.ClearField("initializer")
+        graph.initializer.extend(kept + self.new_inits)
+        return self.model
+
+
+def quantize_matmuls(model: onnx.ModelProto, bits: int, block: int = BLOCK_SIZE, exclude: set[str] | None = None) -> onnx.ModelProto:
+    """Replace MatMuls with constant 2-D weights by ``MatMulNBits`` (see the module docstring).
+    Nodes in ``exclude`` and weights whose K is not a multiple of ``block`` stay fp32.
+    int8 nodes get ``accuracy_level=0`` (fp32 compute); see :func:`set_int8_compute`."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    exclude = exclude or set()
+    ed = _GraphEditor(model)
+    nodes: list = []
+    for node in model.graph.node:
+        w = ed.weight(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w is None or w.ndim != 2 or w.shape[0] % block or node.name in exclude:
+            nodes.append(node)
+            continue
+        k, n = w.shape
+        q, scale, lo = quantize_blocks(w, bits, block)
+        base = node.name or node.output[0]
+        inputs = [node.input[0], ed.const(f"{base}/Bq", _pack(q, bits)), ed.const(f"{base}/scales", scale.reshape(-1))]
+        attrs = dict(K=k, N=n, bits=bits, block_size=block, accuracy_level=0)
+        if bits == 4:  # floating-point zero points: w = scale * (q - zp), zp = -lo / scale
+            inputs.append(ed.const(f"{base}/zero_points", (-lo / scale).reshape(-1).astype(np.float32)))
+            nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{base}_Q{bits}", domain=MS_DOMAIN, **attrs))
+        else:  # integer zero point 0, and the block minimum as a separate blocksum @ lo term
+            inputs.append(ed.const(f"{base}/zero_points", np.zeros(n * (k // block), np.uint8)))
+            main = f"{base}/scaled"
+            nodes.append(helper.make_node("MatMulNBits", inputs, [main], name=f"{base}_Q{bits}", domain=MS_DOMAIN, **attrs))
+            sums = ed.blocksum(node.input[0], k, block, base, nodes)
+            offset = ed.const(f"{base}/block_min", np.ascontiguousarray(lo.T))
+            nodes += [
+                helper.make_node("MatMul", [sums, offset], [f"{base}/offset"], name=f"{base}/OffsetMatMul"),
+                helper.make_node("Add", [main, f"{base}/offset"], list(node.output), name=f"{base}/OffsetAdd"),
+            ]
+        ed.drop_if_unused(node.input[1])
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    _ensure_ms_opset(model)
+    return ed.finish()
+
+
+def embeddings_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Store large Gather tables (the token embedding) in fp16, cast back to fp32 after the lookup."""
+    ed = _GraphEditor(model)
+    nodes: list = []
+    for node in model.graph.node:
+        table = ed.weight(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or table.size < MIN_GATHER_ELEMENTS or ed.uses[node.input[0]] != 1:
+            nodes.append(node)
+            continue
+        base = node.name or node.output[0]
+        half = ed.const(f"{base}/table_fp16", table.astype(np.float16))
+        gathered = f"{base}/fp16_out"
+        nodes += [
+            helper.make_node("Gather", [half, node.input[1]], [gathered], name=node.name, axis=_axis(node)),
+            helper.make_node("Cast", [gathered], list(node.output), name=f"{base}/CastFp32", to=onnx.TensorProto.FLOAT),
+        ]
+        ed.drop_if_unused(node.input[0])
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    return ed.finish()
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    for a in node.attribute:
+        if a.name == "axis":
+            return a.i
+    return 0
+
+
+def _ensure_ms_opset(model: onnx.ModelProto) -> None:
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+# ------------------------------------------------------------------- int8 compute by sensitivity
+def int8_nodes_by_layer(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """8-bit MatMulNBits node names grouped by decoder layer scope (``/decoder/layers.N/``)."""
+    groups: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and _attr(node, "bits") == 8:
+            m = re.search(r"/layers\.(\d+)/", node.name)
+            groups.setdefault(m.group(0) if m else "other", []).append(node.name)
+    return groups
+
+
+def set_int8_compute(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """Run the 8-bit MatMulNBits nodes in ``names`` with int8 activations (``accuracy_level=4``),
+    the others with fp32 activations (``accuracy_level=0``)."""
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 4 if node.name in names else 0
+    return model
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return None

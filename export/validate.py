@@ -1,0 +1,106 @@
+"""Export validation: the ONNX encoder against the torch encoder at several batch shapes, plus STS-B.
+
+Writes the numbers into ``export_report.json``; :func:`check_report` turns a report that misses
+its precision's thresholds (``precisions.THRESHOLDS``) into an :class:`ExportValidationError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .calibrate import cosine_rows
+from .precisions import MIN_MEANINGFUL_SPEARMAN, THRESHOLDS
+
+logger = logging.getLogger(__name__)
+
+_LONG = (
+    "The committee met on Tuesday to review the proposal for the new public library, which would replace the "
+    "old building on the main square. After a long debate about costs, parking, opening hours and the future of "
+    "the historic facade, the members agreed to ask the architects for a cheaper design and to hold a public "
+    "consultation before the summer, so that residents can comment on the plans and suggest changes."
+)
+# (batch_size, inputs): batch 1 short and long, mixed padding, and instructions (attended, not pooled).
+VALIDATION_CASES = (
+    (1, ["Hello world."]),
+    (1, [_LONG]),
+    (4, ["A man is playing a guitar.", _LONG[:200], "Dogs run.", "The stock market fell sharply on Monday morning."]),
+    (
+        8,
+        [
+            ["Retrieve a passage that answers the question", "How do plants make food?"],
+            "Photosynthesis converts light into chemical energy.",
+            ["Represent the sentence for clustering", "A woman slices an onion."],
+            "x",
+            _LONG[:120],
+            ["Given a claim, find documents that refute it", "The moon is made of cheese."],
+            "Two kids play football in the park while their parents watch from a bench.",
+            "",
+        ],
+    ),
+)
+
+
+class ExportValidationError(RuntimeError):
+    """The exported graph does not reproduce the torch encoder closely enough."""
+
+
+@dataclass
+class ValidationConfig:
+    """What ``export_onnx(validate=...)`` checks. ``stsb_pairs=0`` skips STS-B."""
+
+    stsb_pairs: int = 200
+    stsb_split: str = "dev"
+    stsb_data_dir: str | None = None
+    num_threads: int | None = None
+    providers: object = None
+
+
+def compare(torch_encoder, onnx_encoder) -> dict:
+    """Cosine / max-abs error of ONNX vs torch embeddings over ``VALIDATION_CASES``."""
+    cosines, max_abs, shapes = [], 0.0, []
+    for batch_size, inputs in VALIDATION_CASES:
+        ref = np.asarray(torch_encoder.encode(inputs, batch_size=batch_size, convert_to_numpy=True))
+        out = np.asarray(onnx_encoder.encode(inputs, batch_size=batch_size, convert_to_numpy=True))
+        if not np.isfinite(out).all():
+            cosines.append(np.zeros(len(inputs)))
+            max_abs = float("inf")
+        else:
+            cosines.append(cosine_rows(out, ref))
+            max_abs = max(max_abs, float(np.abs(out - ref).max()))
+        lengths = sorted((len(x.input_ids) for x in torch_encoder.tokenize(inputs)), reverse=True)
+        shapes.append([batch_size, lengths[0]] if batch_size == 1 else [min(batch_size, len(inputs)), lengths[0]])
+    c = np.concatenate(cosines)
+    return {"shapes": shapes, "min_cos": float(c.min()), "mean_cos": float(c.mean()), "max_abs_err": max_abs}
+
+
+def stsb_scores(torch_encoder, onnx_encoder, config: ValidationConfig) -> dict:
+    if config.stsb_pairs <= 0:
+        return {"stsb": None}
+    from ..stsb import stsb_spearman
+
+    try:
+        ref = stsb_spearman(torch_encoder, config.stsb_split, config.stsb_pairs, config.stsb_data_dir)
+        got = stsb_spearman(onnx_encoder, config.stsb_split, config.stsb_pairs, config.stsb_data_dir)
+    except FileNotFoundError as err:
+        logger.warning("skipping the STS-B check: %s", err)
+        return {"stsb": None, "stsb_skipped": str(err)}
+    return {"stsb": {"split": config.stsb_split, "pairs": config.stsb_pairs, "spearman_torch": ref, "spearman_onnx": got}}
+
+
+def check_report(report: dict) -> list[str]:
+    """Reasons the report misses its precision's thresholds (empty = OK)."""
+    t = THRESHOLDS[report["precision"]]
+    failures = []
+    if not report["min_cos"] >= t.min_cos:
+        failures.append(f"min cosine {report['min_cos']:.5f} < {t.min_cos}")
+    if not report["mean_cos"] >= t.mean_cos:
+        failures.append(f"mean cosine {report['mean_cos']:.5f} < {t.mean_cos}")
+    s = report.get("stsb")
+    if s and s["spearman_torch"] >= MIN_MEANINGFUL_SPEARMAN:
+        drop = s["spearman_torch"] - s["spearman_onnx"]
+        if drop > t.max_spearman_drop:
+            failures.append(f"STS-B Spearman drop {drop:.2f} > {t.max_spearman_drop} points")
+    return failures

@@ -1,0 +1,89 @@
+"""The ``nn.Module`` that is exported to ONNX: token batch in, pooled sentence embedding out.
+
+Graph contract (all batch and sequence axes dynamic):
+
+* inputs ``input_ids`` ``[B, L]`` int64, ``attention_mask`` ``[B, L]`` int64 (1 = real token,
+  right padding), ``pool_mask`` ``[B, L]`` int64 (1 = pool this token; instruction tokens are
+  attended to but have 0 here);
+* output ``sentence_embedding`` ``[B, hidden]`` float32.
+
+Position ids are computed inside the graph (``cumsum(attention_mask) - 1``, clamped at 0), so a
+right-padded batch gets the same per-sequence positions as the torch encoder. Attention is
+bidirectional: the 4D additive padding mask is built here, with a constant that is finite in
+fp16 (a row without real keys gets a uniform softmax instead of NaN). Pooling is
+``masked_pool_reference`` itself, in fp32.
+
+For fp16 the decoder is exported from an fp16 copy: the transformers modelling code already
+computes RMSNorm, the attention softmax and the rotary tables in fp32, and pooling is fp32 here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from ..bidirectional import decoder_of
+from ..encoding import KERNEL_POOLING_MODE
+from ..kernels.pooling_reference import masked_pool_reference
+
+INPUT_NAMES = ("input_ids", "attention_mask", "pool_mask")
+OUTPUT_NAME = "sentence_embedding"  # not "embedding": that collides with a node name of the exported graph
+# Additive attention-mask value: half the fp16 minimum, so it stays finite (and ``score + MASK``
+# cannot round to -inf) after fp16 conversion. exp(MASK - max) is exactly 0 in fp32 and fp16.
+MASK_VALUE = torch.finfo(torch.float16).min / 2
+
+
+class NotExportableError(TypeError):
+    """The object given to the exporter is not an exportable LLM2Vec encoder."""
+
+
+class EncoderGraph(nn.Module):
+    """Bidirectional decoder + masked pooling of an :class:`~llm2vec_fast.LLM2Vec` encoder."""
+
+    def __init__(self, encoder, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        from ..encoder import LLM2Vec
+
+        if not isinstance(encoder, LLM2Vec):
+            raise NotExportableError(f"export_onnx needs an llm2vec_fast.LLM2Vec encoder, got {type(encoder).__name__}")
+        model = encoder.model
+        if hasattr(model, "merge_and_unload"):
+            raise NotExportableError(
+                "the encoder holds unmerged LoRA adapters; load it with merge_peft=True (or merge them) before exporting"
+            )
+        self.decoder = decoder_of(model)
+        if not (hasattr(self.decoder, "layers") and hasattr(self.decoder, "embed_tokens")):
+            raise NotExportableError(f"cannot find the decoder stack inside {type(model).__name__}")
+        if dtype is not None and dtype != self.decoder.embed_tokens.weight.dtype:
+            # a converted copy: the caller's encoder keeps its weights (and its bidirectional hook)
+            self.decoder = copy.deepcopy(self.decoder).to(dtype)
+        self.pool_mode = KERNEL_POOLING_MODE[encoder.pooling_mode]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+        position_ids = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)
+        keep = attention_mask[:, None, None, :] > 0
+        dtype = self.decoder.embed_tokens.weight.dtype
+        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, MASK_VALUE)
+        hidden = self.decoder(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return masked_pool_reference(hidden.float(), pool_mask, self.pool_mode)
+
+
+@contextlib.contextmanager
+def eager_attention(decoder: nn.Module):
+    """Run ``decoder`` with the eager attention implementation (plain MatMul/Softmax nodes whose
+    names carry the module path, which the fp16 conversion uses), restoring it afterwards."""
+    configs = {id(m.config): m.config for m in decoder.modules() if hasattr(m, "config")}
+    configs[id(decoder.config)] = decoder.config
+    saved = {k: getattr(c, "_attn_implementation", None) for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]

@@ -1,0 +1,44 @@
+"""``llm2vec-fast export``: write an encoder as a validated ONNX folder (fp32, fp16, int8, int4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    from ..export.precisions import PRECISIONS
+
+    p = sub.add_parser(
+        "export",
+        help="export an encoder to ONNX",
+        description="Export an encoder to a self-contained ONNX folder (model, tokenizer, llm2vec_config.json, "
+        "export_report.json), validated against the torch encoder.",
+    )
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--peft", action="append", default=None, metavar="ADAPTER", help="LoRA adapter folder (repeat to chain); merged before export")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, fp16 (GPU), int8 (CPU) or int4 (weight-only)")
+    p.add_argument("--output", "-o", type=Path, required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--no-validate", action="store_true", help="skip the comparison with the torch encoder")
+    p.add_argument("--stsb-pairs", type=int, default=200, help="STS-B dev pairs scored during validation (0 = skip)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..encoder import LLM2Vec
+    from ..export import ValidationConfig, export_onnx
+
+    if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"output folder {str(args.output)!r} is not empty; pass --overwrite")
+    encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=True, dtype="float32", device="cpu")
+    validate = False if args.no_validate else ValidationConfig(stsb_pairs=args.stsb_pairs)
+    out = export_onnx(encoder, args.output, precision=args.precision, opset=args.opset, validate=validate, overwrite=args.overwrite)
+    report = json.loads((out / "export_report.json").read_text())
+    summary = {k: report.get(k) for k in ("precision", "status", "file_size_bytes", "min_cos", "mean_cos", "max_abs_err")}
+    print(json.dumps(summary), file=sys.stderr)
+    print(out)
+    return 0
