@@ -1,0 +1,259 @@
+"""ONNX export (fp32/fp16/int8/int4), the OnnxEncoder and the export CLI.
+
+Fast tests use a tiny random Llama (hidden 64, 2 layers) with the SmolLM2 tokenizer; the
+default-model exports are ``slow`` (``--runslow``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from llm2vec_fast import LLM2Vec  # noqa: E402
+from llm2vec_fast.export import (  # noqa: E402
+    PRECISIONS,
+    ExportValidationError,
+    NotExportableError,
+    OnnxEncoder,
+    ValidationConfig,
+    export_onnx,
+)
+from llm2vec_fast.export import exporter as exporter_module  # noqa: E402
+from llm2vec_fast.export.calibrate import cosine_rows  # noqa: E402
+
+NO_STSB = ValidationConfig(stsb_pairs=0)
+TEXTS = [
+    "A man is playing a guitar.",
+    ["Retrieve a passage that answers the question", "How do plants make food?"],
+    "x",
+    "The committee met on Tuesday to review the proposal for the new public library on the main square.",
+    "Dogs run.",
+]
+# fidelity of the tiny *random* model (random weights are harder to quantize than trained ones)
+TINY_MIN_COS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99, "int4": 0.95}
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_llama_dir):
+    return LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tiny_encoder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx-tiny")
+    return {p: export_onnx(tiny_encoder, root / p, precision=p, validate=NO_STSB) for p in PRECISIONS}
+
+
+def _inputs(encoder, texts):
+    batch = encoder.padded_batch(encoder.tokenize(texts))
+    return {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask", "pool_mask")}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_export_matches_torch_at_several_shapes(tiny_encoder, tiny_exports, precision):
+    folder = tiny_exports[precision]
+    report = json.loads((folder / "export_report.json").read_text())
+    assert report["status"] == "ok" and report["precision"] == precision
+    assert report["min_cos"] >= report["thresholds"]["min_cos"]
+    assert {"mean_cos", "max_abs_err", "file_size_bytes", "shapes"} <= report.keys()
+    encoder = OnnxEncoder.from_pretrained(folder, num_threads=2)
+    for batch_size in (1, 2, 5):
+        got = encoder.encode(TEXTS, batch_size=batch_size, convert_to_numpy=True)
+        ref = tiny_encoder.encode(TEXTS, batch_size=batch_size, convert_to_numpy=True)
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert cosine_rows(got, ref).min() >= TINY_MIN_COS[precision]
+
+
+def test_folder_is_self_contained(tiny_encoder, tiny_exports):
+    folder = tiny_exports["fp32"]
+    config = json.loads((folder / "llm2vec_config.json").read_text())
+    assert config["pooling_mode"] == tiny_encoder.pooling_mode and "model_id" in config
+    assert config["onnx"]["precision"] == "fp32"
+    assert (folder / "tokenizer.json").is_file()
+    model = onnx.load(str(folder / "model.onnx"))
+    onnx.checker.check_model(model)
+    inputs = {i.name: i for i in model.graph.input}
+    assert list(inputs) == ["input_ids", "attention_mask", "pool_mask"]
+    for value in inputs.values():
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert [d.dim_param for d in value.type.tensor_type.shape.dim] == ["batch", "sequence"]
+    (out,) = model.graph.output
+    assert out.name == "sentence_embedding" and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_int_precisions_use_matmulnbits_and_shrink(tiny_exports):
+    sizes = {p: json.loads((tiny_exports[p] / "export_report.json").read_text())["file_size_bytes"] for p in PRECISIONS}
+    # the tiny model is mostly its fp16-stored 49152x64 embedding; the 0.35x target is checked on
+    # the default model (test_default_model_exports)
+    assert sizes["int4"] < 0.55 * sizes["fp32"]
+    assert sizes["fp16"] < 0.6 * sizes["fp32"]
+    for p in ("int8", "int4"):
+        ops = {n.op_type for n in onnx.load(str(tiny_exports[p] / "model.onnx")).graph.node}
+        assert "MatMulNBits" in ops or p == "int8"  # int8 may keep every layer fp32 if calibration says so
+
+
+def test_graph_is_bidirectional(tiny_encoder, tiny_exports):
+    """Pooling only the first token, changing the last token must change the embedding."""
+    session = ort.InferenceSession(str(tiny_exports["fp32"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[100, 200, 300, 400], [100, 200, 300, 999]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    pool = np.zeros_like(ids)
+    pool[:, 0] = 1
+    (out,) = session.run(None, {"input_ids": ids, "attention_mask": mask, "pool_mask": pool})
+    assert np.abs(out[0] - out[1]).max() > 1e-4
+    with torch.no_grad():
+        ref = tiny_encoder({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), "pool_mask": torch.from_numpy(pool)})
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-4)
+
+
+def test_padding_and_positions_per_sequence(tiny_exports):
+    """A right-padded row gives the same embedding as the row alone."""
+    session = ort.InferenceSession(str(tiny_exports["fp32"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[5, 6, 7, 8, 9], [5, 6, 7, 2, 2]], dtype=np.int64)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=np.int64)
+    (batch,) = session.run(None, {"input_ids": ids, "attention_mask": mask, "pool_mask": mask})
+    (alone,) = session.run(None, {"input_ids": ids[1:, :3], "attention_mask": mask[1:, :3], "pool_mask": mask[1:, :3]})
+    np.testing.assert_allclose(batch[1], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_fully_padded_row_is_finite(tiny_exports, precision):
+    session = ort.InferenceSession(str(tiny_exports[precision] / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[5, 6, 7], [2, 2, 2]], dtype=np.int64)
+    mask = np.array([[1, 1, 1], [0, 0, 0]], dtype=np.int64)
+    (out,) = session.run(None, {"input_ids": ids, "attention_mask": mask, "pool_mask": mask})
+    assert np.isfinite(out).all()
+    assert not out[1].any()  # nothing pooled -> zeros, as masked_pool_reference
+    (pooled,) = session.run(None, {"input_ids": ids, "attention_mask": mask, "pool_mask": np.ones_like(mask)})
+    assert np.isfinite(pooled).all()
+
+
+@pytest.mark.parametrize("pooling", ["weighted_mean", "last_token", "eos_token", "bos_token"])
+def test_pooling_modes(tiny_llama_dir, tmp_path, pooling):
+    encoder = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", pooling_mode=pooling)
+    folder = export_onnx(encoder, tmp_path / "m", validate=NO_STSB)
+    onnx_encoder = OnnxEncoder.from_pretrained(folder)
+    assert onnx_encoder.pooling_mode == pooling
+    got = onnx_encoder.encode(TEXTS, batch_size=3, convert_to_numpy=True)
+    np.testing.assert_allclose(got, encoder.encode(TEXTS, batch_size=3, convert_to_numpy=True), atol=2e-4)
+
+
+def test_encode_api_matches_llm2vec(tiny_encoder, tiny_exports):
+    encoder = OnnxEncoder.from_pretrained(tiny_exports["fp32"])
+    single = encoder.encode("Hello world.")
+    assert isinstance(single, torch.Tensor) and single.shape == (tiny_encoder.hidden_size,)
+    normed = encoder.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(np.linalg.norm(normed, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="empty"):
+        encoder.encode([])
+    with pytest.raises(TypeError):
+        encoder.encode([1, 2])
+    with pytest.raises(ValueError, match="batch_size"):
+        encoder.encode(TEXTS, batch_size=0)
+
+
+def test_missing_provider_is_explained(tiny_exports):
+    with pytest.raises(ValueError, match=r"CUDAExecutionProvider.*available providers.*onnx-gpu"):
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            raise ValueError("CUDAExecutionProvider available providers onnx-gpu")  # pragma: no cover
+        OnnxEncoder.from_pretrained(tiny_exports["fp32"], providers="cuda")
+    with pytest.raises(ValueError, match="NoSuchExecutionProvider"):
+        OnnxEncoder.from_pretrained(tiny_exports["fp32"], providers=["NoSuchExecutionProvider"])
+
+
+def test_bad_inputs_are_rejected(tiny_encoder, tiny_exports, tmp_path):
+    with pytest.raises(ValueError, match="unknown precision"):
+        export_onnx(tiny_encoder, tmp_path / "a", precision="int3")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_onnx(tiny_encoder, tiny_exports["fp32"], validate=False)
+    with pytest.raises(NotExportableError):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "b")
+    assert isinstance(NotExportableError("x"), TypeError)
+    stranger = tmp_path / "not-an-export"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="does not look like"):
+        export_onnx(tiny_encoder, stranger, overwrite=True, validate=False)
+    assert (stranger / "notes.txt").read_text() == "keep me"
+    with pytest.raises(FileNotFoundError):
+        OnnxEncoder.from_pretrained(tmp_path / "missing")
+
+
+def test_non_fp32_encoder_is_rejected(tiny_llama_dir, tmp_path):
+    encoder = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="fp32"):
+        export_onnx(encoder, tmp_path / "m")
+
+
+def test_overwrite_and_external_data(tiny_encoder, tmp_path, monkeypatch):
+    folder = export_onnx(tiny_encoder, tmp_path / "m", validate=False)
+    assert json.loads((folder / "export_report.json").read_text())["status"] == "not validated"
+    monkeypatch.setattr(exporter_module, "EXTERNAL_DATA_BYTES", 1)  # pretend the model is over 2 GB
+    folder = export_onnx(tiny_encoder, folder, overwrite=True, validate=NO_STSB)
+    assert (folder / "model.onnx.data").is_file()
+    assert (folder / "model.onnx").stat().st_size < (folder / "model.onnx.data").stat().st_size
+    got = OnnxEncoder.from_pretrained(folder).encode(TEXTS, convert_to_numpy=True)
+    np.testing.assert_allclose(got, tiny_encoder.encode(TEXTS, convert_to_numpy=True), atol=2e-4)
+
+
+def test_failed_validation_raises_and_reports(tiny_encoder, tmp_path, monkeypatch):
+    from llm2vec_fast.export import precisions, validate
+
+    strict = dict(precisions.THRESHOLDS, fp32=precisions.Thresholds(min_cos=1.5, mean_cos=1.5, max_spearman_drop=0.0))
+    monkeypatch.setattr(validate, "THRESHOLDS", strict)
+    monkeypatch.setattr(exporter_module, "THRESHOLDS", strict)
+    with pytest.raises(ExportValidationError, match="fidelity"):
+        export_onnx(tiny_encoder, tmp_path / "m", validate=NO_STSB)
+    report = json.loads((tmp_path / "m" / "export_report.json").read_text())
+    assert report["status"] == "failed" and report["failures"]
+
+
+def test_cli_export(tiny_llama_dir, tmp_path, capsys):
+    from llm2vec_fast.cli import main
+
+    out = tmp_path / "cli"
+    args = ["export", "--model", tiny_llama_dir, "--precision", "int4", "--output", str(out), "--stsb-pairs", "0"]
+    assert main(args) == 0
+    assert json.loads((out / "export_report.json").read_text())["status"] == "ok"
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_not_importable_as_top_level_export():
+    import importlib.util
+
+    spec = importlib.util.find_spec("export")
+    assert spec is None or "llm2vec" not in str(spec.origin or "")
+
+
+# ------------------------------------------------------------------------------ default model
+@pytest.fixture(scope="module")
+def default_exports(default_encoder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx-default")
+    return {p: export_onnx(default_encoder, root / p, precision=p, validate=ValidationConfig(stsb_pairs=50)) for p in PRECISIONS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_default_model_exports(default_encoder, default_exports, precision):
+    from llm2vec_fast.stsb import load_stsb
+
+    folder = default_exports[precision]
+    report = json.loads((folder / "export_report.json").read_text())
+    assert report["status"] == "ok"
+    pairs = load_stsb("test")[:100]  # text the calibration (train) and validation (dev) never saw
+    texts = [a for a, _, _ in pairs] + [b for _, b, _ in pairs]
+    got = OnnxEncoder.from_pretrained(folder, num_threads=2).encode(texts, convert_to_numpy=True)
+    cos = cosine_rows(got, default_encoder.encode(texts, convert_to_numpy=True))
+    target_min = {"fp32": 0.9999, "fp16": 0.99, "int8": 0.98, "int4": 0.95}[precision]
+    assert cos.mean() >= 0.99 and cos.min() >= target_min
+    if precision == "int4":
+        fp32_size = json.loads((default_exports["fp32"] / "export_report.json").read_text())["file_size_bytes"]
+        assert report["file_size_bytes"] <= 0.35 * fp32_size
