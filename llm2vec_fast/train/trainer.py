@@ -52,10 +52,14 @@ def init_distributed(device: torch.device) -> bool:
 
 def pick_device(config: TrainConfig) -> torch.device:
     if config.device:
-        return torch.device(config.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+        device = torch.device(config.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # NCCL and the Triton kernels use the current device
+    return device
 
 
 # ----------------------------------------------------------------------------- the model
