@@ -128,8 +128,10 @@ def _ddp_worker(rank, world, port, model_dir, tmp, out):
 
         from llm2vec_fast.train.data import rank_slice
 
+        rank_dir = Path(tmp) / f"rank{rank}"  # each rank writes its own (identical) data file: no read/write race
+        rank_dir.mkdir(exist_ok=True)
         for gradcache in (False, True):
-            stage, schedule = _stage(model_dir, Path(tmp), gradcache=gradcache, gradcache_chunk_size=2)
+            stage, schedule = _stage(model_dir, rank_dir, gradcache=gradcache, gradcache_chunk_size=2)
             loss, _ = stage.step(rank_slice(schedule.batch(0), rank, world))
             reduced = loss.detach().clone()
             dist.all_reduce(reduced)
