@@ -16,14 +16,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .bidirectional import decoder_of, is_bidirectional
+from .bidirectional import is_bidirectional
 from .bidirectional import enable_bidirectional as make_bidirectional
 from .kernels import masked_pool, masked_pool_varlen
 from .loading import apply_adapters, load_base_model, resolve_model_path
 from .encoding import CONFIG_KEYS, KERNEL_POOLING_MODE, POOLING_MODES, EncodeMixin, check_encoder_settings
 from .packing import DEFAULT_MAX_TOKENS_PER_BATCH, pack, token_budget_batches
 from .prompting import EncodingInput
-from .varlen_attention import current_backend, packed_attention
+from .varlen_attention import current_backend, packed_hidden_states
 
 logger = logging.getLogger(__name__)
 
@@ -171,20 +171,9 @@ class LLM2Vec(EncodeMixin, nn.Module):
 
     def forward_packed(self, features: dict) -> torch.Tensor:
         """Embeddings ``[B, hidden]`` of a packed batch: varlen attention, varlen pooling (differentiable)."""
-        if not is_bidirectional(self.model):
-            raise ValueError("the packed path needs a bidirectional model (enable_bidirectional=True)")
-        cu_seqlens, max_seqlen = features["cu_seqlens"], features["max_seqlen"]
-        with packed_attention(decoder_of(self.model)):
-            out = self.model(
-                input_ids=features["input_ids"],
-                position_ids=features["position_ids"],
-                cu_seq_lens_q=cu_seqlens,
-                cu_seq_lens_k=cu_seqlens,
-                max_length_q=max_seqlen,
-                max_length_k=max_seqlen,
-            )
+        hidden = packed_hidden_states(self.model, self.model, features)
         mode = KERNEL_POOLING_MODE[self.pooling_mode]
-        return masked_pool_varlen(out.last_hidden_state[0], cu_seqlens, features["pool_mask"], mode, backend=current_backend())
+        return masked_pool_varlen(hidden, features["cu_seqlens"], features["pool_mask"], mode, backend=current_backend())
 
     def _batches(self, items: list[EncodingInput], batch_size: int) -> list[list[int]]:
         if self.use_packed:

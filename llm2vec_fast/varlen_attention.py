@@ -100,6 +100,27 @@ def register() -> str:
     return ATTN_IMPLEMENTATION
 
 
+def packed_hidden_states(net: nn.Module, model: nn.Module, features: dict) -> torch.Tensor:
+    """Last hidden states ``[T, D]`` of a packed batch (:func:`llm2vec_fast.packing.pack`) run
+    through ``net`` (``model`` itself, or a peft / DDP wrapper of it) with the varlen attention
+    switched on for ``model``'s decoder. ``model`` must be bidirectional."""
+    from .bidirectional import decoder_of, is_bidirectional
+
+    if not is_bidirectional(model):
+        raise ValueError("the packed path needs a bidirectional model (enable_bidirectional=True)")
+    cu_seqlens, max_seqlen = features["cu_seqlens"], features["max_seqlen"]
+    with packed_attention(decoder_of(model)):
+        out = net(
+            input_ids=features["input_ids"],
+            position_ids=features["position_ids"],
+            cu_seq_lens_q=cu_seqlens,
+            cu_seq_lens_k=cu_seqlens,
+            max_length_q=max_seqlen,
+            max_length_k=max_seqlen,
+        )
+    return out.last_hidden_state[0]
+
+
 @contextlib.contextmanager
 def packed_attention(decoder: nn.Module) -> Iterator[None]:
     """Switch ``decoder`` (and its sub-configs) to the varlen attention inside the block."""

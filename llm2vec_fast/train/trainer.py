@@ -110,22 +110,10 @@ def packed_forward(net: nn.Module, model: nn.Module, features: dict, device: tor
     """Last hidden states ``[T, D]`` of a packed batch (:func:`llm2vec_fast.packing.pack`) through
     ``net`` (the peft model or its DDP wrapper) with the varlen attention switched on for ``model``'s
     decoder. The model must be bidirectional."""
-    from ..bidirectional import decoder_of, is_bidirectional
-    from ..varlen_attention import packed_attention
+    from ..varlen_attention import packed_hidden_states
 
-    if not is_bidirectional(model):
-        raise ValueError("packed training batches need a bidirectional model")
-    cu, max_len = features["cu_seqlens"], features["max_seqlen"]
-    with packed_attention(decoder_of(model)), autocast(device):
-        out = net(
-            input_ids=features["input_ids"],
-            position_ids=features["position_ids"],
-            cu_seq_lens_q=cu,
-            cu_seq_lens_k=cu,
-            max_length_q=max_len,
-            max_length_k=max_len,
-        )
-    return out.last_hidden_state[0]
+    with autocast(device):
+        return packed_hidden_states(net, model, features)
 
 
 def resolve_base(config: TrainConfig) -> str:
