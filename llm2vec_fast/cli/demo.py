@@ -39,4 +39,9 @@ def run(args: argparse.Namespace) -> int:
     print("     " + "".join(f"{j:>7}" for j in range(len(EXAMPLES))))
     for i, row in enumerate(sim):
         print(f"[{i}]  " + "".join(f"{v:7.3f}" for v in row))
+    if not args.peft:
+        print(
+            "\nnote: this base model has no LLM2Vec training yet (bidirectional attention alone lowers quality);"
+            "\ntrain adapters with `llm2vec-fast train mntp|simcse` and pass them with --peft."
+        )
     return 0
