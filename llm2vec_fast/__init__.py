@@ -4,11 +4,13 @@ from .bidirectional import UnsupportedArchitectureError, enable_bidirectional
 from .default_model import DefaultModelMissingError, default_model_path
 from .encoder import LLM2Vec
 from .encoding import POOLING_MODES
+from .dataset import encode_dataset
 
 __version__ = "0.1.0"
 __all__ = [
     "LLM2Vec",
     "POOLING_MODES",
+    "encode_dataset",
     "enable_bidirectional",
     "default_model_path",
     "DefaultModelMissingError",

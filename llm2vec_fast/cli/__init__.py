@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "eval": "eval",
     "profile": "profile",
     "export": "export",
+    "encode-dataset": "encode_dataset",
 }
 
 

@@ -17,11 +17,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bidirectional", action="store_true", help="keep the causal mask (plain decoder)")
 
 
-def load_encoder(args: argparse.Namespace):
-    from ..encoder import LLM2Vec
-
-    return LLM2Vec.from_pretrained(
-        args.model,
+def encoder_kwargs(args: argparse.Namespace) -> dict:
+    """``LLM2Vec.from_pretrained`` keyword arguments (all but the model path) from the model options."""
+    return dict(
         peft_model_name_or_path=args.peft,
         pooling_mode=args.pooling,
         max_length=args.max_length,
@@ -29,3 +27,9 @@ def load_encoder(args: argparse.Namespace):
         dtype=args.dtype,
         device=args.device,
     )
+
+
+def load_encoder(args: argparse.Namespace):
+    from ..encoder import LLM2Vec
+
+    return LLM2Vec.from_pretrained(args.model, **encoder_kwargs(args))

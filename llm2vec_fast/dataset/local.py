@@ -1,0 +1,84 @@
+"""The local engine: one process, or one process per rank under ``torchrun`` (each with its GPU,
+``LOCAL_RANK``). Multi-node works through torchrun's rendezvous; the output folder must be shared."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .chunk_worker import ChunkWorker, JobOptions
+from .coordination import LocalCoordinator, StoreCoordinator, distributed_env
+from .job import finish_job, make_settings, quiet_logs, start_job
+from .plan import Plan, make_plan
+from .progress import Progress
+from .settings import encoder_settings, model_path
+
+_calls = itertools.count()  # each call of a torchrun job gets its own keys in the store
+
+
+def run_local(
+    paths: list[Path],
+    out_dir: Path,
+    options: JobOptions,
+    *,
+    load_encoder: Callable[[int], object],
+    chunk_rows: int,
+    on_bad_row: str,
+    input_format: str | None,
+    overwrite: bool,
+    show_progress_bar: bool,
+) -> dict:
+    t0 = time.perf_counter()
+    rank, world, local_rank = distributed_env()
+    call = next(_calls)
+    coord = StoreCoordinator(rank, world, prefix=f"llm2vec_fast.encode_dataset.{call}") if world > 1 else LocalCoordinator()
+    if coord.rank != 0:
+        quiet_logs()
+    progress = None
+    try:
+        plan = Plan.from_json(coord.share("plan", lambda: make_plan(paths, options.fields, chunk_rows, on_bad_row, input_format).to_json()))
+        t_plan = time.perf_counter() - t0
+        encoder = load_encoder(local_rank)
+        t_load = time.perf_counter() - t0 - t_plan
+        info = encoder_settings(encoder)
+        settings = make_settings(info, plan, options, on_bad_row, input_format)
+        job = coord.share("start", lambda: {
+            "pending": start_job(out_dir, plan, settings, model_path(encoder), "local" if world == 1 else "torchrun", overwrite),
+            "model": info,
+        })
+        if job["model"] != info:
+            raise RuntimeError(f"rank {coord.rank} loaded another model than rank 0 ({job['model']} != {info})")
+        pending = job["pending"]
+        sizes = _pending_rows(plan, pending)
+        progress = Progress(sum(sizes), enabled=show_progress_bar and coord.rank == 0)
+
+        def on_progress(rows: int, tokens: int) -> None:
+            total_rows, total_tokens = coord.add("rows", rows), coord.add("tokens", tokens)
+            if progress is not None:
+                progress.set(total_rows, total_tokens)
+
+        worker = ChunkWorker(encoder, plan, options, out_dir)
+        while (i := coord.add("next", 1) - 1) < len(pending):
+            worker.run(pending[i], on_progress)
+        coord.finish(on_wait=lambda: progress.set(coord.add("rows", 0), coord.add("tokens", 0)))
+        if coord.rank == 0:
+            manifest = finish_job(out_dir, plan, {"total": time.perf_counter() - t0, "plan": t_plan, "load_model": t_load}, world)
+            coord.publish_result(manifest)
+            return manifest
+        return coord.wait_result()
+    except BaseException as err:
+        coord.fail(f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        coord.close()
+
+
+def _pending_rows(plan: Plan, pending: list[int]) -> list[int]:
+    from .job import expected_rows
+
+    rows = expected_rows(plan)
+    return [rows(c) for c in pending]

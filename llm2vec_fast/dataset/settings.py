@@ -1,0 +1,63 @@
+"""The settings that decide a job's output: a rerun must match them to resume.
+
+Encoder settings include a fingerprint of the weights (so a different checkpoint, adapter or
+dtype is caught even from the same path); engine, rank count, device and batch size are left out,
+so a job may resume with another engine or number of GPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from ..bidirectional import is_bidirectional
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of every parameter's name, shape, dtype and float64 sum of absolute values
+    (rounded, so the same weights give the same fingerprint on CPU and GPU)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            total = float(p.detach().abs().sum(dtype=torch.float64))
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{total:.9g};".encode())
+    return h.hexdigest()[:16]
+
+
+def encoder_settings(encoder) -> dict:
+    """What about the encoder changes the embeddings."""
+    model = encoder.model
+    return {
+        "weights": weights_fingerprint(model),
+        "dimension": int(encoder.hidden_size),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "pooling_mode": encoder.pooling_mode,
+        "max_length": encoder.max_length,
+        "doc_max_length": encoder.doc_max_length,
+        "skip_instruction": encoder.skip_instruction,
+        "model_id": encoder.model_id,
+        "bidirectional": bool(is_bidirectional(model)),
+    }
+
+
+def model_path(encoder) -> str | None:
+    """Where the weights came from (recorded in the manifest, not compared)."""
+    return getattr(encoder.model.config, "_name_or_path", None) or None
+
+
+def job_settings(encoder_info: dict, plan, options, on_bad_row: str, input_format: str | None) -> dict:
+    fields = options.fields
+    return {
+        "model": encoder_info,
+        "text_field": fields.text,
+        "id_field": fields.id,
+        "instruction_field": fields.instruction,
+        "instruction": options.instruction,
+        "chunk_rows": plan.chunk_rows,
+        "dtype_out": options.dtype_out,
+        "on_bad_row": on_bad_row,
+        "input_format": input_format,
+        "inputs": [{"path": os.path.abspath(f.path), "rows": f.rows, "bytes": f.bytes} for f in plan.files],
+    }

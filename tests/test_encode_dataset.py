@@ -1,0 +1,316 @@
+"""``encode_dataset`` in one process with a tiny random model: every input format, globs, id and
+instruction fields, bad rows under both policies, malformed files, resume after a failure on the
+k-th chunk, refused reruns, overwrite, float16 output, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llm2vec_fast import LLM2Vec, encode_dataset
+from llm2vec_fast.cli import main as cli_main
+from llm2vec_fast.dataset import BadRowError, MalformedInputError, SettingsMismatchError, read_embeddings
+from llm2vec_fast.dataset import chunk_worker
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven bright stars glow above quiet hills".split()
+
+
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 25)))) + f" #{i}" for i in range(n)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
+
+
+def encode_ref(encoder, inputs) -> np.ndarray:
+    return encoder.encode(inputs, batch_size=8, convert_to_numpy=True)
+
+
+def assert_same_embeddings(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() >= 0.99999, cos.min()
+
+
+def run(tmp_path, inputs, tiny, name="out", **kw):
+    kw.setdefault("chunk_rows", 16)
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("show_progress_bar", False)
+    return encode_dataset(inputs, tmp_path / name, encoder=tiny, **kw)
+
+
+# ------------------------------------------------------------------------------------- formats
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv", "tsv", "text"])
+def test_every_format_equals_encode(tmp_path, tiny, fmt):
+    texts = make_texts(53)
+    texts[3] = 'with "quotes", commas, and a tab-free \\ backslash'
+    if fmt == "csv":
+        texts[5] = "a text\nover two lines"  # quoted newline inside a CSV value
+    path = tmp_path / f"data.{ 'txt' if fmt == 'text' else fmt}"
+    if fmt == "jsonl":
+        write_jsonl(path, [{"text": t, "other": i} for i, t in enumerate(texts)])
+    elif fmt == "parquet":
+        pq.write_table(pa.table({"other": list(range(len(texts))), "text": texts}), path, row_group_size=10)
+    elif fmt == "csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["other", "text"])
+            w.writerows([[i, t] for i, t in enumerate(texts)])
+    elif fmt == "tsv":
+        path.write_text("other\ttext\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    else:
+        path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    manifest = run(tmp_path, path, tiny)
+    ids, emb = read_embeddings(tmp_path / "out")
+    assert ids == list(range(len(texts)))
+    assert_same_embeddings(emb, encode_ref(tiny, texts))
+    assert manifest["complete"] and manifest["encoded_rows"] == len(texts) and manifest["skipped"] == []
+    assert [s["rows"] for s in manifest["shards"]] == [16, 16, 16, 5]
+    assert manifest["dimension"] == tiny.hidden_size and manifest["tokens"] == sum(len(x.input_ids) for x in tiny.tokenize(texts))
+    assert manifest["settings"]["inputs"][0]["rows"] == len(texts)
+    table = pq.read_table(tmp_path / "out" / "part-000000.parquet")
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), tiny.hidden_size)
+    assert table.schema.field("id").type == pa.int64()
+
+
+def test_glob_over_mixed_files_numbers_rows_globally(tmp_path, tiny):
+    texts = make_texts(70, seed=1)
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "b.jsonl", [{"text": t} for t in texts[30:50]])
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in texts[:30]])
+    pq.write_table(pa.table({"text": texts[50:]}), tmp_path / "in" / "c.parquet", row_group_size=7)
+    manifest = run(tmp_path, str(tmp_path / "in" / "*"), tiny, chunk_rows=13)
+    assert [os.path.basename(f["path"]) for f in manifest["settings"]["inputs"]] == ["a.jsonl", "b.jsonl", "c.parquet"]
+    ids, emb = read_embeddings(tmp_path / "out")
+    assert ids == list(range(70))
+    assert_same_embeddings(emb, encode_ref(tiny, texts))
+    # a folder reads the same files; a glob matching nothing is an error
+    run(tmp_path, tmp_path / "in", tiny, name="out2", chunk_rows=13)
+    assert read_embeddings(tmp_path / "out2")[0] == ids
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        run(tmp_path, str(tmp_path / "in" / "*.csv"), tiny, name="out3")
+
+
+def test_id_field_and_instruction_field(tmp_path, tiny):
+    texts = make_texts(40, seed=2)
+    instructions = ["Retrieve passages about: " if i % 3 else None for i in range(40)]
+    rows = [{"doc": t, "key": f"doc-{i}", "task": s} for i, (t, s) in enumerate(zip(texts, instructions))]
+    rows[7].pop("task")  # a missing instruction means none
+    instructions[7] = None
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    run(tmp_path, tmp_path / "d.jsonl", tiny, text_field="doc", id_field="key", instruction_field="task")
+    ids, emb = read_embeddings(tmp_path / "out")
+    assert ids == [f"doc-{i}" for i in range(40)]
+    want = encode_ref(tiny, [[s, t] if s else t for t, s in zip(texts, instructions)])
+    assert_same_embeddings(emb, want)
+    assert pq.read_table(tmp_path / "out" / "part-000000.parquet").schema.field("id").type == pa.string()
+
+
+def test_integer_ids_and_one_instruction(tmp_path, tiny):
+    texts = make_texts(20, seed=3)
+    pq.write_table(pa.table({"id": [1000 + 3 * i for i in range(20)], "text": texts}), tmp_path / "d.parquet")
+    run(tmp_path, tmp_path / "d.parquet", tiny, id_field="id", instruction="Represent the sentence: ", chunk_rows=7)
+    ids, emb = read_embeddings(tmp_path / "out")
+    assert ids == [1000 + 3 * i for i in range(20)]
+    assert_same_embeddings(emb, encode_ref(tiny, [["Represent the sentence: ", t] for t in texts]))
+
+
+def test_float16_output(tmp_path, tiny):
+    texts = make_texts(20, seed=4)
+    write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    manifest = run(tmp_path, tmp_path / "d.jsonl", tiny, dtype_out="float16")
+    table = pq.read_table(tmp_path / "out" / "part-000000.parquet")
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), tiny.hidden_size)
+    _, emb = read_embeddings(tmp_path / "out")
+    assert emb.dtype == np.float16 and manifest["dtype_out"] == "float16"
+    np.testing.assert_allclose(emb.astype(np.float32), encode_ref(tiny, texts), rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------ bad rows
+def bad_rows_file(tmp_path):
+    texts = make_texts(30, seed=5)
+    rows = [{"text": t} for t in texts]
+    rows[4] = {"other": 1}  # missing
+    rows[9] = {"text": None}  # null
+    rows[17] = {"text": "   "}  # empty
+    rows[22] = {"text": 42}  # not a string
+    return write_jsonl(tmp_path / "bad.jsonl", rows), texts
+
+
+def test_bad_rows_error_names_file_and_row_before_any_work(tmp_path, tiny):
+    path, _ = bad_rows_file(tmp_path)
+    with pytest.raises(BadRowError, match=r"bad\.jsonl: row 4 .*line 5.*'text' is missing"):
+        run(tmp_path, path, tiny)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_rows_skip_lists_them(tmp_path, tiny):
+    path, texts = bad_rows_file(tmp_path)
+    manifest = run(tmp_path, path, tiny, on_bad_row="skip", chunk_rows=10)
+    bad = [4, 9, 17, 22]
+    assert [s["row"] for s in manifest["skipped"]] == bad
+    assert [s["reason"] for s in manifest["skipped"]] == [
+        "text field 'text' is missing", "text field 'text' is null", "text field 'text' is empty",
+        "text field 'text' is a int, not a string"]
+    assert all(s["file"] == str(path) for s in manifest["skipped"])
+    ids, emb = read_embeddings(tmp_path / "out")
+    keep = [i for i in range(30) if i not in bad]
+    assert ids == keep and manifest["encoded_rows"] == 26 and manifest["skipped_rows"] == 4
+    assert_same_embeddings(emb, encode_ref(tiny, [texts[i] for i in keep]))
+
+
+def test_bad_rows_in_columnar_and_text_files(tmp_path, tiny):
+    pq.write_table(pa.table({"text": ["ok one", None, "ok two", ""]}), tmp_path / "a.parquet")
+    (tmp_path / "b.txt").write_text("fine\n\nalso fine\n", encoding="utf-8")
+    with pytest.raises(BadRowError, match=r"a\.parquet: row 1: text field 'text' is null"):
+        run(tmp_path, tmp_path / "a.parquet", tiny)
+    with pytest.raises(BadRowError, match=r"b\.txt: row 1 .*line 2.*empty"):
+        run(tmp_path, tmp_path / "b.txt", tiny)
+    manifest = run(tmp_path, [tmp_path / "a.parquet", tmp_path / "b.txt"], tiny, on_bad_row="skip")
+    assert [(os.path.basename(s["file"]), s["file_row"], s["row"]) for s in manifest["skipped"]] == [
+        ("a.parquet", 1, 1), ("a.parquet", 3, 3), ("b.txt", 1, 5)]
+    assert read_embeddings(tmp_path / "out")[0] == [0, 2, 4, 6]
+
+
+def test_malformed_files_fail_before_any_work_under_both_policies(tmp_path, tiny):
+    good = write_jsonl(tmp_path / "a_good.jsonl", [{"text": t} for t in make_texts(10)])
+    bad_json = tmp_path / "b_bad.jsonl"
+    bad_json.write_text('{"text": "fine"}\n{"text": "broken"\n', encoding="utf-8")
+    for policy in ("error", "skip"):
+        with pytest.raises(MalformedInputError, match=r"b_bad\.jsonl: line 2 is not valid JSON"):
+            run(tmp_path, [good, bad_json], tiny, on_bad_row=policy)
+    assert not (tmp_path / "out").exists()
+    not_parquet = tmp_path / "c.parquet"
+    not_parquet.write_bytes(b"definitely not parquet")
+    with pytest.raises(MalformedInputError, match=r"c\.parquet: not a readable Parquet file"):
+        run(tmp_path, [good, not_parquet], tiny)
+    no_column = tmp_path / "d.csv"
+    no_column.write_text("title,body\nx,y\n", encoding="utf-8")
+    with pytest.raises(MalformedInputError, match=r"d\.csv: no column 'text' \(columns: title, body\)"):
+        run(tmp_path, [good, no_column], tiny)
+    ragged = tmp_path / "e.csv"
+    ragged.write_text("text,id\nfine,1\nmissing a column\n", encoding="utf-8")
+    with pytest.raises(MalformedInputError, match=r"e\.csv"):
+        run(tmp_path, [good, ragged], tiny)
+    not_object = tmp_path / "f.jsonl"
+    not_object.write_text('["a list"]\n', encoding="utf-8")
+    with pytest.raises(MalformedInputError, match=r"f\.jsonl: line 1 is a JSON list, not an object"):
+        run(tmp_path, not_object, tiny)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ resume / refuse
+class Boom(RuntimeError):
+    pass
+
+
+def test_failure_on_kth_chunk_then_resume(tmp_path, tiny, monkeypatch):
+    texts = make_texts(100, seed=6)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    real_run = chunk_worker.ChunkWorker.run
+    calls = []
+
+    def failing_run(self, chunk, on_progress=None):
+        calls.append(chunk)
+        if len(calls) == 4:
+            raise Boom("simulated crash on the 4th chunk")
+        return real_run(self, chunk, on_progress)
+
+    monkeypatch.setattr(chunk_worker.ChunkWorker, "run", failing_run)
+    with pytest.raises(Boom):
+        run(tmp_path, path, tiny, chunk_rows=10)
+    out = tmp_path / "out"
+    done = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert done == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is False
+    # a shard that was being written when the process died, and a truncated "complete" one
+    (out / ".part-000003.parquet.tmp-99999").write_bytes(b"partial")
+    (out / "part-000004.parquet").write_bytes(b"PAR1 truncated")
+    mtimes = {p: (out / p).stat().st_mtime_ns for p in done}
+
+    monkeypatch.setattr(chunk_worker.ChunkWorker, "run", real_run)
+    resumed = []
+    monkeypatch.setattr(chunk_worker.ChunkWorker, "run", lambda self, c, p=None: resumed.append(c) or real_run(self, c, p))
+    manifest = run(tmp_path, path, tiny, chunk_rows=10)
+    assert resumed == list(range(3, 10))  # complete shards kept, the rest redone
+    assert {p: (out / p).stat().st_mtime_ns for p in done} == mtimes
+    assert not list(out.glob(".part-*"))
+    ids, emb = read_embeddings(out)
+    assert ids == list(range(100))
+    assert_same_embeddings(emb, encode_ref(tiny, texts))
+    assert manifest["complete"] and manifest["runs"] == 2 and manifest["encoded_rows"] == 100
+    # a finished job rerun is a no-op
+    resumed.clear()
+    run(tmp_path, path, tiny, chunk_rows=10)
+    assert resumed == []
+
+
+def test_rerun_with_other_settings_is_refused_naming_the_difference(tmp_path, tiny, tiny_llama_dir):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "i": str(i)} for i, t in enumerate(make_texts(20))])
+    run(tmp_path, path, tiny)
+    with pytest.raises(SettingsMismatchError, match=r"chunk_rows: 16 != 8"):
+        run(tmp_path, path, tiny, chunk_rows=8)
+    with pytest.raises(SettingsMismatchError, match=r"dtype_out: \"float32\" != \"float16\""):
+        run(tmp_path, path, tiny, dtype_out="float16")
+    with pytest.raises(SettingsMismatchError, match=r"id_field: null != \"i\""):
+        run(tmp_path, path, tiny, id_field="i")
+    other_pooling = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", pooling_mode="eos_token")
+    with pytest.raises(SettingsMismatchError, match=r"model\.pooling_mode: \"mean\" != \"eos_token\""):
+        run(tmp_path, path, other_pooling)
+    with pytest.raises(SettingsMismatchError, match=r"model\.weights: "):
+        import torch
+
+        changed = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
+        with torch.no_grad():
+            next(changed.model.parameters()).mul_(1.01)
+        run(tmp_path, path, changed)
+    write_jsonl(path, [{"text": t} for t in make_texts(21)])  # the input changed
+    with pytest.raises(SettingsMismatchError, match=r"inputs: "):
+        run(tmp_path, path, tiny)
+    manifest = run(tmp_path, path, tiny, chunk_rows=8, overwrite=True)
+    assert manifest["runs"] == 1 and manifest["settings"]["chunk_rows"] == 8
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*")) == [f"part-00000{i}.parquet" for i in range(3)]
+
+
+def test_argument_errors(tmp_path, tiny):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
+    for kw, msg in [(dict(engine="spark"), "engine must be"), (dict(dtype_out="int8"), "dtype_out"),
+                    (dict(on_bad_row="ignore"), "on_bad_row"), (dict(chunk_rows=0), "chunk_rows"),
+                    (dict(instruction="a", instruction_field="b"), "not both"), (dict(engine="ray"), "model/model_kwargs")]:
+        with pytest.raises(ValueError, match=msg):
+            run(tmp_path, path, tiny, **kw)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(tmp_path, tmp_path / "missing.jsonl", tiny)
+    with pytest.raises(ValueError, match="plain text file has no fields"):
+        (tmp_path / "t.txt").write_text("a\n")
+        run(tmp_path, tmp_path / "t.txt", tiny, id_field="id")
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def test_cli_encode_dataset(tmp_path, tiny_llama_dir, capsys):
+    texts = make_texts(25, seed=7)
+    (tmp_path / "in.tsv").write_text("id\ttext\n" + "".join(f"r{i}\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    args = ["encode-dataset", "--input", str(tmp_path / "*.tsv"), "--output", str(tmp_path / "out"), "--model", tiny_llama_dir,
+            "--id-field", "id", "--chunk-rows", "10", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    assert cli_main(args) == 0
+    assert "encoded 25 rows (0 skipped" in capsys.readouterr().err
+    ids, emb = read_embeddings(tmp_path / "out")
+    assert ids == [f"r{i}" for i in range(25)]
+    assert_same_embeddings(emb, encode_ref(LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu"), texts))
+    assert cli_main(args[:-1] + ["--chunk-rows", "5", "--no-progress"]) == 2
+    assert "chunk_rows: 10 != 5" in capsys.readouterr().err
