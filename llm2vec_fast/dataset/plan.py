@@ -9,6 +9,7 @@ the type of the ``id`` column. Memory is bounded by the number of files, chunks 
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -49,9 +50,13 @@ class Plan:
         start = chunk * self.chunk_rows
         return start, min(start + self.chunk_rows, self.total_rows)
 
+    @functools.cached_property
+    def _skipped_rows(self) -> list[int]:
+        return [s["row"] for s in self.skipped]  # sorted: rows are planned in order
+
     def skipped_in(self, start: int, stop: int) -> set[int]:
-        """Global rows in ``[start, stop)`` that are skipped (``skipped`` is sorted by row)."""
-        rows = [s["row"] for s in self.skipped]
+        """Global rows in ``[start, stop)`` that are skipped."""
+        rows = self._skipped_rows
         return set(rows[bisect.bisect_left(rows, start) : bisect.bisect_left(rows, stop)])
 
     def to_json(self) -> dict:
