@@ -129,10 +129,12 @@ def test_integer_ids_and_one_instruction(tmp_path, tiny):
     assert_same_embeddings(emb, encode_ref(tiny, [["Represent the sentence: ", t] for t in texts]))
 
 
-def test_float16_output(tmp_path, tiny):
+def test_float16_output_and_progress_bar(tmp_path, tiny, capsys):
     texts = make_texts(20, seed=4)
     write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
-    manifest = run(tmp_path, tmp_path / "d.jsonl", tiny, dtype_out="float16")
+    manifest = run(tmp_path, tmp_path / "d.jsonl", tiny, dtype_out="float16", show_progress_bar=True)
+    bar = capsys.readouterr().err
+    assert "Encoding dataset" in bar and "20/20" in bar and "row/s" in bar and "tokens/s" in bar
     table = pq.read_table(tmp_path / "out" / "part-000000.parquet")
     assert table.schema.field("embedding").type == pa.list_(pa.float16(), tiny.hidden_size)
     _, emb = read_embeddings(tmp_path / "out")

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 class Progress:
     def __init__(self, total_rows: int, enabled: bool, desc: str = "Encoding dataset"):
-        self._bar = tqdm(total=total_rows, unit="row", unit_scale=True, desc=desc, disable=not enabled, smoothing=0.1)
+        self._bar = tqdm(total=total_rows, unit="row", desc=desc, disable=not enabled, smoothing=0.1)
         self._t0 = time.perf_counter()
         self.rows = 0
         self.tokens = 0
