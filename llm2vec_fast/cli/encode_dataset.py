@@ -46,6 +46,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        try:
+            import ray.data  # noqa: F401
+        except ImportError:
+            raise RuntimeError('--engine ray needs Ray Data: pip install "llm2vec-fast[ray]"') from None
     manifest = encode_dataset(
         args.input,
         args.output,
