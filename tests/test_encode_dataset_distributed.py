@@ -45,16 +45,22 @@ def assert_same_embeddings(got: np.ndarray, want: np.ndarray) -> None:
     assert cos.min() >= 0.99999, cos.min()
 
 
-def check_output(out: Path, want: np.ndarray, workers: int) -> dict:
+def check_output(out: Path, want: np.ndarray, workers: int | None) -> dict:
+    """Every row once, in order, equal to ``encode``; ``workers``: how many processes wrote shards."""
     manifest = json.loads((out / "manifest.json").read_text())
     ids, emb = read_embeddings(out)
     assert ids == list(range(len(want)))  # every row exactly once, in order
     assert_same_embeddings(emb, want)
+    manifest["pids"] = [shard_pid(out / s["file"]) for s in manifest["shards"]]
+    if workers is not None:
+        assert len(set(manifest["pids"])) == workers, f"shards written by {len(set(manifest['pids']))} processes, expected {workers}"
+    return manifest
+
+
+def shard_pid(path: Path) -> int:
     import pyarrow.parquet as pq
 
-    pids = {json.loads(pq.ParquetFile(out / s["file"]).schema_arrow.metadata[b"llm2vec_fast.shard"])["pid"] for s in manifest["shards"]}
-    assert len(pids) == workers, f"shards written by {len(pids)} processes, expected {workers}"
-    return manifest
+    return json.loads(pq.ParquetFile(path).schema_arrow.metadata[b"llm2vec_fast.shard"])["pid"]
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +95,18 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def test_one_process_equals_encode(dataset, reference, default_encoder, tmp_path):
+@pytest.fixture(scope="module")
+def one_process_output(dataset, default_encoder, tmp_path_factory) -> tuple[Path, dict]:
     root, _ = dataset
-    manifest = encode_dataset(str(root / "*.jsonl"), tmp_path / "out", encoder=default_encoder, chunk_rows=CHUNK_ROWS,
-                              show_progress_bar=False)
+    out = tmp_path_factory.mktemp("one-process") / "out"
+    manifest = encode_dataset(str(root / "*.jsonl"), out, encoder=default_encoder, chunk_rows=CHUNK_ROWS, show_progress_bar=False)
+    return out, manifest
+
+
+def test_one_process_equals_encode(one_process_output, reference):
+    out, manifest = one_process_output
     assert manifest["engine"] == "local" and manifest["world_size"] == 1
-    check_output(tmp_path / "out", reference, workers=1)
+    check_output(out, reference, workers=1)
 
 
 def test_torchrun_two_ranks_equals_encode(dataset, reference, default_model_dir, tmp_path):
@@ -121,12 +133,27 @@ def ray_session():
         ray.shutdown()
 
 
-def test_ray_two_workers_equals_encode(dataset, reference, default_model_dir, ray_session, tmp_path):
+def test_ray_resumes_a_local_job_and_equals_encode(dataset, reference, default_model_dir, one_process_output, ray_session, tmp_path):
+    """Half of a one-process job's shards lost, as if it died: Ray Data (2 actors) redoes exactly those."""
+    import shutil
+
     root, _ = dataset
-    manifest = encode_dataset(str(root / "*.jsonl"), tmp_path / "out", default_model_dir, model_kwargs={"device": "cpu"},
+    out = tmp_path / "out"
+    shutil.copytree(one_process_output[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    lost = [1, 2, 4, 6]
+    for c in lost:
+        (out / f"part-{c:06d}.parquet").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    manifest = encode_dataset(str(root / "*.jsonl"), out, default_model_dir, model_kwargs={"device": "cpu"},
                               engine="ray", num_workers=2, chunk_rows=CHUNK_ROWS, show_progress_bar=False)
-    assert manifest["engine"] == "ray"
-    check_output(tmp_path / "out", reference, workers=2)
+    assert manifest["engine"] == "ray" and manifest["runs"] == 2 and manifest["complete"]
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
+    pids = check_output(out, reference, workers=None)["pids"]
+    assert {pids[c] for c in range(len(pids)) if c not in lost} == {os.getpid()}
+    assert os.getpid() not in {pids[c] for c in lost}  # redone by Ray actors
 
 
 def test_torchrun_rank_sigkilled_then_resumed(tiny_llama_dir, tmp_path):

@@ -58,6 +58,11 @@ class _Cursor:
         self.position = stop
         return out
 
+    def close(self) -> None:
+        if self.rows is not None and hasattr(self.rows, "close"):
+            self.rows.close()  # closes the file of a line-based reader
+        self.rows = None
+
 
 class ChunkWorker:
     """Encodes chunks of ``plan`` with ``encoder`` into ``out_dir``."""
@@ -73,6 +78,8 @@ class ChunkWorker:
         skipped = self.plan.skipped_in(start, stop)
         fields, instruction = self.options.fields, self.options.instruction
         ids, inputs = [], []
+        for path in [p for p, c in self._cursors.items() if c.file.first_row + c.file.rows <= start]:
+            self._cursors.pop(path).close()  # files before this chunk: a rank's chunks only move forward
         for file, lo, hi in segments(self.plan, start, stop):
             cursor = self._cursors.setdefault(file.path, _Cursor(file, fields))
             for file_row, (text, row_id, row_instruction) in enumerate(cursor.take(lo, hi), start=lo):

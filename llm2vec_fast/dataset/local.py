@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .chunk_worker import ChunkWorker, JobOptions
 from .coordination import LocalCoordinator, StoreCoordinator, distributed_env
-from .job import finish_job, make_settings, quiet_logs, start_job
+from .job import expected_rows, finish_job, make_settings, quiet_logs, start_job
 from .plan import Plan, make_plan
 from .progress import Progress
 from .settings import encoder_settings, model_path
@@ -38,9 +38,12 @@ def run_local(
         quiet_logs()
     progress = None
     try:
+        if coord.rank != 0:  # load while rank 0 plans
+            encoder = load_encoder(local_rank)
         plan = Plan.from_json(coord.share("plan", lambda: make_plan(paths, options.fields, chunk_rows, on_bad_row, input_format).to_json()))
         t_plan = time.perf_counter() - t0
-        encoder = load_encoder(local_rank)
+        if coord.rank == 0:
+            encoder = load_encoder(local_rank)
         t_load = time.perf_counter() - t0 - t_plan
         info = encoder_settings(encoder)
         settings = make_settings(info, plan, options, on_bad_row, input_format)
@@ -51,8 +54,8 @@ def run_local(
         if job["model"] != info:
             raise RuntimeError(f"rank {coord.rank} loaded another model than rank 0 ({job['model']} != {info})")
         pending = job["pending"]
-        sizes = _pending_rows(plan, pending)
-        progress = Progress(sum(sizes), enabled=show_progress_bar and coord.rank == 0)
+        rows_of = expected_rows(plan)
+        progress = Progress(sum(rows_of(c) for c in pending), enabled=show_progress_bar and coord.rank == 0)
 
         def on_progress(rows: int, tokens: int) -> None:
             total_rows, total_tokens = coord.add("rows", rows), coord.add("tokens", tokens)
@@ -76,9 +79,3 @@ def run_local(
             progress.close()
         coord.close()
 
-
-def _pending_rows(plan: Plan, pending: list[int]) -> list[int]:
-    from .job import expected_rows
-
-    rows = expected_rows(plan)
-    return [rows(c) for c in pending]
