@@ -45,7 +45,8 @@ class _Cursor:
         self.position = 0
 
     def take(self, start: int, stop: int) -> list:
-        if self.rows is None or start < self.position or (start > self.position and start in self.file.offsets):
+        seekable = self.file.format == "parquet" or start in self.file.offsets  # row groups / recorded byte offsets
+        if self.rows is None or start < self.position or (start > self.position and seekable):
             offset = self.file.offsets.get(start)
             self.rows = iter_rows(Path(self.file.path), self.file.format, self.fields, start, offset)
             self.position = start

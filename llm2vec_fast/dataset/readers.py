@@ -182,7 +182,7 @@ def _jsonl_rows(path: Path, fields: Fields, start_row: int, start_offset: int | 
                 obj = json.loads(text)
             except json.JSONDecodeError as err:
                 where = f"line {line_no}" if line_no is not None else "a line"
-                raise MalformedInputError(f"{path}: {where} is not valid JSON ({err.msg})") from None
+                raise MalformedInputError(f"{path}: {where} is not valid JSON ({err.msg}; expected JSON Lines, one object per line)") from None
             if not isinstance(obj, dict):
                 where = f"line {line_no}" if line_no is not None else "a line"
                 raise MalformedInputError(f"{path}: {where} is a JSON {type(obj).__name__}, not an object")
