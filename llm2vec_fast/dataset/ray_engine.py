@@ -75,10 +75,11 @@ def run_ray(
     pending = start_job(out_dir, plan, settings, described["path"], "ray", overwrite)
     rows_of = expected_rows(plan)
     progress = Progress(sum(rows_of(c) for c in pending), enabled=show_progress_bar)
+    ctx = ray.data.DataContext.get_current()
+    ray_bars = ctx.enable_progress_bars
     try:
         if pending:
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False
+            ctx.enable_progress_bars = False  # ours shows rows/s and tokens/s
             ds = ray.data.from_items([{"chunk": c} for c in pending], override_num_blocks=len(pending))
             ds = ds.map_batches(
                 _ChunkEncoderActor,
@@ -93,5 +94,6 @@ def run_ray(
                 tokens += int(batch["tokens"].sum())
                 progress.set(rows, tokens)
     finally:
+        ctx.enable_progress_bars = ray_bars
         progress.close()
     return finish_job(out_dir, plan, {"total": time.perf_counter() - t0, "plan": t_plan, "load_model": t_load}, num_workers)
