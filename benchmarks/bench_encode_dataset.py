@@ -50,7 +50,7 @@ MIN_COSINE = 0.99999
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="200 texts, one repeat: checks the script, not a measurement")
-    p.add_argument("--num-texts", type=int, default=None, help="texts (default 2000 on CPU, 50000 on GPU; 200 with --quick)")
+    p.add_argument("--num-texts", type=int, default=None, help="texts (default 600 on CPU, 50000 on GPU; 200 with --quick)")
     p.add_argument("--ranks", type=int, default=None, help="ranks of the torchrun run (default 2 on CPU, one per GPU on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads in all (default: every CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per method, median kept (default 3, 1 with --quick)")
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     results_dir = Path(args.results_dir) if args.results_dir else (Path(tempfile.mkdtemp(prefix="bench-encode-dataset-")) if args.force else None)
     if args.force and results_dir is not None and results_dir.resolve() == common.RESULTS_DIR.resolve():
         sys.exit("--force results may not go to benchmarks/results")
-    n = args.num_texts or (200 if args.quick else (50_000 if cuda else 2000))
+    n = args.num_texts or (200 if args.quick else (50_000 if cuda else 600))
     args.chunk_rows = args.chunk_rows or max(64, n // 8)
     ranks = args.ranks or (torch.cuda.device_count() if cuda else 2)
     repeats = args.repeats or (1 if args.quick else 3)
