@@ -46,6 +46,18 @@ def dev_scores_by_dim(encoder, dims: list[int | None], limit: int | None) -> dic
     return out
 
 
+def markdown_table(result: dict) -> str:
+    """README table of a results JSON: Spearman by dimension, and % of the full-dimension score."""
+    scores, kept = result["stsb_dev_spearman"], result["percent_of_full_dimension_score"]
+    dims = [k for k in next(iter(scores.values())) if k != "full"]
+    head = "| SimCSE loss | " + " | ".join(f"{d} dims" for d in dims) + f" | full ({result['hidden_size']}) |"
+    rows = [head, "|---" * (len(dims) + 2) + "|"]
+    for name, s in scores.items():
+        cells = [f"{s[d]:.1f} ({kept[name][d]:.0f} %)" for d in dims]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {s['full']:.1f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/recipe_matryoshka.json"))
@@ -57,8 +69,14 @@ def main(argv=None) -> int:
     p.add_argument("--dev-limit", type=int, default=None, help="evaluate on the first N dev pairs (default: all 1500)")
     p.add_argument("--resume", action="store_true", help="continue interrupted training from its checkpoints")
     p.add_argument("--train-only", action="store_true", help="train the missing adapters, skip the evaluation")
+    p.add_argument("--only", choices=("plain", "matryoshka"), default=None, help="evaluate one of the two adapters")
+    p.add_argument("--reuse-scores", default=None, help="JSON of earlier scores by adapter name ({'plain': {...}}): not re-evaluated")
+    p.add_argument("--table", action="store_true", help="print the README table of --out and exit")
     p.add_argument("--note", default=None, help="free text recorded in the JSON (e.g. which checkpoints were compared)")
     args, recipe_args = p.parse_known_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return 0
     recipe = recipe_stage_configs(recipe_args)  # recipe_sts.py's stage settings (--simcse-steps, --seed, ...)
 
     from llm2vec_fast import LLM2Vec
@@ -97,11 +115,17 @@ def main(argv=None) -> int:
     if args.train_only:
         return 0
 
-    scores = {}
+    scores = json.loads(Path(args.reuse_scores).read_text()) if args.reuse_scores else {}
     for name, adapter in adapters.items():
+        if name in scores or (args.only and name != args.only):
+            continue
         encoder = LLM2Vec.from_pretrained(None, peft_model_name_or_path=[mntp, adapter], device="cpu")
         scores[name] = {k: round(v, 2) for k, v in dev_scores_by_dim(encoder, dims + [None], args.dev_limit).items()}
         log(f"{name}: {scores[name]}")
+    if args.only:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(scores, indent=2) + "\n")
+        return 0
     retained = {
         name: {str(d): round(100 * s[str(d)] / s["full"], 1) for d in dims} for name, s in scores.items()
     }

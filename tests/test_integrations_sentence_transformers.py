@@ -129,7 +129,7 @@ def test_bad_arguments(default_encoder, tmp_path):
         default_encoder.save(tmp_path / "x", format="onnx")
     with pytest.raises(ValueError, match="default_prompt_name"):
         default_encoder.save(tmp_path / "y", format="sentence-transformers", default_prompt_name="nope")
-    with pytest.raises(ValueError, match="sentence-transformers only"):
+    with pytest.raises(ValueError, match="prompts are saved with format"):
         default_encoder.save(tmp_path / "z", prompts={"q": "x"})
     with pytest.raises(TypeError, match="string"):
         LLM2VecModule(default_encoder).preprocess([["instruction", "text"]])
