@@ -50,10 +50,8 @@ def dev_scores(encoder, modes: list[str], limit: int | None) -> dict[str, float]
     return {m: 100 * spearman(pair_cosines(lambda xs: embs[m][[index[x] for x in xs]], pairs), gold) for m in modes}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/recipe_sts.json"))
-    p.add_argument("--run-dir", default=str(ROOT / "runs/recipe_sts"))
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The training settings of the recipe (shared with ``recipe_matryoshka.py``)."""
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-length", type=int, default=48, help="99 %% of STS-B train sentences fit in 43 tokens")
     p.add_argument("--mntp-steps", type=int, default=30)
@@ -64,6 +62,32 @@ def main(argv=None) -> int:
     p.add_argument("--simcse-lr", type=float, default=5e-4)
     p.add_argument("--mntp-lora-layers", type=int, default=0, help="MNTP: LoRA on the last N layers only (0: all layers)")
     p.add_argument("--simcse-lora-layers", type=int, default=0, help="SimCSE: LoRA on the last N layers only (0: all); no backward below them")
+
+
+def stage_configs(args: argparse.Namespace, run: Path | None = None) -> dict[str, dict]:
+    """``{"mntp": ..., "simcse": ...}`` training options of the recipe (``output_dir`` under ``run``)."""
+    run = Path(run or ".")
+    common = dict(data="stsb:train", seed=args.seed, max_length=args.max_length, save_steps=10, progress=True)
+    return {
+        "mntp": dict(common, max_steps=args.mntp_steps, batch_size=args.mntp_batch, lr=args.mntp_lr, lora_layers=args.mntp_lora_layers or None,
+                     output_dir=str(run / "mntp")),
+        "simcse": dict(common, max_steps=args.simcse_steps, batch_size=args.simcse_batch, lr=args.simcse_lr,
+                       lora_layers=args.simcse_lora_layers or None, output_dir=str(run / "simcse")),
+    }
+
+
+def recipe_stage_configs(argv: list[str] | None = None) -> dict[str, dict]:
+    """Stage options from recipe arguments (``--simcse-steps 150 ...``; defaults when empty)."""
+    p = argparse.ArgumentParser(prog="recipe settings")
+    add_recipe_args(p)
+    return stage_configs(p.parse_args(argv or []))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/recipe_sts.json"))
+    p.add_argument("--run-dir", default=str(ROOT / "runs/recipe_sts"))
+    add_recipe_args(p)
     p.add_argument("--dev-limit", type=int, default=None, help="evaluate on the first N dev pairs (default: all 1500)")
     p.add_argument("--resume", action="store_true", help="continue interrupted training stages from their checkpoints")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: causal,bidir,mntp (tuning runs)")
@@ -76,13 +100,9 @@ def main(argv=None) -> int:
 
     skip = set(filter(None, args.skip.split(",")))
     run = Path(args.run_dir)
-    common = dict(data="stsb:train", seed=args.seed, max_length=args.max_length, save_steps=10, progress=True)
     config = {
         "training_text": "unique sentences of STS-B train (labels unused)",
-        "mntp": dict(common, max_steps=args.mntp_steps, batch_size=args.mntp_batch, lr=args.mntp_lr, lora_layers=args.mntp_lora_layers or None,
-                     output_dir=str(run / "mntp")),
-        "simcse": dict(common, max_steps=args.simcse_steps, batch_size=args.simcse_batch, lr=args.simcse_lr,
-                       lora_layers=args.simcse_lora_layers or None, output_dir=str(run / "simcse")),
+        **stage_configs(args, run),
         "eval": {"split": "dev", "pairs": args.dev_limit or 1500, "pooling": "mean (trained models)"},
     }
     results: dict[str, float] = {}

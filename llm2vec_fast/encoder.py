@@ -27,6 +27,7 @@ from .varlen_attention import current_backend, packed_hidden_states
 
 logger = logging.getLogger(__name__)
 
+SAVE_FORMATS = ("llm2vec", "sentence-transformers")
 
 
 class LLM2Vec(EncodeMixin, nn.Module):
@@ -195,8 +196,32 @@ class LLM2Vec(EncodeMixin, nn.Module):
     embed_items = torch.inference_mode()(EncodeMixin.embed_items)
 
     # --------------------------------------------------------------------- save
-    def save(self, output_path: str | os.PathLike, merge_before_save: bool = True) -> None:
-        """Write the model (LoRA adapters merged into a copy), the tokenizer and ``llm2vec_config.json``."""
+    def save(
+        self,
+        output_path: str | os.PathLike,
+        merge_before_save: bool = True,
+        format: str = "llm2vec",
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
+    ) -> None:
+        """Write the model (LoRA adapters merged into a copy), the tokenizer and ``llm2vec_config.json``.
+
+        ``format="sentence-transformers"`` also writes ``modules.json`` and
+        ``config_sentence_transformers.json`` (with ``prompts``: instructions by name), so that
+        ``SentenceTransformer(output_path, trust_remote_code=True)`` loads it (see
+        :mod:`llm2vec_fast.integrations.sentence_transformers`; needs ``llm2vec-fast[st]``).
+        """
+        if format not in SAVE_FORMATS:
+            raise ValueError(f"unknown save format {format!r}; expected one of {SAVE_FORMATS}")
+        if format == "sentence-transformers":
+            if not is_bidirectional(self.model):
+                raise ValueError("a sentence-transformers folder loads the encoder bidirectional; this encoder is causal")
+            from .integrations.sentence_transformers import save_sentence_transformers
+
+            save_sentence_transformers(self, output_path, prompts=prompts, default_prompt_name=default_prompt_name)
+            return
+        if prompts is not None or default_prompt_name is not None:
+            raise ValueError('prompts are saved with format="sentence-transformers" only')
         os.makedirs(output_path, exist_ok=True)
         model = self.model
         if merge_before_save and hasattr(model, "merge_and_unload"):

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .prompting import EncodingInput, normalize_inputs, prepare_inputs
+from .quantization import SCALAR_PRECISIONS, check_precision, check_truncate_dim, quantize_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,10 @@ class EncodeMixin:
         convert_to_tensor: bool = False,
         normalize_embeddings: bool = False,
         device: str | torch.device | None = None,
+        precision: str = "float32",
+        truncate_dim: int | None = None,
+        quantization_ranges: np.ndarray | None = None,
+        calibration_embeddings: np.ndarray | torch.Tensor | None = None,
     ) -> torch.Tensor | np.ndarray:
         """Embed texts or ``[instruction, text]`` pairs.
 
@@ -118,18 +123,34 @@ class EncodeMixin:
             convert_to_numpy: return a numpy array; ``convert_to_tensor=True`` wins if both are set.
             normalize_embeddings: L2-normalise each embedding.
             device: run on this device (moves the model).
+            precision: ``float32``, ``float16``, ``int8``, ``uint8``, ``binary`` or ``ubinary``
+                (as sentence-transformers' ``quantize_embeddings``; binary packs 8 dims per byte).
+            truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka), before normalising.
+            quantization_ranges: int8/uint8 per-dimension ``[min; max]`` (``[2, dim]``), e.g. from
+                :func:`llm2vec_fast.quantization.calibration_ranges`.
+            calibration_embeddings: float embeddings (same ``truncate_dim`` / normalisation) whose
+                ranges set the int8/uint8 buckets. Without either, the ranges come from this call's
+                embeddings (logged; needs two or more inputs).
 
         Returns:
-            float32 embeddings on the CPU, in input order (a tensor by default, like the official
-            library).
+            Embeddings on the CPU, in input order (a tensor by default, like the official library):
+            float32 unless ``precision`` says otherwise.
         """
         pairs, single = normalize_inputs(sentences)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_precision(precision)
+        check_truncate_dim(truncate_dim, self.hidden_size)
+        if precision in SCALAR_PRECISIONS and quantization_ranges is None and calibration_embeddings is None and len(pairs) < 2:
+            raise ValueError(f"{precision} needs quantization_ranges= or calibration_embeddings= to encode a single input")
         self._before_encode(device)
         out = self.embed_items(self._prepare(pairs), batch_size, show_progress_bar)
+        if truncate_dim is not None:
+            out = out[:, :truncate_dim]
         if normalize_embeddings:
             out = torch.nn.functional.normalize(out, p=2, dim=1)
+        if precision != "float32":
+            out = torch.from_numpy(quantize_embeddings(out, precision, quantization_ranges, calibration_embeddings))
         if single:
             out = out[0]
         if convert_to_numpy and not convert_to_tensor:

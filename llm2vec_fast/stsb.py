@@ -92,18 +92,26 @@ def pair_cosines(embed, pairs: list[tuple[str, str, float]]) -> np.ndarray:
 
 
 def stsb_spearman(
-    encoder, split: str = "dev", limit: int | None = None, data_dir: str | os.PathLike | None = None, batch_size: int = 32
+    encoder,
+    split: str = "dev",
+    limit: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    *,
+    truncate_dim: int | None = None,
+    instruction: str = "",
 ) -> float:
     """Spearman x 100 between the gold scores and the cosine similarities of ``encoder.encode``
     embeddings on the first ``limit`` pairs of ``split`` (every pair when ``None``). Each unique
-    sentence is encoded once."""
+    sentence is encoded once, as ``[instruction, sentence]`` if an instruction is given, and
+    truncated to its first ``truncate_dim`` dimensions (Matryoshka) if given."""
     pairs = load_stsb(split, data_dir)
     if limit is not None:
         pairs = pairs[: int(limit)]
 
     def embed(sentences):
-        out = encoder.encode(sentences, batch_size=batch_size, convert_to_numpy=True)
-        return out
+        inputs = [[instruction, s] for s in sentences] if instruction else sentences
+        return encoder.encode(inputs, batch_size=batch_size, convert_to_numpy=True, truncate_dim=truncate_dim)
 
     cos = pair_cosines(embed, pairs)
     return 100.0 * spearman(cos, [s for _, _, s in pairs])

@@ -25,6 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison with the torch encoder")
     p.add_argument("--stsb-pairs", type=int, default=200, help="STS-B dev pairs scored during validation (0 = skip)")
+    p.add_argument("--format", choices=("onnx", "sentence-transformers"), default="onnx",
+                   help="onnx (default), or a folder for SentenceTransformer(path, trust_remote_code=True)")
+    p.add_argument("--prompts", type=Path, default=None, metavar="FILE.json",
+                   help="sentence-transformers format: JSON object of prompt name -> instruction")
     p.set_defaults(run=run)
 
 
@@ -34,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"output folder {str(args.output)!r} is not empty; pass --overwrite")
+    if args.format == "sentence-transformers":
+        return _save_sentence_transformers(args)
+    if args.prompts is not None:
+        raise ValueError("--prompts applies to --format sentence-transformers only")
     encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=True, dtype="float32", device="cpu")
     validate = False if args.no_validate else ValidationConfig(stsb_pairs=args.stsb_pairs)
     out = export_onnx(encoder, args.output, precision=args.precision, opset=args.opset, validate=validate, overwrite=args.overwrite)
@@ -41,4 +49,21 @@ def run(args: argparse.Namespace) -> int:
     summary = {k: report.get(k) for k in ("precision", "status", "file_size_bytes", "min_cos", "mean_cos", "max_abs_err")}
     print(json.dumps(summary), file=sys.stderr)
     print(out)
+    return 0
+
+
+def _save_sentence_transformers(args: argparse.Namespace) -> int:
+    from ..encoder import LLM2Vec
+
+    prompts = None
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            raise FileNotFoundError(f"--prompts file {str(args.prompts)!r} does not exist")
+        prompts = json.loads(args.prompts.read_text(encoding="utf-8"))
+        if not isinstance(prompts, dict):
+            raise ValueError("--prompts must hold a JSON object of prompt name -> instruction")
+    encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=True, dtype="float32", device="cpu")
+    encoder.save(args.output, format="sentence-transformers", prompts=prompts)
+    print(f"load it with SentenceTransformer({str(args.output)!r}, trust_remote_code=True)", file=sys.stderr)
+    print(args.output)
     return 0

@@ -116,10 +116,24 @@ class ContrastiveConfig(TrainConfig):
     attention_dropout: float = 0.0
     gradcache: bool = False  # GradCache: embed in chunks without grad, then re-forward chunk by chunk
     gradcache_chunk_size: int = 16
+    # Matryoshka: the loss is summed over these embedding prefixes (e.g. [64, 128, 256, 576]; include
+    # the full hidden size to keep training it); empty: plain loss. Weights default to 1 each.
+    matryoshka_dims: list[int] = field(default_factory=list)
+    matryoshka_weights: list[float] = field(default_factory=list)
 
     def validate(self, check_files: bool = True) -> None:
         super().validate(check_files)
         from ..encoding import POOLING_MODES
+
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+            raise ConfigError(f"matryoshka_dims must be positive integers, got {dims!r}")
+        if len(set(dims)) != len(dims):
+            raise ConfigError(f"matryoshka_dims has duplicates: {dims!r}")
+        if weights and len(weights) != len(dims):
+            raise ConfigError(f"matryoshka_weights needs one weight per matryoshka_dims entry ({len(dims)}), got {weights!r}")
+        if any(w <= 0 for w in weights):
+            raise ConfigError(f"matryoshka_weights must be positive, got {weights!r}")
 
         if self.pooling_mode not in POOLING_MODES:
             raise ConfigError(f"pooling_mode must be one of {POOLING_MODES}, got {self.pooling_mode!r}")
@@ -205,6 +219,16 @@ def parse_overrides(items: list[str] | None) -> dict:
     return out
 
 
+# list options holding numbers (the other list options hold strings)
+NUMBER_LIST_KEYS = {"matryoshka_dims": int, "matryoshka_weights": float}
+
+
+def _is_number(value, kind: type) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind is int else isinstance(value, (int, float))
+
+
 def _coerce(cls, key: str, value):
     f = {x.name: x for x in dataclasses.fields(cls)}[key]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -227,6 +251,12 @@ def _coerce(cls, key: str, value):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
+    if key in NUMBER_LIST_KEYS:
+        kind = NUMBER_LIST_KEYS[key]
+        value = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(value, list) or not all(_is_number(v, kind) for v in value):
+            raise ConfigError(f"{key} must be a list of {kind.__name__}s, got {value!r}")
+        return [kind(v) for v in value]
     if isinstance(default, list):
         value = [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

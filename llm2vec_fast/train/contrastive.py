@@ -15,7 +15,7 @@ from ..kernels import masked_pool_varlen
 from ..prompting import EncodingInput
 from ..varlen_attention import current_backend
 from .config import ContrastiveConfig
-from .losses import distributed_info_nce
+from .losses import distributed_info_nce, matryoshka_loss
 from .trainer import Stage, add_lora, autocast, enable_checkpointing, packed_forward, pick_layout, train_dtype
 
 
@@ -105,6 +105,8 @@ class ContrastiveStage(Stage):
                 p.data = p.data.float()
         self.encoder.model = self.peft_model
         self.layout = self._pick_layout()
+        if cfg.matryoshka_dims and max(cfg.matryoshka_dims) > self.encoder.hidden_size:
+            raise ValueError(f"matryoshka_dims {cfg.matryoshka_dims} exceed the model's hidden size {self.encoder.hidden_size}")
 
     def _pick_layout(self) -> str:
         if self.config.batch_layout == "auto" and self.config.attention_dropout > 0:
@@ -155,8 +157,14 @@ class ContrastiveStage(Stage):
         raise NotImplementedError
 
     def loss_on(self, reps: torch.Tensor, n_groups: int) -> torch.Tensor:
-        parts = reps.chunk(n_groups)
-        return distributed_info_nce(parts[0], list(parts[1:]), self.config.loss_scale)
+        """InfoNCE of the queries (first group) against the documents; with ``matryoshka_dims``,
+        summed over those embedding prefixes (sentence-transformers' ``MatryoshkaLoss``)."""
+
+        def info_nce_of(r: torch.Tensor) -> torch.Tensor:
+            parts = r.chunk(n_groups)
+            return distributed_info_nce(parts[0], list(parts[1:]), self.config.loss_scale)
+
+        return matryoshka_loss(info_nce_of, reps, self.config.matryoshka_dims, self.config.matryoshka_weights)
 
     def step(self, indices: list[int]) -> tuple[torch.Tensor, int]:
         groups = self.groups(indices)

@@ -17,6 +17,23 @@ def info_nce(q: torch.Tensor, d: torch.Tensor, scale: float = 20.0, labels: torc
     return F.cross_entropy(scores, labels)
 
 
+def matryoshka_loss(
+    loss_fn, reps: torch.Tensor, dims: list[int] | None, weights: list[float] | None = None
+) -> torch.Tensor:
+    """Matryoshka representation learning (Kusupati et al. 2022), as sentence-transformers'
+    ``MatryoshkaLoss``: ``sum_k weights[k] * loss_fn(reps[:, :dims[k]])``, so every prefix of the
+    embedding is trained to work on its own (``loss_fn`` normalises, so each prefix is scored by its
+    own cosine). ``dims`` empty or ``None``: plain ``loss_fn(reps)``. Weights default to 1."""
+    if not dims:
+        return loss_fn(reps)
+    weights = list(weights) if weights else [1.0] * len(dims)
+    if len(weights) != len(dims):
+        raise ValueError(f"matryoshka_weights has {len(weights)} entries for {len(dims)} matryoshka_dims")
+    if max(dims) > reps.shape[-1]:
+        raise ValueError(f"matryoshka_dims {list(dims)} exceed the embedding dimension {reps.shape[-1]}")
+    return sum(w * loss_fn(reps[..., :d]) for d, w in zip(dims, weights))
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0; backward all-reduces (sums) the gradient of the gathered tensor
     and returns this rank's slice, so every rank's loss reaches every rank's embeddings.
