@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import logging
-import re
 
 import numpy as np
 import onnx
@@ -240,32 +239,3 @@ def dynamic_int8_matmuls(model: onnx.ModelProto, names: set[str]) -> onnx.ModelP
     model.graph.node.extend(nodes)
     _ensure_ms_opset(model)
     return ed.finish()
-
-
-# ------------------------------------------------------------------- int8 compute by sensitivity
-def int8_nodes_by_layer(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """8-bit MatMulNBits node names grouped by decoder layer scope (``/decoder/layers.N/``)."""
-    groups: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits" and _attr(node, "bits") == 8:
-            m = re.search(r"/layers\.(\d+)/", node.name)
-            groups.setdefault(m.group(0) if m else "other", []).append(node.name)
-    return groups
-
-
-def set_int8_compute(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """Run the 8-bit MatMulNBits nodes in ``names`` with int8 activations (``accuracy_level=4``),
-    the others with fp32 activations (``accuracy_level=0``)."""
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = 4 if node.name in names else 0
-    return model
-
-
-def _attr(node: onnx.NodeProto, name: str):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return None
