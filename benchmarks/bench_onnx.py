@@ -85,6 +85,18 @@ def check_load(threads: int, running: bool) -> float:
     return load
 
 
+def wait_for_quiet(threads: int, seconds: float) -> float:
+    """Wait up to ``seconds`` for the load average to settle (a previous command's load decays
+    over a minute), then :func:`check_load` once more."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            return check_load(threads, running=False)
+        except BusyMachineError:
+            time.sleep(10)
+    return check_load(threads, running=False)
+
+
 def export_seconds(folder: Path) -> float | None:
     try:
         report = json.loads((folder / "export_report.json").read_text())
@@ -126,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--export-dir", type=Path, default=None, help="reuse / keep the exports here")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/onnx-cpu[-trained].json)")
+    parser.add_argument("--wait", type=float, default=120, help="seconds to wait for a quiet machine before refusing")
     parser.add_argument("--quick", action="store_true", help="64 sentences, 2 rounds, 100 STS-B pairs, int8 only")
     parser.add_argument("--force", action="store_true", help="run on a busy machine / odd baseline; smoke test: writes nothing to benchmarks/results")
     parser.add_argument("--readme", action="store_true", help="only regenerate the README tables from the JSON files")
@@ -168,7 +181,7 @@ def run(args) -> dict:
 
     precisions = [check_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
     if not args.force:
-        check_load(args.threads, running=False)
+        wait_for_quiet(args.threads, args.wait)
     torch.set_num_threads(args.threads)
     encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=True, dtype="float32", device="cpu")
     dev = load_stsb("dev")

@@ -383,7 +383,7 @@ def test_bench_onnx_refuses_a_busy_machine(monkeypatch, tmp_path):
     with pytest.raises(bench.BusyMachineError):
         bench.check_load(2, running=False)
     monkeypatch.setattr(bench.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
-    assert bench.main(["--quick"]) == 3  # refuses before loading anything, writes nothing
+    assert bench.main(["--quick", "--wait", "0"]) == 3  # refuses before loading anything, writes nothing
 
 
 # ------------------------------------------------------------------------------ default model
