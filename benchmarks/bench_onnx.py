@@ -1,11 +1,23 @@
-"""CPU benchmark of the ONNX exports against the torch fp32 encoder (default model).
+"""CPU benchmark of the ONNX exports against torch fp32 ``LLM2Vec.encode``, with a checked baseline.
 
-For torch fp32 and each ONNX precision: sentences/s (2 threads, batch 32, interleaved rounds,
-best round kept), mean / min cosine to torch fp32, STS-B dev Spearman, size on disk.
+For torch fp32 and each ONNX precision: sentences/s (``--threads`` threads, batch 32, STS-B dev
+sentences), the median of interleaved rounds and the spread of the per-round speed-up, mean / min
+cosine to torch fp32 on held-out plain sentences and on ``[instruction, text]`` pairs, STS-B dev
+Spearman, size on disk and export time.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py [--sentences 320] [--stsb-pairs 500]
+    OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py                      # default model
+    OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py --peft MNTP --peft SIMCSE --precisions int8
+    python benchmarks/bench_onnx.py --readme                               # README tables from the JSON
+    python benchmarks/bench_onnx.py --quick --force                        # smoke test, writes nothing
 
-Writes ``benchmarks/results/onnx-cpu.json`` and ``onnx-cpu.png``.
+The torch baseline is measured the way users run it (``LLM2Vec.encode``, same threads, same
+batches) and checked against a plain forward of the same transformers model on the same padded
+batches; the script refuses to write results when the two differ by more than 1.5x or when the
+machine is busy (1-minute load average above ``cpus - threads + 0.5`` before the run, or above
+``cpus + 0.5`` during it). ``--force`` runs anyway for smoke tests and writes nothing under
+``benchmarks/results``. Results: ``benchmarks/results/onnx-cpu.json`` (``onnx-cpu-trained.json``
+with ``--peft``) + ``.png``; the README tables between the ``bench_onnx`` markers are regenerated
+from those files.
 """
 
 from __future__ import annotations
@@ -14,14 +26,27 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
+MAX_BASELINE_RATIO = 1.5
+TABLES = {"onnx-cpu.json": "bench_onnx", "onnx-cpu-trained.json": "bench_onnx_trained"}
+INSTRUCTIONS = (
+    "Retrieve semantically similar text:",
+    "Given a question, retrieve passages that answer it",
+    "Represent the sentence for clustering",
+)
+
+
+class BusyMachineError(RuntimeError):
+    pass
 
 
 def cpu_name() -> str:
@@ -34,8 +59,45 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags)
+    except OSError:
+        pass
+    return []
+
+
+def check_load(threads: int, running: bool) -> float:
+    """The 1-minute load average; raises :class:`BusyMachineError` when other work competes for
+    the cores (before the run: more than ``cpus - threads + 0.5``; during it, where our own
+    threads count too: more than ``cpus + 0.5``)."""
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    limit = cpus + 0.5 if running else max(cpus - threads, 0) + 0.5
+    if load > limit:
+        raise BusyMachineError(
+            f"load average {load:.2f} > {limit:.1f} ({cpus} CPUs, {threads} threads): the machine is busy, "
+            "timings would be meaningless. Run it on a quiet machine (or --force for a smoke test that writes nothing)."
+        )
+    return load
+
+
+def wait_for_quiet(threads: int, seconds: float) -> float:
+    """Wait up to ``seconds`` for the load average to settle (a previous command's load decays
+    over a minute), then :func:`check_load` once more."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            return check_load(threads, running=False)
+        except BusyMachineError:
+            time.sleep(10)
+    return check_load(threads, running=False)
+
+
 def export_seconds(folder: Path) -> float | None:
-    """Export + conversion time recorded in the folder's export_report.json."""
     try:
         report = json.loads((folder / "export_report.json").read_text())
     except (OSError, ValueError):
@@ -43,125 +105,269 @@ def export_seconds(folder: Path) -> float | None:
     return round(report.get("export_s", 0) + report.get("convert_s", 0), 1)
 
 
-def timed_encode(encoder, texts, batch_size) -> tuple[float, np.ndarray]:
-    start = time.perf_counter()
-    out = np.asarray(encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True))
-    return time.perf_counter() - start, out
+def plain_forward(encoder):
+    """``texts -> embeddings`` with the encoder's transformers model called directly on the same
+    padded batches as ``encode`` (mean pooling in plain torch): the sanity check of the baseline."""
+    import torch
+
+    def run(texts, batch_size):
+        items = encoder.tokenize(texts)
+        out = []
+        with torch.inference_mode():
+            for idx in encoder._batches(items, batch_size):
+                b = encoder.padded_batch([items[i] for i in idx])
+                hidden = encoder.model(
+                    input_ids=torch.from_numpy(b["input_ids"]), attention_mask=torch.from_numpy(b["attention_mask"])
+                ).last_hidden_state
+                m = torch.from_numpy(b["pool_mask"]).unsqueeze(-1).float()
+                out.append((hidden * m).sum(1) / m.sum(1).clamp(min=1))
+        return torch.cat(out)
+
+    return run
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sentences", type=int, default=320, help="STS-B dev sentences for speed and cosine")
-    parser.add_argument("--stsb-pairs", type=int, default=500, help="STS-B dev pairs for Spearman")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--peft", action="append", default=None, metavar="ADAPTER", help="LoRA adapter (repeat to chain; merged)")
+    parser.add_argument("--precisions", default="fp32,fp16,int8,int4", help="comma-separated ONNX precisions")
+    parser.add_argument("--sentences", type=int, default=256, help="STS-B dev sentences timed per engine and round")
+    parser.add_argument("--stsb-pairs", type=int, default=1500, help="STS-B dev pairs for Spearman (all of dev: 1500)")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--export-dir", type=Path, default=None, help="reuse / keep exports here")
-    parser.add_argument("--output", type=Path, default=RESULTS / "onnx-cpu.json")
-    args = parser.parse_args()
+    parser.add_argument("--export-dir", type=Path, default=None, help="reuse / keep the exports here")
+    parser.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/onnx-cpu[-trained].json)")
+    parser.add_argument("--wait", type=float, default=120, help="seconds to wait for a quiet machine before refusing")
+    parser.add_argument("--quick", action="store_true", help="64 sentences, 2 rounds, 100 STS-B pairs, int8 only")
+    parser.add_argument("--force", action="store_true", help="run on a busy machine / odd baseline; smoke test: writes nothing to benchmarks/results")
+    parser.add_argument("--readme", action="store_true", help="only regenerate the README tables from the JSON files")
+    args = parser.parse_args(argv)
+    if args.readme:
+        update_readme()
+        return 0
+    if args.quick:
+        args.sentences, args.rounds, args.stsb_pairs = 64, 2, 100
+        if args.precisions == parser.get_default("precisions"):
+            args.precisions = "int8"
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    try:
+        result = run(args)
+    except BusyMachineError as err:
+        print(f"bench_onnx: {err}", file=sys.stderr)
+        return 3
+    if args.force:
+        out = Path(tempfile.mkdtemp(prefix="bench-onnx-force-")) / "onnx-cpu.json"
+        print(f"--force: results are not written to benchmarks/results (smoke run); see {out}", file=sys.stderr)
+    else:
+        out = args.output or RESULTS / ("onnx-cpu-trained.json" if args.peft else "onnx-cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    if not args.force and out.parent.resolve() == RESULTS.resolve():
+        update_readme()
+    print(render_table(result))
+    return 0
+
+
+def run(args) -> dict:
+    import torch
 
     from llm2vec_fast import LLM2Vec
-    from llm2vec_fast.export import PRECISIONS, OnnxEncoder, ValidationConfig, export_onnx
+    from llm2vec_fast.export import OnnxEncoder, ValidationConfig, export_onnx
     from llm2vec_fast.export.calibrate import cosine_rows
+    from llm2vec_fast.export.precisions import check_precision
     from llm2vec_fast.stsb import load_stsb, stsb_spearman
 
+    precisions = [check_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
+    if not args.force:
+        wait_for_quiet(args.threads, args.wait)
     torch.set_num_threads(args.threads)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    torch_encoder = LLM2Vec.from_pretrained(device="cpu", dtype="float32")
-    # transformers' SDPA attention (the default) is ~5x slower than eager on this CPU build of
-    # torch 2.13 for short batches, so eager is measured too, as the fairer torch baseline
-    eager_encoder = LLM2Vec.from_pretrained(device="cpu", dtype="float32", attn_implementation="eager")
-    texts = list(dict.fromkeys(s for a, b, _ in load_stsb("dev") for s in (a, b)))[: args.sentences]
+    encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=True, dtype="float32", device="cpu")
+    dev = load_stsb("dev")
+    # speed/cosine text: dev sentences after the pairs export validation scores (dev[:200])
+    texts = list(dict.fromkeys(s for a, b, _ in dev[200:] for s in (a, b)))[: args.sentences]
+    pairs = [[INSTRUCTIONS[i % len(INSTRUCTIONS)], s] for i, s in enumerate(texts[: max(args.sentences // 2, 8)])]
 
     export_root = args.export_dir or Path(tempfile.mkdtemp(prefix="bench-onnx-"))
-    engines = {"torch-fp32": torch_encoder, "torch-fp32-eager": eager_encoder}
-    for p in PRECISIONS:
-        folder = export_root / p
+    engines = {"torch-fp32": lambda t, bs: encoder.encode(t, batch_size=bs, convert_to_numpy=True)}
+    plain = plain_forward(encoder)
+    engines["torch-plain-forward"] = lambda t, bs: plain(t, bs).numpy()
+    folders = {}
+    for p in precisions:
+        folder = folders[p] = export_root / p
         if not (folder / "model.onnx").is_file():
-            export_onnx(torch_encoder, folder, precision=p, validate=ValidationConfig(stsb_pairs=0), overwrite=True)
-        engines[f"onnx-{p}"] = OnnxEncoder.from_pretrained(folder, num_threads=args.threads)
+            print(f"exporting {p} -> {folder}", file=sys.stderr)
+            export_onnx(encoder, folder, precision=p, validate=ValidationConfig(stsb_pairs=0), overwrite=True)
+        onnx_encoder = OnnxEncoder.from_pretrained(folder, num_threads=args.threads)
+        engines[f"onnx-{p}"] = lambda t, bs, e=onnx_encoder: e.encode(t, batch_size=bs, convert_to_numpy=True)
 
-    for enc in engines.values():  # warm-up
-        enc.encode(texts[:64], batch_size=args.batch_size)
-    best = {name: float("inf") for name in engines}
-    outputs = {}
-    for _ in range(args.rounds):  # interleaved, so load from other processes hits every engine alike
-        for name, enc in engines.items():
-            seconds, outputs[name] = timed_encode(enc, texts, args.batch_size)
-            best[name] = min(best[name], seconds)
-
-    ref = outputs["torch-fp32"]
-    fp32_bytes = None
-    rows = []
-    for name, enc in engines.items():
-        cos = cosine_rows(outputs[name], ref)
-        precision = name.split("-", 1)[1]
-        if name.startswith("torch"):
-            size = None
-        else:
-            folder = export_root / precision
-            size = sum((folder / f).stat().st_size for f in ("model.onnx", "model.onnx.data") if (folder / f).exists())
-            fp32_bytes = size if precision == "fp32" else fp32_bytes
-        rows.append(
-            {
-                "engine": name,
-                "sentences_per_s": round(len(texts) / best[name], 2),
-                "speedup_vs_torch_fp32": round(best["torch-fp32"] / best[name], 2),
-                "speedup_vs_torch_fp32_eager": round(best["torch-fp32-eager"] / best[name], 2),
-                "mean_cos_to_torch_fp32": round(float(cos.mean()), 6),
-                "min_cos_to_torch_fp32": round(float(cos.min()), 6),
-                "stsb_dev_spearman": round(stsb_spearman(enc, "dev", args.stsb_pairs, batch_size=args.batch_size), 2),
-                "size_mb": round(size / 1e6, 1) if size else None,
-                "export_s": export_seconds(export_root / precision) if not name.startswith("torch") else None,
-            }
+    for fn in engines.values():  # warm-up
+        fn(texts[: args.batch_size], args.batch_size)
+    seconds: dict[str, list[float]] = {k: [] for k in engines}
+    loads = []
+    names = list(engines)
+    for r in range(args.rounds):  # interleaved, rotating the order: background load hits every engine alike
+        loads.append(os.getloadavg()[0] if args.force else check_load(args.threads, running=True))
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            engines[name](texts, args.batch_size)
+            seconds[name].append(time.perf_counter() - start)
+    baseline_ratio = statistics.median(seconds["torch-fp32"]) / statistics.median(seconds["torch-plain-forward"])
+    baseline_ok = 1 / MAX_BASELINE_RATIO <= baseline_ratio <= MAX_BASELINE_RATIO
+    if not baseline_ok and not args.force:
+        raise BusyMachineError(
+            f"torch baseline check failed: LLM2Vec.encode takes {baseline_ratio:.2f}x the time of a plain forward "
+            f"of the same model on the same batches (allowed 1/{MAX_BASELINE_RATIO}..{MAX_BASELINE_RATIO}x)"
         )
-    for row in rows:
-        if row["size_mb"] and fp32_bytes:
-            row["size_vs_onnx_fp32"] = round(row["size_mb"] * 1e6 / fp32_bytes, 3)
 
-    result = {
-        "model": "SmolLM2-135M-Instruct (embedded default, bidirectional, mean pooling, no LLM2Vec training)",
+    reference = engines["torch-fp32"](texts, args.batch_size)
+    reference_pairs = engines["torch-fp32"](pairs, args.batch_size)
+    stsb_reference = stsb_spearman(encoder, "dev", args.stsb_pairs, batch_size=args.batch_size)
+    rows = []
+    for name in names:
+        if name == "torch-plain-forward":
+            continue
+        per_round = [t / s for t, s in zip(seconds["torch-fp32"], seconds[name])]
+        row = {
+            "engine": name,
+            "sentences_per_s": round(len(texts) / statistics.median(seconds[name]), 2),
+            "speedup_vs_torch_fp32": round(statistics.median(per_round), 3),
+            "speedup_min": round(min(per_round), 3),
+            "speedup_max": round(max(per_round), 3),
+            "seconds_per_round": [round(s, 3) for s in seconds[name]],
+        }
+        if name == "torch-fp32":
+            row.update(mean_cos=1.0, min_cos=1.0, min_cos_instructions=1.0, stsb_dev_spearman=round(stsb_reference, 2))
+        else:
+            p = name.removeprefix("onnx-")
+            onnx_encoder = OnnxEncoder.from_pretrained(folders[p], num_threads=args.threads)
+            cos = cosine_rows(onnx_encoder.encode(texts, batch_size=args.batch_size, convert_to_numpy=True), reference)
+            cos_pairs = cosine_rows(onnx_encoder.encode(pairs, batch_size=args.batch_size, convert_to_numpy=True), reference_pairs)
+            both = np.concatenate([cos, cos_pairs])
+            size = sum((folders[p] / f).stat().st_size for f in ("model.onnx", "model.onnx.data") if (folders[p] / f).exists())
+            spearman = stsb_spearman(onnx_encoder, "dev", args.stsb_pairs, batch_size=args.batch_size)
+            row.update(
+                mean_cos=round(float(both.mean()), 6),
+                min_cos=round(float(cos.min()), 6),
+                min_cos_instructions=round(float(cos_pairs.min()), 6),
+                stsb_dev_spearman=round(spearman, 2),
+                stsb_drop=round(stsb_reference - spearman, 2),
+                size_mb=round(size / 1e6, 1),
+                export_s=export_seconds(folders[p]),
+            )
+        rows.append(row)
+
+    import onnxruntime
+
+    return {
+        "model": (args.model or "SmolLM2-135M-Instruct (embedded default)") + (f" + merged adapters {args.peft}" if args.peft else " (no LLM2Vec training)"),
         "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "cpus": os.cpu_count(),
         "threads": args.threads,
         "batch_size": args.batch_size,
         "sentences": len(texts),
+        "instruction_pairs": len(pairs),
         "stsb_pairs": args.stsb_pairs,
         "rounds": args.rounds,
-        "timing": "best of interleaved rounds",
-        "note": "machine shared with other engineers' jobs while measuring: absolute numbers are noisy, ratios less so",
-        "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
+        "timing": "median of interleaved rounds (engine order rotated each round); speed-up = median of per-round ratios, min..max = spread",
+        "load_average_per_round": [round(x, 2) for x in loads],
+        "baseline_check": {
+            "encode_s_over_plain_forward_s": round(baseline_ratio, 3),
+            "plain_forward_sentences_per_s": round(len(texts) / statistics.median(seconds["torch-plain-forward"]), 2),
+            "ok": baseline_ok,
+        },
+        "forced": bool(args.force),
+        "argv": sys.argv[1:] if argv_is_cli() else None,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "results": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, args.output.with_suffix(".png"), result)
-    print(json.dumps(rows, indent=2))
 
 
-def plot(rows, path: Path, meta: dict) -> None:
+def argv_is_cli() -> bool:
+    return Path(sys.argv[0]).name == "bench_onnx.py"
+
+
+# ------------------------------------------------------------------------------------ reporting
+def render_table(result: dict) -> str:
+    """The README table of one results JSON."""
+    lines = [
+        f"{result['model']}; {result['cpu']} ({', '.join(result.get('cpu_flags', [])) or 'no AVX2'}), "
+        f"{result['threads']} threads, batch {result['batch_size']}, {result['sentences']} STS-B dev sentences, "
+        f"median of {result['rounds']} interleaved rounds (load average {min(result['load_average_per_round'])}"
+        f"-{max(result['load_average_per_round'])}); baseline encode/plain-forward time "
+        f"{result['baseline_check']['encode_s_over_plain_forward_s']}x; {result['date']}.",
+        "",
+        "| engine | sentences/s | vs torch fp32 (spread) | mean cos | min cos (plain / instr.) | STS-B dev (drop) | size | export |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        torch_row = r["engine"] == "torch-fp32"
+        lines.append(
+            "| {engine} | {sps:.1f} | {sp:.2f}x ({lo:.2f}-{hi:.2f}) | {mean} | {mins} | {stsb}{drop} | {size} | {exp} |".format(
+                engine=r["engine"],
+                sps=r["sentences_per_s"],
+                sp=r["speedup_vs_torch_fp32"],
+                lo=r["speedup_min"],
+                hi=r["speedup_max"],
+                mean="1" if torch_row else f"{r['mean_cos']:.4f}",
+                mins="1" if torch_row else f"{r['min_cos']:.4f} / {r['min_cos_instructions']:.4f}",
+                stsb=f"{r['stsb_dev_spearman']:.2f}",
+                drop="" if torch_row else f" ({r['stsb_drop']:+.2f})",
+                size="-" if torch_row else f"{r['size_mb']:.0f} MB",
+                exp="-" if torch_row or r.get("export_s") is None else f"{r['export_s']:.0f} s",
+            )
+        )
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path = README, results: Path = RESULTS) -> None:
+    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in the README
+    with the table rendered from each results JSON (a missing JSON leaves a note)."""
+    text = readme.read_text()
+    for file, marker in TABLES.items():
+        start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+        if start not in text or end not in text:
+            continue
+        path = results / file
+        body = render_table(json.loads(path.read_text())) if path.is_file() else f"(no `{path.relative_to(results.parent.parent)}` yet: run the command above)"
+        head, rest = text.split(start, 1)
+        text = head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+    readme.write_text(text)
+
+
+def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = result["results"]
     names = [r["engine"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    bars = axes[0].bar(names, [r["sentences_per_s"] for r in rows], color="tab:blue")
+    speed = [r["speedup_vs_torch_fp32"] for r in rows]
+    err = [[s - r["speedup_min"] for s, r in zip(speed, rows)], [r["speedup_max"] - s for s, r in zip(speed, rows)]]
+    bars = axes[0].bar(names, speed, yerr=err, capsize=4, color="tab:blue")
     for bar, r in zip(bars, rows):
-        axes[0].annotate(f"cos {r['mean_cos_to_torch_fp32']:.4f}\nmin {r['min_cos_to_torch_fp32']:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
-    axes[0].set_ylabel("sentences / s")
-    axes[0].set_title(f"throughput, {meta['threads']} CPU threads, batch {meta['batch_size']}")
-    sized = [r for r in rows if r["size_mb"]]
+        label = f"{r['sentences_per_s']:.1f}/s\ncos {r['mean_cos']:.4f}\nmin {r['min_cos']:.3f}"
+        axes[0].annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].set_ylabel("speed-up vs torch fp32 LLM2Vec.encode")
+    axes[0].set_title(f"{result['threads']} CPU threads, batch {result['batch_size']} (median, min-max of rounds)", fontsize=9)
+    sized = [r for r in rows if r.get("size_mb")]
     axes[1].bar([r["engine"] for r in sized], [r["size_mb"] for r in sized], color="tab:orange")
     axes[1].set_ylabel("MB on disk")
-    axes[1].set_title("model size")
+    axes[1].set_title("model size", fontsize=9)
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-        ax.margins(y=0.2)
-    fig.suptitle(f"{meta['model'].split(' (')[0]} on {meta['cpu']} (shared machine)", fontsize=9)
+        ax.margins(y=0.25)
+    fig.suptitle(f"{result['model'][:90]} on {result['cpu']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,8 +3,8 @@
 Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. Both exporters work on
 torch 2.13; on the default model the legacy one takes ~30 s against ~130 s for the dynamo one
 (whose graph optimiser alone takes ~75 s), and its node names carry the module path
-(``/decoder/layers.3/input_layernorm/Pow``), which the int8 calibration uses to group MatMuls by
-layer. fp16 is exported from an fp16 copy of the decoder rather than converted with
+(``/decoder/layers.3/mlp/down_proj/MatMul``), which the int8 calibration uses to match each
+MatMul with the torch module whose int8 error it measured. fp16 is exported from an fp16 copy of the decoder rather than converted with
 ``onnxruntime.transformers.float16.convert_float_to_float16`` (with the norms, softmax and rotary
 nodes on its block list, the converted SmolLM2 graph gave wrong embeddings, cosine ~0.4, on ORT CPU).
 
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,12 +50,14 @@ def export_onnx(
     validate: bool | ValidationConfig = True,
     overwrite: bool = False,
     calibration_sentences: int = 96,
+    progress: bool = False,
 ) -> Path:
     """Export ``model`` (an fp32 :class:`~llm2vec_fast.LLM2Vec`) to ``output_dir``.
 
     Args:
         precision: ``fp32``; ``fp16`` (for GPUs; exported from an fp16 copy of the decoder, whose
-            modelling code keeps RMSNorm, softmax and rotary tables in fp32; pooling is fp32); ``int8`` (CPU; int8 weights, int8 compute on the layers calibration allows);
+            modelling code keeps RMSNorm, softmax and rotary tables in fp32; pooling is fp32); ``int8`` (CPU; ``DynamicQuantizeMatMul`` on the MatMuls
+            calibration allows, fp32 elsewhere, fp16 embedding);
             ``int4`` (weight-only 4-bit MatMulNBits, block 32; fp16 embedding).
         opset: ONNX opset (default 17).
         validate: compare with the torch encoder and write ``export_report.json``; ``True`` uses
@@ -63,7 +66,9 @@ def export_onnx(
             ``"status": "failed"``).
         overwrite: replace an existing export folder (only a folder that holds an export or
             nothing is ever deleted).
-        calibration_sentences: STS-B train sentences used to choose int8 compute layers.
+        calibration_sentences: STS-B train sentences used to calibrate int8.
+        progress: print each step (export, calibration, quantization, validation) with its time
+            to stderr (the CLI sets it).
 
     Returns:
         The output folder.
@@ -81,14 +86,20 @@ def export_onnx(
     config = validate if isinstance(validate, ValidationConfig) else ValidationConfig()
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"[export {time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
+
     try:
-        start = time.perf_counter()
+        say(f"exporting the {precision} graph with torch.onnx")
         graph = EncoderGraph(model, dtype=torch.float16 if precision == "fp16" else None)
         onnx_model = _export_graph(graph, opset, work / "fp32")
         del graph
         exported = time.perf_counter()
         info: dict = {}
-        onnx_model = _convert(onnx_model, precision, model, calibration_sentences, info, work)
+        onnx_model = _convert(onnx_model, precision, model, calibration_sentences, info, work, say)
         shutil.rmtree(work / "fp32", ignore_errors=True)
         save_model(onnx_model, work / MODEL_FILE)
         _write_encoder_files(model, work, precision, opset)
@@ -96,6 +107,7 @@ def export_onnx(
         report = {"precision": precision, "status": "not validated", "file_size_bytes": model_size(work), **timings, **info}
         failures: list[str] = []
         if validate:
+            say("validation: ONNX Runtime vs torch at several batch shapes" + (", STS-B dev" if config.stsb_pairs else ""))
             report.update(_validate(model, work, precision, config))
             failures = check_report(report)
             report["status"] = "failed" if failures else "ok"
@@ -106,6 +118,7 @@ def export_onnx(
         os.replace(work, output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    say(f"done: {output} ({report['status']})")
     if failures:
         raise ExportValidationError(
             f"{precision} export in {output} misses its fidelity thresholds ({'; '.join(failures)}); "
@@ -148,54 +161,54 @@ def _export_graph(graph: EncoderGraph, opset: int, folder: Path):
     return onnx.load(str(path))
 
 
-def _convert(onnx_model, precision: str, encoder, n_calibration: int, info: dict, work: Path):
+def _convert(onnx_model, precision: str, encoder, n_calibration: int, info: dict, work: Path, say):
     from . import quantize
 
     if precision == "int4":
+        say("quantization: 4-bit MatMulNBits")
         info["quantization"] = {"weights": "MatMulNBits 4-bit, block 32, min-max, float zero points", "embedding": "fp16"}
         return quantize.embeddings_to_fp16(quantize.quantize_matmuls(onnx_model, bits=4))
     if precision == "int8":
-        return _int8(onnx_model, encoder, n_calibration, info, work)
+        return _int8(onnx_model, encoder, n_calibration, info, work, say)
     return onnx_model
 
 
-def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path):
-    """8-bit MatMulNBits everywhere to calibrate, then int8 compute only on the chosen layers and
-    plain fp32 MatMuls on the others."""
+def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
+    """``DynamicQuantizeMatMul`` on the MatMuls calibration allows, plain fp32 MatMuls elsewhere,
+    fp16 embedding table (see ``calibrate`` and ``quantize``)."""
     import copy
 
     from . import quantize
-    from .calibrate import calibration_sentences, select_int8_compute
+    from .calibrate import calibration_sentences, int8_error_by_node, select_int8_nodes
 
-    candidate = quantize.quantize_matmuls(copy.deepcopy(fp32_model), bits=8)
     texts = calibration_sentences(n_calibration)
-    reference = np.asarray(encoder.encode(texts, batch_size=32, convert_to_numpy=True))
+    say(f"calibration: int8 error of every MatMul on {len(texts)} STS-B train sentences (torch)")
+    errors, reference = int8_error_by_node(encoder, texts)
     items = encoder.tokenize(texts)
-    batches = encoder._batches(items, 32)
     feeds = []
-    for idx in batches:
+    for idx in encoder._batches(items, 32):
         batch = encoder.padded_batch([items[i] for i in idx])
         feeds.append((idx, {name: batch[name].astype(np.int64) for name in INPUT_NAMES}))
 
-    def embed(candidate_model) -> np.ndarray:
-        session = make_session(candidate_model, work / "calibration", basic=True)
+    def embed(names: set[str]) -> np.ndarray:
+        session = make_session(quantize.dynamic_int8_matmuls(copy.deepcopy(fp32_model), names), work / "calibration", basic=True)
         out = np.zeros((len(items), reference.shape[1]), np.float32)
         for idx, feed in feeds:
             out[idx] = session.run([OUTPUT_NAME], feed)[0]
         return out
 
-    chosen, summary = select_int8_compute(candidate, embed, reference)
-    groups = quantize.int8_nodes_by_layer(candidate)
-    fp32_nodes = {n.removesuffix("_Q8") for g in summary["fp32_compute_layers"] for n in groups[g]}
+    candidates = quantize.weight_matmuls(fp32_model)
+    chosen, summary = select_int8_nodes(candidates, errors, embed, reference, progress=lambda m: say(f"calibration: {m}"))
     info["quantization"] = {
-        "weights": "MatMulNBits 8-bit, block 32, min-max with exact block offsets, int8 compute (accuracy_level 4)",
+        "method": "DynamicQuantizeMatMul (ONNX Runtime MLAS int8 GEMM) on the calibrated MatMuls, fp32 MatMul elsewhere",
+        "weights": f"int8 symmetric per output column, {quantize.INT8_WEIGHT_LEVELS} levels each side (7-bit, reduce_range)",
+        "activations": "uint8, dynamic, one scale per tensor",
         "embedding": "fp16",
         "calibration_sentences": len(texts),
         **summary,
     }
-    model = quantize.quantize_matmuls(fp32_model, bits=8, exclude=fp32_nodes)
-    quantize.set_int8_compute(model, {n.name for n in model.graph.node if n.op_type == "MatMulNBits"})
-    return quantize.embeddings_to_fp16(model)
+    say(f"quantization: {len(chosen)} of {len(candidates)} MatMuls int8")
+    return quantize.embeddings_to_fp16(quantize.dynamic_int8_matmuls(fp32_model, chosen))
 
 
 def make_session(onnx_model, scratch: Path, basic: bool = False, num_threads: int | None = None):

@@ -28,7 +28,7 @@ class Thresholds:
 THRESHOLDS = {
     "fp32": Thresholds(min_cos=0.9999, mean_cos=0.99999, max_spearman_drop=0.1),
     "fp16": Thresholds(min_cos=0.99, mean_cos=0.998, max_spearman_drop=0.5),
-    "int8": Thresholds(min_cos=0.98, mean_cos=0.99, max_spearman_drop=1.0),
+    "int8": Thresholds(min_cos=0.98, mean_cos=0.99, max_spearman_drop=0.5),
     "int4": Thresholds(min_cos=0.95, mean_cos=0.99, max_spearman_drop=2.0),
 }
 

@@ -93,9 +93,73 @@ def test_int_precisions_use_matmulnbits_and_shrink(tiny_exports):
     # the default model (test_default_model_exports)
     assert sizes["int4"] < 0.55 * sizes["fp32"]
     assert sizes["fp16"] < 0.6 * sizes["fp32"]
-    for p in ("int8", "int4"):
-        ops = {n.op_type for n in onnx.load(str(tiny_exports[p] / "model.onnx")).graph.node}
-        assert "MatMulNBits" in ops or p == "int8"  # int8 may keep every layer fp32 if calibration says so
+    assert sizes["int8"] < 0.6 * sizes["fp32"]
+    ops = {n.op_type for n in onnx.load(str(tiny_exports["int4"] / "model.onnx")).graph.node}
+    assert "MatMulNBits" in ops
+
+
+def test_int8_runs_calibrated_matmuls_in_int8(tiny_exports):
+    """The tiny random Llama is well-behaved: calibration puts every decoder MatMul in int8, and
+    the graph holds exactly the reported DynamicQuantizeMatMul nodes with 7-bit int8 weights."""
+    from onnx import numpy_helper
+
+    folder = tiny_exports["int8"]
+    q = json.loads((folder / "export_report.json").read_text())["quantization"]
+    model = onnx.load(str(folder / "model.onnx"))
+    int8 = [n for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(int8) == q["int8_matmuls"] == 14 and q["fp32_matmuls"] == []  # 2 layers x 7 projections
+    assert q["calibration_min_cos"] >= q["calibration_thresholds"]["min_cos"]
+    assert q["calibration_trials"][0]["int8_nodes"] == 14  # all-int8 tried first
+    inits = {t.name: t for t in model.graph.initializer}
+    w = numpy_helper.to_array(inits[int8[0].input[1]])
+    assert w.dtype == np.int8 and np.abs(w).max() <= 63  # no vpmaddubsw saturation on AVX2
+    assert not any(n.op_type == "MatMul" and n.input[1] in inits and "/layers." in n.name for n in model.graph.node)
+
+
+def test_int8_calibration_names_match_the_graph(tiny_encoder, tiny_exports):
+    """Every decoder Linear's measured error is keyed by an existing MatMul of the exported graph."""
+    from llm2vec_fast.export.calibrate import int8_error_by_node
+    from llm2vec_fast.export.quantize import weight_matmuls
+
+    errors, embeddings = int8_error_by_node(tiny_encoder, ["A man plays guitar.", "Dogs run in the park."])
+    names = set(weight_matmuls(onnx.load(str(tiny_exports["fp32"] / "model.onnx"))))
+    assert set(errors) <= names and len(errors) == 14
+    assert all(0 < e < 0.2 for e in errors.values())
+    np.testing.assert_allclose(embeddings, tiny_encoder.encode(["A man plays guitar.", "Dogs run in the park."], convert_to_numpy=True), atol=1e-5)
+
+
+def test_select_int8_nodes_keeps_the_largest_passing_prefix():
+    from llm2vec_fast.export.calibrate import select_int8_nodes
+
+    names = [f"n{i}" for i in range(20)]
+    errors = {n: float(i) for i, n in enumerate(names)}  # n0 least sensitive
+    errors["n19"] = -1.0  # measured smallest: goes first
+    reference = np.eye(4, dtype=np.float32)
+    calls = []
+
+    def embed(chosen):
+        calls.append(len(chosen))
+        bad = [n for n in chosen if n in ("n7", "n12")]  # these two break fidelity
+        out = reference.copy()
+        out[0, 1] = 0.5 * len(bad)
+        return out
+
+    chosen, summary = select_int8_nodes(names, errors, embed, reference, min_cos=0.99, mean_cos=0.99)
+    assert chosen == {"n19", *[f"n{i}" for i in range(7)]}
+    assert summary["int8_matmuls"] == 8 and summary["fp32_matmuls"][0] == "n7"
+    assert calls[0] == 20 and len(calls) <= 7  # all-int8 first, then a binary search
+    chosen, summary = select_int8_nodes(names, errors, lambda c: reference, reference)
+    assert len(chosen) == 20 and summary["calibration_trials"] == [{"int8_nodes": 20, "min_cos": 1.0, "mean_cos": 1.0}]
+
+
+def test_int8_weight_quantization_is_symmetric_7bit():
+    from llm2vec_fast.export.quantize import quantize_columns
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(97, 33)).astype(np.float32) * rng.uniform(0.01, 10, size=33).astype(np.float32)
+    q, scale = quantize_columns(w)
+    assert q.dtype == np.int8 and np.abs(q).max() == 63 and scale.shape == (33,)
+    assert np.all(np.abs(q * scale - w) <= scale / 2 + 1e-6)
 
 
 def test_graph_is_bidirectional(tiny_encoder, tiny_exports):
@@ -156,6 +220,29 @@ def test_encode_api_matches_llm2vec(tiny_encoder, tiny_exports):
         encoder.encode([1, 2])
     with pytest.raises(ValueError, match="batch_size"):
         encoder.encode(TEXTS, batch_size=0)
+
+
+def test_encode_progress_batching_and_errors_match_llm2vec(tiny_encoder, tiny_exports, capsys):
+    """OnnxEncoder.encode shares LLM2Vec.encode's code (EncodeMixin): same progress bar, batches
+    and exceptions."""
+    onnx_encoder = OnnxEncoder.from_pretrained(tiny_exports["fp32"], num_threads=1)
+    texts = [f"sentence number {i} " * (1 + i % 4) for i in range(11)]
+    for encoder in (tiny_encoder, onnx_encoder):
+        encoder.encode(texts, batch_size=1)  # 11 batches > 10: a bar by default
+        assert "Encoding" in capsys.readouterr().err
+        encoder.encode(texts, batch_size=2)  # 6 batches: none
+        encoder.encode(texts, batch_size=1, show_progress_bar=False)
+        assert "Encoding" not in capsys.readouterr().err
+    items = tiny_encoder.tokenize(texts)
+    assert tiny_encoder._batches(items, 4) == onnx_encoder._batches(onnx_encoder.tokenize(texts), 4)
+    bad = [([], {}), ([1, 2], {}), ([["only instruction"]], {}), (texts, {"batch_size": 0}), (texts, {"batch_size": True}), (texts, {"batch_size": 2.5})]
+    for inputs, kwargs in bad:
+        with pytest.raises(Exception) as torch_err:
+            tiny_encoder.encode(inputs, **kwargs)
+        with pytest.raises(Exception) as onnx_err:
+            onnx_encoder.encode(inputs, **kwargs)
+        assert type(onnx_err.value) is type(torch_err.value), (inputs, kwargs)
+        assert str(onnx_err.value) == str(torch_err.value)
 
 
 def test_missing_provider_is_explained(tiny_exports):
@@ -221,6 +308,9 @@ def test_cli_export(tiny_llama_dir, tmp_path, capsys):
     args = ["export", "--model", tiny_llama_dir, "--precision", "int4", "--output", str(out), "--stsb-pairs", "0"]
     assert main(args) == 0
     assert json.loads((out / "export_report.json").read_text())["status"] == "ok"
+    err = capsys.readouterr().err
+    for step in ("loading the encoder", "exporting the int4 graph", "quantization", "validation", "done"):
+        assert step in err, err
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
@@ -238,6 +328,62 @@ def test_nothing_imports_a_top_level_export_module():
     offenders = [str(f) for d in ("export", "llm2vec_fast", "benchmarks", "tests") for f in (root / d).rglob("*.py") if pattern.search(f.read_text())]
     assert offenders == []
     assert package.__name__ == "llm2vec_fast.export"
+
+
+# ------------------------------------------------------------------------------ bench_onnx
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_onnx.py"
+    spec = importlib.util.spec_from_file_location("bench_onnx", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_result(speedup: float) -> dict:
+    row = dict(sentences_per_s=40.0, speedup_vs_torch_fp32=1.0, speedup_min=1.0, speedup_max=1.0, mean_cos=1.0, min_cos=1.0, min_cos_instructions=1.0, stsb_dev_spearman=70.0)
+    onnx_row = dict(row, engine="onnx-int8", sentences_per_s=40.0 * speedup, speedup_vs_torch_fp32=speedup, speedup_min=speedup - 0.1,
+                    speedup_max=speedup + 0.1, mean_cos=0.995, min_cos=0.985, min_cos_instructions=0.99, stsb_drop=0.3, size_mb=221.0, export_s=80.0)
+    return {
+        "model": "m", "cpu": "c", "cpu_flags": ["avx2"], "threads": 2, "batch_size": 32, "sentences": 256, "rounds": 5,
+        "load_average_per_round": [0.1, 2.2], "baseline_check": {"encode_s_over_plain_forward_s": 1.02}, "date": "d",
+        "results": [dict(row, engine="torch-fp32"), onnx_row],
+    }
+
+
+def test_bench_onnx_readme_table_is_generated_from_json(tmp_path):
+    bench = _bench_module()
+    results = tmp_path / "results"
+    results.mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench_onnx:start -->\nold hand-typed numbers\n<!-- bench_onnx:end -->\n"
+                      "<!-- bench_onnx_trained:start -->\n<!-- bench_onnx_trained:end -->\ntail\n")
+    (results / "onnx-cpu.json").write_text(json.dumps(_fake_result(2.34)))
+    bench.update_readme(readme, results)
+    text = readme.read_text()
+    assert "old hand-typed" not in text and text.startswith("intro\n") and text.endswith("tail\n")
+    assert "| onnx-int8 | 93.6 | 2.34x (2.24-2.44) | 0.9950 | 0.9850 / 0.9900 | 70.00 (+0.30) | 221 MB | 80 s |" in text
+    assert "no `" in text.split("bench_onnx_trained:start")[1]  # missing trained JSON: a note, no numbers
+    bench.update_readme(readme, results)
+    assert readme.read_text() == text  # idempotent
+
+
+def test_bench_onnx_refuses_a_busy_machine(monkeypatch, tmp_path):
+    bench = _bench_module()
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    with pytest.raises(bench.BusyMachineError, match="busy"):
+        bench.check_load(2, running=False)
+    with pytest.raises(bench.BusyMachineError):
+        bench.check_load(2, running=True)
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (2.3, 2.0, 2.0))
+    assert bench.check_load(2, running=True) == 2.3  # our own two threads are allowed
+    with pytest.raises(bench.BusyMachineError):
+        bench.check_load(2, running=False)
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert bench.main(["--quick", "--wait", "0"]) == 3  # refuses before loading anything, writes nothing
 
 
 # ------------------------------------------------------------------------------ default model

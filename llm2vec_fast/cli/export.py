@@ -42,9 +42,10 @@ def run(args: argparse.Namespace) -> int:
         return _save_sentence_transformers(args)
     if args.prompts is not None:
         raise ValueError("--prompts applies to --format sentence-transformers only")
+    print("[export] loading the encoder" + (f" with adapters {args.peft} (merged)" if args.peft else ""), file=sys.stderr, flush=True)
     encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=True, dtype="float32", device="cpu")
     validate = False if args.no_validate else ValidationConfig(stsb_pairs=args.stsb_pairs)
-    out = export_onnx(encoder, args.output, precision=args.precision, opset=args.opset, validate=validate, overwrite=args.overwrite)
+    out = export_onnx(encoder, args.output, precision=args.precision, opset=args.opset, validate=validate, overwrite=args.overwrite, progress=True)
     report = json.loads((out / "export_report.json").read_text())
     summary = {k: report.get(k) for k in ("precision", "status", "file_size_bytes", "min_cos", "mean_cos", "max_abs_err")}
     print(json.dumps(summary), file=sys.stderr)
