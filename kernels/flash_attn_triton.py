@@ -25,10 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreter_enabled, new_output, next_power_of_2
+from ._dispatch import autotune_cache_kwargs, interpreter_enabled, new_output, next_power_of_2
 
 #: Whether the kernels below were built for the Triton interpreter (decided when triton.jit ran).
 INTERPRETED = interpreter_enabled()
+#: Autotune choices are cached on disk where Triton supports it (warm start of a new process).
+AUTOTUNE_CACHE = autotune_cache_kwargs(triton.autotune)
 
 LOG2E = 1.4426950408889634
 #: ``(dropout_p, seed, offset)`` of a launch without attention dropout.
@@ -143,14 +145,21 @@ def _logits(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, cols, dropout_p):
-    """Philox keep-mask ``[len(rows), len(cols)]`` of query ``row0 + rows`` (global row) against key
-    ``cols`` (within the sequence) for q head ``h``: element ``(h, t, j)`` uses counter
-    ``offset + (h * n_tokens + t) * mask_stride + j`` -- independent of the block sizes, so the
-    forward and both backward kernels (and :func:`dropout_keep_mask`) regenerate the same mask."""
+def _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, start_n, dropout_p, BLOCK_N: tl.constexpr):
+    """Philox keep-mask ``[len(rows), BLOCK_N]`` of query ``row0 + rows`` (global row) against keys
+    ``start_n + arange(BLOCK_N)`` (within the sequence; ``start_n`` a multiple of 4) for q head ``h``.
+
+    One Philox counter yields 4 uniforms (``rand4x``) for 4 neighbouring keys: the counter of
+    ``(h, t, j)`` is ``offset + (h * n_tokens + t) * mask_stride + j // 4`` (``mask_stride =
+    ceil(max_seqlen / 4)``), independent of the block sizes, so the forward, both backward kernels
+    and :func:`dropout_keep_mask` regenerate the same mask; a quarter of the Philox work and
+    registers of one counter per element."""
     t = row0 + rows.to(tl.int64)
-    idx = offset + (h.to(tl.int64) * n_tokens + t)[:, None] * mask_stride + cols.to(tl.int64)[None, :]
-    return tl.rand(seed, idx) >= dropout_p
+    quads = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    idx = offset + (h.to(tl.int64) * n_tokens + t)[:, None] * mask_stride + quads.to(tl.int64)[None, :]
+    r0, r1, r2, r3 = tl.rand4x(seed, idx)
+    u = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (rows.shape[0], BLOCK_N))
+    return u >= dropout_p
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,14 +182,14 @@ def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stri
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, offs_m, cols, dropout_p)
+        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, offs_m, start_n, dropout_p, offs_n.shape[0])
         p = tl.where(keep, p * drop_scale, 0.0)
     v = _load_rows(V_seq, cols, stride_vt, offs_d, seq_len, D, BLOCK_D, MASK_N)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_configs(_FWD_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(_FWD_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE, **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU, qk_scale, cap_scale, seed, offset, n_tokens, mask_stride, dropout_p, drop_scale,
@@ -238,8 +247,8 @@ def _bwd_preprocess_kernel(O, DO, DELTA, n_tokens, stride_ot, stride_oh, stride_
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt, stride_dot,
-                qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_n, dropout_p,
-                drop_scale, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
+                qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_n, offs_n_start,
+                dropout_p, drop_scale, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
                 SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     rows = start_m + offs_m
     q = _load_rows(Q_seq, rows, stride_qt, offs_d, seq_len, D, BLOCK_D, MASK_M)
@@ -255,7 +264,8 @@ def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_le
     p_t = tl.exp2(s_t - lse[None, :])  # [BLOCK_N, BLOCK_M]
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     if DROPOUT:  # dV sees the dropped probabilities; dP flows back through the same mask
-        keep_t = tl.trans(_dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, offs_n, dropout_p))
+        keep_t = tl.trans(_dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, offs_n_start, dropout_p,
+                                        offs_n.shape[0]))
         dv = tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
     else:
@@ -267,7 +277,8 @@ def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_le
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_BWD_KV_TABLE, (32, 64)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(_BWD_KV_TABLE, (32, 64)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
+                 **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, cap_scale, sm_scale, seed, offset, n_tokens, mask_stride, dropout_p,
@@ -298,12 +309,12 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(0, m_full, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt,
                                  stride_dot, qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens,
-                                 mask_stride, row0, offs_n, dropout_p, drop_scale, D, BLOCK_D, False, PRECISION,
+                                 mask_stride, row0, offs_n, start_n, dropout_p, drop_scale, D, BLOCK_D, False, PRECISION,
                                  SOFTCAP, DROPOUT)
         if m_full < seq_len:
             dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, m_full, seq_len, stride_qt,
                                  stride_dot, qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens,
-                                 mask_stride, row0, offs_n, dropout_p, drop_scale, D, BLOCK_D, True, PRECISION,
+                                 mask_stride, row0, offs_n, start_n, dropout_p, drop_scale, D, BLOCK_D, True, PRECISION,
                                  SOFTCAP, DROPOUT)
     _store_rows(DK + row0 * stride_dkt + hk * stride_dkh, offs_n, stride_dkt, offs_d, seq_len, dk * sm_scale, D)
     _store_rows(DV + row0 * stride_dvt + hk * stride_dvh, offs_n, stride_dvt, offs_d, seq_len, dv, D)
@@ -323,7 +334,7 @@ def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, 
         p = tl.where((cols < seq_len)[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:
-        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, offs_m, cols, dropout_p)
+        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, offs_m, start_n, dropout_p, offs_n.shape[0])
         dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
@@ -331,7 +342,7 @@ def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, 
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_configs(_BWD_Q_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(_BWD_Q_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE, **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, cap_scale, sm_scale, seed, offset, n_tokens, mask_stride, dropout_p,
@@ -378,7 +389,7 @@ def _dropout_mask_kernel(MASK, CU, seed, offset, n_tokens, mask_stride, dropout_
     rows = start_m + tl.arange(0, BLOCK_M)
     for start_n in range(0, seq_len, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, cols, dropout_p)
+        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, start_n, dropout_p, BLOCK_N)
         ptrs = MASK + h * stride_mh + (row0 + rows.to(tl.int64))[:, None] * stride_mt + cols[None, :]
         tl.store(ptrs, keep.to(tl.int8), mask=(rows < seq_len)[:, None] & (cols < seq_len)[None, :])
 
@@ -411,7 +422,12 @@ def _dropout_args(q: torch.Tensor, max_seqlen: int, dropout: tuple[float, int, i
     """``(seed, offset, n_tokens, mask_stride, dropout_p, 1 / (1 - dropout_p))`` kernel arguments."""
     dropout_p, seed, offset = dropout
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
-    return seed, offset, q.shape[0], max(max_seqlen, 1), float(dropout_p), keep_scale
+    return seed, offset, q.shape[0], _mask_stride(max_seqlen), float(dropout_p), keep_scale
+
+
+def _mask_stride(max_seqlen: int) -> int:
+    """Philox counters per (head, query row): one per 4 keys."""
+    return max((max_seqlen + 3) // 4, 1)
 
 
 def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softcap: float,
@@ -511,7 +527,7 @@ def dropout_keep_mask(cu_seqlens: torch.Tensor, n_heads: int, max_seqlen: int, d
         return mask.bool()
     block_m, block_n = 32, 32
     _dropout_mask_kernel[(triton.cdiv(max_seqlen, block_m), n_heads, cu_seqlens.numel() - 1)](
-        mask, cu_seqlens, seed, offset, n_tokens, max(max_seqlen, 1), float(dropout_p), mask.stride(0), mask.stride(1),
+        mask, cu_seqlens, seed, offset, n_tokens, _mask_stride(max_seqlen), float(dropout_p), mask.stride(0), mask.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return mask.bool()

@@ -11,6 +11,7 @@ flash-attention varlen; every attention layer then calls :func:`flash_attn_varle
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 from collections.abc import Iterator
 
@@ -20,7 +21,9 @@ from torch import nn
 from .kernels import flash_attn_varlen
 
 ATTN_IMPLEMENTATION = "llm2vec_varlen"
-_state = {"backend": "auto", "registered": False}
+_state = {"registered": False}
+# context-local (per thread and per asyncio task): two threads may encode with different backends
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("llm2vec_fast_kernel_backend", default="auto")
 
 
 @contextlib.contextmanager
@@ -29,17 +32,23 @@ def kernel_backend(backend: str) -> Iterator[None]:
     or ``torch``) inside the block.
 
     Tests use ``triton`` on CPU under ``TRITON_INTERPRET=1``; the library itself keeps ``auto``.
+    The choice is context-local (a :class:`contextvars.ContextVar`): it applies to the calling
+    thread (or asyncio task) only.
     """
-    previous, _state["backend"] = _state["backend"], backend
+    from .kernels._dispatch import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    token = _backend.set(backend)
     try:
         yield
     finally:
-        _state["backend"] = previous
+        _backend.reset(token)
 
 
 def current_backend() -> str:
     """The kernel backend selected by :func:`kernel_backend` (``auto`` by default)."""
-    return _state["backend"]
+    return _backend.get()
 
 
 def varlen_attention_forward(
@@ -82,7 +91,7 @@ def varlen_attention_forward(
         softmax_scale=scaling,
         dropout_p=float(dropout),
         softcap=softcap,
-        backend=_state["backend"],
+        backend=_backend.get(),
     )
     return out.unsqueeze(0), None
 

@@ -130,3 +130,63 @@ def test_simcse_packed_attention_dropout_matches_padded_statistics(tiny_head32_d
     assert z.max() < 6 and z.mean() < 1.3, (z.max(), z.mean())
     ratio = (std_b.mean() / std_a.mean()).item()
     assert 0.8 < ratio < 1.25, ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend switch is context-local
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_threads_encode_with_different_backends(smollm_tokenizer, monkeypatch):
+    """``kernel_backend`` is a ContextVar: two threads encoding at once each keep their own backend,
+    and both get the padded path's embeddings."""
+    import copy
+    import threading
+
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    from llm2vec_fast import varlen_attention
+    from llm2vec_fast.bidirectional import enable_bidirectional
+    from llm2vec_fast.encoder import LLM2Vec
+
+    texts = ["a short one", "a somewhat longer sentence about kernels and threads", "x", "packed batches " * 4]
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tiny_config("llama", num_attention_heads=2, num_key_value_heads=1, head_dim=32, hidden_size=64))
+    encoders = [LLM2Vec(enable_bidirectional(copy.deepcopy(model).eval()), smollm_tokenizer) for _ in range(2)]
+    expected = encoders[0].encode(texts, batch_size=4)
+    for enc in encoders:
+        enc.packed, enc.max_tokens_per_batch = True, 16  # several packed batches per encode
+
+    seen: dict[str, set] = {}
+    real = varlen_attention.flash_attn_varlen
+
+    def recording(*args, backend, **kwargs):
+        seen.setdefault(threading.current_thread().name, set()).add(backend)
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(varlen_attention, "flash_attn_varlen", recording)
+    barrier, results, errors = threading.Barrier(2), {}, []
+
+    def work(name, enc, backend):
+        try:
+            with kernel_backend(backend):
+                barrier.wait()
+                results[name] = [enc.encode(texts) for _ in range(2)]
+        except Exception as e:  # noqa: BLE001 -- surfaced by the assertion below
+            errors.append(e)
+
+    backends = {"t-torch": "torch", "t-kernel": "triton" if _dispatch.triton_device() == "cpu" else "auto"}
+    threads = [threading.Thread(target=work, name=n, args=(n, enc, b)) for (n, b), enc in zip(backends.items(), encoders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    for name, backend in backends.items():
+        assert seen[name] == {backend}, (name, seen)
+        for got in results[name]:
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    from llm2vec_fast.varlen_attention import current_backend
+
+    assert current_backend() == "auto"  # the main thread never saw either switch
