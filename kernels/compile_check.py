@@ -236,14 +236,27 @@ def _ptxas_spills(ptx: str, arch: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
-def run(full: bool = False, archs=tuple(SMEM_LIMITS), jobs: int | None = None) -> list[dict]:
-    """Compile the cases (in a process pool) and return one result dict per case."""
+def run(full: bool = False, archs=tuple(SMEM_LIMITS), jobs: int | None = None, report=None) -> list[dict]:
+    """Compile the cases (in a process pool) and return one result dict per case; ``report`` is
+    called with each result as it arrives."""
     cases = [c for c in all_cases() if c["arch"] in archs]
     if not full:
         cases = covering_cases(cases)
     jobs = jobs or os.cpu_count() or 1
+    results = []
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(compile_case, cases, chunksize=1))
+        for r in pool.map(compile_case, cases, chunksize=1):
+            results.append(r)
+            if report is not None:
+                report(r)
+    return results
+
+
+def _line(r: dict) -> str:
+    status = "ok  " if r["ok"] else "FAIL"
+    return (f"{status} sm_{r['arch']} {r['kernel']:<24} {r['config']:<12} {r['dtype']} D={r['D']!s:<13} {r['variant']:<19} "
+            f"shared={r['shared']} n_spills={r['n_spills']}{' (cached)' if r['cached'] else ''}"
+            + (f"  {r['error']}" if not r["ok"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,13 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *(argv if argv is not None else sys.argv[1:])], env)
     start = time.perf_counter()
-    results = run(args.full, tuple(args.arch), args.jobs)
+    results = run(args.full, tuple(args.arch), args.jobs, report=lambda r: print(_line(r), flush=True))
     failed = [r for r in results if not r["ok"]]
-    for r in results:
-        status = "ok " if r["ok"] else "FAIL"
-        print(f"{status} sm_{r['arch']} {r['kernel']:<24} {r['config']:<12} {r['dtype']} D={r['D']!s:<13} {r['variant']:<19} "
-              f"shared={r['shared']} n_spills={r['n_spills']}{' (cached)' if r['cached'] else ''}"
-              + (f"  {r['error']}" if not r["ok"] else ""))
     print(f"{len(results)} cases, {len(failed)} failed, {sum(r['cached'] for r in results)} cached, "
           f"max n_spills={max((r['n_spills'] or 0) for r in results)}, {time.perf_counter() - start:.0f}s")
     if args.json:
