@@ -2,8 +2,7 @@
 the plain Hugging Face path, measured in the same run.
 
 * ours: :mod:`llm2vec_fast.train` stages. On CUDA: packed varlen batches through the kernels'
-  attention and pooling (SimCSE with attention dropout keeps padded, length-sorted micro-batches),
-  bf16 autocast; MNTP gathers the masked positions and applies the LM head chunk by chunk.
+  attention and pooling (SimCSE's attention dropout runs inside the varlen kernel), bf16 autocast; MNTP gathers the masked positions and applies the LM head chunk by chunk.
   On CPU: padded, length-sorted micro-batches, fp32.
 * plain HF: one right-padded batch, SDPA with a 4D bidirectional mask, MNTP through
   ``AutoModelForCausalLM(labels=...)`` (full ``[tokens x vocab]`` logits), SimCSE through
@@ -13,6 +12,7 @@ CPU: the default model (SmolLM2-135M-Instruct). GPU: random weights with Llama-3
 (config written inline, no download; SmolLM2 tokenizer, whose ids fit the vocabulary).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_train.py        # writes benchmarks/results/train-cpu.json
+    python benchmarks/bench_train.py --quick                  # GPU suite: 3 timed steps per case
     python benchmarks/bench_train.py                          # on a GPU: results/train-<card>.json
 
 Each (stage, implementation) runs in its own subprocess, so the CPU peak memory (max RSS growth
@@ -176,6 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-<cpu|card>.json)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 3 on CPU, 10 on GPU)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="3 timed steps per case (the GPU suite); same shapes")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
         return 0
 
     on_gpu = torch.cuda.is_available()
-    steps = args.steps or (10 if on_gpu else 3)
+    steps = args.steps or (3 if args.quick or not on_gpu else 10)
     # (batch, max_length, words per text): official MNTP/SimCSE shapes on GPU, small ones on 2 CPU cores
     shapes = {"mntp": (32, 512, (40, 400)), "simcse": (128, 128, (10, 100))} if on_gpu else {"mntp": (8, 128, (8, 100)), "simcse": (16, 64, (4, 40))}
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))

@@ -143,5 +143,18 @@ def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
+def autotune_cache_kwargs(autotune) -> dict:
+    """``{"cache_results": True}`` when this Triton's ``autotune`` can store its choices on disk (in
+    the Triton cache dir), so a new process starts without re-tuning; ``{}`` on older versions and
+    under the interpreter (one config, nothing to tune)."""
+    import inspect
+
+    try:
+        params = inspect.signature(autotune).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"cache_results": True} if "cache_results" in params and not interpreter_enabled() else {}
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

@@ -25,12 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreter_enabled, new_output, next_power_of_2
+from ._dispatch import autotune_cache_kwargs, interpreter_enabled, new_output, next_power_of_2
 
 #: Whether the kernels below were built for the Triton interpreter (decided when triton.jit ran).
 INTERPRETED = interpreter_enabled()
+#: Autotune choices are cached on disk where Triton supports it (warm start of a new process).
+AUTOTUNE_CACHE = autotune_cache_kwargs(triton.autotune)
 
 LOG2E = 1.4426950408889634
+#: ``(dropout_p, seed, offset)`` of a launch without attention dropout.
+NO_DROPOUT = (0.0, 0, 0)
 _MAX_GRID_YZ = 65535
 
 
@@ -79,7 +83,7 @@ _BWD_Q_TABLE = [
     (256, 64, 32, 4, 2), (256, 64, 16, 4, 2), (256, 32, 32, 4, 2), (256, 32, 64, 4, 2),
 ]
 
-_AUTOTUNE_KEY = ["BLOCK_D", "GROUP", "seq_bucket"]
+_AUTOTUNE_KEY = ["BLOCK_D", "GROUP", "seq_bucket", "SOFTCAP", "DROPOUT"]
 _PRUNE = {"early_config_prune": _prune_by_head_dim}
 
 
@@ -121,36 +125,78 @@ def _block_coords(CU, BLOCK: tl.constexpr):
     return seq_start.to(tl.int64), seq_len, tl.program_id(0) * BLOCK, tl.program_id(1)
 
 
+@triton.jit
+def _tanh(x):
+    # tanh from exp2 (saturates cleanly to +-1): libdevice/tl.math tanh differ across Triton versions
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _logits(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
+    """Raw ``q . k`` -> softmax logits in base-2 units, and ``tanh`` of the soft-capped scores
+    (without capping the second value is unused: the compiler drops it). Capping: ``softcap * tanh(s * softmax_scale / softcap)``, so
+    ``qk_scale = softmax_scale / softcap`` and ``cap_scale = softcap * log2(e)``; without it
+    ``qk_scale = softmax_scale * log2(e)``."""
+    if SOFTCAP:
+        t = _tanh(s * qk_scale)
+        return t * cap_scale, t
+    else:
+        return s * qk_scale, s
+
+
+@triton.jit
+def _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, start_n, dropout_p, BLOCK_N: tl.constexpr):
+    """Philox keep-mask ``[len(rows), BLOCK_N]`` of query ``row0 + rows`` (global row) against keys
+    ``start_n + arange(BLOCK_N)`` (within the sequence; ``start_n`` a multiple of 4) for q head ``h``.
+
+    One Philox counter yields 4 uniforms (``rand4x``) for 4 neighbouring keys: the counter of
+    ``(h, t, j)`` is ``offset + (h * n_tokens + t) * mask_stride + j // 4`` (``mask_stride =
+    ceil(max_seqlen / 4)``), independent of the block sizes, so the forward, both backward kernels
+    and :func:`dropout_keep_mask` regenerate the same mask; a quarter of the Philox work and
+    registers of one counter per element."""
+    t = row0 + rows.to(tl.int64)
+    quads = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    idx = offset + (h.to(tl.int64) * n_tokens + t)[:, None] * mask_stride + quads.to(tl.int64)[None, :]
+    r0, r1, r2, r3 = tl.rand4x(seed, idx)
+    u = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (rows.shape[0], BLOCK_N))
+    return u >= dropout_p
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, offs_n, offs_d,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, cap_scale, offs_n,
+               offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p, drop_scale,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+               SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     cols = start_n + offs_n
     k = _load_rows(K_seq, cols, stride_kt, offs_d, seq_len, D, BLOCK_D, MASK_N)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s, _ = _logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
     if MASK_N:
         s = tl.where((cols < seq_len)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, offs_m, start_n, dropout_p, offs_n.shape[0])
+        p = tl.where(keep, p * drop_scale, 0.0)
     v = _load_rows(V_seq, cols, stride_vt, offs_d, seq_len, D, BLOCK_D, MASK_N)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_configs(_FWD_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.autotune(configs=_configs(_FWD_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE, **AUTOTUNE_CACHE)
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU, qk_scale,
+    Q, K, V, O, LSE, CU, qk_scale, cap_scale, seed, offset, n_tokens, mask_stride, dropout_p, drop_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     seq_bucket,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
     if start_m >= seq_len:
@@ -170,10 +216,12 @@ def _attn_fwd_kernel(
     n_full = (seq_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt,
-                                   qk_scale, offs_n, offs_d, D, BLOCK_D, False, PRECISION)
+                                   qk_scale, cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0,
+                                   offs_m, dropout_p, drop_scale, D, BLOCK_D, False, PRECISION, SOFTCAP, DROPOUT)
     if n_full < seq_len:
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, n_full, seq_len, stride_kt, stride_vt,
-                                   qk_scale, offs_n, offs_d, D, BLOCK_D, True, PRECISION)
+                                   qk_scale, cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0,
+                                   offs_m, dropout_p, drop_scale, D, BLOCK_D, True, PRECISION, SOFTCAP, DROPOUT)
     acc = acc / l_i[:, None]
     _store_rows(O + row0 * stride_ot + h * stride_oh, offs_m, stride_ot, offs_d, seq_len, acc, D)
     tl.store(LSE + h * stride_lh + row0 + offs_m, m_i + tl.log2(l_i), mask=offs_m < seq_len)
@@ -199,8 +247,9 @@ def _bwd_preprocess_kernel(O, DO, DELTA, n_tokens, stride_ot, stride_oh, stride_
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt, stride_dot,
-                qk_scale, offs_m, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr,
-                PRECISION: tl.constexpr):
+                qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_n, offs_n_start,
+                dropout_p, drop_scale, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
+                SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     rows = start_m + offs_m
     q = _load_rows(Q_seq, rows, stride_qt, offs_d, seq_len, D, BLOCK_D, MASK_M)
     do = _load_rows(DO_seq, rows, stride_dot, offs_d, seq_len, D, BLOCK_D, MASK_M)
@@ -211,24 +260,34 @@ def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_le
     else:
         lse = tl.load(LSE_seq + rows)
         delta = tl.load(DELTA_seq + rows)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-    p_t = tl.exp2(s_t - lse[None, :])
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+    s_t, t_t = _logits(tl.dot(k, tl.trans(q), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
+    p_t = tl.exp2(s_t - lse[None, :])  # [BLOCK_N, BLOCK_M]
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if DROPOUT:  # dV sees the dropped probabilities; dP flows back through the same mask
+        keep_t = tl.trans(_dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, offs_n_start, dropout_p,
+                                        offs_n.shape[0]))
+        dv = tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+    else:
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:  # d/ds [softcap * tanh(s * scale / softcap)] = scale * (1 - tanh^2); scale is applied at the end
+        ds_t = ds_t * (1.0 - t_t * t_t)
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_BWD_KV_TABLE, (32, 64)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.autotune(configs=_configs(_BWD_KV_TABLE, (32, 64)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
+                 **AUTOTUNE_CACHE)
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, cap_scale, sm_scale, seed, offset, n_tokens, mask_stride, dropout_p,
+    drop_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
     seq_bucket,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_n, hk = _block_coords(CU, BLOCK_N)
     if start_n >= seq_len:
@@ -249,38 +308,50 @@ def _attn_bwd_dkdv_kernel(
         DELTA_seq = DELTA + h * stride_lh + row0
         for start_m in range(0, m_full, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt,
-                                 stride_dot, qk_scale, offs_m, offs_d, D, BLOCK_D, False, PRECISION)
+                                 stride_dot, qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens,
+                                 mask_stride, row0, offs_n, start_n, dropout_p, drop_scale, D, BLOCK_D, False, PRECISION,
+                                 SOFTCAP, DROPOUT)
         if m_full < seq_len:
             dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, m_full, seq_len, stride_qt,
-                                 stride_dot, qk_scale, offs_m, offs_d, D, BLOCK_D, True, PRECISION)
+                                 stride_dot, qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens,
+                                 mask_stride, row0, offs_n, start_n, dropout_p, drop_scale, D, BLOCK_D, True, PRECISION,
+                                 SOFTCAP, DROPOUT)
     _store_rows(DK + row0 * stride_dkt + hk * stride_dkh, offs_n, stride_dkt, offs_d, seq_len, dk * sm_scale, D)
     _store_rows(DV + row0 * stride_dvt + hk * stride_dvh, offs_n, stride_dvt, offs_d, seq_len, dv, D)
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, offs_n,
-              offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, cap_scale,
+              offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p, drop_scale,
+              D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+              SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     cols = start_n + offs_n
     k = _load_rows(K_seq, cols, stride_kt, offs_d, seq_len, D, BLOCK_D, MASK_N)
     v = _load_rows(V_seq, cols, stride_vt, offs_d, seq_len, D, BLOCK_D, MASK_N)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s, t = _logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
     p = tl.exp2(s - lse[:, None])
     if MASK_N:
         p = tl.where((cols < seq_len)[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, offs_m, start_n, dropout_p, offs_n.shape[0])
+        dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_configs(_BWD_Q_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.autotune(configs=_configs(_BWD_Q_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE, **AUTOTUNE_CACHE)
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, cap_scale, sm_scale, seed, offset, n_tokens, mask_stride, dropout_p,
+    drop_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lh,
     seq_bucket,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
     if start_m >= seq_len:
@@ -299,11 +370,28 @@ def _attn_bwd_dq_kernel(
     n_full = (seq_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale,
-                       offs_n, offs_d, D, BLOCK_D, False, PRECISION)
+                       cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p,
+                       drop_scale, D, BLOCK_D, False, PRECISION, SOFTCAP, DROPOUT)
     if n_full < seq_len:
         dq = _dq_block(dq, q, do, lse, delta, K_seq, V_seq, n_full, seq_len, stride_kt, stride_vt, qk_scale,
-                       offs_n, offs_d, D, BLOCK_D, True, PRECISION)
+                       cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p,
+                       drop_scale, D, BLOCK_D, True, PRECISION, SOFTCAP, DROPOUT)
     _store_rows(DQ + row0 * stride_dqt + h * stride_dqh, offs_m, stride_dqt, offs_d, seq_len, dq * sm_scale, D)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _dropout_mask_kernel(MASK, CU, seed, offset, n_tokens, mask_stride, dropout_p, stride_mh, stride_mt,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the attention kernels' keep-mask: ``MASK[h, t, j]`` for key ``j`` of row ``t``'s sequence."""
+    row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
+    if start_m >= seq_len:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    for start_n in range(0, seq_len, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, start_n, dropout_p, BLOCK_N)
+        ptrs = MASK + h * stride_mh + (row0 + rows.to(tl.int64))[:, None] * stride_mt + cols[None, :]
+        tl.store(ptrs, keep.to(tl.int8), mask=(rows < seq_len)[:, None] & (cols < seq_len)[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +411,27 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
-def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
+def _logit_scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
+    """``(qk_scale, cap_scale)`` for :func:`_logits`."""
+    if softcap > 0.0:
+        return softmax_scale / softcap, softcap * LOG2E
+    return softmax_scale * LOG2E, 1.0
+
+
+def _dropout_args(q: torch.Tensor, max_seqlen: int, dropout: tuple[float, int, int]) -> tuple:
+    """``(seed, offset, n_tokens, mask_stride, dropout_p, 1 / (1 - dropout_p))`` kernel arguments."""
+    dropout_p, seed, offset = dropout
+    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+    return seed, offset, q.shape[0], _mask_stride(max_seqlen), float(dropout_p), keep_scale
+
+
+def _mask_stride(max_seqlen: int) -> int:
+    """Philox counters per (head, query row): one per 4 keys."""
+    return max((max_seqlen + 3) // 4, 1)
+
+
+def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softcap: float,
+                 dropout_p: float) -> dict:
     n_seq = cu_seqlens.numel() - 1
     if n_seq > _MAX_GRID_YZ or q.shape[1] > _MAX_GRID_YZ:
         raise ValueError(f"at most {_MAX_GRID_YZ} sequences per call, got {n_seq}")
@@ -333,18 +441,23 @@ def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max
         D=q.shape[2],
         BLOCK_D=max(16, next_power_of_2(q.shape[2])),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SOFTCAP=softcap > 0.0,
+        DROPOUT=dropout_p > 0.0,
     )
 
 
-def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float):
-    """Returns ``(out [T, Hq, D], lse [Hq, T] fp32, base-2 log-sum-exp of the scaled scores)``."""
+def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, softcap: float = 0.0,
+                      dropout: tuple[float, int, int] = NO_DROPOUT):
+    """Returns ``(out [T, Hq, D], lse [Hq, T] fp32, base-2 log-sum-exp of the (capped) logits)``.
+
+    ``dropout = (p, seed, offset)``: attention dropout with the Philox mask of :func:`_dropout_keep`."""
     _check_device(q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     n_tokens, n_heads, _ = q.shape
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((n_heads, n_tokens), torch.float32, q.device)
     n_seq = cu_seqlens.numel() - 1
-    meta = _launch_meta(q, k, cu_seqlens, max_seqlen)
+    meta = _launch_meta(q, k, cu_seqlens, max_seqlen, softcap, dropout[0])
     if n_tokens == 0:
         return out, lse
 
@@ -352,7 +465,7 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, n_seq)
 
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens, softmax_scale * LOG2E,
+        q, k, v, out, lse, cu_seqlens, *_logit_scales(softmax_scale, softcap), *_dropout_args(q, max_seqlen, dropout),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         **meta,
@@ -360,14 +473,15 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float):
+def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float,
+                       softcap: float = 0.0, dropout: tuple[float, int, int] = NO_DROPOUT):
     """Returns ``(dq, dk, dv)`` for :func:`attention_forward`'s output gradient ``do``."""
     _check_device(q)
     do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
     n_tokens, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     n_seq = cu_seqlens.numel() - 1
-    meta = _launch_meta(q, k, cu_seqlens, max_seqlen)
+    meta = _launch_meta(q, k, cu_seqlens, max_seqlen, softcap, dropout[0])
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
@@ -379,7 +493,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softm
         out, do, delta, n_tokens, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
         D=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t,
     )
-    scales = (softmax_scale * LOG2E, softmax_scale)
+    scales = (*_logit_scales(softmax_scale, softcap), softmax_scale, *_dropout_args(q, max_seqlen, dropout))
     common_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                       do.stride(0), do.stride(1))
 
@@ -401,3 +515,19 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softm
         **meta,
     )
     return dq, dk, dv
+
+
+def dropout_keep_mask(cu_seqlens: torch.Tensor, n_heads: int, max_seqlen: int, dropout_p: float, seed: int,
+                      offset: int) -> torch.Tensor:
+    """The kernels' keep-mask, bool ``[n_heads, T, max_seqlen]``: ``mask[h, t, j]`` keeps the probability
+    of query row ``t`` on key ``j`` of its own sequence (columns past the sequence are False)."""
+    n_tokens = int(cu_seqlens[-1])
+    mask = torch.zeros((n_heads, n_tokens, max(max_seqlen, 1)), dtype=torch.int8, device=cu_seqlens.device)
+    if n_tokens == 0 or max_seqlen == 0:
+        return mask.bool()
+    block_m, block_n = 32, 32
+    _dropout_mask_kernel[(triton.cdiv(max_seqlen, block_m), n_heads, cu_seqlens.numel() - 1)](
+        mask, cu_seqlens, seed, offset, n_tokens, _mask_stride(max_seqlen), float(dropout_p), mask.stride(0), mask.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return mask.bool()

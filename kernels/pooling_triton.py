@@ -20,9 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreter_enabled, new_output, next_power_of_2
+from ._dispatch import autotune_cache_kwargs, interpreter_enabled, new_output, next_power_of_2
 
 INTERPRETED = interpreter_enabled()
+#: Autotune choices are cached on disk where Triton supports it (warm start of a new process).
+AUTOTUNE_CACHE = autotune_cache_kwargs(triton.autotune)
 
 MODE_IDS = {"mean": 0, "weighted_mean": 1, "last": 2, "first": 3}
 
@@ -68,7 +70,7 @@ def _normaliser(count, MODE: tl.constexpr):
     return tl.maximum(c, 1.0)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY, **AUTOTUNE_CACHE)
 @triton.jit
 def _pool_fwd_kernel(
     H, MASK, CU, OUT, STATS, stride_ht, stride_ob, D, batch_bucket, len_bucket,
@@ -108,7 +110,7 @@ def _pool_fwd_kernel(
         tl.store(STATS + b, stat)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY, **AUTOTUNE_CACHE)
 @triton.jit
 def _pool_bwd_kernel(
     GOUT, MASK, CU, STATS, GH, stride_gb, stride_ght, D, batch_bucket, len_bucket,

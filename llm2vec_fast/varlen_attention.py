@@ -11,6 +11,8 @@ flash-attention varlen; every attention layer then calls :func:`flash_attn_varle
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -19,7 +21,9 @@ from torch import nn
 from .kernels import flash_attn_varlen
 
 ATTN_IMPLEMENTATION = "llm2vec_varlen"
-_state = {"backend": "auto", "registered": False}
+_state = {"registered": False}
+# context-local (per thread and per asyncio task): two threads may encode with different backends
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("llm2vec_fast_kernel_backend", default="auto")
 
 
 @contextlib.contextmanager
@@ -28,24 +32,23 @@ def kernel_backend(backend: str) -> Iterator[None]:
     or ``torch``) inside the block.
 
     Tests use ``triton`` on CPU under ``TRITON_INTERPRET=1``; the library itself keeps ``auto``.
+    The choice is context-local (a :class:`contextvars.ContextVar`): it applies to the calling
+    thread (or asyncio task) only.
     """
-    previous, _state["backend"] = _state["backend"], backend
+    from .kernels._dispatch import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    token = _backend.set(backend)
     try:
         yield
     finally:
-        _state["backend"] = previous
+        _backend.reset(token)
 
 
 def current_backend() -> str:
     """The kernel backend selected by :func:`kernel_backend` (``auto`` by default)."""
-    return _state["backend"]
-
-
-def _block_diagonal_mask(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    seq = torch.repeat_interleave(
-        torch.arange(cu_seqlens.numel() - 1, device=cu_seqlens.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    )
-    return (seq[:, None] == seq[None, :])[None, None]
+    return _backend.get()
 
 
 def varlen_attention_forward(
@@ -59,18 +62,25 @@ def varlen_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``query`` ``[1, Hq, T, D]``, ``key``/``value`` ``[1, Hkv, T, D]``
-    -> ``[1, T, Hq, D]``."""
+    -> ``[1, T, Hq, D]``.
+
+    ``softcap`` (sent by Gemma2's attention as ``attn_logit_softcapping``, ``None`` for other
+    families) caps the logits inside the kernel; ``dropout`` (the module's ``attention_dropout`` in
+    training, 0 in eval) is the kernel's attention dropout (Philox mask in the Triton kernels,
+    ``torch.rand`` masks on the torch backend)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seqlens = kwargs.get("cu_seq_lens_q")
+    softcap = kwargs.get("softcap") or 0.0
     if cu_seqlens is None:
+        if softcap:  # SDPA cannot cap logits: use the model's own eager attention (Gemma2 defines one)
+            eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+            if eager is None:
+                raise NotImplementedError(f"{type(module).__name__}: soft-capped attention without packing metadata")
+            return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects batch size 1 ([1, H, T, D]), got {tuple(query.shape)}")
-    if dropout > 0.0:
-        # The fused kernel has no attention dropout (SimCSE training uses it): same packing, SDPA math.
-        mask = _block_diagonal_mask(cu_seqlens, query.shape[2])
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     out = flash_attn_varlen(
         q,
@@ -79,7 +89,9 @@ def varlen_attention_forward(
         cu_seqlens.to(torch.int32),
         int(kwargs.get("max_length_q") or 0) or int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
         softmax_scale=scaling,
-        backend=_state["backend"],
+        dropout_p=float(dropout),
+        softcap=softcap,
+        backend=_backend.get(),
     )
     return out.unsqueeze(0), None
 

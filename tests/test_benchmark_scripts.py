@@ -68,3 +68,10 @@ def test_suite_summary(smoke_results, tmp_path):
     assert "pooling varlen mean fwd_vs_torch_ref" in proc.stdout and "4.00x" in proc.stdout
     assert "encode tiny packed vs reference" in proc.stdout and "min cosine" in proc.stdout
     assert "fwd_vs_cudnn" in proc.stdout and "n/a" in proc.stdout
+
+
+def test_bench_first_embedding_cpu_smoke():
+    """Two fresh processes (cold and warm Triton cache) time their first embedding; on CPU with the tiny model."""
+    proc = _run(BENCH_DIR / "bench_first_embedding.py", "--cpu-smoke", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"cold_over_warm"' in proc.stdout and '"first_embedding_s"' in proc.stdout

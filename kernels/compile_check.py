@@ -1,0 +1,283 @@
+"""Compile every Triton kernel config for NVIDIA GPUs on a machine without one.
+
+``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))`` runs
+the whole NVIDIA pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ``ptxas`` cubin) on the CPU. For each
+case this module records the shared memory the kernel needs (checked against the card's limit:
+163 KB on sm_80, 227 KB on sm_90) and the register spills ``ptxas -v`` reports (must be 0).
+
+Cases: every autotune config of every kernel (attention forward, dK/dV, dQ, the backward
+preprocess and the dropout-mask kernel; pooling forward and backward), for head dims
+64/80/128/256 (attention) or every pooling mode, fp16 and bf16, sm_80 and sm_90, with attention
+dropout and logit soft-capping on and off.
+
+* ``--full``: the whole cartesian product (a few hundred compiles; slow on a small machine).
+* default: a covering subset of it -- every config is compiled on each architecture, in each
+  dtype, with dropout+softcap off and on, and for each head dim of its class (each mode for
+  pooling); not every combination of those. Used by CI.
+
+Compiles run in a process pool; results are cached as JSON next to Triton's own cache
+(``TRITON_CACHE_DIR``, default ``~/.triton/cache``), keyed by the kernel source, case and Triton
+version, so an unchanged kernel is not compiled again.
+
+Run: ``python -m llm2vec_fast.kernels.compile_check [--full] [--arch 80 90] [--jobs N] [--json out.json]``.
+Exit status 1 when any case fails. Must run without ``TRITON_INTERPRET`` (the module re-executes
+its workers with it unset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+#: Shared memory per block (bytes) the compiled kernel may use: A100 163 KB, H100 227 KB.
+SMEM_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
+HEAD_DIMS = (64, 80, 128, 256)
+DTYPES = ("fp16", "bf16")
+#: (dropout, softcap): both off and both on (dropout and capping add code to the same loops; both on
+#: is the largest kernel, both off the one inference runs).
+ATTN_VARIANTS = ((False, False), (True, True))
+
+_SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+# --------------------------------------------------------------------------------------------
+# cases
+# --------------------------------------------------------------------------------------------
+
+
+def _attention_cases(fat) -> list[dict]:
+    """Cases of the autotuned attention kernels: configs of the head-dim class of each dim."""
+    cases = []
+    for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        configs = getattr(fat, kernel).configs
+        for d in HEAD_DIMS:
+            block_d = max(16, 1 << (d - 1).bit_length())
+            for cfg in fat._prune_by_head_dim(configs, {"BLOCK_D": block_d}):
+                for dtype, arch, (dropout, softcap) in itertools.product(DTYPES, SMEM_LIMITS, ATTN_VARIANTS):
+                    cases.append(dict(module="flash_attn_triton", kernel=kernel, arch=arch, dtype=dtype, D=d,
+                                      config=f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}",
+                                      constexprs=dict(GROUP=4, D=d, BLOCK_D=block_d, PRECISION="tf32",
+                                                      SOFTCAP=softcap, DROPOUT=dropout, **cfg.kwargs),
+                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                      variant=f"dropout={int(dropout)},softcap={int(softcap)}"))
+    for d, dtype, arch in itertools.product(HEAD_DIMS, DTYPES, SMEM_LIMITS):
+        block_d = max(16, 1 << (d - 1).bit_length())
+        cases.append(dict(module="flash_attn_triton", kernel="_bwd_preprocess_kernel", arch=arch, dtype=dtype, D=d,
+                          config="T64w4s3", constexprs=dict(D=d, BLOCK_D=block_d, BLOCK_T=64), num_warps=4,
+                          num_stages=3, variant="-"))
+    for arch in SMEM_LIMITS:
+        cases.append(dict(module="flash_attn_triton", kernel="_dropout_mask_kernel", arch=arch, dtype="int8", D=0,
+                          config="32x32w4s3", constexprs=dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=3,
+                          variant="-"))
+    return cases
+
+
+def _pooling_cases(pt) -> list[dict]:
+    cases = []
+    for kernel in ("_pool_fwd_kernel", "_pool_bwd_kernel"):
+        for cfg in getattr(pt, kernel).configs:
+            for mode, dtype, arch in itertools.product(pt.MODE_IDS, DTYPES, SMEM_LIMITS):
+                cases.append(dict(module="pooling_triton", kernel=kernel, arch=arch, dtype=dtype, D=mode,
+                                  config=f"{cfg.kwargs['BLOCK_T']}x{cfg.kwargs['BLOCK_D']}w{cfg.num_warps}",
+                                  constexprs=dict(MODE=pt.MODE_IDS[mode], **cfg.kwargs), num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages, variant="-"))
+    return cases
+
+
+def all_cases() -> list[dict]:
+    """The full cartesian product of cases (see the module docstring)."""
+    from . import flash_attn_triton, pooling_triton
+
+    if flash_attn_triton.INTERPRETED:
+        raise RuntimeError("compile_check needs the GPU autotune tables: run it without TRITON_INTERPRET")
+    return _attention_cases(flash_attn_triton) + _pooling_cases(pooling_triton)
+
+
+def _factors(case: dict) -> dict:
+    return {"config": (case["kernel"], case["config"]), "arch": case["arch"], "dtype": case["dtype"],
+            "D": case["D"], "variant": case["variant"]}
+
+
+def covering_cases(cases: list[dict]) -> list[dict]:
+    """A greedy covering subset: per kernel, every pair (config, value of another factor) that occurs
+    in ``cases`` -- config x arch, config x dtype, config x variant, config x head dim or mode --
+    occurs in at least one kept case."""
+    kept, covered = [], set()
+    pairs_of = []
+    for case in cases:
+        f = _factors(case)
+        names = sorted(f)
+        pairs_of.append({(case["kernel"], a, f[a], b, f[b]) for a, b in itertools.combinations(names, 2) if "config" in (a, b)})
+    remaining = set(range(len(cases)))
+    while True:
+        best, gain = None, 0
+        for i in sorted(remaining):
+            g = len(pairs_of[i] - covered)
+            if g > gain:
+                best, gain = i, g
+        if best is None:
+            return kept
+        kept.append(cases[best])
+        covered |= pairs_of[best]
+        remaining.discard(best)
+
+
+# --------------------------------------------------------------------------------------------
+# compiling one case
+# --------------------------------------------------------------------------------------------
+
+_PTR = {"fp16": "*fp16", "bf16": "*bf16", "int8": "*i8"}
+# pointer and scalar argument types that are not "the data dtype" or i32
+_ARG_TYPES = {
+    "LSE": "*fp32", "DELTA": "*fp32", "CU": "*i32", "STATS": "*i32", "MASK": "*u8",
+    "qk_scale": "fp32", "cap_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32", "drop_scale": "fp32",
+    "seed": "i64", "offset": "i64",
+}
+_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "H", "OUT", "GOUT", "GH"}
+
+
+def _signature(fn, case: dict) -> tuple[dict, dict]:
+    constexprs = case["constexprs"]
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _DATA_PTRS:
+            signature[name] = _PTR[case["dtype"]]
+        elif case["kernel"] == "_dropout_mask_kernel" and name == "MASK":
+            signature[name] = "*i8"
+        else:
+            signature[name] = _ARG_TYPES.get(name, "i32")
+    return signature, {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+
+
+def _cache_path(case: dict, source_hash: str) -> Path:
+    import triton
+
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache") / "llm2vec_fast_compile_check"
+    key = json.dumps({k: case[k] for k in sorted(case)}, sort_keys=True) + source_hash + triton.__version__
+    return root / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+
+def compile_case(case: dict) -> dict:
+    """Compile one case; returns it with ``ok``, ``shared``, ``smem_limit``, ``n_spills``, ``seconds``
+    (and ``error`` when the compile fails)."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module(f"{__package__}.{case['module']}")
+    kernel = getattr(module, case["kernel"])
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an Autotuner wraps the JITFunction
+    source_hash = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
+    cache = _cache_path(case, source_hash)
+    if cache.exists():
+        return {**case, **json.loads(cache.read_text()), "cached": True}
+    signature, constexprs = _signature(fn, case)
+    start = time.perf_counter()
+    log = io.StringIO()
+    result = dict(smem_limit=SMEM_LIMITS[case["arch"]])
+    try:
+        knobs = getattr(triton, "knobs", None)
+        if knobs is not None:
+            knobs.nvidia.dump_ptxas_log = True  # ptxas -v output: registers and spills
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                ASTSource(fn, signature, constexprs=constexprs),
+                target=GPUTarget("cuda", case["arch"], 32),
+                options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]),
+            )
+        spills = [int(a) + int(b) for a, b in _SPILL_RE.findall(log.getvalue())]
+        if not spills:  # older Triton without the ptxas-log knob: run ptxas -v ourselves
+            spills = _ptxas_spills(compiled.asm["ptx"], case["arch"])
+        result.update(shared=int(compiled.metadata.shared), n_spills=sum(spills),
+                      wgmma="wgmma" in compiled.asm["ptx"])
+        result["ok"] = result["shared"] <= result["smem_limit"] and result["n_spills"] == 0
+        if not result["ok"]:
+            result["error"] = f"shared {result['shared']} B (limit {result['smem_limit']}), {result['n_spills']} B spilled"
+    except Exception as e:  # noqa: BLE001 -- report every failing case, not just the first
+        result.update(ok=False, shared=None, n_spills=None, error=f"{type(e).__name__}: {str(e)[:2000]}")
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    if result.get("shared") is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(result))
+    return {**case, **result, "cached": False}
+
+
+def _ptxas_spills(ptx: str, arch: int) -> list[int]:
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path if "arch" in get_ptxas.__code__.co_varnames else get_ptxas().path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", str(src), "-o",
+                              str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True)
+    return [int(a) + int(b) for a, b in _SPILL_RE.findall(out.stderr + out.stdout)]
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+
+
+def run(full: bool = False, archs=tuple(SMEM_LIMITS), jobs: int | None = None, report=None) -> list[dict]:
+    """Compile the cases (in a process pool) and return one result dict per case; ``report`` is
+    called with each result as it arrives."""
+    cases = [c for c in all_cases() if c["arch"] in archs]
+    if not full:
+        cases = covering_cases(cases)
+    jobs = jobs or os.cpu_count() or 1
+    results = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        for r in pool.map(compile_case, cases, chunksize=1):
+            results.append(r)
+            if report is not None:
+                report(r)
+    return results
+
+
+def _line(r: dict) -> str:
+    status = "ok  " if r["ok"] else "FAIL"
+    return (f"{status} sm_{r['arch']} {r['kernel']:<24} {r['config']:<12} {r['dtype']} D={r['D']!s:<13} {r['variant']:<19} "
+            f"shared={r['shared']} n_spills={r['n_spills']}{' (cached)' if r['cached'] else ''}"
+            + (f"  {r['error']}" if not r["ok"] else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="the full cartesian product instead of a pairwise cover")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(SMEM_LIMITS), choices=list(SMEM_LIMITS))
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: all CPUs)")
+    parser.add_argument("--json", default=None, help="write the per-case results here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *(argv if argv is not None else sys.argv[1:])], env)
+    start = time.perf_counter()
+    results = run(args.full, tuple(args.arch), args.jobs, report=lambda r: print(_line(r), flush=True))
+    failed = [r for r in results if not r["ok"]]
+    print(f"{len(results)} cases, {len(failed)} failed, {sum(r['cached'] for r in results)} cached, "
+          f"max n_spills={max((r['n_spills'] or 0) for r in results)}, {time.perf_counter() - start:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
