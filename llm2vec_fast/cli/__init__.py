@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "eval": "eval",
     "profile": "profile",
     "export": "export",
+    "serve": "serve",
 }
 
 
