@@ -119,7 +119,7 @@ def scrape(url: str) -> dict[str, float]:
     import httpx
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {m[1]: float(m[2]) for m in re.finditer(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+    return {m[1]: float(m[2]) for m in re.finditer(r"^([a-zA-Z0-9_:]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
 
 async def run_level(url: str, requests: list[list[str]], concurrency: int) -> dict:

@@ -80,7 +80,7 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=10).text
-        return {m[1]: float(m[2]) for m in re.finditer(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+        return {m[1]: float(m[2]) for m in re.finditer(r"^([a-zA-Z0-9_:]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -361,7 +361,9 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(default_model_
         for t, r in zip(texts, responses):
             assert r.status_code == 200
             assert cos(r.json(), default_encoder.encode(t)).min() >= MIN_COS
-        assert srv.proc.wait(timeout=60) == 0
+        # uvicorn re-raises the signal after a clean drain, so the exit status is "terminated by SIGTERM"
+        assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in srv.log.read_text()
     finally:
         srv.close()
 

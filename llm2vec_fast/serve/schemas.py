@@ -8,9 +8,9 @@ what to fix.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EncodingFormat = Literal["float", "base64"]
 
@@ -46,15 +46,19 @@ def parse_texts(value: Any, field: str) -> list[tuple[str, str]]:
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    texts_field: ClassVar[str]  # the field that holds the texts
 
     instruction: str | None = Field(None, description="instruction for every text: attended to, not pooled")
     truncate: bool = Field(False, description="cut over-long texts instead of answering 413")
 
-    def pairs(self) -> list[tuple[str, str]]:
-        raise NotImplementedError
+    @model_validator(mode="after")
+    def _check_texts(self):
+        parse_texts(getattr(self, self.texts_field), self.texts_field)
+        return self
 
-    def with_instruction(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Apply ``instruction`` to the texts that carry none of their own."""
+    def pairs(self) -> list[tuple[str, str]]:
+        """``(instruction, text)`` pairs; ``instruction`` applies to the texts that carry none of their own."""
+        pairs = parse_texts(getattr(self, self.texts_field), self.texts_field)
         if not self.instruction:
             return pairs
         return [(ins or self.instruction, text) for ins, text in pairs]
@@ -63,37 +67,21 @@ class _Request(BaseModel):
 class EmbeddingRequest(_Request):
     """OpenAI ``POST /v1/embeddings`` body."""
 
+    texts_field: ClassVar[str] = "input"
     input: Any = Field(..., description="a string, a list of strings, or a list of [instruction, text] pairs")
     model: str | None = None
     encoding_format: EncodingFormat = "float"
     dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions, then re-normalise")
     user: str | None = None
 
-    @field_validator("input")
-    @classmethod
-    def _check_input(cls, value: Any) -> Any:
-        parse_texts(value, "input")
-        return value
-
-    def pairs(self) -> list[tuple[str, str]]:
-        return self.with_instruction(parse_texts(self.input, "input"))
-
 
 class EmbedRequest(_Request):
     """text-embeddings-inference ``POST /embed`` body."""
 
+    texts_field: ClassVar[str] = "inputs"
     inputs: Any = Field(..., description="a string or a list of strings / [instruction, text] pairs")
     normalize: bool = True
     dimensions: int | None = Field(None, ge=1)
-
-    @field_validator("inputs")
-    @classmethod
-    def _check_inputs(cls, value: Any) -> Any:
-        parse_texts(value, "inputs")
-        return value
-
-    def pairs(self) -> list[tuple[str, str]]:
-        return self.with_instruction(parse_texts(self.inputs, "inputs"))
 
 
 class EmbeddingData(BaseModel):
