@@ -179,9 +179,11 @@ def main(argv=None) -> int:
     encoder = LLM2Vec.from_pretrained(args.model, device="cpu")
     tokens = sum(len(x.input_ids) for x in encoder.tokenize(texts))
     encoder.encode(texts[:64], batch_size=32)  # warm-up
-    started = time.perf_counter()
-    reference = encoder.encode(texts, batch_size=32, convert_to_numpy=True)
-    encode_s = time.perf_counter() - started
+    encode_s = float("inf")
+    for _ in range(2):  # best of two passes: the baseline must not be handicapped by a noisy moment
+        started = time.perf_counter()
+        reference = encoder.encode(texts, batch_size=32, convert_to_numpy=True)
+        encode_s = min(encode_s, time.perf_counter() - started)
     reference /= np.linalg.norm(reference, axis=1, keepdims=True)
     baseline = {"method": "encode()", "texts": len(texts), "tokens": tokens, "seconds": encode_s, "texts_per_s": len(texts) / encode_s,
                 "tokens_per_s": tokens / encode_s, "batch_size": 32}
@@ -229,7 +231,11 @@ def main(argv=None) -> int:
         "speedup": speedup, "speedup_of": f"requests/s at concurrency {highest['concurrency']} over {lowest['concurrency']}",
         "target": TARGET_SPEEDUP, "meets_target": speedup >= TARGET_SPEEDUP, "min_cosine_vs_encode": min_cos,
         "agree": min_cos >= MIN_COSINE, "load_avg_before": load, "load_avg_after": os.getloadavg()[0],
+        # HTTP on top of the model cannot beat one big encode() call by much: if it does, distrust the run
+        "baseline_sane": max(r["texts_per_s"] for r in rows) <= 1.2 * baseline["texts_per_s"],
     }
+    if not summary["baseline_sane"]:
+        print("WARNING: the server beat direct encode() by > 1.2x: the baseline or the machine was disturbed; re-run on a quiet machine")
     print(f"speed-up {speedup:.2f}x (target >= {TARGET_SPEEDUP:.1f}x: {'met' if summary['meets_target'] else 'MISSED'}); "
           f"min cosine vs encode() {min_cos:.6f}")
     config = {k: v for k, v in vars(args).items() if k != "no_plot"}
