@@ -91,3 +91,38 @@ def test_onnx_encoder_is_served_with_the_same_api(tiny_encoder, tmp_path):
     got = np.array(r.json())
     np.testing.assert_allclose(got, onnx.encode(texts, convert_to_numpy=True), rtol=1e-5, atol=1e-5)
     assert _cos(got, tiny_encoder.encode(texts)).min() > 0.9999
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["serve", "--onnx", "/tmp/x", "--model", "m", "--pooling", "mean"], {}, "--model, --pooling cannot be combined with --onnx"),
+        (["serve", "--api-key", " "], {}, "API key is empty"),
+        (["serve"], {"LLM2VEC_FAST_API_KEY": ""}, "API key is empty"),
+        (["serve", "--port", "70000"], {}, "--port must be in 0..65535"),
+        (["serve", "--onnx", "/does/not/exist"], {}, "no model.onnx"),
+    ],
+)
+def test_cli_errors_exit_2_before_serving(argv, env, message, monkeypatch, capsys):
+    from llm2vec_fast.cli import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_served_model_name():
+    import argparse
+
+    from llm2vec_fast.cli.serve import served_model_name
+
+    class Enc:
+        model_id = "org/name"
+
+    args = argparse.Namespace(served_model_name=None, onnx=None, model="/some/dir/my-encoder")
+    assert served_model_name(args, Enc()) == "org/name"
+    Enc.model_id = None
+    assert served_model_name(args, Enc()) == "my-encoder"
+    args.served_model_name = "custom"
+    assert served_model_name(args, Enc()) == "custom"
