@@ -126,3 +126,17 @@ def test_served_model_name():
     assert served_model_name(args, Enc()) == "my-encoder"
     args.served_model_name = "custom"
     assert served_model_name(args, Enc()) == "custom"
+
+
+def test_over_long_prompt_gets_413_unless_truncate(tiny_encoder):
+    app = create_app(tiny_encoder, ServeSettings(model_name="tiny", max_batch_tokens=256))
+    long_instruction = " ".join(f"instr{i}" for i in range(200))
+    body = {"inputs": ["short text"], "instruction": long_instruction, "normalize": False}
+    with TestClient(app) as client:
+        refused = client.post("/embed", json=body)
+        assert refused.status_code == 413
+        assert "inputs[0] is over 128 tokens with its instruction" in refused.json()["error"]
+        served = client.post("/embed", json={**body, "truncate": True})
+    assert served.status_code == 200
+    want = tiny_encoder.encode([[long_instruction, "short text"]])
+    assert _cos(served.json(), want).min() > 0.99999

@@ -91,8 +91,8 @@ def backend_of(encoder) -> str:
 
 def tokenize_pairs(encoder, pairs: list[tuple[str, str]], truncate: bool) -> tuple[list[EncodingInput], list[str]]:
     """Tokenise with the encoder's own ``tokenize`` (what ``encode()`` does); with ``truncate=False`` also
-    say which inputs the encoder would cut (text over ``doc_max_length`` tokens, or the whole prompt
-    over ``max_length``)."""
+    describe the inputs the encoder would cut (text over ``doc_max_length`` tokens, or the whole
+    prompt over ``max_length``) as ``"[i] has N text tokens"``."""
     items = encoder.tokenize([[ins, text] if ins else text for ins, text in pairs])
     if truncate:
         return items, []
@@ -100,7 +100,8 @@ def tokenize_pairs(encoder, pairs: list[tuple[str, str]], truncate: bool) -> tup
     problems = []
     for i, (item, n) in enumerate(zip(items, text_lengths)):
         if n > encoder.doc_max_length or item.truncated:
-            problems.append(f"input[{i}] has {n} text tokens")
+            problems.append(f"[{i}] has {n} text tokens" if n > encoder.doc_max_length
+                            else f"[{i}] is over {encoder.max_length} tokens with its instruction")
     return items, problems
 
 
@@ -273,7 +274,7 @@ def create_app(encoder, settings: ServeSettings) -> FastAPI:
         loop = asyncio.get_running_loop()
         items, too_long = await loop.run_in_executor(tokenizer_thread, tokenize_pairs, encoder, pairs, truncate)
         if too_long:
-            shown = "; ".join(too_long[:5]) + ("; ..." if len(too_long) > 5 else "")
+            shown = "; ".join(field + p for p in too_long[:5]) + ("; ..." if len(too_long) > 5 else "")
             raise ServeError(413, f"{len(too_long)} input(s) too long ({shown}): this model embeds at most "
                                   f"{encoder.doc_max_length} text tokens and {encoder.max_length} tokens with the "
                                   "instruction; shorten them or send truncate=true", param=field, code="input_too_long")
