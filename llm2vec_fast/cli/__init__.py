@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "profile": "profile",
     "export": "export",
     "encode-dataset": "encode_dataset",
+    "serve": "serve",
 }
 
 

@@ -1,0 +1,97 @@
+"""``llm2vec-fast serve``: an OpenAI-compatible embedding server with token-budget dynamic batching."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .common import add_model_options, load_encoder
+
+API_KEY_ENV = "LLM2VEC_FAST_API_KEY"
+
+
+def add_parser(sub) -> None:
+    from ..packing import DEFAULT_MAX_TOKENS_PER_BATCH
+
+    p = sub.add_parser(
+        "serve",
+        help="serve embeddings over HTTP (OpenAI /v1/embeddings, TEI /embed)",
+        description="Serve an encoder over HTTP: OpenAI-compatible POST /v1/embeddings, TEI-style POST /embed, "
+        "GET /health, /info, /v1/models and Prometheus /metrics. Requests of concurrent clients are merged into "
+        "batches of up to --max-batch-tokens tokens. SIGTERM drains: in-flight requests finish, new ones get 503.",
+    )
+    add_model_options(p)
+    p.add_argument("--onnx", type=Path, default=None, metavar="DIR",
+                   help="serve an exported ONNX folder with ONNX Runtime instead of a torch model (--device cuda needs onnxruntime-gpu)")
+    p.add_argument("--served-model-name", default=None, help="the 'model' clients send (default: the model's name)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes the server)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_TOKENS_PER_BATCH,
+                   help=f"real tokens per model batch (default {DEFAULT_MAX_TOKENS_PER_BATCH})")
+    p.add_argument("--max-client-batch-size", type=int, default=256, help="texts per request at most (default 256)")
+    p.add_argument("--max-queue-tokens", type=int, default=None,
+                   help="tokens waiting for the model at most; more gets 429 with Retry-After (default 8 x --max-batch-tokens)")
+    p.add_argument("--max-concurrent-requests", type=int, default=512, help="requests handled at once; more gets 429 (default 512)")
+    p.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="request body size limit (default 32 MiB)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="texts per padded forward pass on CPU / ONNX Runtime (the packed CUDA path batches by tokens)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_ENV} if set)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM (default 30)")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(run=run)
+
+
+def load_serving_encoder(args: argparse.Namespace):
+    """The torch ``LLM2Vec`` from the model options, or an ``OnnxEncoder`` with ``--onnx``."""
+    if args.onnx is None:
+        return load_encoder(args)
+    given = [name for name, value in (("--model", args.model), ("--peft", args.peft), ("--pooling", args.pooling),
+                                      ("--max-length", args.max_length), ("--dtype", args.dtype)) if value]
+    if given or args.no_bidirectional:
+        given += ["--no-bidirectional"] if args.no_bidirectional else []
+        raise ValueError(f"{', '.join(given)} cannot be combined with --onnx: the ONNX folder fixes the model and its settings")
+    from ..export import OnnxEncoder
+
+    device = (args.device or "cpu").split(":")[0]
+    return OnnxEncoder.from_pretrained(args.onnx, providers=device)
+
+
+def served_model_name(args: argparse.Namespace, encoder) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    model_id = getattr(encoder, "model_id", None)
+    if model_id and not os.path.exists(os.path.expanduser(model_id)):
+        return model_id
+    source = args.onnx or args.model
+    return Path(source).expanduser().resolve().name if source else "default"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..serve import ServeSettings, create_app, run_server
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    encoder = load_serving_encoder(args)
+    settings = ServeSettings(
+        model_name=served_model_name(args, encoder),
+        model_path=str(args.onnx or getattr(encoder, "path", None) or args.model or "default"),
+        max_batch_tokens=args.max_batch_tokens,
+        max_client_batch_size=args.max_client_batch_size,
+        max_queue_tokens=args.max_queue_tokens,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_request_bytes=args.max_request_bytes,
+        batch_size=args.batch_size,
+        api_key=api_key,
+    )
+    app = create_app(encoder, settings)
+    encoder.embed_items(encoder.tokenize(["warm-up"]), show_progress_bar=False)  # first request is not slow
+    print(f"llm2vec-fast serve: {settings.model_name} ({'onnxruntime' if args.onnx else 'torch'}, {encoder.device}, "
+          f"{encoder.hidden_size} dimensions) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    run_server(app, args.host, args.port, args.log_level, args.graceful_timeout)
+    return 0

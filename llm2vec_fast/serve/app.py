@@ -1,0 +1,361 @@
+"""The FastAPI application: OpenAI-compatible ``/v1/embeddings``, TEI-style ``/embed``, ``/health``,
+``/info``, ``/v1/models`` and Prometheus ``/metrics``.
+
+Request path: validate (pydantic) -> tokenise in a dedicated thread (the encoder's own
+``tokenize``, so prompts, instructions and truncation match ``encode()``) -> queue in the
+:class:`~llm2vec_fast.serve.batcher.Batcher` -> wait for the embeddings while watching for the client
+to disconnect -> truncate / normalise / serialise in a thread -> respond. The event loop never runs
+the model, the tokenizer or a large JSON encoder, so a slow request never blocks the others.
+
+Errors are JSON: ``{"error": {"message", "type", "param", "code"}}`` under ``/v1`` (what the
+``openai`` client parses), ``{"error": ..., "error_type": ...}`` elsewhere (text-embeddings-inference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from .. import __version__
+from ..packing import DEFAULT_MAX_TOKENS_PER_BATCH
+from ..prompting import EncodingInput
+from .batcher import Batcher, BatcherStopped, QueueFull
+from .metrics import ServerMetrics
+from .schemas import EmbeddingRequest, EmbeddingResponse, EmbedRequest, Info, ModelCard, ModelList
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_ENDPOINTS = ("/v1/embeddings", "/embed")
+KNOWN_ENDPOINTS = EMBEDDING_ENDPOINTS + ("/health", "/info", "/metrics", "/v1/models")
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away"; never reaches a client
+DRAIN_RETRY_AFTER_S = 5
+
+
+@dataclass
+class ServeSettings:
+    """Limits and identity of a server (``llm2vec-fast serve`` options)."""
+
+    model_name: str
+    max_batch_tokens: int = DEFAULT_MAX_TOKENS_PER_BATCH
+    max_client_batch_size: int = 256
+    max_queue_tokens: int | None = None  # default: 8 batches
+    max_concurrent_requests: int = 512
+    max_request_bytes: int = 32 * 2**20
+    batch_size: int = 32  # texts per padded forward (CPU / ONNX); the packed CUDA path uses the token budget
+    api_key: str | None = None
+    model_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_queue_tokens is None:
+            self.max_queue_tokens = 8 * self.max_batch_tokens
+        for name in ("max_batch_tokens", "max_client_batch_size", "max_queue_tokens", "max_concurrent_requests",
+                     "max_request_bytes", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+class ServeError(Exception):
+    """An error answered as JSON with ``status`` (and optional headers such as ``Retry-After``)."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+def error_response(path: str, err: ServeError) -> JSONResponse:
+    if path.startswith("/v1/"):
+        body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    else:
+        body = {"error": err.message, "error_type": err.type}
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def backend_of(encoder) -> str:
+    return "torch" if isinstance(encoder, torch.nn.Module) else "onnxruntime"
+
+
+def tokenize_pairs(encoder, pairs: list[tuple[str, str]], truncate: bool) -> tuple[list[EncodingInput], list[str]]:
+    """Tokenise with the encoder's own ``tokenize`` (what ``encode()`` does); with ``truncate=False`` also
+    describe the inputs the encoder would cut (text over ``doc_max_length`` tokens, or the whole
+    prompt over ``max_length``) as ``"[i] has N text tokens"``."""
+    items = encoder.tokenize([[ins, text] if ins else text for ins, text in pairs])
+    if truncate:
+        return items, []
+    text_lengths = [len(ids) for ids in encoder.tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]]
+    problems = []
+    for i, (item, n) in enumerate(zip(items, text_lengths)):
+        if n > encoder.doc_max_length or item.truncated:
+            problems.append(f"[{i}] has {n} text tokens" if n > encoder.doc_max_length
+                            else f"[{i}] is over {encoder.max_length} tokens with its instruction")
+    return items, problems
+
+
+def postprocess(emb: torch.Tensor, dimensions: int | None, normalize: bool) -> np.ndarray:
+    """Keep the first ``dimensions`` (Matryoshka-style), then L2-normalise if asked."""
+    if dimensions is not None:
+        emb = emb[:, :dimensions]
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+    return emb.numpy().astype(np.float32, copy=False)
+
+
+def openai_body(emb: np.ndarray, encoding_format: str, model: str, prompt_tokens: int) -> bytes:
+    if encoding_format == "base64":
+        vectors = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb]
+    else:
+        vectors = emb.tolist()
+    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    return json.dumps({"object": "list", "data": data, "model": model, "usage": usage}).encode()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body is already read, so ``receive``
+    yields nothing else)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientGone(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """Pure ASGI middleware in front of every route: API key, draining, concurrency and body-size
+    limits, and the request metrics (status and latency per endpoint)."""
+
+    def __init__(self, app, state):
+        self.app = app
+        self.state = state  # the FastAPI app's state: settings, metrics, draining, in_flight
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in KNOWN_ENDPOINTS else "other"
+        settings: ServeSettings = self.state.settings
+        metrics: ServerMetrics = self.state.metrics
+        started = time.perf_counter()
+        status = {"code": 500, "type": None}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        async def reply(err: ServeError):
+            status["type"] = err.type
+            await error_response(path, err)(scope, receive, send_wrapper)
+
+        counted = False
+        try:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            if settings.api_key is not None and not _authorized(headers.get("authorization"), settings.api_key):
+                return await reply(ServeError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                              "authentication_error", code="invalid_api_key",
+                                              headers={"WWW-Authenticate": "Bearer"}))
+            if self.state.draining and path != "/metrics":
+                return await reply(ServeError(503, "the server is shutting down", "server_unavailable",
+                                              headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)}))
+            if path in EMBEDDING_ENDPOINTS and scope["method"] == "POST":
+                length = headers.get("content-length")
+                if length is None:
+                    return await reply(ServeError(411, "send the body with a Content-Length header", code="length_required"))
+                if not length.isdigit():
+                    return await reply(ServeError(400, f"bad Content-Length header {length!r}", code="bad_request"))
+                if int(length) > settings.max_request_bytes:
+                    return await reply(ServeError(413, f"the body has {int(length)} bytes; this server takes at most "
+                                                       f"{settings.max_request_bytes} (--max-request-bytes)", code="request_too_large"))
+                if self.state.in_flight >= settings.max_concurrent_requests:
+                    return await reply(ServeError(429, f"too many concurrent requests (limit {settings.max_concurrent_requests}); "
+                                                       "retry later", "rate_limit_error", code="too_many_requests",
+                                                  headers={"Retry-After": str(self.state.batcher.retry_after())}))
+                self.state.in_flight += 1
+                metrics.in_flight.inc()
+                counted = True
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if counted:
+                self.state.in_flight -= 1
+                metrics.in_flight.dec()
+            if endpoint != "/metrics":
+                error_type = status["type"] or scope.get("llm2vec_error_type")
+                metrics.observe_request(endpoint, status["code"], time.perf_counter() - started, error_type)
+
+
+def _authorized(header: str | None, api_key: str) -> bool:
+    if not header:
+        return False
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def create_app(encoder, settings: ServeSettings) -> FastAPI:
+    """The ASGI app serving ``encoder`` (an ``LLM2Vec`` or an ``OnnxEncoder``) under ``settings``.
+
+    Starting it (lifespan) starts the batcher; a server runner sets ``app.state.draining = True`` on
+    SIGTERM so new requests get 503 while in-flight ones finish.
+    """
+    if settings.max_batch_tokens < encoder.max_length:
+        raise ValueError(f"max_batch_tokens ({settings.max_batch_tokens}) must be at least the model's max_length "
+                         f"({encoder.max_length}) so any text fits a batch")
+    hidden = int(encoder.hidden_size)
+    if hasattr(encoder, "max_tokens_per_batch"):
+        encoder.max_tokens_per_batch = settings.max_batch_tokens  # one packed forward per batch on CUDA
+    metrics = ServerMetrics()
+    tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm2vec-tokenize")  # HF tokenizers are not re-entrant
+
+    def embed(items):
+        return encoder.embed_items(items, batch_size=settings.batch_size, show_progress_bar=False)
+
+    batcher = Batcher(embed, hidden, settings.max_batch_tokens, settings.max_queue_tokens, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="llm2vec-fast embedding server", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.batcher = batcher
+    app.state.encoder = encoder
+    app.state.draining = False
+    app.state.in_flight = 0
+    app.add_middleware(GuardMiddleware, state=app.state)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, err: ServeError):
+        request.scope["llm2vec_error_type"] = err.type
+        return error_response(request.url.path, err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        first = err.errors()[0]
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        request.scope["llm2vec_error_type"] = "invalid_request_error"
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if loc and not message.startswith("'"):
+            message = f"{'.'.join(loc)}: {message}"
+        return error_response(request.url.path, ServeError(422, message, param=".".join(loc) or None, code="invalid_value"))
+
+    def check_dimensions(dimensions: int | None, param: str = "dimensions") -> None:
+        if dimensions is not None and dimensions > hidden:
+            raise ServeError(400, f"{param}={dimensions} is out of range: this model's embeddings have {hidden} dimensions",
+                             param=param, code="invalid_value")
+
+    async def embed_pairs(request: Request, pairs: list[tuple[str, str]], truncate: bool, field: str) -> tuple[torch.Tensor, int]:
+        """Embeddings of ``pairs`` in order and their real token count."""
+        if len(pairs) > settings.max_client_batch_size:
+            raise ServeError(413, f"'{field}' has {len(pairs)} texts; this server takes at most "
+                                  f"{settings.max_client_batch_size} per request (--max-client-batch-size)",
+                             param=field, code="too_many_inputs")
+        loop = asyncio.get_running_loop()
+        items, too_long = await loop.run_in_executor(tokenizer_thread, tokenize_pairs, encoder, pairs, truncate)
+        if too_long:
+            shown = "; ".join(field + p for p in too_long[:5]) + ("; ..." if len(too_long) > 5 else "")
+            raise ServeError(413, f"{len(too_long)} input(s) too long ({shown}): this model embeds at most "
+                                  f"{encoder.doc_max_length} text tokens and {encoder.max_length} tokens with the "
+                                  "instruction; shorten them or send truncate=true", param=field, code="input_too_long")
+        tokens = sum(len(x.input_ids) for x in items)
+        if tokens > settings.max_queue_tokens:
+            raise ServeError(413, f"the request has {tokens} tokens; this server queues at most {settings.max_queue_tokens} "
+                                  "(--max-queue-tokens): split it", param=field, code="request_too_large")
+        try:
+            job = batcher.submit(items)
+        except QueueFull as err:
+            raise ServeError(429, str(err), "rate_limit_error", code="queue_full", headers={"Retry-After": str(err.retry_after)})
+        except BatcherStopped as err:
+            raise ServeError(503, str(err), "server_unavailable", headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)})
+        disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({job.future, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if not job.future.done():
+                raise ClientGone()
+            err = job.future.exception()
+            if isinstance(err, BatcherStopped):
+                raise ServeError(503, str(err), "server_unavailable", headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)})
+            if err is not None:
+                raise ServeError(500, f"the model failed on this request's batch: {type(err).__name__}: {err}",
+                                 "server_error", code="model_error")
+            return job.future.result(), tokens
+        finally:
+            disconnect.cancel()
+            if not job.future.done():
+                batcher.cancel(job)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, err: ClientGone):
+        request.scope["llm2vec_error_type"] = "client_closed_request"
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):
+        logger.exception("unexpected error on %s", request.url.path)
+        return error_response(request.url.path, ServeError(500, f"internal error: {type(err).__name__}", "server_error"))
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse)
+    async def openai_embeddings(body: EmbeddingRequest, request: Request):
+        """OpenAI embeddings. Vectors are L2-normalised (after ``dimensions`` truncation), as OpenAI's."""
+        if body.model not in (None, "", settings.model_name):
+            raise ServeError(400, f"model {body.model!r} is not served here; this server serves {settings.model_name!r}",
+                             param="model", code="model_not_found")
+        check_dimensions(body.dimensions)
+        emb, tokens = await embed_pairs(request, body.pairs(), body.truncate, "input")
+        content = await asyncio.to_thread(
+            lambda: openai_body(postprocess(emb, body.dimensions, True), body.encoding_format, settings.model_name, tokens))
+        return Response(content, media_type="application/json")
+
+    @app.post("/embed")
+    async def tei_embed(body: EmbedRequest, request: Request):
+        """text-embeddings-inference ``/embed``: a list of vectors."""
+        check_dimensions(body.dimensions)
+        emb, _ = await embed_pairs(request, body.pairs(), body.truncate, "inputs")
+        content = await asyncio.to_thread(lambda: json.dumps(postprocess(emb, body.dimensions, body.normalize).tolist()).encode())
+        return Response(content, media_type="application/json")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/info", response_model=Info)
+    async def info():
+        return Info(
+            model=settings.model_name, model_path=settings.model_path, dimensions=hidden, pooling=encoder.pooling_mode,
+            max_length=encoder.max_length, doc_max_length=encoder.doc_max_length, backend=backend_of(encoder),
+            device=str(encoder.device), packed=bool(getattr(encoder, "use_packed", False)),
+            max_batch_tokens=settings.max_batch_tokens, max_client_batch_size=settings.max_client_batch_size,
+            max_queue_tokens=settings.max_queue_tokens, max_concurrent_requests=settings.max_concurrent_requests,
+            auth=settings.api_key is not None, version=__version__,
+        )
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        return ModelList(data=[ModelCard(id=settings.model_name)])
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return app

@@ -1,0 +1,134 @@
+"""Request and response bodies of the embedding server (pydantic).
+
+``/v1/embeddings`` follows the OpenAI embeddings API, with two extensions: ``instruction`` (applied
+to every text) and ``[instruction, text]`` pairs inside ``input``, and ``truncate``. ``/embed``
+follows text-embeddings-inference. Validation messages name the offending field, so a client sees
+what to fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EncodingFormat = Literal["float", "base64"]
+
+
+def parse_texts(value: Any, field: str) -> list[tuple[str, str]]:
+    """``(instruction, text)`` pairs of a string, a list of strings, or a list of ``[instruction,
+    text]`` pairs; ``ValueError`` with a clear message for anything else.
+
+    Empty strings are allowed: the encoder embeds them as documented (pooling over the special
+    tokens), exactly as ``LLM2Vec.encode([""])``."""
+    if isinstance(value, str):
+        return [("", value)]
+    if not isinstance(value, list):
+        raise ValueError(f"'{field}' must be a string or a list of strings, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"'{field}' is an empty list; send at least one text")
+    pairs = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            pairs.append(("", item))
+        elif isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            pairs.append((item[0], item[1]))
+        elif isinstance(item, int) and not isinstance(item, bool):
+            raise ValueError(
+                f"'{field}' holds token ids ({field}[{i}] = {item}); this server embeds text only, send strings"
+            )
+        else:
+            raise ValueError(
+                f"{field}[{i}] must be a string or an [instruction, text] pair of strings, got {type(item).__name__}"
+            )
+    return pairs
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    texts_field: ClassVar[str]  # the field that holds the texts
+
+    instruction: str | None = Field(None, description="instruction for every text: attended to, not pooled")
+    truncate: bool = Field(False, description="cut over-long texts instead of answering 413")
+
+    @model_validator(mode="after")
+    def _check_texts(self):
+        parse_texts(getattr(self, self.texts_field), self.texts_field)
+        return self
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """``(instruction, text)`` pairs; ``instruction`` applies to the texts that carry none of their own."""
+        pairs = parse_texts(getattr(self, self.texts_field), self.texts_field)
+        if not self.instruction:
+            return pairs
+        return [(ins or self.instruction, text) for ins, text in pairs]
+
+
+class EmbeddingRequest(_Request):
+    """OpenAI ``POST /v1/embeddings`` body."""
+
+    texts_field: ClassVar[str] = "input"
+    input: Any = Field(..., description="a string, a list of strings, or a list of [instruction, text] pairs")
+    model: str | None = None
+    encoding_format: EncodingFormat = "float"
+    dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions, then re-normalise")
+    user: str | None = None
+
+
+class EmbedRequest(_Request):
+    """text-embeddings-inference ``POST /embed`` body."""
+
+    texts_field: ClassVar[str] = "inputs"
+    inputs: Any = Field(..., description="a string or a list of strings / [instruction, text] pairs")
+    normalize: bool = True
+    dimensions: int | None = Field(None, ge=1)
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "llm2vec-fast"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Info(BaseModel):
+    """``GET /info``: what is served and under which limits."""
+
+    model: str
+    model_path: str | None
+    dimensions: int
+    pooling: str
+    max_length: int
+    doc_max_length: int
+    backend: Literal["torch", "onnxruntime"]
+    device: str
+    packed: bool
+    max_batch_tokens: int
+    max_client_batch_size: int
+    max_queue_tokens: int
+    max_concurrent_requests: int
+    auth: bool
+    version: str

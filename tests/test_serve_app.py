@@ -1,0 +1,142 @@
+"""The FastAPI app in process (``TestClient``) with a tiny random model: a model error fails only
+its batch, draining answers 503, the ONNX Runtime encoder serves the same API. The real server on
+loopback is tested in ``test_serve.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from llm2vec_fast import LLM2Vec  # noqa: E402
+from llm2vec_fast.serve import ServeSettings, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_llama_dir):
+    return LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", max_length=128)
+
+
+def _cos(a, b) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_model_error_fails_only_its_batch_and_the_server_keeps_serving(tiny_encoder, monkeypatch):
+    failures = {"left": 1}
+    real = tiny_encoder.embed_items
+
+    def flaky(items, *args, **kwargs):  # fails the first batch only
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(items, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_encoder, "embed_items", flaky)  # this instance only
+    app = create_app(tiny_encoder, ServeSettings(model_name="tiny", max_batch_tokens=256))
+    with TestClient(app) as client:
+        bad = client.post("/v1/embeddings", json={"input": ["first"]})
+        assert bad.status_code == 500
+        assert "model failed" in bad.json()["error"]["message"] and "injected" in bad.json()["error"]["message"]
+        good = client.post("/v1/embeddings", json={"input": ["second", "third"]})
+        assert good.status_code == 200
+        got = [d["embedding"] for d in good.json()["data"]]
+        assert _cos(got, real(tiny_encoder.tokenize(["second", "third"]))).min() > 0.99999
+        tei = client.post("/embed", json={"inputs": "fourth"})
+        assert tei.status_code == 200 and len(tei.json()) == 1
+        metrics = client.get("/metrics").text
+    assert "llm2vec_batch_failures_total 1.0" in metrics
+    assert 'llm2vec_errors_total{endpoint="/v1/embeddings",status="500",type="server_error"} 1.0' in metrics
+    assert 'llm2vec_requests_total{endpoint="/v1/embeddings",status="200"} 1.0' in metrics
+
+
+def test_draining_answers_503_with_retry_after(tiny_encoder):
+    app = create_app(tiny_encoder, ServeSettings(model_name="tiny", max_batch_tokens=256))
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        app.state.draining = True
+        for path, body in (("/v1/embeddings", {"input": "x"}), ("/embed", {"inputs": "x"})):
+            r = client.post(path, json=body)
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+            assert "shutting down" in r.text
+        assert client.get("/health").status_code == 503
+        assert client.get("/metrics").status_code == 200  # still scrapeable while draining
+
+
+def test_settings_are_checked(tiny_encoder):
+    with pytest.raises(ValueError, match="at least the model's max_length"):
+        create_app(tiny_encoder, ServeSettings(model_name="tiny", max_batch_tokens=64))
+    with pytest.raises(ValueError, match="max_client_batch_size"):
+        ServeSettings(model_name="tiny", max_client_batch_size=0)
+    assert ServeSettings(model_name="tiny", max_batch_tokens=100).max_queue_tokens == 800
+
+
+def test_onnx_encoder_is_served_with_the_same_api(tiny_encoder, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from llm2vec_fast.export import OnnxEncoder, export_onnx
+
+    folder = export_onnx(tiny_encoder, tmp_path / "onnx", precision="fp32", validate=False)
+    onnx = OnnxEncoder.from_pretrained(folder)
+    texts = ["a short one", "a somewhat longer sentence about embeddings", ""]
+    app = create_app(onnx, ServeSettings(model_name="tiny-onnx", max_batch_tokens=256))
+    with TestClient(app) as client:
+        info = client.get("/info").json()
+        assert info["backend"] == "onnxruntime" and info["dimensions"] == tiny_encoder.hidden_size
+        r = client.post("/embed", json={"inputs": texts, "normalize": False})
+    assert r.status_code == 200
+    got = np.array(r.json())
+    np.testing.assert_allclose(got, onnx.encode(texts, convert_to_numpy=True), rtol=1e-5, atol=1e-5)
+    assert _cos(got, tiny_encoder.encode(texts)).min() > 0.9999
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["serve", "--onnx", "/tmp/x", "--model", "m", "--pooling", "mean"], {}, "--model, --pooling cannot be combined with --onnx"),
+        (["serve", "--api-key", " "], {}, "API key is empty"),
+        (["serve"], {"LLM2VEC_FAST_API_KEY": ""}, "API key is empty"),
+        (["serve", "--port", "70000"], {}, "--port must be in 0..65535"),
+        (["serve", "--onnx", "/does/not/exist"], {}, "no model.onnx"),
+    ],
+)
+def test_cli_errors_exit_2_before_serving(argv, env, message, monkeypatch, capsys):
+    from llm2vec_fast.cli import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_served_model_name():
+    import argparse
+
+    from llm2vec_fast.cli.serve import served_model_name
+
+    class Enc:
+        model_id = "org/name"
+
+    args = argparse.Namespace(served_model_name=None, onnx=None, model="/some/dir/my-encoder")
+    assert served_model_name(args, Enc()) == "org/name"
+    Enc.model_id = None
+    assert served_model_name(args, Enc()) == "my-encoder"
+    args.served_model_name = "custom"
+    assert served_model_name(args, Enc()) == "custom"
+
+
+def test_over_long_prompt_gets_413_unless_truncate(tiny_encoder):
+    app = create_app(tiny_encoder, ServeSettings(model_name="tiny", max_batch_tokens=256))
+    long_instruction = " ".join(f"instr{i}" for i in range(200))
+    body = {"inputs": ["short text"], "instruction": long_instruction, "normalize": False}
+    with TestClient(app) as client:
+        refused = client.post("/embed", json=body)
+        assert refused.status_code == 413
+        assert "inputs[0] is over 128 tokens with its instruction" in refused.json()["error"]
+        served = client.post("/embed", json={**body, "truncate": True})
+    assert served.status_code == 200
+    want = tiny_encoder.encode([[long_instruction, "short text"]])
+    assert _cos(served.json(), want).min() > 0.99999
