@@ -35,18 +35,19 @@ def _triton_ops():
 class FlashAttnVarlenFunction(torch.autograd.Function):
     """Autograd wrapper around the Triton forward and backward kernels.
 
-    ``forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale)`` saves ``q, k, v``, the output and the
+    ``forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap)`` saves ``q, k, v``, the output and the
     fp32 log-sum-exp; ``backward`` recomputes the attention probabilities block by block
     (FlashAttention-2) and returns ``dq, dk, dv`` in the input dtypes. Inputs are assumed validated
     (call :func:`flash_attn_varlen`); the backward is not itself differentiable.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale):
-        out, lse = _triton_ops().attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap=0.0):
+        out, lse = _triton_ops().attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen = max_seqlen
         ctx.softmax_scale = softmax_scale
+        ctx.softcap = softcap
         return out
 
     @staticmethod
@@ -54,9 +55,9 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _triton_ops().attention_backward(
-            grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale
+            grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.softcap
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> int:
@@ -91,6 +92,18 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> int:
     return max_seqlen
 
 
+def _check_softcap(softcap) -> float:
+    """``None`` or 0 turn capping off; otherwise a finite positive float."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise ValueError(f"softcap must be a float >= 0 (0 or None: no capping), got {softcap!r}")
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 or None: no capping), got {softcap!r}")
+    return softcap
+
+
 def flash_attn_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -99,6 +112,7 @@ def flash_attn_varlen(
     max_seqlen: int,
     softmax_scale: float | None = None,
     *,
+    softcap: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Bidirectional attention over a packed batch of variable-length sequences.
@@ -113,6 +127,11 @@ def flash_attn_varlen(
         max_seqlen: an upper bound on the sequence lengths (sizes the kernel grid); may exceed the
             longest sequence, must not be smaller.
         softmax_scale: scale of ``q @ k^T`` before the softmax; default ``1 / sqrt(D)``.
+        softcap: tanh soft-capping of the attention logits (Gemma2's ``attn_logit_softcapping``,
+            FlashAttention's ``softcap``): the logits become
+            ``softcap * tanh(q @ k^T * softmax_scale / softcap)`` -- scaled first, then capped, as in
+            transformers' Gemma2 eager attention. ``0`` (or ``None``) disables capping. The backward
+            applies the ``1 - tanh^2`` derivative.
         backend: ``"auto"`` (Triton on CUDA tensors, the torch reference on CPU), ``"triton"``
             (force the kernels; on CPU only under ``TRITON_INTERPRET=1``, for tests) or ``"torch"``
             (force the reference: one ``scaled_dot_product_attention`` call per sequence).
@@ -126,16 +145,18 @@ def flash_attn_varlen(
     Raises:
         ValueError: wrong ranks or shapes, ``Hq % Hkv != 0``, unsupported head dim or dtype, mixed
             dtypes/devices, ``cu_seqlens`` not int32 / not starting at 0 / not ending at ``T`` /
-            decreasing, ``max_seqlen`` below the longest sequence, unknown ``backend``.
+            decreasing, ``max_seqlen`` below the longest sequence, negative or non-finite
+            ``softcap``, unknown ``backend``.
         RuntimeError: ``backend="triton"`` on CPU without the Triton interpreter, or without triton.
 
     Validation reads ``cu_seqlens`` on the host (one small device-to-host copy per call).
     """
     max_seqlen = _check_inputs(q, k, v, cu_seqlens, max_seqlen)
+    softcap = _check_softcap(softcap)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     softmax_scale = float(softmax_scale)
     if resolve_backend(backend, (q, k, v)) == "torch":
-        return flash_attn_varlen_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+        return flash_attn_varlen_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap=softcap)
     cu_seqlens = cu_seqlens.to(q.device, non_blocking=True)
-    return FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    return FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap)

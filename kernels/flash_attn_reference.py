@@ -2,7 +2,8 @@
 
 * :func:`flash_attn_varlen_reference` is the CPU runtime path of
   :func:`llm2vec_fast.kernels.flash_attn_varlen`: one ``scaled_dot_product_attention`` call per
-  sequence (no T x T mask is ever built), key/value heads repeated for GQA. Differentiable.
+  sequence (no T x T mask is ever built), key/value heads repeated for GQA; explicit scores per
+  sequence when logits are soft-capped or attention dropout is on. Differentiable.
 * :func:`attention_naive` spells the computation out (scores, softmax, weighted sum) and is what the
   tests compare against, in float64 (``upcast=True``) or in the input dtype (``upcast=False``, the
   "same computation done by torch in the same dtype" that sets the error budget).
@@ -34,6 +35,32 @@ def _heads_first(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.repeat_interleave(group, dim=0) if group > 1 else x
 
 
+def _capped_scores(qs: torch.Tensor, ks: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """``q k^T * scale``, then ``softcap * tanh(scores / softcap)`` when ``softcap > 0`` (the order of
+    transformers' Gemma2 eager attention and FlashAttention's ``softcap``)."""
+    scores = torch.matmul(qs, ks.transpose(-1, -2)) * scale
+    if softcap > 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
+    return scores
+
+
+def _dropped(probs: torch.Tensor, keep: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """Attention dropout on the probabilities: zero the dropped ones, scale the kept by ``1/(1-p)``."""
+    if dropout_p <= 0.0:
+        return probs
+    return probs * keep.to(probs.dtype) * (1.0 / (1.0 - dropout_p))
+
+
+def _sequence_keep(dropout_mask, dropout_p, shape, start, end, device) -> torch.Tensor | None:
+    """The ``[Hq, L, L]`` keep-mask of one sequence: a slice of ``dropout_mask`` (``[Hq, T, >= L]``), or a
+    fresh Bernoulli(1-p) draw from torch's generator."""
+    if dropout_p <= 0.0:
+        return None
+    if dropout_mask is not None:
+        return dropout_mask[:, start:end, : end - start]
+    return torch.rand(shape, device=device) >= dropout_p
+
+
 def flash_attn_varlen_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -41,21 +68,36 @@ def flash_attn_varlen_reference(
     cu_seqlens: torch.Tensor,
     max_seqlen: int | None = None,
     softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    *,
+    softcap: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Bidirectional varlen attention with SDPA, one call per sequence. Returns ``[T, Hq, D]``.
+    """Bidirectional varlen attention, one call per sequence. Returns ``[T, Hq, D]``; differentiable.
 
-    ``max_seqlen`` is accepted for signature parity with the Triton path and ignored.
+    Plain attention is one ``scaled_dot_product_attention`` call per sequence. With ``softcap > 0``
+    (logits ``softcap * tanh(q.k * scale / softcap)``) or ``dropout_p > 0`` the scores are spelled out
+    (softmax in float32). Dropout uses ``dropout_mask`` when given -- bool ``[Hq, T, >= max_seqlen]``,
+    ``mask[h, t, j]`` keeps the probability of query row ``t`` on key ``j`` of its own sequence, as
+    returned by :func:`llm2vec_fast.kernels.flash_attn_dropout_mask` -- or else draws a fresh mask
+    from torch's generator. ``max_seqlen`` is accepted for signature parity and otherwise ignored.
     """
     del max_seqlen
     group = q.shape[1] // k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    softcap = float(softcap or 0.0)
     outs = []
     for start, end in _segments(cu_seqlens):
         qs = q[start:end].transpose(0, 1)
         ks = _heads_first(k[start:end], group)
         vs = _heads_first(v[start:end], group)
-        o = F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), scale=scale)
-        outs.append(o[0].transpose(0, 1))
+        if softcap > 0.0 or dropout_p > 0.0:
+            probs = torch.softmax(_capped_scores(qs, ks, scale, softcap).float(), dim=-1)
+            keep = _sequence_keep(dropout_mask, dropout_p, probs.shape, start, end, q.device)
+            o = torch.matmul(_dropped(probs, keep, dropout_p).to(vs.dtype), vs)
+        else:
+            o = F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), scale=scale)[0]
+        outs.append(o.transpose(0, 1))
     if not outs:
         return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())  # keeps the graph for empty batches
     return torch.cat(outs, dim=0)
@@ -68,13 +110,21 @@ def attention_naive(
     cu_seqlens: torch.Tensor,
     softmax_scale: float | None = None,
     upcast: bool = True,
+    *,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Explicit scores/softmax/sum per sequence; differentiable.
 
     ``upcast=True``: everything in float64, returns float64 (the ground truth of the tests).
     ``upcast=False``: matmuls in the input dtype (rounded like a low-precision GEMM), softmax in
     float32 and cast back, returns the input dtype -- flash-attention's ``attention_ref(upcast=False)``.
+    ``softcap`` and ``dropout_p``/``dropout_mask`` as in :func:`flash_attn_varlen_reference`
+    (``dropout_p > 0`` needs the mask here).
     """
+    if dropout_p > 0.0 and dropout_mask is None:
+        raise ValueError("attention_naive needs dropout_mask when dropout_p > 0")
     group = q.shape[1] // k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     dtype = torch.float64 if upcast else q.dtype
@@ -84,9 +134,10 @@ def attention_naive(
         qs = qc[start:end].transpose(0, 1)
         ks = _heads_first(kc[start:end], group)
         vs = _heads_first(vc[start:end], group)
-        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale
-        probs = torch.softmax(scores.to(torch.float64 if upcast else torch.float32), dim=-1).to(dtype)
-        outs.append(torch.matmul(probs, vs).transpose(0, 1))
+        scores = _capped_scores(qs, ks, scale, float(softcap or 0.0))
+        probs = torch.softmax(scores.to(torch.float64 if upcast else torch.float32), dim=-1)
+        keep = _sequence_keep(dropout_mask, dropout_p, probs.shape, start, end, q.device)
+        outs.append(torch.matmul(_dropped(probs, keep, dropout_p).to(dtype), vs).transpose(0, 1))
     if not outs:
         return qc.new_zeros(q.shape) + 0 * (kc.sum() + vc.sum())
     return torch.cat(outs, dim=0)

@@ -79,7 +79,7 @@ _BWD_Q_TABLE = [
     (256, 64, 32, 4, 2), (256, 64, 16, 4, 2), (256, 32, 32, 4, 2), (256, 32, 64, 4, 2),
 ]
 
-_AUTOTUNE_KEY = ["BLOCK_D", "GROUP", "seq_bucket"]
+_AUTOTUNE_KEY = ["BLOCK_D", "GROUP", "seq_bucket", "SOFTCAP"]
 _PRUNE = {"early_config_prune": _prune_by_head_dim}
 
 
@@ -121,17 +121,37 @@ def _block_coords(CU, BLOCK: tl.constexpr):
     return seq_start.to(tl.int64), seq_len, tl.program_id(0) * BLOCK, tl.program_id(1)
 
 
+@triton.jit
+def _tanh(x):
+    # tanh from exp2 (saturates cleanly to +-1): libdevice/tl.math tanh differ across Triton versions
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _logits(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
+    """Raw ``q . k`` -> softmax logits in base-2 units, and ``tanh`` of the soft-capped scores
+    (without capping the second value is unused: the compiler drops it). Capping: ``softcap * tanh(s * softmax_scale / softcap)``, so
+    ``qk_scale = softmax_scale / softcap`` and ``cap_scale = softcap * log2(e)``; without it
+    ``qk_scale = softmax_scale * log2(e)``."""
+    if SOFTCAP:
+        t = _tanh(s * qk_scale)
+        return t * cap_scale, t
+    else:
+        return s * qk_scale, s
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, offs_n, offs_d,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, cap_scale, offs_n,
+               offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+               SOFTCAP: tl.constexpr):
     cols = start_n + offs_n
     k = _load_rows(K_seq, cols, stride_kt, offs_d, seq_len, D, BLOCK_D, MASK_N)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s, _ = _logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
     if MASK_N:
         s = tl.where((cols < seq_len)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -146,10 +166,10 @@ def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stri
 @triton.autotune(configs=_configs(_FWD_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU, qk_scale,
+    Q, K, V, O, LSE, CU, qk_scale, cap_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     seq_bucket,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
@@ -170,10 +190,10 @@ def _attn_fwd_kernel(
     n_full = (seq_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt,
-                                   qk_scale, offs_n, offs_d, D, BLOCK_D, False, PRECISION)
+                                   qk_scale, cap_scale, offs_n, offs_d, D, BLOCK_D, False, PRECISION, SOFTCAP)
     if n_full < seq_len:
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, n_full, seq_len, stride_kt, stride_vt,
-                                   qk_scale, offs_n, offs_d, D, BLOCK_D, True, PRECISION)
+                                   qk_scale, cap_scale, offs_n, offs_d, D, BLOCK_D, True, PRECISION, SOFTCAP)
     acc = acc / l_i[:, None]
     _store_rows(O + row0 * stride_ot + h * stride_oh, offs_m, stride_ot, offs_d, seq_len, acc, D)
     tl.store(LSE + h * stride_lh + row0 + offs_m, m_i + tl.log2(l_i), mask=offs_m < seq_len)
@@ -199,8 +219,8 @@ def _bwd_preprocess_kernel(O, DO, DELTA, n_tokens, stride_ot, stride_oh, stride_
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt, stride_dot,
-                qk_scale, offs_m, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr,
-                PRECISION: tl.constexpr):
+                qk_scale, cap_scale, offs_m, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr,
+                PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     rows = start_m + offs_m
     q = _load_rows(Q_seq, rows, stride_qt, offs_d, seq_len, D, BLOCK_D, MASK_M)
     do = _load_rows(DO_seq, rows, stride_dot, offs_d, seq_len, D, BLOCK_D, MASK_M)
@@ -211,11 +231,13 @@ def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_le
     else:
         lse = tl.load(LSE_seq + rows)
         delta = tl.load(DELTA_seq + rows)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-    p_t = tl.exp2(s_t - lse[None, :])
+    s_t, t_t = _logits(tl.dot(k, tl.trans(q), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
+    p_t = tl.exp2(s_t - lse[None, :])  # [BLOCK_N, BLOCK_M]
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:  # d/ds [softcap * tanh(s * scale / softcap)] = scale * (1 - tanh^2); scale is applied at the end
+        ds_t = ds_t * (1.0 - t_t * t_t)
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
@@ -223,11 +245,11 @@ def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_le
 @triton.autotune(configs=_configs(_BWD_KV_TABLE, (32, 64)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, cap_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
     seq_bucket,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_n, hk = _block_coords(CU, BLOCK_N)
@@ -249,37 +271,42 @@ def _attn_bwd_dkdv_kernel(
         DELTA_seq = DELTA + h * stride_lh + row0
         for start_m in range(0, m_full, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt,
-                                 stride_dot, qk_scale, offs_m, offs_d, D, BLOCK_D, False, PRECISION)
+                                 stride_dot, qk_scale, cap_scale, offs_m, offs_d, D, BLOCK_D, False, PRECISION,
+                                 SOFTCAP)
         if m_full < seq_len:
             dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, m_full, seq_len, stride_qt,
-                                 stride_dot, qk_scale, offs_m, offs_d, D, BLOCK_D, True, PRECISION)
+                                 stride_dot, qk_scale, cap_scale, offs_m, offs_d, D, BLOCK_D, True, PRECISION,
+                                 SOFTCAP)
     _store_rows(DK + row0 * stride_dkt + hk * stride_dkh, offs_n, stride_dkt, offs_d, seq_len, dk * sm_scale, D)
     _store_rows(DV + row0 * stride_dvt + hk * stride_dvh, offs_n, stride_dvt, offs_d, seq_len, dv, D)
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, offs_n,
-              offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, cap_scale,
+              offs_n, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+              SOFTCAP: tl.constexpr):
     cols = start_n + offs_n
     k = _load_rows(K_seq, cols, stride_kt, offs_d, seq_len, D, BLOCK_D, MASK_N)
     v = _load_rows(V_seq, cols, stride_vt, offs_d, seq_len, D, BLOCK_D, MASK_N)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s, t = _logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
     p = tl.exp2(s - lse[:, None])
     if MASK_N:
         p = tl.where((cols < seq_len)[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
 @triton.autotune(configs=_configs(_BWD_Q_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, cap_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lh,
     seq_bucket,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
@@ -299,10 +326,10 @@ def _attn_bwd_dq_kernel(
     n_full = (seq_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale,
-                       offs_n, offs_d, D, BLOCK_D, False, PRECISION)
+                       cap_scale, offs_n, offs_d, D, BLOCK_D, False, PRECISION, SOFTCAP)
     if n_full < seq_len:
         dq = _dq_block(dq, q, do, lse, delta, K_seq, V_seq, n_full, seq_len, stride_kt, stride_vt, qk_scale,
-                       offs_n, offs_d, D, BLOCK_D, True, PRECISION)
+                       cap_scale, offs_n, offs_d, D, BLOCK_D, True, PRECISION, SOFTCAP)
     _store_rows(DQ + row0 * stride_dqt + h * stride_dqh, offs_m, stride_dqt, offs_d, seq_len, dq * sm_scale, D)
 
 
@@ -323,7 +350,14 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
-def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
+def _logit_scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
+    """``(qk_scale, cap_scale)`` for :func:`_logits`."""
+    if softcap > 0.0:
+        return softmax_scale / softcap, softcap * LOG2E
+    return softmax_scale * LOG2E, 1.0
+
+
+def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softcap: float) -> dict:
     n_seq = cu_seqlens.numel() - 1
     if n_seq > _MAX_GRID_YZ or q.shape[1] > _MAX_GRID_YZ:
         raise ValueError(f"at most {_MAX_GRID_YZ} sequences per call, got {n_seq}")
@@ -333,18 +367,19 @@ def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max
         D=q.shape[2],
         BLOCK_D=max(16, next_power_of_2(q.shape[2])),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SOFTCAP=softcap > 0.0,
     )
 
 
-def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float):
-    """Returns ``(out [T, Hq, D], lse [Hq, T] fp32, base-2 log-sum-exp of the scaled scores)``."""
+def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, softcap: float = 0.0):
+    """Returns ``(out [T, Hq, D], lse [Hq, T] fp32, base-2 log-sum-exp of the (capped) logits)``."""
     _check_device(q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     n_tokens, n_heads, _ = q.shape
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((n_heads, n_tokens), torch.float32, q.device)
     n_seq = cu_seqlens.numel() - 1
-    meta = _launch_meta(q, k, cu_seqlens, max_seqlen)
+    meta = _launch_meta(q, k, cu_seqlens, max_seqlen, softcap)
     if n_tokens == 0:
         return out, lse
 
@@ -352,7 +387,7 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, n_seq)
 
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens, softmax_scale * LOG2E,
+        q, k, v, out, lse, cu_seqlens, *_logit_scales(softmax_scale, softcap),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         **meta,
@@ -360,14 +395,15 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float):
+def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float,
+                       softcap: float = 0.0):
     """Returns ``(dq, dk, dv)`` for :func:`attention_forward`'s output gradient ``do``."""
     _check_device(q)
     do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
     n_tokens, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     n_seq = cu_seqlens.numel() - 1
-    meta = _launch_meta(q, k, cu_seqlens, max_seqlen)
+    meta = _launch_meta(q, k, cu_seqlens, max_seqlen, softcap)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
@@ -379,7 +415,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softm
         out, do, delta, n_tokens, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
         D=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t,
     )
-    scales = (softmax_scale * LOG2E, softmax_scale)
+    scales = (*_logit_scales(softmax_scale, softcap), softmax_scale)
     common_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                       do.stride(0), do.stride(1))
 

@@ -11,12 +11,13 @@ flash-attention varlen; every attention layer then calls :func:`flash_attn_varle
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .kernels import flash_attn_varlen
+from .kernels import flash_attn_varlen, flash_attn_varlen_reference
 
 ATTN_IMPLEMENTATION = "llm2vec_varlen"
 _state = {"backend": "auto", "registered": False}
@@ -41,13 +42,6 @@ def current_backend() -> str:
     return _state["backend"]
 
 
-def _block_diagonal_mask(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    seq = torch.repeat_interleave(
-        torch.arange(cu_seqlens.numel() - 1, device=cu_seqlens.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    )
-    return (seq[:, None] == seq[None, :])[None, None]
-
-
 def varlen_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -59,19 +53,28 @@ def varlen_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``query`` ``[1, Hq, T, D]``, ``key``/``value`` ``[1, Hkv, T, D]``
-    -> ``[1, T, Hq, D]``."""
+    -> ``[1, T, Hq, D]``.
+
+    ``softcap`` (sent by Gemma2's attention as ``attn_logit_softcapping``, ``None`` for other
+    families) caps the logits inside the kernel."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seqlens = kwargs.get("cu_seq_lens_q")
+    softcap = kwargs.get("softcap") or 0.0
     if cu_seqlens is None:
+        if softcap:  # SDPA cannot cap logits: use the model's own eager attention (Gemma2 defines one)
+            eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+            if eager is None:
+                raise NotImplementedError(f"{type(module).__name__}: soft-capped attention without packing metadata")
+            return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects batch size 1 ([1, H, T, D]), got {tuple(query.shape)}")
-    if dropout > 0.0:
-        # The fused kernel has no attention dropout (SimCSE training uses it): same packing, SDPA math.
-        mask = _block_diagonal_mask(cu_seqlens, query.shape[2])
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    if dropout > 0.0:
+        # The fused kernel has no attention dropout yet (SimCSE training uses it): per-sequence torch math.
+        out = flash_attn_varlen_reference(q, k, v, cu_seqlens.to(torch.int32), None, scaling, dropout, softcap=softcap)
+        return out.unsqueeze(0), None
     out = flash_attn_varlen(
         q,
         k,
@@ -79,6 +82,7 @@ def varlen_attention_forward(
         cu_seqlens.to(torch.int32),
         int(kwargs.get("max_length_q") or 0) or int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
         softmax_scale=scaling,
+        softcap=softcap,
         backend=_state["backend"],
     )
     return out.unsqueeze(0), None

@@ -54,19 +54,25 @@ def make_qkv(lengths, hq, hkv, d, dtype, seed=0, device=DEVICE):
     )
 
 
-def check_against_fp64(lengths, hq, hkv, d, dtype, max_seqlen=None, seed=0, eps=1e-5):
+def check_against_fp64(lengths, hq, hkv, d, dtype, max_seqlen=None, seed=0, eps=1e-5, softcap=0.0, q_gain=1.0):
+    """Kernel vs float64 reference (forward and gradients) within twice torch's own error.
+
+    ``q_gain`` scales the queries (larger logits, so soft-capping bites). Returns the float64
+    reference output."""
     q, k, v = make_qkv(lengths, hq, hkv, d, dtype, seed)
+    if q_gain != 1.0:
+        q = (q.detach() * q_gain).requires_grad_()
     cu = cu_from_lengths(lengths)
     max_seqlen = max(lengths) if max_seqlen is None else max_seqlen
-    out = flash_attn_varlen(q, k, v, cu, max_seqlen, backend="triton")
+    out = flash_attn_varlen(q, k, v, cu, max_seqlen, softcap=softcap, backend="triton")
     assert out.shape == q.shape and out.dtype == dtype
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
     grads = torch.autograd.grad(out, (q, k, v), dout)
 
     exact_inputs = tuple(t.detach().double().requires_grad_() for t in (q, k, v))  # fp64 leaves: fp64 grads
-    ref = attention_naive(*exact_inputs, cu, upcast=True)
+    ref = attention_naive(*exact_inputs, cu, upcast=True, softcap=softcap)
     ref_grads = torch.autograd.grad(ref, exact_inputs, dout.double())
-    same = attention_naive(q, k, v, cu, upcast=False)
+    same = attention_naive(q, k, v, cu, upcast=False, softcap=softcap)
     same_grads = torch.autograd.grad(same, (q, k, v), dout)
 
     for name, got, exact, torch_same in zip(
@@ -76,6 +82,7 @@ def check_against_fp64(lengths, hq, hkv, d, dtype, max_seqlen=None, seed=0, eps=
         err = (got.double() - exact).abs().max().item()
         budget = 2 * (torch_same.double() - exact).abs().max().item() + eps
         assert err <= budget, f"{name}: max error {err:.3g} > budget {budget:.3g} ({dtype}, D={d}, {lengths})"
+    return ref.detach()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +112,75 @@ def test_llama_heads_d128():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_head_dims(d, dtype):
     check_against_fp64([1, 18], 4, 2, d, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# logit soft-capping (Gemma2)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("softcap", [1.0, 2.5, 5.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_softcap_ragged_gqa(softcap, dtype):
+    """Capped logits, forward and gradients, ragged lengths (1 included) and GQA; capping must
+    change the result by far more than the error budget, or the test could not fail."""
+    lengths, hq, hkv, d = [1, 37, 97], 4, 2, 64
+    ref = check_against_fp64(lengths, hq, hkv, d, dtype, max_seqlen=128, softcap=softcap, q_gain=3.0)
+    q, k, v = (t.detach().double() for t in make_qkv(lengths, hq, hkv, d, dtype))
+    uncapped = attention_naive(q * 3.0, k, v, cu_from_lengths(lengths))
+    assert (uncapped - ref).abs().max().item() > 0.05
+
+
+@needs_triton
+def test_softcap_with_scale_and_head_dim_256():
+    """Gemma2 uses a custom scale (query_pre_attn_scalar**-0.5) and D=256."""
+    lengths, d = [5, 40], 256
+    q, k, v = make_qkv(lengths, 2, 1, d, torch.float32)
+    cu = cu_from_lengths(lengths)
+    out = flash_attn_varlen(q, k, v, cu, 40, softmax_scale=0.3, softcap=2.0, backend="triton")
+    exact = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_naive(*exact, cu, softmax_scale=0.3, softcap=2.0)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=0)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), exact)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_softcap_torch_reference(dtype):
+    """The CPU runtime path (backend="torch") caps like the float64 ground truth and like the
+    formula of transformers' Gemma2 eager attention (scale, then softcap * tanh(x / softcap))."""
+    lengths, softcap, scale = [1, 9, 33], 1.5, 0.2
+    q, k, v = make_qkv(lengths, 6, 2, 64, dtype, device="cpu")
+    cu = cu_from_lengths(lengths, "cpu")
+    out = flash_attn_varlen(q, k, v, cu, 33, softmax_scale=scale, softcap=softcap, backend="torch")
+    exact = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_naive(*exact, cu, softmax_scale=scale, softcap=softcap)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
+    # the Gemma2 formula written out for the last sequence, head 0 (kv head 0)
+    s = exact[0][10:43, 0] @ exact[1][10:43, 0].T * scale
+    gemma2 = torch.softmax(torch.tanh(s / softcap) * softcap, -1) @ exact[2][10:43, 0]
+    torch.testing.assert_close(ref[10:43, 0], gemma2)
+    dout = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, exact, dout.double())):
+        torch.testing.assert_close(g.double(), r, atol=10 * tol, rtol=0)
+    assert (ref - attention_naive(*exact, cu, softmax_scale=scale)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("softcap", [-1.0, float("nan"), float("inf"), "2", True])
+def test_bad_softcap_raises(softcap):
+    with pytest.raises(ValueError, match="softcap"):
+        flash_attn_varlen(**_good(), softcap=softcap)
+
+
+def test_softcap_zero_or_none_is_plain_attention():
+    args = _good()
+    plain = flash_attn_varlen(**args)
+    assert torch.equal(flash_attn_varlen(**args, softcap=0.0), plain)
+    assert torch.equal(flash_attn_varlen(**args, softcap=None), plain)
 
 
 @needs_triton
