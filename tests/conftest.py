@@ -80,6 +80,7 @@ def tiny_config(family: str = "llama", vocab_size: int = 49152, **overrides):
         "qwen3": transformers.Qwen3Config,
         "gemma": transformers.GemmaConfig,
         "gemma2": transformers.Gemma2Config,
+        "phi3": transformers.Phi3Config,
     }[family]
     common.update(overrides)
     return cls(**common)
