@@ -195,8 +195,10 @@ def test_family_path_cell(c: Cell, tokenizers, references):
     # 3. a left-padding tokenizer on this path gives the right-padding reference's embeddings, and
     #    its MNTP / contrastive losses and gradients
     left = LLM2Vec(decoder, tokenizers["left"], packed=packed, max_tokens_per_batch=512)
-    with _backend(c):
-        assert (left.encode(ALL_TEXTS, batch_size=3) - ref_embeddings["mean"]).abs().max().item() <= TOL
+    assert left.tokenize(ALL_TEXTS) == enc.tokenize(ALL_TEXTS)
+    if c.path.packed_backend != "triton":  # same items, same function: the interpreter's time goes to the losses below
+        with _backend(c):
+            assert (left.encode(ALL_TEXTS, batch_size=3) - ref_embeddings["mean"]).abs().max().item() <= TOL
     got = _losses_and_grads(c, lm, tokenizers["left"])
     assert torch.equal(got["batch"]["input_ids"], expected["batch"]["input_ids"])
     assert torch.equal(got["batch"]["labels"], expected["batch"]["labels"])
