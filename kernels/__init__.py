@@ -3,13 +3,20 @@
 Public ops (each takes ``backend="auto" | "triton" | "torch"``; ``auto`` = Triton on CUDA tensors,
 the torch reference on CPU; triton is imported lazily, so this package imports without it):
 
-* :func:`flash_attn_varlen` -- packed bidirectional attention with GQA (Triton fwd + bwd).
+* :func:`flash_attn_varlen` -- packed bidirectional attention with GQA, logit soft-capping and
+  attention dropout (Triton fwd + bwd); :func:`flash_attn_dropout_mask` returns its dropout mask.
 * :func:`masked_pool`, :func:`masked_pool_varlen` -- mean / weighted_mean / last / first pooling
   over masked tokens, padded or packed (Triton fwd + fused bwd).
 """
 
 from ._dispatch import cu_seqlens_from_lengths
-from .flash_attn import SUPPORTED_HEAD_DIMS, FlashAttnVarlenFunction, flash_attn_varlen
+from .flash_attn import (
+    SUPPORTED_HEAD_DIMS,
+    FlashAttnVarlenFunction,
+    dropout_philox_state,
+    flash_attn_dropout_mask,
+    flash_attn_varlen,
+)
 from .flash_attn_reference import attention_naive, flash_attn_varlen_reference
 from .pooling import MaskedPoolVarlenFunction, masked_pool, masked_pool_varlen
 from .pooling_reference import (
@@ -27,6 +34,8 @@ __all__ = [
     "attention_naive",
     "check_pooling_mode",
     "cu_seqlens_from_lengths",
+    "dropout_philox_state",
+    "flash_attn_dropout_mask",
     "flash_attn_varlen",
     "flash_attn_varlen_reference",
     "masked_pool",

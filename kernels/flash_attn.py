@@ -35,19 +35,21 @@ def _triton_ops():
 class FlashAttnVarlenFunction(torch.autograd.Function):
     """Autograd wrapper around the Triton forward and backward kernels.
 
-    ``forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap)`` saves ``q, k, v``, the output and the
+    ``forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout)`` (``dropout`` =
+    ``(p, seed, offset)``, see :func:`dropout_philox_state`) saves ``q, k, v``, the output and the
     fp32 log-sum-exp; ``backward`` recomputes the attention probabilities block by block
     (FlashAttention-2) and returns ``dq, dk, dv`` in the input dtypes. Inputs are assumed validated
     (call :func:`flash_attn_varlen`); the backward is not itself differentiable.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap=0.0):
-        out, lse = _triton_ops().attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap)
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap=0.0, dropout=(0.0, 0, 0)):
+        out, lse = _triton_ops().attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen = max_seqlen
         ctx.softmax_scale = softmax_scale
         ctx.softcap = softcap
+        ctx.dropout = dropout  # the mask is regenerated from (seed, offset), never stored
         return out
 
     @staticmethod
@@ -55,9 +57,9 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _triton_ops().attention_backward(
-            grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.softcap
+            grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.softcap, ctx.dropout
         )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> int:
@@ -104,6 +106,60 @@ def _check_softcap(softcap) -> float:
     return softcap
 
 
+def _check_dropout_p(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:  # also rejects NaN
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return dropout_p
+
+
+# Philox seeds and offsets are kept in [2**32, 2**62): always 64-bit kernel arguments, so a new draw
+# never changes the argument types (and never triggers a recompile).
+_PHILOX_LOW, _PHILOX_SPAN = 1 << 32, (1 << 62) - (1 << 32)
+
+
+def dropout_philox_state(q: torch.Tensor, max_seqlen: int) -> tuple[int, int]:
+    """Draw the ``(seed, offset)`` that a :func:`flash_attn_varlen` call with dropout on ``q`` uses.
+
+    The state comes from torch's default generator for ``q``'s device, so ``torch.manual_seed(s)``
+    makes runs reproducible and consecutive calls get different masks. On CUDA it is the
+    generator's Philox seed and offset (the offset is advanced past the ``Hq * T * max_seqlen``
+    counters the kernel uses, as torch's own dropout does; no device sync); on other devices two
+    integers are drawn from the CPU generator. Calling this advances the generator exactly as one
+    dropout call does -- tests use it to rebuild a call's mask with :func:`flash_attn_dropout_mask`.
+    """
+    n_counters = q.shape[0] * q.shape[1] * max(int(max_seqlen), 1)
+    if q.is_cuda:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        gen = torch.cuda.default_generators[index]
+        seed, offset = gen.initial_seed(), gen.get_offset()
+        gen.set_offset(offset + (n_counters + 3) // 4 * 4)  # torch keeps CUDA offsets multiples of 4
+    else:
+        seed, offset = torch.randint(0, _PHILOX_SPAN, (2,), dtype=torch.int64).tolist()
+    return _PHILOX_LOW + seed % _PHILOX_SPAN, _PHILOX_LOW + offset % _PHILOX_SPAN
+
+
+def flash_attn_dropout_mask(
+    cu_seqlens: torch.Tensor, n_heads: int, max_seqlen: int, dropout_p: float, seed: int, offset: int
+) -> torch.Tensor:
+    """The keep-mask the Triton kernels use for ``(dropout_p, seed, offset)``, for tests.
+
+    Returns bool ``[n_heads, T, max_seqlen]`` on ``cu_seqlens``' device: ``mask[h, t, j]`` is True
+    when the probability of query row ``t`` (q head ``h``) on key ``j`` of its own sequence is kept;
+    columns past the sequence's length are False. Feed it to
+    :func:`flash_attn_varlen_reference` (``dropout_mask=``) to reproduce a dropout call exactly.
+    Needs Triton (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+    """
+    dropout_p = _check_dropout_p(dropout_p)
+    bounds = check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]))
+    if int(max_seqlen) < max_length(bounds):
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({max_length(bounds)})")
+    resolve_backend("triton", (cu_seqlens,))
+    return _triton_ops().dropout_keep_mask(cu_seqlens, int(n_heads), int(max_seqlen), dropout_p, seed, offset)
+
+
 def flash_attn_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,6 +167,7 @@ def flash_attn_varlen(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
     *,
     softcap: float = 0.0,
     backend: str = "auto",
@@ -127,6 +184,14 @@ def flash_attn_varlen(
         max_seqlen: an upper bound on the sequence lengths (sizes the kernel grid); may exceed the
             longest sequence, must not be smaller.
         softmax_scale: scale of ``q @ k^T`` before the softmax; default ``1 / sqrt(D)``.
+        dropout_p: attention dropout on the probabilities, as in
+            ``F.scaled_dot_product_attention(dropout_p=...)`` and FlashAttention-2: each probability
+            is dropped with probability ``dropout_p`` and the kept ones are scaled by
+            ``1 / (1 - dropout_p)``. Applied whenever ``> 0`` (pass 0 in eval). The Triton kernels draw
+            the mask with Philox from a ``(seed, offset)`` taken from torch's generator for ``q``'s
+            device (:func:`dropout_philox_state`): ``torch.manual_seed`` makes it reproducible, each
+            call gets a new mask, and the backward regenerates the same mask (no mask is stored).
+            The torch backend draws its masks with ``torch.rand`` (same distribution, other bits).
         softcap: tanh soft-capping of the attention logits (Gemma2's ``attn_logit_softcapping``,
             FlashAttention's ``softcap``): the logits become
             ``softcap * tanh(q @ k^T * softmax_scale / softcap)`` -- scaled first, then capped, as in
@@ -146,17 +211,19 @@ def flash_attn_varlen(
         ValueError: wrong ranks or shapes, ``Hq % Hkv != 0``, unsupported head dim or dtype, mixed
             dtypes/devices, ``cu_seqlens`` not int32 / not starting at 0 / not ending at ``T`` /
             decreasing, ``max_seqlen`` below the longest sequence, negative or non-finite
-            ``softcap``, unknown ``backend``.
+            ``softcap``, ``dropout_p`` outside ``[0, 1)``, unknown ``backend``.
         RuntimeError: ``backend="triton"`` on CPU without the Triton interpreter, or without triton.
 
     Validation reads ``cu_seqlens`` on the host (one small device-to-host copy per call).
     """
     max_seqlen = _check_inputs(q, k, v, cu_seqlens, max_seqlen)
     softcap = _check_softcap(softcap)
+    dropout_p = _check_dropout_p(dropout_p)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     softmax_scale = float(softmax_scale)
     if resolve_backend(backend, (q, k, v)) == "torch":
-        return flash_attn_varlen_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap=softcap)
+        return flash_attn_varlen_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, softcap=softcap)
     cu_seqlens = cu_seqlens.to(q.device, non_blocking=True)
-    return FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap)
+    dropout = (dropout_p, *dropout_philox_state(q, max_seqlen)) if dropout_p > 0.0 else (0.0, 0, 0)
+    return FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout)

@@ -31,6 +31,8 @@ from ._dispatch import interpreter_enabled, new_output, next_power_of_2
 INTERPRETED = interpreter_enabled()
 
 LOG2E = 1.4426950408889634
+#: ``(dropout_p, seed, offset)`` of a launch without attention dropout.
+NO_DROPOUT = (0.0, 0, 0)
 _MAX_GRID_YZ = 65535
 
 
@@ -79,7 +81,7 @@ _BWD_Q_TABLE = [
     (256, 64, 32, 4, 2), (256, 64, 16, 4, 2), (256, 32, 32, 4, 2), (256, 32, 64, 4, 2),
 ]
 
-_AUTOTUNE_KEY = ["BLOCK_D", "GROUP", "seq_bucket", "SOFTCAP"]
+_AUTOTUNE_KEY = ["BLOCK_D", "GROUP", "seq_bucket", "SOFTCAP", "DROPOUT"]
 _PRUNE = {"early_config_prune": _prune_by_head_dim}
 
 
@@ -140,6 +142,17 @@ def _logits(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
         return s * qk_scale, s
 
 
+@triton.jit
+def _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, cols, dropout_p):
+    """Philox keep-mask ``[len(rows), len(cols)]`` of query ``row0 + rows`` (global row) against key
+    ``cols`` (within the sequence) for q head ``h``: element ``(h, t, j)`` uses counter
+    ``offset + (h * n_tokens + t) * mask_stride + j`` -- independent of the block sizes, so the
+    forward and both backward kernels (and :func:`dropout_keep_mask`) regenerate the same mask."""
+    t = row0 + rows.to(tl.int64)
+    idx = offset + (h.to(tl.int64) * n_tokens + t)[:, None] * mask_stride + cols.to(tl.int64)[None, :]
+    return tl.rand(seed, idx) >= dropout_p
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -147,8 +160,9 @@ def _logits(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, cap_scale, offs_n,
-               offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
-               SOFTCAP: tl.constexpr):
+               offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p, drop_scale,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+               SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     cols = start_n + offs_n
     k = _load_rows(K_seq, cols, stride_kt, offs_d, seq_len, D, BLOCK_D, MASK_N)
     s, _ = _logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
@@ -158,19 +172,22 @@ def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stri
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, offs_m, cols, dropout_p)
+        p = tl.where(keep, p * drop_scale, 0.0)
     v = _load_rows(V_seq, cols, stride_vt, offs_d, seq_len, D, BLOCK_D, MASK_N)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
 
 @triton.autotune(configs=_configs(_FWD_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU, qk_scale, cap_scale,
+    Q, K, V, O, LSE, CU, qk_scale, cap_scale, seed, offset, n_tokens, mask_stride, dropout_p, drop_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     seq_bucket,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
     if start_m >= seq_len:
@@ -190,10 +207,12 @@ def _attn_fwd_kernel(
     n_full = (seq_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt,
-                                   qk_scale, cap_scale, offs_n, offs_d, D, BLOCK_D, False, PRECISION, SOFTCAP)
+                                   qk_scale, cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0,
+                                   offs_m, dropout_p, drop_scale, D, BLOCK_D, False, PRECISION, SOFTCAP, DROPOUT)
     if n_full < seq_len:
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, n_full, seq_len, stride_kt, stride_vt,
-                                   qk_scale, cap_scale, offs_n, offs_d, D, BLOCK_D, True, PRECISION, SOFTCAP)
+                                   qk_scale, cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0,
+                                   offs_m, dropout_p, drop_scale, D, BLOCK_D, True, PRECISION, SOFTCAP, DROPOUT)
     acc = acc / l_i[:, None]
     _store_rows(O + row0 * stride_ot + h * stride_oh, offs_m, stride_ot, offs_d, seq_len, acc, D)
     tl.store(LSE + h * stride_lh + row0 + offs_m, m_i + tl.log2(l_i), mask=offs_m < seq_len)
@@ -219,8 +238,9 @@ def _bwd_preprocess_kernel(O, DO, DELTA, n_tokens, stride_ot, stride_oh, stride_
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt, stride_dot,
-                qk_scale, cap_scale, offs_m, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr,
-                PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+                qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_n, dropout_p,
+                drop_scale, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
+                SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     rows = start_m + offs_m
     q = _load_rows(Q_seq, rows, stride_qt, offs_d, seq_len, D, BLOCK_D, MASK_M)
     do = _load_rows(DO_seq, rows, stride_dot, offs_d, seq_len, D, BLOCK_D, MASK_M)
@@ -233,8 +253,13 @@ def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_le
         delta = tl.load(DELTA_seq + rows)
     s_t, t_t = _logits(tl.dot(k, tl.trans(q), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
     p_t = tl.exp2(s_t - lse[None, :])  # [BLOCK_N, BLOCK_M]
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if DROPOUT:  # dV sees the dropped probabilities; dP flows back through the same mask
+        keep_t = tl.trans(_dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, offs_n, dropout_p))
+        dv = tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+    else:
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     if SOFTCAP:  # d/ds [softcap * tanh(s * scale / softcap)] = scale * (1 - tanh^2); scale is applied at the end
         ds_t = ds_t * (1.0 - t_t * t_t)
@@ -243,14 +268,15 @@ def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_le
 
 
 @triton.autotune(configs=_configs(_BWD_KV_TABLE, (32, 64)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, cap_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, cap_scale, sm_scale, seed, offset, n_tokens, mask_stride, dropout_p,
+    drop_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
     seq_bucket,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_n, hk = _block_coords(CU, BLOCK_N)
     if start_n >= seq_len:
@@ -271,20 +297,23 @@ def _attn_bwd_dkdv_kernel(
         DELTA_seq = DELTA + h * stride_lh + row0
         for start_m in range(0, m_full, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt,
-                                 stride_dot, qk_scale, cap_scale, offs_m, offs_d, D, BLOCK_D, False, PRECISION,
-                                 SOFTCAP)
+                                 stride_dot, qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens,
+                                 mask_stride, row0, offs_n, dropout_p, drop_scale, D, BLOCK_D, False, PRECISION,
+                                 SOFTCAP, DROPOUT)
         if m_full < seq_len:
             dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, m_full, seq_len, stride_qt,
-                                 stride_dot, qk_scale, cap_scale, offs_m, offs_d, D, BLOCK_D, True, PRECISION,
-                                 SOFTCAP)
+                                 stride_dot, qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens,
+                                 mask_stride, row0, offs_n, dropout_p, drop_scale, D, BLOCK_D, True, PRECISION,
+                                 SOFTCAP, DROPOUT)
     _store_rows(DK + row0 * stride_dkt + hk * stride_dkh, offs_n, stride_dkt, offs_d, seq_len, dk * sm_scale, D)
     _store_rows(DV + row0 * stride_dvt + hk * stride_dvh, offs_n, stride_dvt, offs_d, seq_len, dv, D)
 
 
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, cap_scale,
-              offs_n, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
-              SOFTCAP: tl.constexpr):
+              offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p, drop_scale,
+              D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+              SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     cols = start_n + offs_n
     k = _load_rows(K_seq, cols, stride_kt, offs_d, seq_len, D, BLOCK_D, MASK_N)
     v = _load_rows(V_seq, cols, stride_vt, offs_d, seq_len, D, BLOCK_D, MASK_N)
@@ -293,6 +322,9 @@ def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, 
     if MASK_N:
         p = tl.where((cols < seq_len)[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, offs_m, cols, dropout_p)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
@@ -300,14 +332,15 @@ def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, 
 
 
 @triton.autotune(configs=_configs(_BWD_Q_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, cap_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, cap_scale, sm_scale, seed, offset, n_tokens, mask_stride, dropout_p,
+    drop_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lh,
     seq_bucket,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
     if start_m >= seq_len:
@@ -326,11 +359,28 @@ def _attn_bwd_dq_kernel(
     n_full = (seq_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale,
-                       cap_scale, offs_n, offs_d, D, BLOCK_D, False, PRECISION, SOFTCAP)
+                       cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p,
+                       drop_scale, D, BLOCK_D, False, PRECISION, SOFTCAP, DROPOUT)
     if n_full < seq_len:
         dq = _dq_block(dq, q, do, lse, delta, K_seq, V_seq, n_full, seq_len, stride_kt, stride_vt, qk_scale,
-                       cap_scale, offs_n, offs_d, D, BLOCK_D, True, PRECISION, SOFTCAP)
+                       cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p,
+                       drop_scale, D, BLOCK_D, True, PRECISION, SOFTCAP, DROPOUT)
     _store_rows(DQ + row0 * stride_dqt + h * stride_dqh, offs_m, stride_dqt, offs_d, seq_len, dq * sm_scale, D)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _dropout_mask_kernel(MASK, CU, seed, offset, n_tokens, mask_stride, dropout_p, stride_mh, stride_mt,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the attention kernels' keep-mask: ``MASK[h, t, j]`` for key ``j`` of row ``t``'s sequence."""
+    row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
+    if start_m >= seq_len:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    for start_n in range(0, seq_len, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, cols, dropout_p)
+        ptrs = MASK + h * stride_mh + (row0 + rows.to(tl.int64))[:, None] * stride_mt + cols[None, :]
+        tl.store(ptrs, keep.to(tl.int8), mask=(rows < seq_len)[:, None] & (cols < seq_len)[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +407,15 @@ def _logit_scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
     return softmax_scale * LOG2E, 1.0
 
 
-def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softcap: float) -> dict:
+def _dropout_args(q: torch.Tensor, max_seqlen: int, dropout: tuple[float, int, int]) -> tuple:
+    """``(seed, offset, n_tokens, mask_stride, dropout_p, 1 / (1 - dropout_p))`` kernel arguments."""
+    dropout_p, seed, offset = dropout
+    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+    return seed, offset, q.shape[0], max(max_seqlen, 1), float(dropout_p), keep_scale
+
+
+def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softcap: float,
+                 dropout_p: float) -> dict:
     n_seq = cu_seqlens.numel() - 1
     if n_seq > _MAX_GRID_YZ or q.shape[1] > _MAX_GRID_YZ:
         raise ValueError(f"at most {_MAX_GRID_YZ} sequences per call, got {n_seq}")
@@ -368,18 +426,22 @@ def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max
         BLOCK_D=max(16, next_power_of_2(q.shape[2])),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SOFTCAP=softcap > 0.0,
+        DROPOUT=dropout_p > 0.0,
     )
 
 
-def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, softcap: float = 0.0):
-    """Returns ``(out [T, Hq, D], lse [Hq, T] fp32, base-2 log-sum-exp of the (capped) logits)``."""
+def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, softcap: float = 0.0,
+                      dropout: tuple[float, int, int] = NO_DROPOUT):
+    """Returns ``(out [T, Hq, D], lse [Hq, T] fp32, base-2 log-sum-exp of the (capped) logits)``.
+
+    ``dropout = (p, seed, offset)``: attention dropout with the Philox mask of :func:`_dropout_keep`."""
     _check_device(q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     n_tokens, n_heads, _ = q.shape
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((n_heads, n_tokens), torch.float32, q.device)
     n_seq = cu_seqlens.numel() - 1
-    meta = _launch_meta(q, k, cu_seqlens, max_seqlen, softcap)
+    meta = _launch_meta(q, k, cu_seqlens, max_seqlen, softcap, dropout[0])
     if n_tokens == 0:
         return out, lse
 
@@ -387,7 +449,7 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, n_seq)
 
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens, *_logit_scales(softmax_scale, softcap),
+        q, k, v, out, lse, cu_seqlens, *_logit_scales(softmax_scale, softcap), *_dropout_args(q, max_seqlen, dropout),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         **meta,
@@ -396,14 +458,14 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float
 
 
 def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float,
-                       softcap: float = 0.0):
+                       softcap: float = 0.0, dropout: tuple[float, int, int] = NO_DROPOUT):
     """Returns ``(dq, dk, dv)`` for :func:`attention_forward`'s output gradient ``do``."""
     _check_device(q)
     do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
     n_tokens, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     n_seq = cu_seqlens.numel() - 1
-    meta = _launch_meta(q, k, cu_seqlens, max_seqlen, softcap)
+    meta = _launch_meta(q, k, cu_seqlens, max_seqlen, softcap, dropout[0])
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
@@ -415,7 +477,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softm
         out, do, delta, n_tokens, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
         D=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t,
     )
-    scales = (*_logit_scales(softmax_scale, softcap), softmax_scale)
+    scales = (*_logit_scales(softmax_scale, softcap), softmax_scale, *_dropout_args(q, max_seqlen, dropout))
     common_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                       do.stride(0), do.stride(1))
 
@@ -437,3 +499,19 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softm
         **meta,
     )
     return dq, dk, dv
+
+
+def dropout_keep_mask(cu_seqlens: torch.Tensor, n_heads: int, max_seqlen: int, dropout_p: float, seed: int,
+                      offset: int) -> torch.Tensor:
+    """The kernels' keep-mask, bool ``[n_heads, T, max_seqlen]``: ``mask[h, t, j]`` keeps the probability
+    of query row ``t`` on key ``j`` of its own sequence (columns past the sequence are False)."""
+    n_tokens = int(cu_seqlens[-1])
+    mask = torch.zeros((n_heads, n_tokens, max(max_seqlen, 1)), dtype=torch.int8, device=cu_seqlens.device)
+    if n_tokens == 0 or max_seqlen == 0:
+        return mask.bool()
+    block_m, block_n = 32, 32
+    _dropout_mask_kernel[(triton.cdiv(max_seqlen, block_m), n_heads, cu_seqlens.numel() - 1)](
+        mask, cu_seqlens, seed, offset, n_tokens, max(max_seqlen, 1), float(dropout_p), mask.stride(0), mask.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return mask.bool()

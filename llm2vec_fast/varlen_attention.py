@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .kernels import flash_attn_varlen, flash_attn_varlen_reference
+from .kernels import flash_attn_varlen
 
 ATTN_IMPLEMENTATION = "llm2vec_varlen"
 _state = {"backend": "auto", "registered": False}
@@ -56,7 +56,9 @@ def varlen_attention_forward(
     -> ``[1, T, Hq, D]``.
 
     ``softcap`` (sent by Gemma2's attention as ``attn_logit_softcapping``, ``None`` for other
-    families) caps the logits inside the kernel."""
+    families) caps the logits inside the kernel; ``dropout`` (the module's ``attention_dropout`` in
+    training, 0 in eval) is the kernel's attention dropout (Philox mask in the Triton kernels,
+    ``torch.rand`` masks on the torch backend)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seqlens = kwargs.get("cu_seq_lens_q")
@@ -71,10 +73,6 @@ def varlen_attention_forward(
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects batch size 1 ([1, H, T, D]), got {tuple(query.shape)}")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    if dropout > 0.0:
-        # The fused kernel has no attention dropout yet (SimCSE training uses it): per-sequence torch math.
-        out = flash_attn_varlen_reference(q, k, v, cu_seqlens.to(torch.int32), None, scaling, dropout, softcap=softcap)
-        return out.unsqueeze(0), None
     out = flash_attn_varlen(
         q,
         k,
@@ -82,6 +80,7 @@ def varlen_attention_forward(
         cu_seqlens.to(torch.int32),
         int(kwargs.get("max_length_q") or 0) or int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
         softmax_scale=scaling,
+        dropout_p=float(dropout),
         softcap=softcap,
         backend=_state["backend"],
     )

@@ -23,6 +23,8 @@ from llm2vec_fast.kernels import (
     SUPPORTED_HEAD_DIMS,
     attention_naive,
     cu_seqlens_from_lengths,
+    dropout_philox_state,
+    flash_attn_dropout_mask,
     flash_attn_varlen,
     flash_attn_varlen_reference,
 )
@@ -54,25 +56,33 @@ def make_qkv(lengths, hq, hkv, d, dtype, seed=0, device=DEVICE):
     )
 
 
-def check_against_fp64(lengths, hq, hkv, d, dtype, max_seqlen=None, seed=0, eps=1e-5, softcap=0.0, q_gain=1.0):
+def check_against_fp64(lengths, hq, hkv, d, dtype, max_seqlen=None, seed=0, eps=1e-5, softcap=0.0, q_gain=1.0,
+                       dropout_p=0.0):
     """Kernel vs float64 reference (forward and gradients) within twice torch's own error.
 
-    ``q_gain`` scales the queries (larger logits, so soft-capping bites). Returns the float64
-    reference output."""
+    ``q_gain`` scales the queries (larger logits, so soft-capping bites). With ``dropout_p`` the
+    references apply the kernel's own keep-mask (:func:`flash_attn_dropout_mask`). Returns the
+    float64 reference output."""
     q, k, v = make_qkv(lengths, hq, hkv, d, dtype, seed)
     if q_gain != 1.0:
         q = (q.detach() * q_gain).requires_grad_()
     cu = cu_from_lengths(lengths)
     max_seqlen = max(lengths) if max_seqlen is None else max_seqlen
-    out = flash_attn_varlen(q, k, v, cu, max_seqlen, softcap=softcap, backend="triton")
+    drop = {}
+    if dropout_p > 0:
+        torch.manual_seed(seed)
+        mask = flash_attn_dropout_mask(cu, hq, max_seqlen, dropout_p, *dropout_philox_state(q, max_seqlen))
+        drop = dict(dropout_p=dropout_p, dropout_mask=mask)
+        torch.manual_seed(seed)
+    out = flash_attn_varlen(q, k, v, cu, max_seqlen, dropout_p=dropout_p, softcap=softcap, backend="triton")
     assert out.shape == q.shape and out.dtype == dtype
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
     grads = torch.autograd.grad(out, (q, k, v), dout)
 
     exact_inputs = tuple(t.detach().double().requires_grad_() for t in (q, k, v))  # fp64 leaves: fp64 grads
-    ref = attention_naive(*exact_inputs, cu, upcast=True, softcap=softcap)
+    ref = attention_naive(*exact_inputs, cu, upcast=True, softcap=softcap, **drop)
     ref_grads = torch.autograd.grad(ref, exact_inputs, dout.double())
-    same = attention_naive(q, k, v, cu, upcast=False, softcap=softcap)
+    same = attention_naive(q, k, v, cu, upcast=False, softcap=softcap, **drop)
     same_grads = torch.autograd.grad(same, (q, k, v), dout)
 
     for name, got, exact, torch_same in zip(
@@ -181,6 +191,112 @@ def test_softcap_zero_or_none_is_plain_attention():
     plain = flash_attn_varlen(**args)
     assert torch.equal(flash_attn_varlen(**args, softcap=0.0), plain)
     assert torch.equal(flash_attn_varlen(**args, softcap=None), plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention dropout
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("dropout_p, dtype", [(0.17, torch.float32), (0.5, torch.float16), (0.9, torch.float32)])
+def test_dropout_matches_reference_with_kernel_mask(dropout_p, dtype):
+    """Forward and dq/dk/dv equal the reference's under the kernel's own mask (ragged, length 1, GQA,
+    max_seqlen above the longest)."""
+    check_against_fp64([1, 37, 97], 4, 2, 64, dtype, max_seqlen=100, seed=3, dropout_p=dropout_p)
+
+
+@needs_triton
+def test_dropout_with_softcap_and_head_dim_80():
+    check_against_fp64([2, 33], 3, 1, 80, torch.float32, seed=5, dropout_p=0.3, softcap=2.0, q_gain=3.0)
+
+
+@needs_triton
+def test_dropout_seed_reproducible_and_calls_differ():
+    lengths, p = [1, 20, 45], 0.3
+    q, k, v = (t.detach() for t in make_qkv(lengths, 4, 2, 32, torch.float32))
+    cu = cu_from_lengths(lengths)
+    torch.manual_seed(7)
+    first = flash_attn_varlen(q, k, v, cu, 45, dropout_p=p, backend="triton")
+    second = flash_attn_varlen(q, k, v, cu, 45, dropout_p=p, backend="triton")  # the generator moved on
+    torch.manual_seed(7)
+    again = flash_attn_varlen(q, k, v, cu, 45, dropout_p=p, backend="triton")
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, second)
+    masks = [flash_attn_dropout_mask(cu, 4, 45, p, seed, 2**40) for seed in (2**33, 2**33 + 1)]
+    masks.append(flash_attn_dropout_mask(cu, 4, 45, p, 2**33, 2**40 + 4 * 95 * 45))  # offset past the first
+    valid = flash_attn_dropout_mask(cu, 4, 45, 0.0, 2**33, 2**40)  # p = 0 keeps exactly the valid entries
+    assert valid.sum() == 4 * sum(n * n for n in lengths)
+    for a, b in ((0, 1), (0, 2)):
+        assert (masks[a] != masks[b]).float().sum() > 0.3 * valid.sum()
+    assert torch.equal(flash_attn_dropout_mask(cu, 4, 45, p, 2**33, 2**40), masks[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("dropout_p", [0.1, 0.3, 0.7])
+def test_dropout_keep_rate_within_binomial_bound(dropout_p):
+    lengths, n_heads = [1, 97, 200], 4
+    cu = cu_from_lengths(lengths)
+    mask = flash_attn_dropout_mask(cu, n_heads, 200, dropout_p, 2**35 + 11, 2**41)
+    n = n_heads * sum(n * n for n in lengths)
+    kept = mask.sum().item()
+    sigma = (n * dropout_p * (1 - dropout_p)) ** 0.5
+    assert abs(kept - n * (1 - dropout_p)) < 5 * sigma, (kept, n, dropout_p)
+    # entries outside the block-diagonal are never "kept"
+    valid = flash_attn_dropout_mask(cu, n_heads, 200, 0.0, 0, 0)
+    assert not (mask & ~valid).any()
+    # no structure across heads / rows: each head and the first and second half of the rows keep ~1-p
+    for part in [(0,), (n_heads - 1,), (slice(None), slice(0, 149)), (slice(None), slice(149, None))]:
+        rate = mask[part].sum().item() / valid[part].sum().item()
+        assert abs(rate - (1 - dropout_p)) < 0.02, (part, rate)
+
+
+def _dropout_mean_over_copies(backend, dtype, dropout_p, copies=64, calls=2):
+    """Pack ``copies`` copies of one ragged batch in a single call (each copy draws its own mask),
+    average them over ``calls`` calls; returns (mean, standard error, no-dropout output)."""
+    lengths = [1, 6, 11]
+    q, k, v = (t.detach() for t in make_qkv(lengths, 2, 1, 32, dtype, device=DEVICE if backend == "triton" else "cpu"))
+    reps = [t.repeat(copies, 1, 1) for t in (q, k, v)]
+    cu = cu_from_lengths(lengths * copies, q.device)
+    torch.manual_seed(0)
+    outs = torch.stack([
+        flash_attn_varlen(*reps, cu, 11, dropout_p=dropout_p, backend=backend).double().view(copies, sum(lengths), 2, 32)
+        for _ in range(calls)
+    ]).flatten(0, 1)
+    plain = flash_attn_varlen(q, k, v, cu_from_lengths(lengths, q.device), 11, backend=backend).double()
+    return outs.mean(0), outs.std(0) / outs.shape[0] ** 0.5, plain
+
+
+@pytest.mark.parametrize("backend, dropout_p", [("triton", 0.3), ("torch", 0.2), ("torch", 0.6)])
+def test_dropout_is_unbiased(backend, dropout_p):
+    """Averaged over many masks the output converges to the no-dropout output (the 1/(1-p) scaling)."""
+    if backend == "triton" and _dispatch.triton_device() is None:
+        pytest.skip("needs triton")
+    mean, stderr, plain = _dropout_mean_over_copies(backend, torch.float32, dropout_p)
+    z = (mean - plain).abs() / (stderr + 1e-6)
+    # unbiased: |z| is half-normal (mean 0.8); a 1/(1-p) scaling error shows up as large z everywhere
+    assert z.max() < 6 and z.mean() < 1.2, (z.max(), z.mean())
+    assert stderr.mean() > 1e-3  # dropout really was on
+
+
+@needs_triton
+def test_dropout_p_zero_is_the_plain_kernel():
+    q, k, v = make_qkv([1, 19, 40], 4, 2, 64, torch.float16)
+    cu = cu_from_lengths([1, 19, 40])
+    state = torch.get_rng_state()
+    plain = flash_attn_varlen(q, k, v, cu, 40, backend="triton")
+    zero = flash_attn_varlen(q, k, v, cu, 40, dropout_p=0.0, backend="triton")
+    assert torch.equal(plain, zero)
+    assert torch.equal(torch.get_rng_state(), state)  # p = 0 draws nothing
+    g = torch.randn_like(plain)
+    for a, b in zip(torch.autograd.grad(plain, (q, k, v), g), torch.autograd.grad(zero, (q, k, v), g)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dropout_p", [1.0, -0.1, 1.5, float("nan"), "0.1"])
+def test_bad_dropout_p_raises(dropout_p):
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attn_varlen(**_good(), dropout_p=dropout_p)
 
 
 @needs_triton

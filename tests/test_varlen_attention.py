@@ -70,3 +70,63 @@ def test_softcap_without_packing_uses_the_models_eager_attention():
     got, _ = varlen_attention_forward(module, q, k, v, None, scaling=0.3, softcap=1.0)
     want, _ = gemma2.eager_attention_forward(module, q, k, v, None, scaling=0.3, softcap=1.0)
     torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# SimCSE with attention dropout: the packed layout (the CUDA default) vs the padded one
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_head32_dir(tmp_path_factory, smollm_tokenizer):
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama-hd32-dropout")
+    AutoModel.from_config(tiny_config("llama", num_attention_heads=2, num_key_value_heads=1, head_dim=32)).save_pretrained(path)
+    smollm_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _simcse_stage(model_dir, tmp_path, layout):
+    from llm2vec_fast.train import STAGE_CLASSES, make_config
+
+    data = tmp_path / "sentences.txt"
+    data.write_text("".join(f"sentence number {i} " + "word " * (i % 5) + "\n" for i in range(6)))
+    config = make_config("simcse", dict(model=model_dir, data=str(data), output_dir=str(tmp_path / layout), batch_size=6,
+                                        max_length=24, attention_dropout=0.3, lora_dropout=0.0, device="cpu",
+                                        batch_layout=layout, progress=False))
+    stage = STAGE_CLASSES["simcse"](config, torch.device("cpu"))
+    schedule = stage.load_data()
+    torch.manual_seed(0)
+    stage.build()
+    stage.wrap_ddp()
+    assert stage.layout == layout
+    return stage, stage.groups(schedule.batch(0))[0]
+
+
+def test_simcse_packed_attention_dropout_matches_padded_statistics(tiny_head32_dir, tmp_path):
+    """Same sentences, attention dropout 0.3: the packed path (varlen attention with in-kernel dropout,
+    torch reference on CPU) and the padded path (transformers' attention with dropout) draw different
+    masks, so compare distributions: equal without dropout, equal means and spreads with it."""
+    stats = {}
+    for layout in ("padded", "packed"):
+        stage, items = _simcse_stage(tiny_head32_dir, tmp_path, layout)
+        stage.peft_model.eval()
+        with torch.no_grad():
+            clean = stage.embed(items)
+            stage.peft_model.train()
+            draws = []
+            for seed in range(48):
+                torch.manual_seed(seed)
+                draws.append(stage.embed(items))
+        draws = torch.stack(draws).double()
+        stats[layout] = (clean.double(), draws.mean(0), draws.std(0))
+    (clean_a, mean_a, std_a), (clean_b, mean_b, std_b) = stats["padded"], stats["packed"]
+    torch.testing.assert_close(clean_b, clean_a, rtol=1e-4, atol=1e-5)
+    assert std_a.mean() > 1e-3 * clean_a.abs().mean()  # dropout is active on both paths
+    z = (mean_a - mean_b).abs() / ((std_a**2 + std_b**2) / 48).sqrt().clamp_min(1e-9)
+    assert z.max() < 6 and z.mean() < 1.3, (z.max(), z.mean())
+    ratio = (std_b.mean() / std_a.mean()).item()
+    assert 0.8 < ratio < 1.25, ratio

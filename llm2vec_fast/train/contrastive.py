@@ -104,15 +104,8 @@ class ContrastiveStage(Stage):
             if p.requires_grad:
                 p.data = p.data.float()
         self.encoder.model = self.peft_model
-        self.layout = self._pick_layout()
-
-    def _pick_layout(self) -> str:
-        if self.config.batch_layout == "auto" and self.config.attention_dropout > 0:
-            # The varlen attention kernel has no dropout; the packed fallback (SDPA over a [T, T]
-            # block-diagonal mask) costs O(T^2) for T = all tokens of the batch, so SimCSE with
-            # attention dropout keeps padded, length-sorted micro-batches (SDPA with dropout).
-            return "padded"
-        return pick_layout(self.config.batch_layout, self.device)
+        # packed on CUDA also with attention dropout (SimCSE): the varlen kernel applies it itself
+        self.layout = pick_layout(self.config.batch_layout, self.device)
 
     # ----------------------------------------------------------------------- embedding
     def embed(self, items: Sequence[EncodingInput]) -> torch.Tensor:
@@ -142,8 +135,8 @@ class ContrastiveStage(Stage):
         return reps.float()
 
     def _embed_packed(self, items: Sequence[EncodingInput]) -> torch.Tensor:
-        """Padding-free: one ``[1, T]`` row, varlen attention (Triton fwd + bwd on CUDA; SDPA with a
-        block-diagonal mask when attention dropout is on) and varlen pooling. Goes through
+        """Padding-free: one ``[1, T]`` row, varlen attention (Triton fwd + bwd on CUDA, attention
+        dropout inside the kernel) and varlen pooling. Goes through
         ``self.net`` so DDP sees the forward."""
         features = self.encoder.collate_packed(items, device=self.device)
         hidden = packed_forward(self.net, self.peft_model, features, self.device)
