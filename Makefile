@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(VENV)/.llm2vec-fast-installed
 
-$(VENV)/.llm2vec-fast-installed: pyproject.toml
+$(VENV)/.llm2vec-fast-installed: pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -e ".[dev,onnx,ray,mteb,st,serve]"

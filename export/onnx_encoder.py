@@ -17,6 +17,7 @@ import torch
 
 from ..encoding import CONFIG_KEYS, EncodeMixin, check_encoder_settings
 from ..prompting import EncodingInput
+from ..tokenization import padding_tokenizer
 from .wrapper import INPUT_NAMES, OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class OnnxEncoder(EncodeMixin):
     def __init__(self, session, tokenizer, settings: dict, model_id: str | None, hidden_size: int, path: str | None = None):
         check_encoder_settings(settings["pooling_mode"], settings["max_length"], settings["doc_max_length"])
         self.session = session
-        self.tokenizer = tokenizer
+        self.tokenizer = padding_tokenizer(tokenizer)  # a right-padding copy; the caller's object never changes
         self.pooling_mode = settings["pooling_mode"]
         self.max_length = int(settings["max_length"])
         self.doc_max_length = int(settings["doc_max_length"])
@@ -72,8 +73,6 @@ class OnnxEncoder(EncodeMixin):
         self.model_id = model_id
         self.hidden_size = int(hidden_size)
         self.path = path
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
         self.providers = session.get_providers()
         self._use_io_binding = self.providers[0] != "CPUExecutionProvider"
 

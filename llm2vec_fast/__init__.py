@@ -1,6 +1,6 @@
 """llm2vec-fast: decoder-only LLMs as fast bidirectional text encoders (LLM2Vec recipe)."""
 
-from .bidirectional import UnsupportedArchitectureError, enable_bidirectional
+from .bidirectional import UnsupportedArchitectureError, UnsupportedAttentionError, enable_bidirectional
 from .default_model import DefaultModelMissingError, default_model_path
 from .encoder import LLM2Vec
 from .encoding import POOLING_MODES
@@ -15,5 +15,6 @@ __all__ = [
     "default_model_path",
     "DefaultModelMissingError",
     "UnsupportedArchitectureError",
+    "UnsupportedAttentionError",
     "__version__",
 ]

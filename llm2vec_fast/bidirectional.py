@@ -1,17 +1,25 @@
 """Turn a transformers decoder into a bidirectional encoder (LLM2Vec step 1).
 
 transformers 5 decoders build their mask through ``masking_utils.create_causal_mask``,
-which returns a 4D mask passed in by the caller unchanged. We therefore
+which returns a 4D mask (or a flex ``BlockMask``) passed in by the caller unchanged. We therefore
 
-1. set ``is_causal = False`` on every attention module (used by SDPA / flash kernels when
-   no mask is given), and
+1. set ``is_causal = False`` on every attention module (read by the flash-attention and SDPA
+   integrations when no mask is given), and
 2. register a forward pre-hook on the decoder that replaces the 2D padding mask (or a
-   missing one) with a 4D *bidirectional* padding mask, so neither the eager nor the SDPA
-   path ever applies the causal triangle.
+   missing one) with a *bidirectional* padding mask in the form the attention implementation
+   takes: additive 4D for ``eager``, boolean 4D for ``sdpa``, a ``BlockMask`` for
+   ``flex_attention``. ``flash_attention_2`` / ``flash_attention_3`` keep the 2D padding mask and
+   read ``is_causal`` (False); our packed ``llm2vec_varlen`` path is bidirectional by construction.
+
+Any other attention implementation (paged, hub kernels, custom registrations) raises
+:class:`UnsupportedAttentionError` naming the model type and the implementation, when the model is
+made bidirectional and again on every forward (the implementation can be switched later): a model
+never runs silently causal.
 
 This works for every family (the official llm2vec Qwen2 model stays causal under
 eager/SDPA because it never overrides the mask). Sliding-window layers (Mistral, Qwen2,
-Gemma2) also see the full bidirectional mask, as in the official bidirectional models.
+Gemma2) also see the full bidirectional mask, as in the official bidirectional models; under
+flash-attention the window would stay (symmetric), so that combination raises instead.
 """
 
 from __future__ import annotations
@@ -21,11 +29,21 @@ import sys
 import torch
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+# attention implementation -> how the bidirectional padding mask reaches it
+MASK_FORMS = {"eager": "additive", "sdpa": "boolean", "flex_attention": "block_mask"}
+# implementations that take the 2D padding mask and honour the modules' `is_causal`
+IS_CAUSAL_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+PACKED_IMPLEMENTATION = "llm2vec_varlen"  # llm2vec_fast.varlen_attention (bidirectional kernel)
+SUPPORTED_ATTENTION = (*MASK_FORMS, *IS_CAUSAL_IMPLEMENTATIONS, PACKED_IMPLEMENTATION)
 
 
 class UnsupportedArchitectureError(ValueError):
     """The model cannot be made bidirectional safely."""
+
+
+class UnsupportedAttentionError(UnsupportedArchitectureError):
+    """The model's attention implementation cannot be made bidirectional safely."""
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -56,6 +74,8 @@ def check_supported(model: nn.Module) -> None:
     decoder = decoder_of(model)
     config = getattr(decoder, "config", None)
     model_type = getattr(config, "model_type", type(decoder).__name__)
+    if config is not None:
+        check_attention_implementation(config)
     if model_type in SUPPORTED_MODEL_TYPES:
         return
     module = sys.modules.get(type(decoder).__module__)
@@ -69,13 +89,57 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
-def bidirectional_mask(attention_mask: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """4D ``[B, 1, 1, L]`` padding mask that lets every query see every real key.
+def attention_implementation(config) -> str:
+    """The attention implementation a config selects (transformers' default ``sdpa`` when unset)."""
+    return getattr(config, "_attn_implementation", None) or "sdpa"
 
-    Boolean for SDPA-like kernels (true = attend); additive for ``eager``, with a finite
-    minimum so a row without real keys never becomes NaN.
+
+def _uses_sliding_window(config) -> bool:
+    if not getattr(config, "sliding_window", None):
+        return False
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2/Qwen3 keep a window size but disable it
+        return False
+    return True
+
+
+def check_attention_implementation(config) -> None:
+    """Raise :class:`UnsupportedAttentionError` unless ``config``'s attention implementation can run
+    bidirectionally (see the module docstring)."""
+    impl = attention_implementation(config)
+    model_type = getattr(config, "model_type", "?")
+    if impl not in SUPPORTED_ATTENTION:
+        raise UnsupportedAttentionError(
+            f"Cannot run model type {model_type!r} bidirectionally with attn_implementation={impl!r}: llm2vec_fast "
+            f"can only make {', '.join(repr(a) for a in SUPPORTED_ATTENTION[:-1])} bidirectional. Load the model "
+            f"with attn_implementation='sdpa' (or 'eager'), or pass enable_bidirectional=False for a causal encoder."
+        )
+    if impl in IS_CAUSAL_IMPLEMENTATIONS and _uses_sliding_window(config):
+        raise UnsupportedAttentionError(
+            f"Cannot run model type {model_type!r} bidirectionally with attn_implementation={impl!r}: its "
+            f"sliding-window layers (sliding_window={config.sliding_window}) would keep a symmetric window under "
+            f"flash-attention instead of seeing the whole input as on the other paths. Use attn_implementation='sdpa' "
+            f"(or the packed path, LLM2Vec(packed=True))."
+        )
+
+
+def bidirectional_mask(attention_mask: torch.Tensor, attn_implementation: str, dtype: torch.dtype):
+    """A padding mask that lets every query see every real key, in the form ``attn_implementation`` takes.
+
+    ``[B, 1, 1, L]`` boolean for SDPA-like kernels (true = attend); additive for ``eager``, with a
+    finite minimum so a row without real keys never becomes NaN; a flex ``BlockMask`` over
+    ``[B, L, L]`` for ``flex_attention``.
     """
-    keep = attention_mask.to(torch.bool)[:, None, None, :]
+    keep = attention_mask.to(torch.bool)
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        batch, length = keep.shape
+
+        def padding_mask_mod(b, h, q_idx, kv_idx):
+            return keep[b, kv_idx]
+
+        return create_block_mask(padding_mask_mod, batch, None, length, length, device=keep.device)
+    keep = keep[:, None, None, :]
     if attn_implementation == "eager":
         return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
     return keep
@@ -84,14 +148,15 @@ def bidirectional_mask(attention_mask: torch.Tensor, attn_implementation: str, d
 def _mask_hook(decoder: nn.Module, args: tuple, kwargs: dict):
     if not getattr(decoder, "_llm2vec_bidirectional", False):
         return None
-    impl = getattr(decoder.config, "_attn_implementation", "sdpa") or "sdpa"
-    if impl not in ("eager", "sdpa"):
-        return None  # flash / custom varlen kernels read `is_causal` (set False) and their own metadata
+    check_attention_implementation(decoder.config)  # the implementation may have been switched since
+    impl = attention_implementation(decoder.config)
+    if impl not in MASK_FORMS:
+        return None  # flash reads `is_causal` (set False) with the 2D mask; the varlen kernel is bidirectional
     args = list(args)
     mask = kwargs.get("attention_mask")
     if mask is None and len(args) > 1:
         mask = args[1]
-    if mask is not None and mask.dim() == 4:
+    if mask is not None and len(mask.shape) == 4:  # a ready 4D mask or BlockMask: the caller's choice
         return None
     if mask is None:
         ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)

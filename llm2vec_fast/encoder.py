@@ -23,12 +23,12 @@ from .loading import apply_adapters, load_base_model, resolve_model_path
 from .encoding import CONFIG_KEYS, KERNEL_POOLING_MODE, POOLING_MODES, EncodeMixin, check_encoder_settings
 from .packing import DEFAULT_MAX_TOKENS_PER_BATCH, pack, token_budget_batches
 from .prompting import EncodingInput
+from .tokenization import padding_tokenizer
 from .varlen_attention import current_backend, packed_hidden_states
 
 logger = logging.getLogger(__name__)
 
 SAVE_FORMATS = ("llm2vec", "sentence-transformers")
-
 
 class LLM2Vec(EncodeMixin, nn.Module):
     """A decoder-only LLM turned into a text encoder.
@@ -61,7 +61,9 @@ class LLM2Vec(EncodeMixin, nn.Module):
         super().__init__()
         check_encoder_settings(pooling_mode, max_length, doc_max_length)
         self.model = model
-        self.tokenizer = tokenizer
+        self.config = model.config
+        # our own right-padding copy with a pad token (EOS if missing): the caller's object never changes
+        self.tokenizer = padding_tokenizer(tokenizer)
         self.pooling_mode = pooling_mode
         self.max_length = int(max_length)
         self.doc_max_length = int(doc_max_length)
@@ -69,9 +71,23 @@ class LLM2Vec(EncodeMixin, nn.Module):
         self.model_id = model_id
         self.packed = packed
         self.max_tokens_per_batch = int(max_tokens_per_batch)
-        self.config = model.config
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per input; never more than the model's ``max_position_embeddings`` (longer inputs are
+        truncated with a warning instead of running past the position table)."""
+        return self._max_length
+
+    @max_length.setter
+    def max_length(self, value: int) -> None:
+        value, limit = int(value), getattr(self.config, "max_position_embeddings", None)
+        if limit and value > int(limit):
+            logger.warning(
+                "max_length=%d exceeds the model's max_position_embeddings=%d: inputs are truncated to %d tokens",
+                value, limit, limit,
+            )
+            value = int(limit)
+        self._max_length = value
 
     # ------------------------------------------------------------------ loading
     @classmethod

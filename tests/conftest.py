@@ -17,6 +17,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The checked-in STS-B sample (tests/data/stsbenchmark/SAMPLE.md): tests never need ../shared.
+STSB_SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stsbenchmark")
+os.environ["LLM2VEC_FAST_STSB_DIR"] = STSB_SAMPLE_DIR
 
 
 def pytest_addoption(parser):
@@ -77,6 +80,7 @@ def tiny_config(family: str = "llama", vocab_size: int = 49152, **overrides):
         "qwen3": transformers.Qwen3Config,
         "gemma": transformers.GemmaConfig,
         "gemma2": transformers.Gemma2Config,
+        "phi3": transformers.Phi3Config,
     }[family]
     common.update(overrides)
     return cls(**common)

@@ -1,17 +1,34 @@
-"""Packaging: one import package; kernels/ and export/ install under llm2vec_fast only."""
+"""Packaging: one import package; kernels/ and export/ install under llm2vec_fast only; the built
+wheel works on its own (console script, every sub-package, encoding with the default model)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOTS = {"llm2vec_fast": "llm2vec_fast", "kernels": "llm2vec_fast.kernels", "export": "llm2vec_fast.export"}
 
 
 def _run(code: str, cwd: Path) -> str:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _source_packages() -> set[str]:
+    """Every package the source tree holds, under its installed name."""
+    out = set()
+    for folder, name in SOURCE_ROOTS.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            if "__pycache__" not in rel.parts:
+                out.add(".".join([name, *rel.parts]))
+    return out
 
 
 def test_subpackages_import_and_no_top_level_modules(tmp_path):
@@ -23,14 +40,73 @@ def test_subpackages_import_and_no_top_level_modules(tmp_path):
     assert out == "None None llm2vec_fast.kernels llm2vec_fast.export"
 
 
-def test_wheel_contains_only_llm2vec_fast(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
         check=True,
         capture_output=True,
     )
-    wheel = next(tmp_path.glob("llm2vec_fast-*.whl"))
+    return next(out.glob("llm2vec_fast-*.whl"))
+
+
+def test_wheel_ships_every_package_and_only_llm2vec_fast(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"llm2vec_fast"}
-    assert "llm2vec_fast/kernels/__init__.py" in names and "llm2vec_fast/export/__init__.py" in names
+    shipped = {n[: -len("/__init__.py")].replace("/", ".") for n in names if n.endswith("/__init__.py")}
+    expected = _source_packages()
+    assert {"llm2vec_fast.cli", "llm2vec_fast.train", "llm2vec_fast.kernels", "llm2vec_fast.export"} <= expected
+    assert shipped == expected, f"missing {expected - shipped}, unexpected {shipped - expected}"
+    modules = {n for n in names if n.endswith(".py")}
+    for folder, name in SOURCE_ROOTS.items():
+        for src in (ROOT / folder).rglob("*.py"):
+            rel = src.relative_to(ROOT / folder)
+            assert "/".join([*name.split("."), *rel.parts]) in modules, f"{src} is not in the wheel"
+    assert "llm2vec_fast/py.typed" in names
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    for line in ("Name: llm2vec-fast", "Requires-Python: >=3.10", "Classifier: Typing :: Typed", "Requires-Dist: transformers"):
+        assert line in meta
+    entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert "llm2vec-fast = llm2vec_fast.cli:main" in entry
+
+
+def test_wheel_installs_and_works_in_a_fresh_venv(wheel, tmp_path, default_model_dir):
+    """Install the wheel (no editable finder, no source tree on the path) into a new venv whose
+    dependencies come from this environment's site-packages through a plain ``.pth`` path line
+    (which does not run that folder's own ``.pth`` files, so the editable install stays out)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    fresh_site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                     check=True, capture_output=True, text=True).stdout.strip())
+    (fresh_site / "_project_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
+        check=True, capture_output=True, text=True,
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    run = lambda *args: subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # noqa: E731
+
+    r = run(str(venv / "bin" / "llm2vec-fast"), "--help")
+    assert r.returncode == 0, r.stderr
+    for command in ("encode", "train", "eval", "export", "demo"):
+        assert command in r.stdout
+
+    packages = sorted(_source_packages())
+    code = (
+        "import importlib, llm2vec_fast, sys\n"
+        f"for name in {packages!r}:\n"
+        "    mod = importlib.import_module(name)\n"
+        "    assert mod.__file__.startswith(sys.prefix), (name, mod.__file__)\n"
+        "from llm2vec_fast import LLM2Vec\n"
+        "enc = LLM2Vec.from_pretrained(device='cpu')  # the embedded default model\n"
+        "emb = enc.encode(['A man is playing a guitar.', 'Someone plays the guitar.'], normalize_embeddings=True)\n"
+        "print(llm2vec_fast.__file__, tuple(emb.shape), float(emb[0] @ emb[1]))\n"
+    )
+    r = run(str(python), "-c", code)
+    assert r.returncode == 0, r.stderr
+    where, shape, cos = r.stdout.split()[0], r.stdout.split()[1:3], float(r.stdout.split()[-1])
+    assert where.startswith(str(fresh_site)), f"llm2vec_fast imported from {where}, not from the fresh venv"
+    assert "".join(shape) == "(2,576)" and 0.0 < cos <= 1.0 + 1e-6

@@ -119,12 +119,12 @@ def test_bad_override_syntax(tmp_path):
 
 
 def test_stsb_reader_and_sentences():
-    dev = load_stsb("dev")
-    assert len(dev) == 1500
-    assert dev[0] == ("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 5.0)
+    dev = load_stsb("dev")  # the checked-in sample (conftest points $LLM2VEC_FAST_STSB_DIR at it)
+    assert len(dev) == 300
+    assert dev[0] == ("A cat standing on tree branches.", "A black and white cat is high up on tree branches.", 3.6)
     assert all(0.0 <= s <= 5.0 for _, _, s in dev)
     train = stsb_sentences("train")
-    assert len(train) == len(set(train)) > 5000
+    assert len(train) == len(set(train)) > 500
     with pytest.raises(ValueError, match="unknown STS-B split"):
         load_stsb("validation")
 

@@ -132,3 +132,48 @@ def test_mntp_loss_on_real_causal_lm_matches_hf(tiny_causal_lm_dir):
     ours = mntp_loss(hidden, labels, lm.get_output_embeddings(), chunk=16)
     ref = _hf_style_loss(hidden, labels, lm.get_output_embeddings())
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [1.0, 3.0])
+def test_linear_cross_entropy_applies_final_logit_softcapping(softcap):
+    """Gemma2's ``final_logit_softcapping``: loss and gradients equal full logits capped by
+    ``c * tanh(z / c)``; the cap is small enough that it changes the loss."""
+    torch.manual_seed(2)
+    x = torch.randn(29, 16, requires_grad=True)
+    w = (torch.randn(300, 16) * 2).requires_grad_()
+    t = torch.randint(0, 300, (29,))
+    z = x @ w.T
+    ref = F.cross_entropy(softcap * torch.tanh(z / softcap), t)
+    got = linear_cross_entropy(x, w, t, chunk=8, softcap=softcap)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, [x, w]), torch.autograd.grad(ref, [x, w])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert abs(got.item() - F.cross_entropy(z, t).item()) > 0.1
+    with pytest.raises(ValueError, match="softcap"):
+        linear_cross_entropy(x, w, t, softcap=0.0)
+
+
+def test_mntp_loss_on_gemma2_matches_its_capped_lm_head():
+    """The MNTP loss of a Gemma2 causal LM equals cross-entropy over the logits the model itself
+    returns (which apply final_logit_softcapping)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from llm2vec_fast.bidirectional import decoder_of, enable_bidirectional
+    from llm2vec_fast.train.mntp import final_logit_softcap
+
+    torch.manual_seed(0)
+    config = tiny_config("gemma2", vocab_size=500, attn_logit_softcapping=2.0, final_logit_softcapping=1.5, tie_word_embeddings=True,
+                         initializer_range=0.5)  # logits large enough to reach the cap
+    lm = enable_bidirectional(AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval())
+    assert final_logit_softcap(lm.config) == 1.5
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 3::2] = ids[:, 3::2]
+    hidden = decoder_of(lm)(input_ids=ids).last_hidden_state
+    ours = mntp_loss(hidden, labels, lm.get_output_embeddings(), chunk=5, softcap=final_logit_softcap(lm.config))
+    logits = lm(input_ids=ids).logits  # capped by the model
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 500), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    uncapped = mntp_loss(hidden, labels, lm.get_output_embeddings(), chunk=5)
+    assert abs(uncapped.item() - ref.item()) > 1e-2

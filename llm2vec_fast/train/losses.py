@@ -95,7 +95,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ``[chunk, vocab]`` block instead of ``[rows, vocab]``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, chunk):
+    def forward(ctx, x, weight, bias, target, chunk, softcap):
         need_w = weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         grad_x = torch.empty_like(x) if x.requires_grad else None
@@ -107,12 +107,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (xc @ weight.T).float()
             if bias is not None:
                 logits = logits + bias.float()
+            if softcap is not None:  # Gemma2's final_logit_softcapping: c * tanh(z / c)
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             if grad_x is None and grad_w is None and grad_b is None:
                 continue
             g = torch.softmax(logits, dim=-1)
             g[torch.arange(len(tc), device=x.device), tc] -= 1.0
+            if softcap is not None:
+                g *= 1.0 - capped.square()  # d(c * tanh(z / c)) / dz
             if grad_x is not None:
                 grad_x[start : start + chunk] = (g.to(weight.dtype) @ weight).to(x.dtype)
             if grad_w is not None:
@@ -131,14 +136,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         gx, gw, gb = ctx.saved_tensors
         hx, hw, hb = ctx.has
-        return (gx * grad_out if hx else None, gw * grad_out if hw else None, gb * grad_out if hb else None, None, None)
+        return (gx * grad_out if hx else None, gw * grad_out if hw else None, gb * grad_out if hb else None, None, None, None)
 
 
 def linear_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None, chunk: int = 1024
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk: int = 1024,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``x @ weight.T + bias`` against ``target`` (rows ``[N, D]``, ``N >= 1``)
-    without materialising the ``[N, vocab]`` logits."""
+    without materialising the ``[N, vocab]`` logits. ``softcap``: logits become
+    ``softcap * tanh(logits / softcap)`` first (Gemma2's ``final_logit_softcapping``)."""
     if x.shape[0] == 0:
         return x.sum() * 0.0
-    return _LinearCrossEntropy.apply(x, weight, bias, target, int(chunk)) / x.shape[0]
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    return _LinearCrossEntropy.apply(x, weight, bias, target, int(chunk), None if softcap is None else float(softcap)) / x.shape[0]

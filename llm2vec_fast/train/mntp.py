@@ -14,13 +14,18 @@ official ``get_model_for_peft`` does, so it loads onto ``AutoModel`` /
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..bidirectional import decoder_of, enable_bidirectional
 from .config import MNTPConfig
 from .data import BatchSchedule, read_text_lines
+from ..tokenization import padding_tokenizer
 from .losses import linear_cross_entropy
 from .trainer import Stage, add_lora, autocast, enable_checkpointing, packed_forward, pick_layout, resolve_base, train_dtype
+
+logger = logging.getLogger(__name__)
 
 IGNORE = -100
 BLANK_MASK_TOKEN = "_"  # the official mask token for tokenizers without one
@@ -75,12 +80,78 @@ def mntp_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return where.nonzero(), shifted[where]
 
 
-def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Linear, chunk: int = 1024) -> torch.Tensor:
+def mntp_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Linear, chunk: int = 1024, softcap: float | None = None
+) -> torch.Tensor:
     """Mean cross-entropy over the masked positions, from the hidden states ``[B, L, D]`` (after
-    the final norm); only the ``[N, D]`` gathered states meet the LM head."""
+    the final norm); only the ``[N, D]`` gathered states meet the LM head. ``softcap``: the model's
+    ``final_logit_softcapping`` (Gemma2), applied to the logits as in its LM head."""
     where = labels[:, 1:] != IGNORE
     x = hidden[:, :-1][where]
-    return linear_cross_entropy(x, lm_head.weight, labels[:, 1:][where], lm_head.bias, chunk=chunk)
+    return linear_cross_entropy(x, lm_head.weight, labels[:, 1:][where], lm_head.bias, chunk=chunk, softcap=softcap)
+
+
+def final_logit_softcap(config) -> float | None:
+    """The causal LM's ``final_logit_softcapping`` (Gemma2), or ``None``."""
+    value = getattr(config, "final_logit_softcapping", None)
+    return float(value) if value else None
+
+
+def mntp_batch(
+    tokenizer,
+    texts: list[str],
+    *,
+    max_length: int,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: list[int],
+    probability: float,
+    full_masking: bool,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Tokenised, right-padded and masked MNTP batch ``{input_ids, attention_mask, labels}``.
+
+    The tokenizer goes through :func:`padding_tokenizer` (a copy when it is not set up yet), so a
+    left-padding tokenizer (Llama, Gemma in transformers 5) gives the same batch as a right-padding one.
+    """
+    if tokenizer.padding_side != "right" or tokenizer.truncation_side != "right" or tokenizer.pad_token_id is None:
+        tokenizer = padding_tokenizer(tokenizer)
+    enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    ids, labels = mask_tokens(
+        enc["input_ids"],
+        enc["attention_mask"],
+        mask_id=mask_id,
+        vocab_size=vocab_size,
+        special_ids=special_ids,
+        probability=probability,
+        full_masking=full_masking,
+        generator=generator,
+    )
+    return {"input_ids": ids, "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def padded_mntp_loss(net, lm_head, batch: dict, chunk: int = 1024, softcap: float | None = None) -> torch.Tensor:
+    """MNTP loss of a right-padded batch (from :func:`mntp_batch`) through ``net`` (a bidirectional
+    bare decoder, peft or DDP wrapped)."""
+    hidden = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return mntp_loss(hidden, batch["labels"], lm_head, chunk, softcap)
+
+
+def packed_mntp_loss(net, model, lm_head, batch: dict, device, chunk: int = 1024, softcap: float | None = None) -> torch.Tensor:
+    """The same loss on one padding-free row through the varlen attention: labels at each sequence's
+    first position are dropped (never a target in the padded path either), so no sequence predicts
+    its neighbour. ``model``: the bidirectional decoder inside ``net``."""
+    from ..packing import pack
+    from ..prompting import EncodingInput
+
+    lengths = batch["attention_mask"].sum(1)
+    rows = [batch["input_ids"][i, : int(n)].tolist() for i, n in enumerate(lengths)]
+    features = pack([EncodingInput(r, 1) for r in rows], device)
+    labels = torch.cat([batch["labels"][i, : int(n)] for i, n in enumerate(lengths)]).to(device)
+    labels[features["position_ids"][0] == 0] = IGNORE
+    hidden = packed_forward(net, model, features, device)
+    with autocast(device):
+        return mntp_loss(hidden[None], labels[None], lm_head, chunk, softcap)
 
 
 class MNTPStage(Stage):
@@ -97,10 +168,16 @@ class MNTPStage(Stage):
         from ..loading import apply_adapters
 
         base = resolve_base(self.config)
-        self.tokenizer = AutoTokenizer.from_pretrained(base)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # right padding, right truncation, a pad token: the batch code slices rows as [i, :n]
+        self.tokenizer = padding_tokenizer(AutoTokenizer.from_pretrained(base), copy_tokenizer=False)
         lm = AutoModelForCausalLM.from_pretrained(base, dtype=train_dtype(self.device))
+        self.softcap = final_logit_softcap(lm.config)
+        self.max_length = self.config.max_length
+        limit = getattr(lm.config, "max_position_embeddings", None)
+        if limit and self.max_length > int(limit):
+            logger.warning("max_length=%d exceeds the model's max_position_embeddings=%d: texts are truncated to %d tokens",
+                           self.max_length, limit, limit)
+            self.max_length = int(limit)
         decoder = decoder_of(lm)
         if self.config.peft:
             merged = apply_adapters(decoder, list(self.config.peft), merge_last=True)
@@ -123,26 +200,17 @@ class MNTPStage(Stage):
         self.vocab_size = len(self.tokenizer)
 
     def batch(self, indices: list[int], step_seed: int) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
+        return mntp_batch(
+            self.tokenizer,
             [self.texts[i] for i in indices],
-            add_special_tokens=True,
-            truncation=True,
-            max_length=self.config.max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        g = torch.Generator().manual_seed(step_seed)
-        ids, labels = mask_tokens(
-            enc["input_ids"],
-            enc["attention_mask"],
+            max_length=self.max_length,
             mask_id=self.mask_id,
             vocab_size=self.vocab_size,
             special_ids=self.special_ids,
             probability=self.config.mlm_probability,
             full_masking=self.config.full_masking,
-            generator=g,
+            generator=torch.Generator().manual_seed(step_seed),
         )
-        return {"input_ids": ids, "attention_mask": enc["attention_mask"], "labels": labels}
 
     def step(self, indices: list[int]) -> tuple[torch.Tensor, int]:
         """Mean loss over every masked token of the batch. Padded layout on one process: length-sorted
@@ -166,25 +234,14 @@ class MNTPStage(Stage):
             if n == 0 and n_targets > 0:
                 continue
             with autocast(self.device):
-                hidden = self.net(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).last_hidden_state
-                loss = mntp_loss(hidden, mb["labels"], self.lm_head, self.config.loss_chunk_size) * (n / max(n_targets, 1))
+                loss = padded_mntp_loss(self.net, self.lm_head, mb, self.config.loss_chunk_size, self.softcap)
+                loss = loss * (n / max(n_targets, 1))
             loss.backward()
             total += loss.detach().float()
         return total, int(lengths.sum())
 
     def _packed_step(self, b: dict, lengths: torch.Tensor) -> torch.Tensor:
-        """The same loss on one padding-free row: labels at each sequence's first position are
-        dropped (never a target in the padded path either), so no sequence predicts its neighbour."""
-        from ..packing import pack
-        from ..prompting import EncodingInput
-
-        rows = [b["input_ids"][i, : int(n)].tolist() for i, n in enumerate(lengths)]
-        features = pack([EncodingInput(r, 1) for r in rows], self.device)
-        labels = torch.cat([b["labels"][i, : int(n)] for i, n in enumerate(lengths)]).to(self.device)
-        labels[features["position_ids"][0] == 0] = IGNORE
-        hidden = packed_forward(self.net, self.peft_model, features, self.device)
-        with autocast(self.device):
-            loss = mntp_loss(hidden[None], labels[None], self.lm_head, self.config.loss_chunk_size)
+        loss = packed_mntp_loss(self.net, self.peft_model, self.lm_head, b, self.device, self.config.loss_chunk_size, self.softcap)
         loss.backward()
         return loss.detach().float()
 
