@@ -75,3 +75,23 @@ def test_bench_first_embedding_cpu_smoke():
     proc = _run(BENCH_DIR / "bench_first_embedding.py", "--cpu-smoke", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"cold_over_warm"' in proc.stdout and '"first_embedding_s"' in proc.stdout
+
+
+def test_readme_result_tables_match_their_json(tmp_path):
+    """The README's serve / dataset CPU tables are exactly what ``readme_results.py`` renders from the JSON."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_results", BENCH_DIR / "readme_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    copy = tmp_path / "README.md"
+    copy.write_text(module.README.read_text())
+    module.update_readme(copy, module.RESULTS)
+    assert copy.read_text() == module.README.read_text(), "README result tables drifted: run python benchmarks/readme_results.py"
+    # a missing JSON gives a note, never numbers
+    text = module.replace_between_markers("a\n<!-- x:start -->\nold\n<!-- x:end -->\nb", "x", "new")
+    assert text == "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb"
+    empty = tmp_path / "results"
+    empty.mkdir()
+    module.update_readme(copy, empty)
+    assert "no `benchmarks/results/serve-cpu.json` yet" in copy.read_text()
