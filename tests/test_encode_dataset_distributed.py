@@ -115,10 +115,15 @@ def test_torchrun_two_ranks_equals_encode(dataset, reference, default_model_dir,
                     "--chunk-rows", str(CHUNK_ROWS), "--device", "cpu")
     rc, log = finish(proc)
     assert rc == 0, log[-4000:]
-    manifest = check_output(tmp_path / "out", reference, workers=2)
+    # Chunks go to whichever rank asks first: on a quiet machine one rank can take them all before the
+    # other has loaded the model, so only "every row once, equal to encode()" is guaranteed here.
+    manifest = check_output(tmp_path / "out", reference, workers=None)
     assert manifest["engine"] == "torchrun" and manifest["world_size"] == 2
+    assert 1 <= len(set(manifest["pids"])) <= 2
     assert log.count("encoded 200 rows") == 1  # the summary is printed by rank 0 only
-    assert log.count("Encoding dataset") >= 1 and "200/200" in log and "tokens/s" in log  # rank 0's bar, summed over ranks
+    # rank 0's bar, summed over ranks (its last refresh can come before the other rank's final count,
+    # so the row total is checked through the summary line above, not the bar)
+    assert log.count("Encoding dataset") >= 1 and "tokens/s" in log
 
 
 @pytest.fixture(scope="module")
