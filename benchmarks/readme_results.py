@@ -1,4 +1,6 @@
-"""Regenerate the README's CPU result tables of the serve and dataset benchmarks from their JSON.
+"""Regenerate the README's result tables from the benchmarks' JSON: the CPU serve and dataset
+tables, and the GPU suite's tables (encode, attention, pooling, first embedding) of every card that
+has results.
 
     python benchmarks/readme_results.py          # rewrites the text between the README markers
 
@@ -66,6 +68,100 @@ def dataset_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _card_slugs(results: Path) -> list[str]:
+    """Cards with GPU-suite results: the ``<card>`` of ``encode-<card>.json`` other than ``cpu``."""
+    return sorted(p.stem[len("encode-"):] for p in results.glob("encode-*.json") if p.stem != "encode-cpu")
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def encode_gpu_table(result: dict) -> str:
+    env, rows = result["environment"], result["results"]
+    lines = [
+        f"`bench_encode.py{' --quick' if result['config'].get('quick') else ''}`, {env['card']}, {env['date'][:10]}, "
+        f"torch {env['torch']}, triton {env['triton']}, {result['config']['dtype']}, random weights:",
+        "",
+        "| shape | texts | reference tokens/s | packed tokens/s | speed-up | target | reference padding | min cosine |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result["summary"]:
+        by = {r["method"]: r for r in rows if r["shape"] == s["shape"]}
+        lines.append(
+            f"| {s['shape']} | {s['texts']} | {by['reference']['tokens_per_s']:,.0f} | {by['packed']['tokens_per_s']:,.0f} "
+            f"| **{s['speedup']:.2f}x** | {s['target']:.0f}x {'met' if s['meets_target'] else 'missed'} "
+            f"| {100 * s['reference_padding_fraction']:.0f}% | {s['min_cosine']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def attention_gpu_table(result: dict) -> str:
+    c = result["config"]
+    lines = [
+        f"`bench_attention.py`, {c['dtype']}, Hq={c['heads']} Hkv={c['kv_heads']} D={c['head_dim']}, "
+        f"{c['total_tokens']} tokens per shape; TFLOP/s (forward / forward+backward):",
+        "",
+        "| shape | triton varlen | SDPA flash | SDPA cuDNN | SDPA 4D mask | fwd vs cuDNN | fwd+bwd vs flash |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ratio in result["ratios"]:
+        by = {r["method"]: r for r in result["results"] if r["shape"] == ratio["shape"]}
+
+        def cell(method: str) -> str:
+            r = by.get(method)
+            return f"{r['fwd_tflops']:.0f} / {r['fwd_bwd_tflops']:.0f}" if r and r.get("fwd_tflops") else "n/a"
+
+        lines.append(
+            f"| {ratio['shape']} | {cell('triton-varlen')} | {cell('sdpa-flash')} | {cell('sdpa-cudnn')} | {cell('sdpa-mask4d')} "
+            f"| {ratio['fwd_vs_cudnn']:.2f}x | {ratio['fwd_bwd_vs_flash']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def pooling_gpu_table(result: dict) -> str:
+    rows = result["results"]
+    lines = [
+        f"`bench_pooling.py`, {result['config']['dtype']}; forward GB/s of the bytes a pooling must move "
+        "(a device copy moves read + write):",
+        "",
+        "| layout | mode | triton ms | triton GB/s | vs copy | torch reference ms | vs torch reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["method"] != "triton":
+            continue
+        ref = next((x for x in rows if x["layout"] == r["layout"] and x["mode"] == r["mode"] and x["method"] == "torch-ref"), None)
+        vs_ref = f"{ref['fwd_ms'] / r['fwd_ms']:.1f}x" if ref else "n/a"
+        ref_ms = f"{ref['fwd_ms']:.3f}" if ref else "n/a"
+        # `last` reads one row per sequence: bandwidth against a full copy says nothing about it
+        vs_copy = "n/a" if r["mode"] == "last" else f"{r['fwd_vs_copy']:.2f}"
+        lines.append(f"| {r['layout']} | {r['mode']} | {r['fwd_ms']:.3f} | {r['fwd_gbps']:.0f} | {vs_copy} | {ref_ms} | {vs_ref} |")
+    return "\n".join(lines)
+
+
+def first_embedding_gpu_line(result: dict) -> str:
+    cold, warm = result["runs"]["cold"], result["runs"]["warm"]
+    return (f"`bench_first_embedding.py`: time to the first embedding of a fresh process ({result['shape']} shapes, "
+            f"{cold['n_inputs']} inputs of lengths {min(cold['lengths'])}..{max(cold['lengths'])}): "
+            f"**{cold['first_embedding_s']:.1f} s** with an empty Triton cache (compile + autotune), "
+            f"**{warm['first_embedding_s']:.1f} s** with the cache of a previous process; steady state {warm['steady_s']:.2f} s.")
+
+
+def gpu_results(results: Path) -> str:
+    """All GPU-suite tables, one block per card."""
+    blocks = []
+    for slug in _card_slugs(results):
+        parts = []
+        for name, render in (("encode", encode_gpu_table), ("attention", attention_gpu_table),
+                             ("pooling", pooling_gpu_table), ("first-embedding", first_embedding_gpu_line)):
+            data = _load(results / f"{name}-{slug}.json")
+            if data is not None:
+                parts.append(render(data))
+        blocks.append("\n\n".join(parts))
+    return "\n\n".join(blocks) if blocks else "(no GPU results yet: run `bash benchmarks/gpu_suite.sh` on a GPU)"
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "serve-cpu": ("serve-cpu.json", serve_table),
     "encode_dataset-cpu": ("encode_dataset-cpu.json", dataset_table),
@@ -78,6 +174,7 @@ def update_readme(readme: Path = README, results: Path = RESULTS) -> None:
         path = results / file
         body = render(json.loads(path.read_text())) if path.is_file() else f"(no `benchmarks/results/{file}` yet: run the command above)"
         text = replace_between_markers(text, marker, body)
+    text = replace_between_markers(text, "gpu-results", gpu_results(results))
     readme.write_text(text)
 
 
