@@ -56,14 +56,19 @@ def dataset_table(result: dict) -> str:
         f"chunks of {s['chunk_rows']} rows, median of {s['repeats']} runs, load average {s['load_average_before']:.2f} "
         f"before the run. Overhead `encode_dataset / encode()`: **{summary['overhead_ratio']:.2f}x** "
         f"(goal <= {summary['overhead_goal']}: {'met' if summary['overhead_ok'] else 'not met'}); "
-        f"{s['ranks']} ranks vs 1 process: {summary['speedup_2_ranks_vs_1_proc']:.2f}x.",
+        f"{s['ranks']} ranks vs 1 process: {summary['speedup_2_ranks_vs_1_proc']:.2f}x."
+        + (f" Split: tokens through the model (padding included) {summary['forward_tokens_ratio']:.3f}x encode()'s, "
+           f"reading/writing/bookkeeping {summary['io_and_bookkeeping_ratio']:.3f}x." if "forward_tokens_ratio" in summary
+           else " (This run predates the padded-token counts.)"),
         "",
-        "| method | seconds | rows/s | tokens/s | min cos vs encode() |",
-        "|---|---|---|---|---|",
+        "| method | seconds | rows/s | tokens/s | tokens through the model | min cos vs encode() |",
+        "|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
+        forward = f"{r['forward_tokens']} ({r['padding_ratio']:.3f}x)" if "forward_tokens" in r else "n/a"
         lines.append(
-            f"| {r['method']} | {r['seconds']:.2f} | {r['rows_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['min_cosine_vs_encode']:.6f} |"
+            f"| {r['method']} | {r['seconds']:.2f} | {r['rows_per_s']:.1f} | {r['tokens_per_s']:.0f} | {forward} "
+            f"| {r['min_cosine_vs_encode']:.6f} |"
         )
     return "\n".join(lines)
 

@@ -197,6 +197,9 @@ class LLM2Vec(EncodeMixin, nn.Module):
             return token_budget_batches([len(x.input_ids) for x in items], self.max_tokens_per_batch)
         return super()._batches(items, batch_size)
 
+    def _pads_batches(self) -> bool:
+        return not self.use_packed
+
     def _before_encode(self, device) -> None:
         if device is not None:
             self.to(device)

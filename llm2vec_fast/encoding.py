@@ -84,6 +84,23 @@ class EncodeMixin:
         order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
+    def _pads_batches(self) -> bool:
+        """Whether a batch is right-padded to its longest input (``False`` for padding-free packing)."""
+        return True
+
+    def forward_lengths(self, items: Sequence[EncodingInput], batch_size: int = 32) -> np.ndarray:
+        """Tokens each input occupies in its forward pass under :meth:`embed_items`' batching: the
+        length of its batch's longest input when batches are padded, its own length when packed.
+        Their sum is the work the model does (load-independent, unlike a timing)."""
+        items = list(items)
+        lengths = np.array([len(x.input_ids) for x in items], dtype=np.int64)
+        if not self._pads_batches():
+            return lengths
+        out = np.empty_like(lengths)
+        for idx in self._batches(items, batch_size):
+            out[idx] = lengths[idx].max()
+        return out
+
     def embed_items(
         self, items: Sequence[EncodingInput], batch_size: int = 32, show_progress_bar: bool | None = None
     ) -> torch.Tensor:

@@ -142,6 +142,64 @@ def test_float16_output_and_progress_bar(tmp_path, tiny, capsys):
     np.testing.assert_allclose(emb.astype(np.float32), encode_ref(tiny, texts), rtol=2e-3, atol=2e-3)
 
 
+# ---------------------------------------------------------------------- grouping and padding
+def test_group_size_fills_the_sort_window_but_leaves_work_for_every_worker():
+    window = chunk_worker.SORT_WINDOW_ROWS
+    assert chunk_worker.group_size(window, 100, 1) == 1  # default chunks: one chunk per group
+    assert chunk_worker.group_size(window * 2, 100, 1) == 1
+    assert chunk_worker.group_size(window // 4, 100, 1) == 4  # small chunks: up to a window
+    assert chunk_worker.group_size(10, 8, 1) == 8  # not more than remain
+    assert [chunk_worker.group_size(10, r, 2) for r in (8, 4, 2, 1)] == [4, 2, 1, 1]  # even shares, shrinking
+    assert chunk_worker.group_size(10, 1, 3) == 1
+
+
+def test_small_chunks_push_no_more_tokens_through_the_model_than_encode(tmp_path, tiny):
+    """Chunks are embedded together under one length sort: 9-row chunks cost no extra padding."""
+    texts = make_texts(120, seed=11)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    manifest = run(tmp_path, path, tiny, chunk_rows=9, batch_size=8)
+    items = tiny.tokenize(texts)
+    assert manifest["tokens"] == sum(len(x.input_ids) for x in items)
+    assert manifest["forward_tokens"] == int(tiny.forward_lengths(items, 8).sum())  # as encode() batches them
+    per_chunk = sum(int(tiny.forward_lengths(items[i : i + 9], 8).sum()) for i in range(0, 120, 9))
+    assert manifest["tokens"] < manifest["forward_tokens"] < per_chunk  # padding counted; less than 9-row sorts
+    ids, emb = read_embeddings(tmp_path / "out")
+    assert ids == list(range(120)) and len(manifest["shards"]) == 14
+    assert_same_embeddings(emb, tiny.encode(texts, batch_size=8, convert_to_numpy=True))
+
+
+def test_forward_lengths_padded_and_packed(tiny_llama_dir):
+    encoder = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", packed=False)
+    items = encoder.tokenize(["a", "a b c d e f", "a b", "a b c d e f g h i j"])
+    lengths = [len(x.input_ids) for x in items]
+    got = encoder.forward_lengths(items, batch_size=2)  # batches: the two longest, the two shortest
+    assert got.tolist() == [lengths[2], lengths[3], lengths[2], lengths[3]]
+    encoder.packed = True  # padding-free batches: each input costs its own length
+    assert encoder.forward_lengths(items, batch_size=2).tolist() == lengths
+
+
+def test_a_failed_background_shard_write_fails_the_job(tmp_path, tiny, monkeypatch):
+    from llm2vec_fast.dataset import writer
+
+    real_write = writer.write_shard
+
+    def failing_write(out_dir, chunk, *args):
+        if chunk == 2:
+            raise OSError("disk full (simulated)")
+        return real_write(out_dir, chunk, *args)
+
+    monkeypatch.setattr(writer, "write_shard", failing_write)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in make_texts(50, seed=12)])
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, path, tiny, chunk_rows=10)
+    out = tmp_path / "out"
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    assert "part-000002.parquet" not in {p.name for p in out.glob("part-*")}
+    monkeypatch.setattr(writer, "write_shard", real_write)
+    manifest = run(tmp_path, path, tiny, chunk_rows=10)  # resume completes it
+    assert manifest["complete"] and read_embeddings(out)[0] == list(range(50))
+
+
 # ------------------------------------------------------------------------------------ bad rows
 def bad_rows_file(tmp_path):
     texts = make_texts(30, seed=5)
@@ -223,21 +281,23 @@ class Boom(RuntimeError):
 def test_failure_on_kth_chunk_then_resume(tmp_path, tiny, monkeypatch):
     texts = make_texts(100, seed=6)
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
-    real_run = chunk_worker.ChunkWorker.run
+    monkeypatch.setattr(chunk_worker, "SORT_WINDOW_ROWS", 30)  # groups of 3 chunks of 10 rows
+    real_run = chunk_worker.ChunkWorker.run_chunks
     calls = []
 
-    def failing_run(self, chunk, on_progress=None):
-        calls.append(chunk)
-        if len(calls) == 4:
-            raise Boom("simulated crash on the 4th chunk")
-        return real_run(self, chunk, on_progress)
+    def failing_run(self, chunks, on_progress=None):
+        calls.append(list(chunks))
+        if len(calls) == 2:
+            raise Boom("simulated crash in the 2nd group (chunks 3-5)")
+        return real_run(self, chunks, on_progress)
 
-    monkeypatch.setattr(chunk_worker.ChunkWorker, "run", failing_run)
+    monkeypatch.setattr(chunk_worker.ChunkWorker, "run_chunks", failing_run)
     with pytest.raises(Boom):
         run(tmp_path, path, tiny, chunk_rows=10)
+    assert calls == [[0, 1, 2], [3, 4, 5]]
     out = tmp_path / "out"
     done = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert done == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    assert done == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]  # the 1st group's, written in the background
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is False
     # a shard that was being written when the process died, and a truncated "complete" one
@@ -245,11 +305,10 @@ def test_failure_on_kth_chunk_then_resume(tmp_path, tiny, monkeypatch):
     (out / "part-000004.parquet").write_bytes(b"PAR1 truncated")
     mtimes = {p: (out / p).stat().st_mtime_ns for p in done}
 
-    monkeypatch.setattr(chunk_worker.ChunkWorker, "run", real_run)
     resumed = []
-    monkeypatch.setattr(chunk_worker.ChunkWorker, "run", lambda self, c, p=None: resumed.append(c) or real_run(self, c, p))
+    monkeypatch.setattr(chunk_worker.ChunkWorker, "run_chunks", lambda self, c, p=None: resumed.append(list(c)) or real_run(self, c, p))
     manifest = run(tmp_path, path, tiny, chunk_rows=10)
-    assert resumed == list(range(3, 10))  # complete shards kept, the rest redone
+    assert resumed == [[3, 4, 5], [6, 7, 8], [9]]  # complete shards kept, the rest redone
     assert {p: (out / p).stat().st_mtime_ns for p in done} == mtimes
     assert not list(out.glob(".part-*"))
     ids, emb = read_embeddings(out)

@@ -82,7 +82,8 @@ def start_job(out_dir: Path, plan: Plan, settings: dict, model_path: str | None,
 
 def finish_job(out_dir: Path, plan: Plan, timings: dict, world_size: int) -> dict:
     """Check that every chunk has its shard and write the complete manifest. ``timings``: seconds of
-    this run's phases as rank 0 / the driver saw them (``total``, ``plan``, ``load_model``)."""
+    this run's phases as rank 0 / the driver saw them (``total``, ``plan``, ``load_model``, and
+    ``model_settings``: the weights fingerprint, where the engine measures it)."""
     manifest = read_manifest(out_dir)
     done = finished_chunks(out_dir, plan.num_chunks, expected_rows(plan))
     missing = [c for c in range(plan.num_chunks) if c not in done]
@@ -98,6 +99,8 @@ def finish_job(out_dir: Path, plan: Plan, timings: dict, world_size: int) -> dic
         "encoded_rows": sum(s["rows"] for s in shards),
         "skipped_rows": len(plan.skipped),
         "tokens": sum(s["tokens"] for s in shards),
+        # tokens through the model, padding included (shards of older versions lack it: counted as unpadded)
+        "forward_tokens": sum(m.get("forward_tokens", m["tokens"]) for m in done.values()),
         "encode_seconds": round(sum(m["seconds"] for m in done.values()), 3),
         "seconds": round(timings["total"], 3),
         "timings": {k: round(v, 3) for k, v in timings.items()},

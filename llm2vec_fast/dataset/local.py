@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .chunk_worker import ChunkWorker, JobOptions
+from .chunk_worker import ChunkWorker, JobOptions, group_size
 from .coordination import LocalCoordinator, StoreCoordinator, distributed_env
 from .job import expected_rows, finish_job, make_settings, quiet_logs, start_job
 from .plan import Plan, make_plan
@@ -46,6 +46,7 @@ def run_local(
             encoder = load_encoder(local_rank)
         t_load = time.perf_counter() - t0 - t_plan
         info = encoder_settings(encoder)
+        t_settings = time.perf_counter() - t0 - t_plan - t_load
         settings = make_settings(info, plan, options, on_bad_row, input_format)
         job = coord.share("start", lambda: {
             "pending": start_job(out_dir, plan, settings, model_path(encoder), "local" if world == 1 else "torchrun", overwrite),
@@ -63,11 +64,21 @@ def run_local(
                 progress.set(total_rows, total_tokens)
 
         worker = ChunkWorker(encoder, plan, options, out_dir)
-        while (i := coord.add("next", 1) - 1) < len(pending):
-            worker.run(pending[i], on_progress)
+        try:
+            # claim a group of pending chunks from the shared counter (atomic add: every chunk once)
+            while (remaining := len(pending) - coord.add("next", 0)) > 0:
+                k = group_size(plan.chunk_rows, remaining, coord.world)
+                end = coord.add("next", k)
+                mine = pending[max(0, end - k) : min(end, len(pending))]
+                if mine:
+                    worker.run_chunks(mine, on_progress)
+            worker.flush()
+        finally:
+            worker.close()
         coord.finish(on_wait=lambda: progress.set(coord.add("rows", 0), coord.add("tokens", 0)))
         if coord.rank == 0:
-            manifest = finish_job(out_dir, plan, {"total": time.perf_counter() - t0, "plan": t_plan, "load_model": t_load}, world)
+            timings = {"total": time.perf_counter() - t0, "plan": t_plan, "load_model": t_load, "model_settings": t_settings}
+            manifest = finish_job(out_dir, plan, timings, world)
             coord.publish_result(manifest)
             return manifest
         return coord.wait_result()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .chunk_worker import ChunkWorker, JobOptions
+from .chunk_worker import ChunkWorker, JobOptions, group_size
 from .job import EncoderSpec, expected_rows, finish_job, make_settings, quiet_logs, start_job
 from .plan import Plan, make_plan
 from .progress import Progress
@@ -37,7 +37,8 @@ class _ChunkEncoderActor:
         self.worker = ChunkWorker(spec.load(), Plan.from_json(plan), options, Path(out_dir))
 
     def __call__(self, batch: dict) -> dict:
-        metas = [self.worker.run(int(c)) for c in batch["chunk"]]
+        metas = self.worker.run_chunks([int(c) for c in batch["chunk"]])  # one length sort for the group
+        self.worker.flush()  # the driver counts a chunk as done once its shard is on disk
         return {key: [m[key] for m in metas] for key in ("chunk", "rows", "tokens")}
 
 
@@ -80,12 +81,13 @@ def run_ray(
     try:
         if pending:
             ctx.enable_progress_bars = False  # ours shows rows/s and tokens/s
+            group = group_size(plan.chunk_rows, len(pending), num_workers)  # chunks per actor call
             ds = ray.data.from_items([{"chunk": c} for c in pending], override_num_blocks=len(pending))
             ds = ds.map_batches(
                 _ChunkEncoderActor,
                 fn_constructor_kwargs=dict(spec=spec, plan=plan.to_json(), options=options, out_dir=str(out_dir)),
-                batch_size=1,
-                concurrency=min(num_workers, len(pending)),
+                batch_size=group,
+                concurrency=min(num_workers, -(-len(pending) // group)),
                 **resources,
             )
             rows = tokens = 0
