@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--dev-limit", type=int, default=None, help="evaluate on the first N dev pairs (default: all 1500)")
     p.add_argument("--resume", action="store_true", help="continue interrupted training from its checkpoints")
     p.add_argument("--train-only", action="store_true", help="train the missing adapters, skip the evaluation")
-    p.add_argument("--only", choices=("plain", "matryoshka"), default=None, help="evaluate one of the two adapters")
+    p.add_argument("--only", choices=("plain", "matryoshka"), default=None, help="train and evaluate one of the two adapters (write its scores to --out)")
     p.add_argument("--reuse-scores", default=None, help="JSON of earlier scores by adapter name ({'plain': {...}}): not re-evaluated")
     p.add_argument("--table", action="store_true", help="print the README table of --out and exit")
     p.add_argument("--note", default=None, help="free text recorded in the JSON (e.g. which checkpoints were compared)")
@@ -100,18 +100,21 @@ def main(argv=None) -> int:
         mntp = str(train("mntp", make_config("mntp", dict(recipe["mntp"], output_dir=str(run / "mntp"))), resume=args.resume))
         log(f"MNTP adapter: {mntp}")
     simcse = dict(recipe["simcse"], peft=[mntp])
-    adapters["plain"] = args.plain_simcse_adapter or str(
-        train("simcse", make_config("simcse", dict(simcse, output_dir=str(run / "simcse"))), resume=args.resume)
-    )
-    log(f"plain SimCSE adapter: {adapters['plain']}")
-    adapters["matryoshka"] = args.matryoshka_simcse_adapter or str(
-        train(
-            "simcse",
-            make_config("simcse", dict(simcse, output_dir=str(run / "simcse_matryoshka"), matryoshka_dims=matryoshka_dims)),
-            resume=args.resume,
+    # --only X trains (and evaluates) X alone, so the two runs can go in parallel processes
+    if args.only in (None, "plain"):
+        adapters["plain"] = args.plain_simcse_adapter or str(
+            train("simcse", make_config("simcse", dict(simcse, output_dir=str(run / "simcse"))), resume=args.resume)
         )
-    )
-    log(f"Matryoshka SimCSE adapter: {adapters['matryoshka']}")
+        log(f"plain SimCSE adapter: {adapters['plain']}")
+    if args.only in (None, "matryoshka"):
+        adapters["matryoshka"] = args.matryoshka_simcse_adapter or str(
+            train(
+                "simcse",
+                make_config("simcse", dict(simcse, output_dir=str(run / "simcse_matryoshka"), matryoshka_dims=matryoshka_dims)),
+                resume=args.resume,
+            )
+        )
+        log(f"Matryoshka SimCSE adapter: {adapters['matryoshka']}")
     if args.train_only:
         return 0
 
