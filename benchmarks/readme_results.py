@@ -1,4 +1,4 @@
-"""Regenerate the README's CPU result tables of the serve and dataset benchmarks from their JSON.
+"""Regenerate the README's CPU result tables (serve, dataset, recipe Matryoshka) from their JSON.
 
     python benchmarks/readme_results.py          # rewrites the text between the README markers
 
@@ -66,9 +66,20 @@ def dataset_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def matryoshka_table(result: dict) -> str:
+    """recipe_matryoshka.py owns its table (also printed by its --table)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from recipe_matryoshka import markdown_table
+
+    return markdown_table(result)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "serve-cpu": ("serve-cpu.json", serve_table),
     "encode_dataset-cpu": ("encode_dataset-cpu.json", dataset_table),
+    "recipe-matryoshka": ("recipe_matryoshka.json", matryoshka_table),
 }
 
 
