@@ -166,3 +166,27 @@ def test_cli_serve_calibration(tiny_encoder, tmp_path, capsys):
     path.write_text("only one\n")
     with pytest.raises(ValueError, match="at least two texts"):
         load_calibration(tiny_encoder, path, batch_size=8)
+
+
+def test_cli_serve_wires_the_calibration_into_the_app(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """``llm2vec-fast serve --calibration FILE`` up to the point it would listen: the app it would
+    serve answers int8 with the ranges of those texts."""
+    import llm2vec_fast.serve as serve_module
+    from llm2vec_fast.cli import main
+
+    served = {}
+    monkeypatch.setattr(serve_module, "run_server", lambda app, *args: served.setdefault("app", app))
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join(CALIBRATION))
+    assert main(["serve", "--model", tiny_llama_dir, "--max-length", "128", "--max-batch-tokens", "256",
+                 "--calibration", str(path)]) == 0
+    assert f"int8/uint8 ranges from {len(CALIBRATION)} calibration texts" in capsys.readouterr().err
+    encoder = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", max_length=128)
+    expected = encoder.encode(TEXTS[:2], precision="int8", normalize_embeddings=True, convert_to_numpy=True,
+                              calibration_embeddings=encoder.encode(CALIBRATION, normalize_embeddings=True))
+    with TestClient(served["app"]) as c:
+        assert c.get("/info").json()["calibration_size"] == len(CALIBRATION)
+        r = c.post("/v1/embeddings", json={"input": TEXTS[:2], "precision": "int8"})
+    assert r.status_code == 200
+    diff = np.abs(np.asarray([d["embedding"] for d in r.json()["data"]]) - expected.astype(np.int64))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.98
