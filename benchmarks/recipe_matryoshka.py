@@ -132,6 +132,13 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['full']:.1f} |")
     for name, r in control.get("stsb_dev_spearman", {}).items():
         lines.append(f"| {name}, d random coordinates | " + " | ".join(f"{r[d]:.1f}" if d in r else "" for d in dims) + " | |")
+    shares = result.get("prefix_norm_share", {}).get("by_model", {})
+    for name, r in shares.items():
+        lines.append(f"| {name}, % of the squared norm in the first d | " + " | ".join(f"{r[d]:.1f} %" if d in r else "" for d in dims) + " | 100 % |")
+    if shares:
+        tops = [f"{name} #{r['top_coordinates'][0]['index']} ({r['top_coordinates'][0]['share_of_squared_norm_%']:.1f} %)"
+                for name, r in shares.items()]
+        lines += ["", f"Coordinate with the largest mean square (its mean share of the squared norm): {', '.join(tops)}."]
     return "\n".join(lines)
 
 
@@ -214,16 +221,18 @@ def main(argv=None) -> int:
     retained = {
         name: {str(d): round(100 * s[str(d)] / s["full"], 1) for d in dims} for name, s in scores.items()
     }
+    trained_with = {name: adapter_training(a) for name, a in adapters.items()}  # from each run's train_config.json
     out = {
         "model": f"HuggingFaceTB/{DEFAULT_MODEL_NAME}",
         "hidden_size": hidden,
         "training": {
             "mntp": mntp,
             "simcse": {k: v for k, v in recipe["simcse"].items() if k != "output_dir"},
-            "matryoshka_dims": matryoshka_dims,
+            # what the Matryoshka adapter was trained with (a reused one may differ from --dims)
+            "matryoshka_dims": (trained_with.get("matryoshka") or {}).get("matryoshka_dims") or matryoshka_dims,
             "matryoshka_weights": "1 each (sum of the InfoNCE losses of each prefix)",
             "adapters": adapters,
-            "trained_with": {name: adapter_training(a) for name, a in adapters.items()},  # from each run's train_config.json
+            "trained_with": trained_with,
         },
         "eval": {"split": "dev", "pairs": args.dev_limit or 1500, "pooling": "mean", "metric": "Spearman x 100 of cosine"},
         "stsb_dev_spearman": scores,
