@@ -1,6 +1,6 @@
-"""Regenerate the README's result tables from the benchmarks' JSON: the CPU serve and dataset
-tables, and the GPU suite's tables (encode, attention, pooling, first embedding) of every card that
-has results.
+"""Regenerate the README's result tables from the benchmarks' JSON: the CPU serve, dataset and
+recipe Matryoshka tables, and the GPU suite's tables (encode, attention, pooling, first embedding)
+of every card that has results.
 
     python benchmarks/readme_results.py          # rewrites the text between the README markers
 
@@ -167,9 +167,20 @@ def gpu_results(results: Path) -> str:
     return "\n\n".join(blocks) if blocks else "(no GPU results yet: run `bash benchmarks/gpu_suite.sh` on a GPU)"
 
 
+def matryoshka_table(result: dict) -> str:
+    """recipe_matryoshka.py owns its table (also printed by its --table)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from recipe_matryoshka import markdown_table
+
+    return markdown_table(result)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "serve-cpu": ("serve-cpu.json", serve_table),
     "encode_dataset-cpu": ("encode_dataset-cpu.json", dataset_table),
+    "recipe-matryoshka": ("recipe_matryoshka.json", matryoshka_table),
 }
 
 

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .prompting import EncodingInput, normalize_inputs, prepare_inputs
-from .quantization import SCALAR_PRECISIONS, check_precision, check_truncate_dim, quantize_embeddings
+from .quantization import SCALAR_PRECISIONS, check_precision, check_truncate_dim, quantize_embeddings, truncate_and_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +162,7 @@ class EncodeMixin:
             raise ValueError(f"{precision} needs quantization_ranges= or calibration_embeddings= to encode a single input")
         self._before_encode(device)
         out = self.embed_items(self._prepare(pairs), batch_size, show_progress_bar)
-        if truncate_dim is not None:
-            out = out[:, :truncate_dim]
-        if normalize_embeddings:
-            out = torch.nn.functional.normalize(out, p=2, dim=1)
+        out = truncate_and_normalize(out, truncate_dim, normalize_embeddings)
         if precision != "float32":
             out = torch.from_numpy(quantize_embeddings(out, precision, quantization_ranges, calibration_embeddings))
         if single:

@@ -27,6 +27,15 @@ PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 SCALAR_PRECISIONS = ("int8", "uint8")
 # fewer calibration embeddings than this give unstable int8/uint8 ranges (sentence-transformers warns too)
 MIN_CALIBRATION_SIZE = 100
+# numpy dtype of quantize_embeddings' output per precision (the server's base64 bytes use it, little-endian)
+PRECISION_DTYPES = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "binary": np.dtype("i1"),
+    "ubinary": np.dtype("u1"),
+}
 
 
 def check_precision(precision: str) -> None:
@@ -50,6 +59,40 @@ def truncate_embeddings(embeddings: torch.Tensor | np.ndarray, truncate_dim: int
         return embeddings
     check_truncate_dim(truncate_dim, embeddings.shape[-1])
     return embeddings[..., :truncate_dim]
+
+
+def truncate_and_normalize(embeddings: torch.Tensor, truncate_dim: int | None, normalize: bool) -> torch.Tensor:
+    """The float embeddings that get quantized: the first ``truncate_dim`` coordinates, then L2
+    normalisation if asked (sentence-transformers' order). ``encode()`` and the server both use it."""
+    embeddings = truncate_embeddings(embeddings, truncate_dim)
+    if normalize:
+        embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=-1)
+    return embeddings
+
+
+class CalibrationSet:
+    """Float calibration embeddings (full dimension, not normalised) that give int8/uint8 ranges for
+    any ``truncate_dim`` / normalisation: ``ranges(d, normalize)`` equals
+    ``calibration_ranges(truncate_and_normalize(embeddings, d, normalize))``, which is what
+    ``encode(..., calibration_embeddings=...)`` uses when those embeddings went through the same
+    truncation and normalisation. Ranges are computed once per setting."""
+
+    def __init__(self, embeddings, source: str = "calibration set"):
+        emb = _as_float_array(embeddings, "calibration embeddings")
+        if emb.ndim != 2 or emb.shape[0] < 2:
+            raise ValueError(f"a calibration set needs at least two embeddings [N, dim], got shape {emb.shape}")
+        self.embeddings = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
+        self.source = source
+        self._ranges: dict[tuple[int | None, bool], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    def ranges(self, truncate_dim: int | None, normalize: bool) -> np.ndarray:
+        key = (None if truncate_dim in (None, self.embeddings.shape[1]) else int(truncate_dim), bool(normalize))
+        if key not in self._ranges:
+            self._ranges[key] = calibration_ranges(truncate_and_normalize(self.embeddings, *key))
+        return self._ranges[key]
 
 
 def _as_float_array(x, name: str) -> np.ndarray:

@@ -38,6 +38,34 @@ def test_sum_over_prefixes_matches_hand_computation(n, dim):
     torch.testing.assert_close(default_weights.double(), _reference(q, d, dims, [1.0] * len(dims)), rtol=1e-5, atol=1e-6)
 
 
+def test_equals_sentence_transformers_matryoshka_loss_over_mnrl():
+    """sentence-transformers' own ``MatryoshkaLoss(MultipleNegativesRankingLoss)`` on the same
+    embeddings (anchor, positive, hard negative): same weights, same prefixes, each normalised after
+    truncation; loss and gradients equal ours."""
+    st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+
+    class Embeddings(torch.nn.Module):  # a "model" whose forward returns the given embeddings
+        def forward(self, features):
+            return {"sentence_embedding": features["emb"]}
+
+        def get_embedding_dimension(self):
+            return 40
+
+    torch.manual_seed(0)
+    cols = [torch.randn(6, 40, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    dims, weights = [8, 16, 40], [1.0, 0.5, 2.0]
+    model = Embeddings()
+    st = st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model, scale=20.0), dims, matryoshka_weights=weights)
+    theirs = st([{"emb": c} for c in cols], None)
+    their_grads = torch.autograd.grad(theirs, cols)
+    reps = torch.cat(cols)
+    ours = matryoshka_loss(lambda r: info_nce(r[:6], r[6:], 20.0), reps, dims, weights)
+    our_grads = torch.autograd.grad(ours, cols)
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-6, atol=1e-6)
+    for g_ours, g_theirs in zip(our_grads, their_grads):
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_gradient_reaches_only_the_trained_prefixes():
     torch.manual_seed(0)
     reps = torch.randn(12, 32, requires_grad=True)

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="request body size limit (default 32 MiB)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="texts per padded forward pass on CPU / ONNX Runtime (the packed CUDA path batches by tokens)")
+    p.add_argument("--calibration", type=Path, default=None, metavar="FILE",
+                   help="texts (one per line; 100+ recommended) embedded at start: their per-dimension ranges set the "
+                   "buckets of precision=int8/uint8 requests (without it those are refused)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_ENV} if set)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM (default 30)")
@@ -69,6 +72,20 @@ def served_model_name(args: argparse.Namespace, encoder) -> str:
     return Path(source).expanduser().resolve().name if source else "default"
 
 
+def load_calibration(encoder, path: Path, batch_size: int):
+    """The int8/uint8 calibration set of ``serve --calibration``: the texts' float embeddings
+    (full dimension, not normalised; the server truncates and normalises them as each request asks)."""
+    from ..quantization import CalibrationSet
+    from .encode import read_lines
+
+    texts = read_lines(path)
+    if len(texts) < 2:
+        raise ValueError(f"--calibration {str(path)!r} needs at least two texts")
+    floats = encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=len(texts) > 1000)
+    print(f"int8/uint8 ranges from {len(texts)} calibration texts in {path}", file=sys.stderr, flush=True)
+    return CalibrationSet(floats, source=str(path))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..serve import ServeSettings, create_app, run_server
 
@@ -77,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("the API key is empty")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.calibration is not None and not args.calibration.is_file():
+        raise FileNotFoundError(f"--calibration file {str(args.calibration)!r} does not exist")
     encoder = load_serving_encoder(args)
+    calibration = load_calibration(encoder, args.calibration, args.batch_size) if args.calibration else None
     settings = ServeSettings(
         model_name=served_model_name(args, encoder),
         model_path=str(args.onnx or getattr(encoder, "path", None) or args.model or "default"),
@@ -89,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         api_key=api_key,
     )
-    app = create_app(encoder, settings)
+    app = create_app(encoder, settings, calibration)
     encoder.embed_items(encoder.tokenize(["warm-up"]), show_progress_bar=False)  # first request is not slow
     print(f"llm2vec-fast serve: {settings.model_name} ({'onnxruntime' if args.onnx else 'torch'}, {encoder.device}, "
           f"{encoder.hidden_size} dimensions) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)

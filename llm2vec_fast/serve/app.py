@@ -4,7 +4,7 @@
 Request path: validate (pydantic) -> tokenise in a dedicated thread (the encoder's own
 ``tokenize``, so prompts, instructions and truncation match ``encode()``) -> queue in the
 :class:`~llm2vec_fast.serve.batcher.Batcher` -> wait for the embeddings while watching for the client
-to disconnect -> truncate / normalise / serialise in a thread -> respond. The event loop never runs
+to disconnect -> truncate / normalise / quantize / serialise in a thread -> respond. The event loop never runs
 the model, the tokenizer or a large JSON encoder, so a slow request never blocks the others.
 
 Errors are JSON: ``{"error": {"message", "type", "param", "code"}}`` under ``/v1`` (what the
@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from .. import __version__
 from ..packing import DEFAULT_MAX_TOKENS_PER_BATCH
 from ..prompting import EncodingInput
+from ..quantization import PRECISION_DTYPES, PRECISIONS, SCALAR_PRECISIONS, CalibrationSet, quantize_embeddings, truncate_and_normalize
 from .batcher import Batcher, BatcherStopped, QueueFull
 from .metrics import ServerMetrics
 from .schemas import EmbeddingRequest, EmbeddingResponse, EmbedRequest, Info, ModelCard, ModelList
@@ -105,18 +106,21 @@ def tokenize_pairs(encoder, pairs: list[tuple[str, str]], truncate: bool) -> tup
     return items, problems
 
 
-def postprocess(emb: torch.Tensor, dimensions: int | None, normalize: bool) -> np.ndarray:
-    """Keep the first ``dimensions`` (Matryoshka-style), then L2-normalise if asked."""
-    if dimensions is not None:
-        emb = emb[:, :dimensions]
-    if normalize:
-        emb = torch.nn.functional.normalize(emb, p=2, dim=1)
-    return emb.numpy().astype(np.float32, copy=False)
+def postprocess(emb: torch.Tensor, dimensions: int | None, normalize: bool, precision: str = "float32",
+                calibration: CalibrationSet | None = None) -> np.ndarray:
+    """Keep the first ``dimensions`` (Matryoshka-style), L2-normalise if asked, then quantize to
+    ``precision`` (int8/uint8 buckets from ``calibration`` put through the same truncation and
+    normalisation): what ``encode(truncate_dim=..., normalize_embeddings=..., precision=...,
+    calibration_embeddings=...)`` returns."""
+    emb = truncate_and_normalize(emb, dimensions, normalize)
+    ranges = calibration.ranges(dimensions, normalize) if precision in SCALAR_PRECISIONS else None
+    return quantize_embeddings(emb, precision, ranges=ranges)
 
 
-def openai_body(emb: np.ndarray, encoding_format: str, model: str, prompt_tokens: int) -> bytes:
-    if encoding_format == "base64":
-        vectors = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb]
+def openai_body(emb: np.ndarray, encoding_format: str, model: str, prompt_tokens: int, precision: str = "float32") -> bytes:
+    if encoding_format == "base64":  # each row's bytes in its precision's dtype (float32: OpenAI's little-endian <f4)
+        dtype = PRECISION_DTYPES[precision]
+        vectors = [base64.b64encode(row.astype(dtype, copy=False).tobytes()).decode("ascii") for row in emb]
     else:
         vectors = emb.tolist()
     data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
@@ -207,8 +211,14 @@ def _authorized(header: str | None, api_key: str) -> bool:
     return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
 
 
-def create_app(encoder, settings: ServeSettings) -> FastAPI:
+def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | None = None) -> FastAPI:
     """The ASGI app serving ``encoder`` (an ``LLM2Vec`` or an ``OnnxEncoder``) under ``settings``.
+
+    ``calibration``: float embeddings of the encoder (full dimension, not normalised) whose
+    per-dimension ranges set the buckets of ``precision="int8"`` / ``"uint8"`` requests, for any
+    ``dimensions`` / ``normalize`` (``llm2vec-fast serve --calibration FILE`` embeds those texts at
+    start). Without it those precisions are answered 400: ranges computed from each request would
+    make codes of different requests incomparable.
 
     Starting it (lifespan) starts the batcher; a server runner sets ``app.state.draining = True`` on
     SIGTERM so new requests get 503 while in-flight ones finish.
@@ -217,6 +227,9 @@ def create_app(encoder, settings: ServeSettings) -> FastAPI:
         raise ValueError(f"max_batch_tokens ({settings.max_batch_tokens}) must be at least the model's max_length "
                          f"({encoder.max_length}) so any text fits a batch")
     hidden = int(encoder.hidden_size)
+    if calibration is not None and calibration.embeddings.shape[1] != hidden:
+        raise ValueError(f"the calibration embeddings have {calibration.embeddings.shape[1]} dimensions, the model {hidden}")
+    precisions = [p for p in PRECISIONS if calibration is not None or p not in SCALAR_PRECISIONS]
     if hasattr(encoder, "max_tokens_per_batch"):
         encoder.max_tokens_per_batch = settings.max_batch_tokens  # one packed forward per batch on CUDA
     metrics = ServerMetrics()
@@ -264,6 +277,12 @@ def create_app(encoder, settings: ServeSettings) -> FastAPI:
         if dimensions is not None and dimensions > hidden:
             raise ServeError(400, f"{param}={dimensions} is out of range: this model's embeddings have {hidden} dimensions",
                              param=param, code="invalid_value")
+
+    def check_precision(precision: str) -> None:
+        if precision in SCALAR_PRECISIONS and calibration is None:
+            raise ServeError(400, f"precision={precision!r} needs per-dimension ranges, and this server has no calibration "
+                                  "set: start it with --calibration FILE (texts, one per line), or ask for float32, "
+                                  "float16, binary or ubinary", param="precision", code="calibration_missing")
 
     async def embed_pairs(request: Request, pairs: list[tuple[str, str]], truncate: bool, field: str) -> tuple[torch.Tensor, int]:
         """Embeddings of ``pairs`` in order and their real token count."""
@@ -322,17 +341,21 @@ def create_app(encoder, settings: ServeSettings) -> FastAPI:
             raise ServeError(400, f"model {body.model!r} is not served here; this server serves {settings.model_name!r}",
                              param="model", code="model_not_found")
         check_dimensions(body.dimensions)
+        check_precision(body.precision)
         emb, tokens = await embed_pairs(request, body.pairs(), body.truncate, "input")
-        content = await asyncio.to_thread(
-            lambda: openai_body(postprocess(emb, body.dimensions, True), body.encoding_format, settings.model_name, tokens))
+        content = await asyncio.to_thread(lambda: openai_body(
+            postprocess(emb, body.dimensions, True, body.precision, calibration), body.encoding_format, settings.model_name, tokens,
+            body.precision))
         return Response(content, media_type="application/json")
 
     @app.post("/embed")
     async def tei_embed(body: EmbedRequest, request: Request):
         """text-embeddings-inference ``/embed``: a list of vectors."""
         check_dimensions(body.dimensions)
+        check_precision(body.precision)
         emb, _ = await embed_pairs(request, body.pairs(), body.truncate, "inputs")
-        content = await asyncio.to_thread(lambda: json.dumps(postprocess(emb, body.dimensions, body.normalize).tolist()).encode())
+        content = await asyncio.to_thread(lambda: json.dumps(
+            postprocess(emb, body.dimensions, body.normalize, body.precision, calibration).tolist()).encode())
         return Response(content, media_type="application/json")
 
     @app.get("/health")
@@ -347,7 +370,7 @@ def create_app(encoder, settings: ServeSettings) -> FastAPI:
             device=str(encoder.device), packed=bool(getattr(encoder, "use_packed", False)),
             max_batch_tokens=settings.max_batch_tokens, max_client_batch_size=settings.max_client_batch_size,
             max_queue_tokens=settings.max_queue_tokens, max_concurrent_requests=settings.max_concurrent_requests,
-            auth=settings.api_key is not None, version=__version__,
+            precisions=precisions, calibration_size=None if calibration is None else len(calibration), auth=settings.api_key is not None, version=__version__,
         )
 
     @app.get("/v1/models", response_model=ModelList)

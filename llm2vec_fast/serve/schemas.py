@@ -1,9 +1,15 @@
 """Request and response bodies of the embedding server (pydantic).
 
-``/v1/embeddings`` follows the OpenAI embeddings API, with two extensions: ``instruction`` (applied
-to every text) and ``[instruction, text]`` pairs inside ``input``, and ``truncate``. ``/embed``
-follows text-embeddings-inference. Validation messages name the offending field, so a client sees
-what to fix.
+``/v1/embeddings`` follows the OpenAI embeddings API, with extensions: ``instruction`` (applied
+to every text) and ``[instruction, text]`` pairs inside ``input``, ``truncate``, and ``precision``.
+``/embed`` follows text-embeddings-inference, plus ``precision``. Validation messages name the
+offending field, so a client sees what to fix.
+
+``precision`` (default ``float32``) is that of ``encode(precision=...)``: ``float16``, ``int8`` /
+``uint8`` (per-dimension buckets from the server's calibration set, ``--calibration``), ``binary`` /
+``ubinary`` (sign bits, 8 dimensions per byte). JSON carries numbers (integers for the integer
+precisions); OpenAI's ``encoding_format="base64"`` carries the row's bytes in the dtype of
+:data:`llm2vec_fast.quantization.PRECISION_DTYPES` (little-endian ``<f4`` / ``<f2``, ``i1``, ``u1``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..quantization import PRECISIONS
+
 EncodingFormat = Literal["float", "base64"]
+Precision = Literal[PRECISIONS]
 
 
 def parse_texts(value: Any, field: str) -> list[tuple[str, str]]:
@@ -50,6 +59,7 @@ class _Request(BaseModel):
 
     instruction: str | None = Field(None, description="instruction for every text: attended to, not pooled")
     truncate: bool = Field(False, description="cut over-long texts instead of answering 413")
+    precision: Precision = Field("float32", description="output precision, as encode(precision=...); int8/uint8 need --calibration")
 
     @model_validator(mode="after")
     def _check_texts(self):
@@ -87,7 +97,7 @@ class EmbedRequest(_Request):
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str
 
 
 class Usage(BaseModel):
@@ -130,5 +140,7 @@ class Info(BaseModel):
     max_client_batch_size: int
     max_queue_tokens: int
     max_concurrent_requests: int
+    precisions: list[str]  # what ``precision`` accepts here (int8/uint8 only with a calibration set)
+    calibration_size: int | None  # texts in the int8/uint8 calibration set
     auth: bool
     version: str
