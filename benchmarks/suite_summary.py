@@ -1,6 +1,6 @@
 """Compact summary of the GPU suite's results: each headline ratio against its target.
 
-Reads ``attention-*.json``, ``pooling-*.json`` and ``encode-*.json`` from a results folder (default
+Reads ``attention-*.json``, ``pooling-*.json``, ``encode-*.json`` and ``train-*.json`` from a results folder (default
 ``benchmarks/results``); needs neither torch nor a GPU. Prints one line per ratio and exits 0; with
 ``--strict`` it exits 1 when a ratio with a target misses it.
 """
@@ -86,7 +86,33 @@ def summarize_pooling(data: dict) -> list[tuple[str, bool | None]]:
     return lines
 
 
-SECTIONS = {"attention": summarize_attention, "pooling": summarize_pooling, "encode": summarize_encode}
+#: Issue 10: MNTP and SimCSE steps >= 1.5x plain HF tokens/s at <= 0.6x its peak memory (GPU only).
+TRAIN_SPEEDUP_TARGET, TRAIN_MEMORY_TARGET = 1.5, 0.6
+
+
+def summarize_train(data: dict) -> list[tuple[str, bool | None]]:
+    on_gpu = not str(data.get("device", "cpu")).startswith("cpu")
+    lines = []
+    for stage, s in data.get("summary", {}).items():
+        lines.append(_line(f"train {stage} tokens/s vs plain HF", s.get("speedup_tokens_per_s"),
+                           TRAIN_SPEEDUP_TARGET if on_gpu else None))
+        ratio = s.get("peak_mem_ratio")
+        if ratio is None:
+            lines.append((f"  {'train ' + stage + ' peak memory vs plain HF':<48} n/a", None))
+        elif not on_gpu:
+            lines.append((f"  {'train ' + stage + ' peak memory vs plain HF':<48} {ratio:6.2f}x  (no target)", None))
+        else:
+            ok = ratio <= TRAIN_MEMORY_TARGET
+            lines.append((f"  {'train ' + stage + ' peak memory vs plain HF':<48} {ratio:6.2f}x  target <= "
+                          f"{TRAIN_MEMORY_TARGET:.1f}x  {'ok' if ok else 'MISSED'}", ok))
+    for case in data.get("cases", []):
+        if "error" in case:
+            lines.append((f"  train {case.get('stage')} {case.get('impl')}: ERROR {case['error'].strip().splitlines()[-1][:120]}", False))
+    return lines
+
+
+SECTIONS = {"attention": summarize_attention, "pooling": summarize_pooling, "encode": summarize_encode,
+            "train": summarize_train}
 
 
 def main(argv=None) -> int:
@@ -98,7 +124,7 @@ def main(argv=None) -> int:
             print(f"{name}: no results in {args.results_dir}")
         for path in files:
             data = json.loads(path.read_text())
-            card = data.get("environment", {}).get("card", "?")
+            card = data.get("environment", {}).get("card") or data.get("device", "?")
             print(f"{name} ({path.name}, {card}):")
             for text, ok in summarize(data):
                 print(text)
