@@ -12,7 +12,6 @@ the torch reference on CPU; triton is imported lazily, so this package imports w
 from ._dispatch import cu_seqlens_from_lengths
 from .flash_attn import (
     SUPPORTED_HEAD_DIMS,
-    FlashAttnVarlenFunction,
     dropout_philox_state,
     flash_attn_dropout_mask,
     flash_attn_varlen,
@@ -29,7 +28,6 @@ from .pooling_reference import (
 __all__ = [
     "POOLING_MODES",
     "SUPPORTED_HEAD_DIMS",
-    "FlashAttnVarlenFunction",
     "MaskedPoolVarlenFunction",
     "attention_naive",
     "check_pooling_mode",

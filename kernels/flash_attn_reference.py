@@ -51,14 +51,14 @@ def _dropped(probs: torch.Tensor, keep: torch.Tensor | None, dropout_p: float) -
     return probs * keep.to(probs.dtype) * (1.0 / (1.0 - dropout_p))
 
 
-def _sequence_keep(dropout_mask, dropout_p, shape, start, end, device) -> torch.Tensor | None:
+def _sequence_keep(dropout_mask, dropout_p, shape, start, end, device, generator=None) -> torch.Tensor | None:
     """The ``[Hq, L, L]`` keep-mask of one sequence: a slice of ``dropout_mask`` (``[Hq, T, >= L]``), or a
-    fresh Bernoulli(1-p) draw from torch's generator."""
+    fresh Bernoulli(1-p) draw from ``generator`` (torch's default generator if None)."""
     if dropout_p <= 0.0:
         return None
     if dropout_mask is not None:
         return dropout_mask[:, start:end, : end - start]
-    return torch.rand(shape, device=device) >= dropout_p
+    return torch.rand(shape, device=device, generator=generator) >= dropout_p
 
 
 def flash_attn_varlen_reference(
@@ -72,6 +72,7 @@ def flash_attn_varlen_reference(
     *,
     softcap: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
+    dropout_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Bidirectional varlen attention, one call per sequence. Returns ``[T, Hq, D]``; differentiable.
 
@@ -80,7 +81,9 @@ def flash_attn_varlen_reference(
     (softmax in float32). Dropout uses ``dropout_mask`` when given -- bool ``[Hq, T, >= max_seqlen]``,
     ``mask[h, t, j]`` keeps the probability of query row ``t`` on key ``j`` of its own sequence, as
     returned by :func:`llm2vec_fast.kernels.flash_attn_dropout_mask` -- or else draws a fresh mask
-    from torch's generator. ``max_seqlen`` is accepted for signature parity and otherwise ignored.
+    from ``dropout_generator`` (torch's default generator if None; one draw per sequence, in order, so
+    a generator in the same state redraws the same masks). ``max_seqlen`` is accepted for signature
+    parity and otherwise ignored.
     """
     del max_seqlen
     group = q.shape[1] // k.shape[1]
@@ -93,7 +96,7 @@ def flash_attn_varlen_reference(
         vs = _heads_first(v[start:end], group)
         if softcap > 0.0 or dropout_p > 0.0:
             probs = torch.softmax(_capped_scores(qs, ks, scale, softcap).float(), dim=-1)
-            keep = _sequence_keep(dropout_mask, dropout_p, probs.shape, start, end, q.device)
+            keep = _sequence_keep(dropout_mask, dropout_p, probs.shape, start, end, q.device, dropout_generator)
             o = torch.matmul(_dropped(probs, keep, dropout_p).to(vs.dtype), vs)
         else:
             o = F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), scale=scale)[0]
