@@ -35,6 +35,8 @@ MASK_FORMS = {"eager": "additive", "sdpa": "boolean", "flex_attention": "block_m
 # implementations that take the 2D padding mask and honour the modules' `is_causal`
 IS_CAUSAL_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 PACKED_IMPLEMENTATION = "llm2vec_varlen"  # llm2vec_fast.varlen_attention (bidirectional kernel)
+# set by llm2vec_fast.varlen_attention.use_varlen_attention: the implementation padded calls use then
+PADDED_ATTENTION_ATTRIBUTE = "_llm2vec_padded_attention"
 SUPPORTED_ATTENTION = (*MASK_FORMS, *IS_CAUSAL_IMPLEMENTATIONS, PACKED_IMPLEMENTATION)
 
 
@@ -102,10 +104,10 @@ def _uses_sliding_window(config) -> bool:
     return True
 
 
-def check_attention_implementation(config) -> None:
-    """Raise :class:`UnsupportedAttentionError` unless ``config``'s attention implementation can run
-    bidirectionally (see the module docstring)."""
-    impl = attention_implementation(config)
+def check_attention_implementation(config, impl: str | None = None) -> None:
+    """Raise :class:`UnsupportedAttentionError` unless ``config``'s attention implementation (or
+    ``impl``) can run bidirectionally (see the module docstring)."""
+    impl = impl or attention_implementation(config)
     model_type = getattr(config, "model_type", "?")
     if impl not in SUPPORTED_ATTENTION:
         raise UnsupportedAttentionError(
@@ -150,6 +152,12 @@ def _mask_hook(decoder: nn.Module, args: tuple, kwargs: dict):
         return None
     check_attention_implementation(decoder.config)  # the implementation may have been switched since
     impl = attention_implementation(decoder.config)
+    if impl == PACKED_IMPLEMENTATION:
+        if kwargs.get("cu_seq_lens_q") is not None:
+            return None  # a packed call: the varlen kernel needs no mask
+        # a padded call, forwarded by llm2vec_varlen to the implementation recorded when it was installed
+        impl = getattr(decoder, PADDED_ATTENTION_ATTRIBUTE, None) or "sdpa"
+        check_attention_implementation(decoder.config, impl)
     if impl not in MASK_FORMS:
         return None  # flash reads `is_causal` (set False) with the 2D mask; the varlen kernel is bidirectional
     args = list(args)
