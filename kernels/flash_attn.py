@@ -21,7 +21,7 @@ import operator
 import torch
 
 from ._dispatch import check_cu_seqlens, check_cu_seqlens_layout, max_length, resolve_backend, should_validate
-from .flash_attn_reference import flash_attn_varlen_reference
+from .flash_attn_reference import flash_attn_varlen_reference, flash_attn_varlen_reference_backward
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -109,22 +109,16 @@ def _varlen_bwd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``: the Triton backward kernels (FlashAttention-2 recomputation from ``lse``), or on
-    the torch backend the vector-Jacobian product of the reference under the same dropout masks."""
+    the torch backend the reference's backward written out, under the same dropout masks."""
     if backend == "triton":
         seed, offset = _philox_ints(philox)
         return _triton_ops().attention_backward(
             grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, softcap, (dropout_p, seed, offset)
         )
     gen = _reference_dropout_generator(q.device, dropout_p, philox)
-
-    def reference(q_, k_, v_):
-        return flash_attn_varlen_reference(
-            q_, k_, v_, cu_seqlens, max_seqlen, softmax_scale, dropout_p, softcap=softcap, dropout_generator=gen
-        )
-
-    # torch.func: autograd is switched off inside a custom op's implementation, functorch is not
-    _, vjp = torch.func.vjp(reference, q, k, v)
-    return tuple(g.contiguous() for g in vjp(grad_out.to(q.dtype)))
+    return flash_attn_varlen_reference_backward(
+        grad_out, q, k, v, cu_seqlens, softmax_scale, dropout_p, softcap=softcap, dropout_generator=gen
+    )
 
 
 @_varlen_bwd_op.register_fake

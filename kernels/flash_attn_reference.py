@@ -106,6 +106,54 @@ def flash_attn_varlen_reference(
     return torch.cat(outs, dim=0)
 
 
+def _sum_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``[Hq, L, D]`` -> ``[Hkv, L, D]``: the inverse of :func:`_heads_first`'s repetition, for gradients."""
+    return x.unflatten(0, (-1, group)).sum(1) if group > 1 else x
+
+
+def flash_attn_varlen_reference_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    *,
+    softcap: float = 0.0,
+    dropout_generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`flash_attn_varlen_reference` for ``grad_out``, written out per sequence
+    in float32 (the torch backend's backward; a custom op's implementation runs without autograd).
+
+    With ``dropout_p > 0``, ``dropout_generator`` must be in the state the forward started from: the
+    masks are drawn again, in the same order and shapes."""
+    group = q.shape[1] // k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    softcap = float(softcap or 0.0)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))  # contiguous
+    for start, end in _segments(cu_seqlens):
+        qs = q[start:end].transpose(0, 1).float()
+        ks = _heads_first(k[start:end], group).float()
+        vs = _heads_first(v[start:end], group).float()
+        dout = grad_out[start:end].transpose(0, 1).float()
+        scores = torch.matmul(qs, ks.transpose(-1, -2)) * scale
+        capped = torch.tanh(scores / softcap) if softcap > 0.0 else None
+        probs = torch.softmax(capped * softcap if softcap > 0.0 else scores, dim=-1)
+        keep = None
+        if softcap > 0.0 or dropout_p > 0.0:  # the forward draws a mask in this branch only
+            keep = _sequence_keep(None, dropout_p, probs.shape, start, end, q.device, dropout_generator)
+        dv_heads = torch.matmul(_dropped(probs, keep, dropout_p).transpose(-1, -2), dout)
+        dprobs = _dropped(torch.matmul(dout, vs.transpose(-1, -2)), keep, dropout_p)
+        dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))  # softmax backward
+        if softcap > 0.0:
+            dscores = dscores * (1.0 - capped * capped)
+        dq[start:end] = (torch.matmul(dscores, ks) * scale).transpose(0, 1).to(q.dtype)
+        dk[start:end] = _sum_groups(torch.matmul(dscores.transpose(-1, -2), qs) * scale, group).transpose(0, 1).to(k.dtype)
+        dv[start:end] = _sum_groups(dv_heads, group).transpose(0, 1).to(v.dtype)
+    return dq, dk, dv
+
+
 def attention_naive(
     q: torch.Tensor,
     k: torch.Tensor,

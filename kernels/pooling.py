@@ -22,6 +22,7 @@ from .pooling_reference import (
     check_pooling_mode,
     masked_pool_reference,
     masked_pool_varlen_reference,
+    masked_pool_varlen_reference_backward,
 )
 
 __all__ = ["POOLING_MODES", "masked_pool", "masked_pool_varlen"]
@@ -77,10 +78,7 @@ def _pool_bwd_op(
     n_tokens, dtype = hidden_like.shape[0], hidden_like.dtype
     if backend == "triton":
         return _triton_ops().pool_backward(grad_out, cu_seqlens, mask_u8, stats, mode, n_tokens, dtype, max_len)
-    zeros = grad_out.new_zeros((n_tokens, grad_out.shape[1]), dtype=dtype)
-    # torch.func: autograd is switched off inside a custom op's implementation, functorch is not
-    _, vjp = torch.func.vjp(lambda h: masked_pool_varlen_reference(h, cu_seqlens, mask_u8, mode), zeros)
-    return vjp(grad_out.to(dtype))[0].contiguous()
+    return masked_pool_varlen_reference_backward(grad_out, cu_seqlens, mask_u8, mode, dtype)
 
 
 @_pool_bwd_op.register_fake

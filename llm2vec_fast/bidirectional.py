@@ -147,6 +147,12 @@ def bidirectional_mask(attention_mask: torch.Tensor, attn_implementation: str, d
     return keep
 
 
+def _reference_tensor(args, kwargs) -> torch.Tensor:
+    """``input_ids`` (or ``inputs_embeds``) of a decoder call: batch shape and device."""
+    ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+    return kwargs["inputs_embeds"] if ref is None else ref
+
+
 def _mask_hook(decoder: nn.Module, args: tuple, kwargs: dict):
     if not getattr(decoder, "_llm2vec_bidirectional", False):
         return None
@@ -154,7 +160,11 @@ def _mask_hook(decoder: nn.Module, args: tuple, kwargs: dict):
     impl = attention_implementation(decoder.config)
     if impl == PACKED_IMPLEMENTATION:
         if kwargs.get("cu_seq_lens_q") is not None:
-            return None  # a packed call: the varlen kernel needs no mask
+            # a packed call: the varlen kernel separates the sequences itself. A ready all-true 4D mask
+            # keeps transformers from building one -- and from reading position_ids on the host to
+            # find the packed sequences (one GPU sync per forward).
+            kwargs["attention_mask"] = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=_reference_tensor(args, kwargs).device)
+            return tuple(args), kwargs
         # a padded call, forwarded by llm2vec_varlen to the implementation recorded when it was installed
         impl = getattr(decoder, PADDED_ATTENTION_ATTRIBUTE, None) or "sdpa"
         check_attention_implementation(decoder.config, impl)
@@ -167,9 +177,7 @@ def _mask_hook(decoder: nn.Module, args: tuple, kwargs: dict):
     if mask is not None and len(mask.shape) == 4:  # a ready 4D mask or BlockMask: the caller's choice
         return None
     if mask is None:
-        ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
-        if ref is None:
-            ref = kwargs["inputs_embeds"]
+        ref = _reference_tensor(args, kwargs)
         mask = torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device)
     dtype = decoder.get_input_embeddings().weight.dtype
     if not dtype.is_floating_point:

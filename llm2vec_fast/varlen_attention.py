@@ -32,6 +32,9 @@ ATTN_IMPLEMENTATION = "llm2vec_varlen"
 _state = {"registered": False}
 # context-local (per thread and per asyncio task): two threads may encode with different backends
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("llm2vec_fast_kernel_backend", default="auto")
+# its per-thread mirror, read under torch.compile: dynamo cannot trace ContextVar.get, but it traces
+# (and guards on) a thread-local attribute, so a compiled packed forward follows the switch too
+_backend_for_compile = threading.local()
 
 
 @contextlib.contextmanager
@@ -41,21 +44,27 @@ def kernel_backend(backend: str) -> Iterator[None]:
 
     Tests use ``triton`` on CPU under ``TRITON_INTERPRET=1``; the library itself keeps ``auto``.
     The choice is context-local (a :class:`contextvars.ContextVar`): it applies to the calling
-    thread (or asyncio task) only.
+    thread (or asyncio task) only. Code compiled with ``torch.compile`` reads a per-thread copy
+    (dynamo cannot trace ``ContextVar.get``), so there it is per thread, and a switch recompiles.
     """
     from .kernels._dispatch import BACKENDS
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     token = _backend.set(backend)
+    previous = getattr(_backend_for_compile, "value", "auto")
+    _backend_for_compile.value = backend
     try:
         yield
     finally:
         _backend.reset(token)
+        _backend_for_compile.value = previous
 
 
 def current_backend() -> str:
     """The kernel backend selected by :func:`kernel_backend` (``auto`` by default)."""
+    if torch.compiler.is_compiling():
+        return getattr(_backend_for_compile, "value", "auto")
     return _backend.get()
 
 
@@ -95,7 +104,7 @@ def varlen_attention_forward(
         softmax_scale=scaling,
         dropout_p=float(dropout),
         softcap=kwargs.get("softcap") or 0.0,
-        backend=_backend.get(),
+        backend=current_backend(),
     )
     return out.unsqueeze(0), None
 
@@ -180,7 +189,8 @@ def use_varlen_attention(decoder: nn.Module) -> None:
     if attention_implementation(config) == ATTN_IMPLEMENTATION:
         return
     register()
-    with _install_lock:
+    # torch.compile cannot enter a lock; it replays the attribute writes after the graph instead
+    with contextlib.nullcontext() if torch.compiler.is_compiling() else _install_lock:
         padded = attention_implementation(config)
         if padded == ATTN_IMPLEMENTATION:
             return
