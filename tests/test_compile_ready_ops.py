@@ -119,6 +119,31 @@ def test_torch_backend_gradients_through_the_op_match_the_reference_with_dropout
     assert (out - plain).abs().max() > 1e-2  # dropout really was on
 
 
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "last", "first"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_torch_backend_pooling_gradient_matches_autograd_through_the_reference(mode, dtype):
+    """The pooling op's torch backward (written out: pooling is linear in ``hidden``) equals autograd
+    through the reference, with empty sequences, sequences without pooled tokens and length 1."""
+    from llm2vec_fast.kernels import masked_pool_varlen_reference
+
+    lengths = [4, 0, 1, 6, 3]
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(sum(lengths), 24, generator=gen).to(dtype)
+    mask = torch.rand(sum(lengths), generator=gen) > 0.4
+    mask[4] = False  # the length-1 sequence pools nothing
+    cu = cu_seqlens_from_lengths(lengths)
+    h, h_ref = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    out = masked_pool_varlen(h, cu, mask, mode, max_seqlen=6, backend="torch")
+    ref = masked_pool_varlen_reference(h_ref, cu, mask, mode)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    grad_out = torch.randn(out.shape, generator=gen).to(dtype)
+    (grad,) = torch.autograd.grad(out, h, grad_out)
+    (grad_ref,) = torch.autograd.grad(ref, h_ref, grad_out)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, grad_ref, atol=1e-6 if dtype == torch.float32 else 1e-3, rtol=1e-3)
+    assert grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------
