@@ -7,18 +7,22 @@ the torch reference on CPU; triton is imported lazily, so this package imports w
   attention dropout (Triton fwd + bwd); :func:`flash_attn_dropout_mask` returns its dropout mask.
 * :func:`masked_pool`, :func:`masked_pool_varlen` -- mean / weighted_mean / last / first pooling
   over masked tokens, padded or packed (Triton fwd + fused bwd).
+
+Both packed ops run as ``torch.library`` custom ops (``torch.ops.llm2vec_fast.flash_attn_varlen_fwd``,
+``..._bwd``, ``masked_pool_varlen_fwd``, ``..._bwd``) with fake implementations and registered
+autograd, so ``torch.compile(fullgraph=True)`` traces them without graph breaks; neither reads
+``cu_seqlens`` on the host unless asked to (``validate=True``) or it is free (a CPU tensor).
 """
 
 from ._dispatch import cu_seqlens_from_lengths
 from .flash_attn import (
     SUPPORTED_HEAD_DIMS,
-    FlashAttnVarlenFunction,
     dropout_philox_state,
     flash_attn_dropout_mask,
     flash_attn_varlen,
 )
 from .flash_attn_reference import attention_naive, flash_attn_varlen_reference
-from .pooling import MaskedPoolVarlenFunction, masked_pool, masked_pool_varlen
+from .pooling import masked_pool, masked_pool_varlen
 from .pooling_reference import (
     POOLING_MODES,
     check_pooling_mode,
@@ -29,8 +33,6 @@ from .pooling_reference import (
 __all__ = [
     "POOLING_MODES",
     "SUPPORTED_HEAD_DIMS",
-    "FlashAttnVarlenFunction",
-    "MaskedPoolVarlenFunction",
     "attention_naive",
     "check_pooling_mode",
     "cu_seqlens_from_lengths",

@@ -17,7 +17,6 @@ import contextlib
 import importlib.util
 import math
 import os
-import weakref
 from typing import Sequence
 
 import torch
@@ -73,31 +72,36 @@ def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
     return "triton"
 
 
-# The last validated offsets: (weak reference to the tensor, its version counter, total, values).
-# Every attention layer of a packed forward gets the same cu_seqlens tensor; this avoids one
-# device-to-host copy (and the stall it causes) per layer.
-_last_checked: tuple | None = None
+def check_cu_seqlens_layout(cu_seqlens: torch.Tensor, name: str = "cu_seqlens") -> None:
+    """Check what is known without reading ``cu_seqlens``' values: a 1-D int32 tensor ``[B+1]``.
 
-
-def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqlens") -> list[int]:
-    """Validate a packed-batch offset vector and return it as a Python list.
-
-    ``cu_seqlens`` must be a 1-D int32 tensor ``[B+1]`` that starts at 0, never decreases and ends at
-    ``total`` (the number of packed rows). Reading the values costs one device-to-host copy, skipped
-    when the same, unmodified tensor was the last one checked.
-    """
-    global _last_checked
+    Costs no device-to-host copy (and traces under ``torch.compile``)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"{name} must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{name} must be 1-D with B+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
-    # inference tensors have no version counter: for them the identity alone keys the cache
-    version = None if cu_seqlens.is_inference() else cu_seqlens._version
-    cached = _last_checked
-    if cached is not None and cached[0]() is cu_seqlens and cached[1] == version and cached[2] == total:
-        return cached[3]
+
+
+def should_validate(validate: bool | None, cu_seqlens: torch.Tensor) -> bool:
+    """Whether an op reads ``cu_seqlens``' values to check them: ``validate=True`` always,
+    ``False`` never, ``None`` (the default) only when that is free -- ``cu_seqlens`` in host memory
+    and not under ``torch.compile`` -- so a CUDA call never synchronises for it."""
+    if validate is not None:
+        return bool(validate)
+    return cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqlens") -> list[int]:
+    """Validate a packed-batch offset vector and return it as a Python list.
+
+    ``cu_seqlens`` must be a 1-D int32 tensor ``[B+1]`` that starts at 0, never decreases and ends at
+    ``total`` (the number of packed rows). Reading the values costs one device-to-host copy when
+    ``cu_seqlens`` is on a GPU: the ops call this only when asked to (``validate=True``) or when it is
+    free (see :func:`should_validate`); :func:`llm2vec_fast.packing.pack` checks its batches once.
+    """
+    check_cu_seqlens_layout(cu_seqlens, name)
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
         raise ValueError(f"{name} must start at 0, got {bounds[0]}")
@@ -105,7 +109,6 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqle
         raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {bounds[-1]}")
     if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"{name} must be non-decreasing")
-    _last_checked = (weakref.ref(cu_seqlens), version, total, bounds)
     return bounds
 
 

@@ -9,7 +9,8 @@ own sequence. With packed batches (no padding) that is block-diagonal attention 
 
 Layering (like Liger-Kernel): the Triton kernels and their launchers live in
 :mod:`.flash_attn_triton`, the pure-torch references in :mod:`.flash_attn_reference`; this file
-validates inputs, picks the backend and wires the Triton forward/backward into autograd.
+validates inputs, picks the backend and registers both backends' forward/backward as
+``torch.library`` custom ops with autograd (``torch.ops.llm2vec_fast.flash_attn_varlen_fwd/_bwd``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import operator
 
 import torch
 
-from ._dispatch import check_cu_seqlens, max_length, resolve_backend
-from .flash_attn_reference import flash_attn_varlen_reference
+from ._dispatch import check_cu_seqlens, check_cu_seqlens_layout, max_length, resolve_backend, should_validate
+from .flash_attn_reference import flash_attn_varlen_reference, flash_attn_varlen_reference_backward
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -32,37 +33,119 @@ def _triton_ops():
     return flash_attn_triton
 
 
-class FlashAttnVarlenFunction(torch.autograd.Function):
-    """Autograd wrapper around the Triton forward and backward kernels.
+# ---------------------------------------------------------------------------------------------
+# custom ops: the autograd layer (Liger's middle layer), opaque to torch.compile
+# ---------------------------------------------------------------------------------------------
+# Both backends run inside ``torch.library.custom_op``s with fake (meta) implementations, as
+# flash-attention's ``flash_attn_interface`` does: ``torch.compile(fullgraph=True)`` traces a call as
+# one node (the reference's per-sequence loop reads ``cu_seqlens`` on the host, which would otherwise
+# break the graph). ``backend`` is already resolved to "triton" or "torch". ``philox`` is the dropout
+# state ``int64 [2]`` = (seed, offset) on the CPU (None without dropout): a tensor, so a compiled graph
+# takes a fresh draw each call instead of baking one in as a constant.
 
-    ``forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout)`` (``dropout`` =
-    ``(p, seed, offset)``, see :func:`dropout_philox_state`) saves ``q, k, v``, the output and the
-    fp32 log-sum-exp; ``backward`` recomputes the attention probabilities block by block
-    (FlashAttention-2) and returns ``dq, dk, dv`` in the input dtypes. Inputs are assumed validated
-    (call :func:`flash_attn_varlen`); the backward is not itself differentiable.
-    """
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap=0.0, dropout=(0.0, 0, 0)):
-        out, lse = _triton_ops().attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.max_seqlen = max_seqlen
-        ctx.softmax_scale = softmax_scale
-        ctx.softcap = softcap
-        ctx.dropout = dropout  # the mask is regenerated from (seed, offset), never stored
-        return out
+def _philox_ints(philox: torch.Tensor | None) -> tuple[int, int]:
+    return (0, 0) if philox is None else tuple(int(x) for x in philox.tolist())  # a CPU tensor: no sync
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _triton_ops().attention_backward(
-            grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.softcap, ctx.dropout
+
+def _reference_dropout_generator(device: torch.device, dropout_p: float, philox: torch.Tensor | None):
+    """The torch backend's mask source: a generator seeded from the call's (seed, offset), so the
+    backward redraws the forward's masks (the reference stores none either)."""
+    if dropout_p <= 0.0:
+        return None
+    seed, offset = _philox_ints(philox)
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 0x9E3779B97F4A7C15 + offset) % (1 << 63))
+    return gen
+
+
+@torch.library.custom_op("llm2vec_fast::flash_attn_varlen_fwd", mutates_args=())
+def _varlen_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    softcap: float,
+    dropout_p: float,
+    philox: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [T, Hq, D], lse)``; ``lse`` is the kernel's fp32 ``[Hq, T]`` log-sum-exp on the Triton
+    backend and an empty ``[Hq, 0]`` on the torch backend (its backward recomputes instead)."""
+    if backend == "triton":
+        seed, offset = _philox_ints(philox)
+        return _triton_ops().attention_forward(
+            q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, (dropout_p, seed, offset)
         )
-        return dq, dk, dv, None, None, None, None, None
+    gen = _reference_dropout_generator(q.device, dropout_p, philox)
+    out = flash_attn_varlen_reference(
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, softcap=softcap, dropout_generator=gen
+    )
+    return out.contiguous(), q.new_empty((q.shape[1], 0), dtype=torch.float32)
 
 
-def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> int:
+@_varlen_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout_p, philox, backend):
+    n_lse = q.shape[0] if backend == "triton" else 0
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], n_lse), dtype=torch.float32)
+
+
+@torch.library.custom_op("llm2vec_fast::flash_attn_varlen_bwd", mutates_args=())
+def _varlen_bwd_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    softcap: float,
+    dropout_p: float,
+    philox: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``: the Triton backward kernels (FlashAttention-2 recomputation from ``lse``), or on
+    the torch backend the reference's backward written out, under the same dropout masks."""
+    if backend == "triton":
+        seed, offset = _philox_ints(philox)
+        return _triton_ops().attention_backward(
+            grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, softcap, (dropout_p, seed, offset)
+        )
+    gen = _reference_dropout_generator(q.device, dropout_p, philox)
+    return flash_attn_varlen_reference_backward(
+        grad_out, q, k, v, cu_seqlens, softmax_scale, dropout_p, softcap=softcap, dropout_generator=gen
+    )
+
+
+@_varlen_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout_p, philox, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout_p, philox, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, philox)  # the dropout mask is never stored
+    ctx.args = (max_seqlen, softmax_scale, softcap, dropout_p, backend)
+
+
+def _varlen_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_seqlens, philox = ctx.saved_tensors
+    max_seqlen, softmax_scale, softcap, dropout_p, backend = ctx.args
+    dq, dk, dv = _varlen_bwd_op(
+        grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout_p, philox, backend
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, validate: bool | None) -> int:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -87,10 +170,13 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> int:
         max_seqlen = operator.index(max_seqlen)
     except TypeError:
         raise ValueError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}") from None
-    bounds = check_cu_seqlens(cu_seqlens, n_tokens)
-    longest = max_length(bounds)
-    if max_seqlen < longest:
-        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    check_cu_seqlens_layout(cu_seqlens)
+    if should_validate(validate, cu_seqlens):
+        longest = max_length(check_cu_seqlens(cu_seqlens, n_tokens))
+        if max_seqlen < longest:
+            raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
     return max_seqlen
 
 
@@ -141,6 +227,16 @@ def dropout_philox_state(q: torch.Tensor, max_seqlen: int) -> tuple[int, int]:
     return _PHILOX_LOW + seed % _PHILOX_SPAN, _PHILOX_LOW + offset % _PHILOX_SPAN
 
 
+def _philox_tensor(q: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """:func:`dropout_philox_state` as an int64 ``[2]`` CPU tensor for the custom op. Under
+    ``torch.compile`` the pair is drawn with ``torch.randint`` inside the graph, so every run of the
+    compiled code takes a fresh draw from torch's generator (reproducible under ``torch.manual_seed``;
+    other bits than eager)."""
+    if torch.compiler.is_compiling():
+        return torch.randint(0, _PHILOX_SPAN, (2,), dtype=torch.int64) + _PHILOX_LOW
+    return torch.tensor(dropout_philox_state(q, max_seqlen), dtype=torch.int64)
+
+
 def flash_attn_dropout_mask(
     cu_seqlens: torch.Tensor, n_heads: int, max_seqlen: int, dropout_p: float, seed: int, offset: int
 ) -> torch.Tensor:
@@ -171,6 +267,7 @@ def flash_attn_varlen(
     *,
     softcap: float = 0.0,
     backend: str = "auto",
+    validate: bool | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention over a packed batch of variable-length sequences.
 
@@ -180,7 +277,8 @@ def flash_attn_varlen(
             q head ``h`` reads kv head ``h // (Hq // Hkv)``).
         v: ``[T, Hkv, D]`` values.
         cu_seqlens: int32 ``[B+1]`` offsets: 0, then cumulative sequence lengths, ending at ``T``.
-            Lengths may be any size >= 0 (1 included). Copied to ``q``'s device if needed.
+            Lengths may be any size >= 0 (1 included). Copied to ``q``'s device if needed. Its values
+            are only read when validating (see ``validate``).
         max_seqlen: an upper bound on the sequence lengths (sizes the kernel grid); may exceed the
             longest sequence, must not be smaller.
         softmax_scale: scale of ``q @ k^T`` before the softmax; default ``1 / sqrt(D)``.
@@ -191,7 +289,8 @@ def flash_attn_varlen(
             the mask with Philox from a ``(seed, offset)`` taken from torch's generator for ``q``'s
             device (:func:`dropout_philox_state`): ``torch.manual_seed`` makes it reproducible, each
             call gets a new mask, and the backward regenerates the same mask (no mask is stored).
-            The torch backend draws its masks with ``torch.rand`` (same distribution, other bits).
+            The torch backend draws its masks with ``torch.rand`` from a generator seeded with the
+            same ``(seed, offset)`` (same distribution, other bits).
         softcap: tanh soft-capping of the attention logits (Gemma2's ``attn_logit_softcapping``,
             FlashAttention's ``softcap``): the logits become
             ``softcap * tanh(q @ k^T * softmax_scale / softcap)`` -- scaled first, then capped, as in
@@ -200,6 +299,11 @@ def flash_attn_varlen(
         backend: ``"auto"`` (Triton on CUDA tensors, the torch reference on CPU), ``"triton"``
             (force the kernels; on CPU only under ``TRITON_INTERPRET=1``, for tests) or ``"torch"``
             (force the reference: one ``scaled_dot_product_attention`` call per sequence).
+        validate: read ``cu_seqlens`` on the host and check its values (starts at 0, non-decreasing,
+            ends at ``T``, no sequence longer than ``max_seqlen``). ``None`` (default): only when that
+            is free, i.e. ``cu_seqlens`` is a CPU tensor and the call is not being compiled; ``True``
+            always (one device-to-host copy for a GPU tensor); ``False`` never. Shapes, dtypes and
+            devices are always checked (no copy).
 
     Returns:
         ``[T, Hq, D]`` in ``q``'s dtype. Differentiable with respect to ``q``, ``k`` and ``v``.
@@ -214,16 +318,27 @@ def flash_attn_varlen(
             ``softcap``, ``dropout_p`` outside ``[0, 1)``, unknown ``backend``.
         RuntimeError: ``backend="triton"`` on CPU without the Triton interpreter, or without triton.
 
-    Validation reads ``cu_seqlens`` on the host (one small device-to-host copy per call).
+    Sync-free contract: with a GPU ``cu_seqlens`` and ``validate`` left at ``None`` nothing here
+    copies device memory to the host, so a packed forward issues its kernels for every layer
+    without waiting for the GPU; ``max_seqlen`` (a Python int) sizes the grid. Batches built by
+    :func:`llm2vec_fast.packing.pack` are validated once, on the host, when they are built. The op
+    is ``torch.ops.llm2vec_fast.flash_attn_varlen_fwd`` (backward ``..._bwd``), a
+    ``torch.library.custom_op`` with a fake implementation: ``torch.compile(fullgraph=True)``
+    traces a call without a graph break, on both backends. Under compile the dropout state is
+    drawn inside the graph (``torch.randint``), so each run gets a new mask and
+    ``torch.manual_seed`` still makes runs reproducible.
     """
-    max_seqlen = _check_inputs(q, k, v, cu_seqlens, max_seqlen)
+    max_seqlen = _check_inputs(q, k, v, cu_seqlens, max_seqlen, validate)
     softcap = _check_softcap(softcap)
     dropout_p = _check_dropout_p(dropout_p)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     softmax_scale = float(softmax_scale)
-    if resolve_backend(backend, (q, k, v)) == "torch":
-        return flash_attn_varlen_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, softcap=softcap)
-    cu_seqlens = cu_seqlens.to(q.device, non_blocking=True)
-    dropout = (dropout_p, *dropout_philox_state(q, max_seqlen)) if dropout_p > 0.0 else (0.0, 0, 0)
-    return FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout)
+    backend = resolve_backend(backend, (q, k, v))
+    if backend == "triton":
+        cu_seqlens = cu_seqlens.to(q.device, non_blocking=True)
+    philox = _philox_tensor(q, max_seqlen) if dropout_p > 0.0 else None
+    out, _ = torch.ops.llm2vec_fast.flash_attn_varlen_fwd(
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout_p, philox, backend
+    )
+    return out

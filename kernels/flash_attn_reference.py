@@ -51,14 +51,14 @@ def _dropped(probs: torch.Tensor, keep: torch.Tensor | None, dropout_p: float) -
     return probs * keep.to(probs.dtype) * (1.0 / (1.0 - dropout_p))
 
 
-def _sequence_keep(dropout_mask, dropout_p, shape, start, end, device) -> torch.Tensor | None:
+def _sequence_keep(dropout_mask, dropout_p, shape, start, end, device, generator=None) -> torch.Tensor | None:
     """The ``[Hq, L, L]`` keep-mask of one sequence: a slice of ``dropout_mask`` (``[Hq, T, >= L]``), or a
-    fresh Bernoulli(1-p) draw from torch's generator."""
+    fresh Bernoulli(1-p) draw from ``generator`` (torch's default generator if None)."""
     if dropout_p <= 0.0:
         return None
     if dropout_mask is not None:
         return dropout_mask[:, start:end, : end - start]
-    return torch.rand(shape, device=device) >= dropout_p
+    return torch.rand(shape, device=device, generator=generator) >= dropout_p
 
 
 def flash_attn_varlen_reference(
@@ -72,6 +72,7 @@ def flash_attn_varlen_reference(
     *,
     softcap: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
+    dropout_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Bidirectional varlen attention, one call per sequence. Returns ``[T, Hq, D]``; differentiable.
 
@@ -80,7 +81,9 @@ def flash_attn_varlen_reference(
     (softmax in float32). Dropout uses ``dropout_mask`` when given -- bool ``[Hq, T, >= max_seqlen]``,
     ``mask[h, t, j]`` keeps the probability of query row ``t`` on key ``j`` of its own sequence, as
     returned by :func:`llm2vec_fast.kernels.flash_attn_dropout_mask` -- or else draws a fresh mask
-    from torch's generator. ``max_seqlen`` is accepted for signature parity and otherwise ignored.
+    from ``dropout_generator`` (torch's default generator if None; one draw per sequence, in order, so
+    a generator in the same state redraws the same masks). ``max_seqlen`` is accepted for signature
+    parity and otherwise ignored.
     """
     del max_seqlen
     group = q.shape[1] // k.shape[1]
@@ -93,7 +96,7 @@ def flash_attn_varlen_reference(
         vs = _heads_first(v[start:end], group)
         if softcap > 0.0 or dropout_p > 0.0:
             probs = torch.softmax(_capped_scores(qs, ks, scale, softcap).float(), dim=-1)
-            keep = _sequence_keep(dropout_mask, dropout_p, probs.shape, start, end, q.device)
+            keep = _sequence_keep(dropout_mask, dropout_p, probs.shape, start, end, q.device, dropout_generator)
             o = torch.matmul(_dropped(probs, keep, dropout_p).to(vs.dtype), vs)
         else:
             o = F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), scale=scale)[0]
@@ -101,6 +104,54 @@ def flash_attn_varlen_reference(
     if not outs:
         return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())  # keeps the graph for empty batches
     return torch.cat(outs, dim=0)
+
+
+def _sum_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``[Hq, L, D]`` -> ``[Hkv, L, D]``: the inverse of :func:`_heads_first`'s repetition, for gradients."""
+    return x.unflatten(0, (-1, group)).sum(1) if group > 1 else x
+
+
+def flash_attn_varlen_reference_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    *,
+    softcap: float = 0.0,
+    dropout_generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`flash_attn_varlen_reference` for ``grad_out``, written out per sequence
+    in float32 (the torch backend's backward; a custom op's implementation runs without autograd).
+
+    With ``dropout_p > 0``, ``dropout_generator`` must be in the state the forward started from: the
+    masks are drawn again, in the same order and shapes."""
+    group = q.shape[1] // k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    softcap = float(softcap or 0.0)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))  # contiguous
+    for start, end in _segments(cu_seqlens):
+        qs = q[start:end].transpose(0, 1).float()
+        ks = _heads_first(k[start:end], group).float()
+        vs = _heads_first(v[start:end], group).float()
+        dout = grad_out[start:end].transpose(0, 1).float()
+        scores = torch.matmul(qs, ks.transpose(-1, -2)) * scale
+        capped = torch.tanh(scores / softcap) if softcap > 0.0 else None
+        probs = torch.softmax(capped * softcap if softcap > 0.0 else scores, dim=-1)
+        keep = None
+        if softcap > 0.0 or dropout_p > 0.0:  # the forward draws a mask in this branch only
+            keep = _sequence_keep(None, dropout_p, probs.shape, start, end, q.device, dropout_generator)
+        dv_heads = torch.matmul(_dropped(probs, keep, dropout_p).transpose(-1, -2), dout)
+        dprobs = _dropped(torch.matmul(dout, vs.transpose(-1, -2)), keep, dropout_p)
+        dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))  # softmax backward
+        if softcap > 0.0:
+            dscores = dscores * (1.0 - capped * capped)
+        dq[start:end] = (torch.matmul(dscores, ks) * scale).transpose(0, 1).to(q.dtype)
+        dk[start:end] = _sum_groups(torch.matmul(dscores.transpose(-1, -2), qs) * scale, group).transpose(0, 1).to(k.dtype)
+        dv[start:end] = _sum_groups(dv_heads, group).transpose(0, 1).to(v.dtype)
+    return dq, dk, dv
 
 
 def attention_naive(

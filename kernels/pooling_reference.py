@@ -91,3 +91,34 @@ def masked_pool_varlen_reference(
         out = torch.zeros(n_seq, hidden.shape[1], device=hidden.device)
         out[valid] = h32[idx[valid]]
     return out.to(hidden.dtype)
+
+
+def masked_pool_varlen_reference_backward(
+    grad_out: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: torch.Tensor, mode: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Gradient ``[T, D]`` (in ``dtype``) of :func:`masked_pool_varlen_reference` with respect to
+    ``hidden`` for ``grad_out`` ``[B, D]``. Pooling is linear in ``hidden``: token ``t`` of sequence
+    ``b`` gets ``weight[t] * grad_out[b]`` (mean: ``1/count``; weighted_mean: its normalised rank;
+    last/first: 1 on the chosen token), unpooled tokens get zeros."""
+    check_pooling_mode(mode)
+    cu = cu_seqlens.to(device=grad_out.device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    n_tokens = pool_mask.shape[0]
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=grad_out.device), lengths)
+    mf = pool_mask.to(torch.bool).float()
+    if mode == "mean":
+        w = mf
+    elif mode == "weighted_mean":
+        csum = torch.cumsum(mf, dim=0)
+        w = (csum - torch.cat([csum.new_zeros(1), csum])[cu[:-1]][seg]) * mf
+    else:  # one-hot on the last / first pooled token of each sequence
+        csum = torch.cumsum(mf, dim=0)
+        before = torch.cat([csum.new_zeros(1), csum])[cu[:-1]][seg]  # pooled tokens before the sequence
+        rank = (csum - before) * mf
+        count = torch.zeros(lengths.numel(), device=grad_out.device).index_add_(0, seg, mf)
+        w = (rank == (count[seg] if mode == "last" else 1.0)).float() * mf
+    total = torch.zeros(lengths.numel(), device=grad_out.device).index_add_(0, seg, w) if mode in ("mean", "weighted_mean") else None
+    if total is not None:
+        w = w / total.clamp(min=1.0)[seg]
+    grad = w[:, None] * grad_out.float()[seg] if n_tokens else grad_out.new_zeros((0, grad_out.shape[1]), dtype=torch.float32)
+    return grad.to(dtype)

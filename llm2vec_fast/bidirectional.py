@@ -35,6 +35,8 @@ MASK_FORMS = {"eager": "additive", "sdpa": "boolean", "flex_attention": "block_m
 # implementations that take the 2D padding mask and honour the modules' `is_causal`
 IS_CAUSAL_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 PACKED_IMPLEMENTATION = "llm2vec_varlen"  # llm2vec_fast.varlen_attention (bidirectional kernel)
+# set by llm2vec_fast.varlen_attention.use_varlen_attention: the implementation padded calls use then
+PADDED_ATTENTION_ATTRIBUTE = "_llm2vec_padded_attention"
 SUPPORTED_ATTENTION = (*MASK_FORMS, *IS_CAUSAL_IMPLEMENTATIONS, PACKED_IMPLEMENTATION)
 
 
@@ -102,10 +104,10 @@ def _uses_sliding_window(config) -> bool:
     return True
 
 
-def check_attention_implementation(config) -> None:
-    """Raise :class:`UnsupportedAttentionError` unless ``config``'s attention implementation can run
-    bidirectionally (see the module docstring)."""
-    impl = attention_implementation(config)
+def check_attention_implementation(config, impl: str | None = None) -> None:
+    """Raise :class:`UnsupportedAttentionError` unless ``config``'s attention implementation (or
+    ``impl``) can run bidirectionally (see the module docstring)."""
+    impl = impl or attention_implementation(config)
     model_type = getattr(config, "model_type", "?")
     if impl not in SUPPORTED_ATTENTION:
         raise UnsupportedAttentionError(
@@ -145,11 +147,27 @@ def bidirectional_mask(attention_mask: torch.Tensor, attn_implementation: str, d
     return keep
 
 
+def _reference_tensor(args, kwargs) -> torch.Tensor:
+    """``input_ids`` (or ``inputs_embeds``) of a decoder call: batch shape and device."""
+    ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+    return kwargs["inputs_embeds"] if ref is None else ref
+
+
 def _mask_hook(decoder: nn.Module, args: tuple, kwargs: dict):
     if not getattr(decoder, "_llm2vec_bidirectional", False):
         return None
     check_attention_implementation(decoder.config)  # the implementation may have been switched since
     impl = attention_implementation(decoder.config)
+    if impl == PACKED_IMPLEMENTATION:
+        if kwargs.get("cu_seq_lens_q") is not None:
+            # a packed call: the varlen kernel separates the sequences itself. A ready all-true 4D mask
+            # keeps transformers from building one -- and from reading position_ids on the host to
+            # find the packed sequences (one GPU sync per forward).
+            kwargs["attention_mask"] = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=_reference_tensor(args, kwargs).device)
+            return tuple(args), kwargs
+        # a padded call, forwarded by llm2vec_varlen to the implementation recorded when it was installed
+        impl = getattr(decoder, PADDED_ATTENTION_ATTRIBUTE, None) or "sdpa"
+        check_attention_implementation(decoder.config, impl)
     if impl not in MASK_FORMS:
         return None  # flash reads `is_causal` (set False) with the 2D mask; the varlen kernel is bidirectional
     args = list(args)
@@ -159,9 +177,7 @@ def _mask_hook(decoder: nn.Module, args: tuple, kwargs: dict):
     if mask is not None and len(mask.shape) == 4:  # a ready 4D mask or BlockMask: the caller's choice
         return None
     if mask is None:
-        ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
-        if ref is None:
-            ref = kwargs["inputs_embeds"]
+        ref = _reference_tensor(args, kwargs)
         mask = torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device)
     dtype = decoder.get_input_embeddings().weight.dtype
     if not dtype.is_floating_point:

@@ -188,9 +188,16 @@ class LLM2Vec(EncodeMixin, nn.Module):
 
     def forward_packed(self, features: dict) -> torch.Tensor:
         """Embeddings ``[B, hidden]`` of a packed batch: varlen attention, varlen pooling (differentiable)."""
-        hidden = packed_hidden_states(self.model, self.model, features)
+        return self.pool_packed(packed_hidden_states(self.model, self.model, features), features)
+
+    def pool_packed(self, hidden: torch.Tensor, features: dict) -> torch.Tensor:
+        """Pool packed hidden states ``[T, D]`` of a :meth:`collate_packed` batch into ``[B, D]``
+        (sync-free: ``max_seqlen`` comes from the batch)."""
         mode = KERNEL_POOLING_MODE[self.pooling_mode]
-        return masked_pool_varlen(hidden, features["cu_seqlens"], features["pool_mask"], mode, backend=current_backend())
+        return masked_pool_varlen(
+            hidden, features["cu_seqlens"], features["pool_mask"], mode, max_seqlen=features["max_seqlen"],
+            backend=current_backend(),
+        )
 
     def _batches(self, items: list[EncodingInput], batch_size: int) -> list[list[int]]:
         if self.use_packed:

@@ -10,10 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..encoding import KERNEL_POOLING_MODE
-from ..kernels import masked_pool_varlen
 from ..prompting import EncodingInput
-from ..varlen_attention import current_backend
 from .config import ContrastiveConfig
 from .losses import distributed_info_nce, matryoshka_loss
 from .trainer import Stage, add_lora, autocast, enable_checkpointing, packed_forward, pick_layout, train_dtype
@@ -142,9 +139,7 @@ class ContrastiveStage(Stage):
         ``self.net`` so DDP sees the forward."""
         features = self.encoder.collate_packed(items, device=self.device)
         hidden = packed_forward(self.net, self.peft_model, features, self.device)
-        mode = KERNEL_POOLING_MODE[self.encoder.pooling_mode]
-        reps = masked_pool_varlen(hidden, features["cu_seqlens"], features["pool_mask"], mode, backend=current_backend())
-        return reps.float()
+        return self.encoder.pool_packed(hidden, features).float()
 
     def groups(self, indices: list[int]) -> list[list[EncodingInput]]:
         raise NotImplementedError
