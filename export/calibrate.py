@@ -75,12 +75,13 @@ def onnx_matmul_name(module_name: str) -> str:
     return f"/decoder/{path}/MatMul"
 
 
-def _fake_int8(x: torch.Tensor) -> torch.Tensor:
-    """Per-tensor asymmetric uint8 quantize-dequantize (ONNX DynamicQuantizeLinear)."""
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / 255 or 1.0
-    zero = round(-lo / scale)
-    return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+def _fake_int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 quantize-dequantize with one scale per row (token), as
+    :func:`~.quantize.rowwise_int8_matmuls` does in the graph."""
+    from .quantize import ROW_ACTIVATION_LEVELS
+
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / ROW_ACTIVATION_LEVELS
+    return torch.clamp(torch.round(x / scale), -ROW_ACTIVATION_LEVELS, ROW_ACTIVATION_LEVELS) * scale
 
 
 @torch.no_grad()
@@ -105,7 +106,7 @@ def int8_error_by_node(encoder, texts: Sequence, batch_size: int = 32) -> tuple[
             # per token: one scale per tensor lets a token with huge activations (the attention
             # sink) set the step for all the others, whose outputs then vanish; a tensor-wide norm
             # would hide that behind the big token's accurate output
-            row_err = torch.linalg.norm(_fake_int8(x) @ wq.T - exact, dim=1) / torch.linalg.norm(exact, dim=1).clamp(min=1e-12)
+            row_err = torch.linalg.norm(_fake_int8_rows(x) @ wq.T - exact, dim=1) / torch.linalg.norm(exact, dim=1).clamp(min=1e-12)
             errors[name] = max(errors.get(name, 0.0), float(row_err.mean()))
 
         return record
