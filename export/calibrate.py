@@ -1,14 +1,14 @@
 """Calibration for int8: choose, node by node, the MatMuls that run in int8.
 
-Dynamic int8 (``DynamicQuantizeMatMul``: per-tensor uint8 activations, per-column 7-bit weights)
-is the fast int8 path on AVX2 CPUs, but one scale per activation tensor is coarse, and some
-matrices of a decoder carry outlier activations (the untrained bidirectional SmolLM2 has
-residual values around 13,000) or amplify small errors. We measure it:
+The int8 product (``quantize.rowwise_int8_matmuls``: int8 activations with one scale per token,
+7-bit per-column weights, ``MatMulInteger``) is not harmless everywhere: some decoders amplify
+small errors (the untrained bidirectional SmolLM2 turns many tokens into values in the
+thousands at layer 11, with a gain that int8 rounding upstream moves a lot). We measure it:
 
 1. one torch pass over the calibration sentences simulates the int8 product of every decoder
    ``nn.Linear`` on its real inputs and records its relative output error per token, averaged
-   over tokens (:func:`int8_error_by_node`; a tensor-wide relative error ranked badly: it hides
-   the normal tokens crushed by one outlier token's scale);
+   over tokens (:func:`int8_error_by_node`; a tensor-wide relative error would hide the normal
+   tokens behind a huge token's accurate output);
 2. MatMuls sorted from the smallest to the largest error; the longest prefix whose graph still
    meets ``min_cos`` / ``mean_cos`` against the torch fp32 embeddings (binary search, each step
    run by ONNX Runtime) goes int8; the rest keep plain fp32 MatMuls.
@@ -75,12 +75,13 @@ def onnx_matmul_name(module_name: str) -> str:
     return f"/decoder/{path}/MatMul"
 
 
-def _fake_int8(x: torch.Tensor) -> torch.Tensor:
-    """Per-tensor asymmetric uint8 quantize-dequantize (ONNX DynamicQuantizeLinear)."""
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / 255 or 1.0
-    zero = round(-lo / scale)
-    return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+def _fake_int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 quantize-dequantize with one scale per row (token), as
+    :func:`~.quantize.rowwise_int8_matmuls` does in the graph."""
+    from .quantize import ROW_ACTIVATION_LEVELS
+
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / ROW_ACTIVATION_LEVELS
+    return torch.clamp(torch.round(x / scale), -ROW_ACTIVATION_LEVELS, ROW_ACTIVATION_LEVELS) * scale
 
 
 @torch.no_grad()
@@ -102,10 +103,9 @@ def int8_error_by_node(encoder, texts: Sequence, batch_size: int = 32) -> tuple[
         def record(mod, args, output):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu()
             exact = x @ mod.weight.detach().float().cpu().T
-            # per token: one scale per tensor lets a token with huge activations (the attention
-            # sink) set the step for all the others, whose outputs then vanish; a tensor-wide norm
-            # would hide that behind the big token's accurate output
-            row_err = torch.linalg.norm(_fake_int8(x) @ wq.T - exact, dim=1) / torch.linalg.norm(exact, dim=1).clamp(min=1e-12)
+            # error per token, then averaged: a tensor-wide norm would hide small tokens' errors
+            # behind a huge token's accurate output
+            row_err = torch.linalg.norm(_fake_int8_rows(x) @ wq.T - exact, dim=1) / torch.linalg.norm(exact, dim=1).clamp(min=1e-12)
             errors[name] = max(errors.get(name, 0.0), float(row_err.mean()))
 
         return record

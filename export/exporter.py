@@ -56,8 +56,8 @@ def export_onnx(
 
     Args:
         precision: ``fp32``; ``fp16`` (for GPUs; exported from an fp16 copy of the decoder, whose
-            modelling code keeps RMSNorm, softmax and rotary tables in fp32; pooling is fp32); ``int8`` (CPU; ``DynamicQuantizeMatMul`` on the MatMuls
-            calibration allows, fp32 elsewhere, fp16 embedding);
+            modelling code keeps RMSNorm, softmax and rotary tables in fp32; pooling is fp32); ``int8`` (CPU; int8 ``MatMulInteger`` with one activation
+            scale per token on the MatMuls calibration allows, fp32 elsewhere, fp16 embedding);
             ``int4`` (weight-only 4-bit MatMulNBits, block 32; fp16 embedding).
         opset: ONNX opset (default 17).
         validate: compare with the torch encoder and write ``export_report.json``; ``True`` uses
@@ -174,8 +174,8 @@ def _convert(onnx_model, precision: str, encoder, n_calibration: int, info: dict
 
 
 def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
-    """``DynamicQuantizeMatMul`` on the MatMuls calibration allows, plain fp32 MatMuls elsewhere,
-    fp16 embedding table (see ``calibrate`` and ``quantize``)."""
+    """Per-token int8 ``MatMulInteger`` on the MatMuls calibration allows, plain fp32 MatMuls
+    elsewhere, fp16 embedding table (see ``calibrate`` and ``quantize.rowwise_int8_matmuls``)."""
     import copy
 
     from . import quantize
@@ -191,7 +191,7 @@ def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
         feeds.append((idx, {name: batch[name].astype(np.int64) for name in INPUT_NAMES}))
 
     def embed(names: set[str]) -> np.ndarray:
-        session = make_session(quantize.dynamic_int8_matmuls(copy.deepcopy(fp32_model), names), work / "calibration", basic=True)
+        session = make_session(quantize.rowwise_int8_matmuls(copy.deepcopy(fp32_model), names), work / "calibration", basic=True)
         out = np.zeros((len(items), reference.shape[1]), np.float32)
         for idx, feed in feeds:
             out[idx] = session.run([OUTPUT_NAME], feed)[0]
@@ -200,15 +200,15 @@ def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
     candidates = quantize.weight_matmuls(fp32_model)
     chosen, summary = select_int8_nodes(candidates, errors, embed, reference, progress=lambda m: say(f"calibration: {m}"))
     info["quantization"] = {
-        "method": "DynamicQuantizeMatMul (ONNX Runtime MLAS int8 GEMM) on the calibrated MatMuls, fp32 MatMul elsewhere",
+        "method": "MatMulInteger (ONNX Runtime MLAS u8 x s8 GEMM) with per-token rescaling on the calibrated MatMuls, fp32 MatMul elsewhere",
         "weights": f"int8 symmetric per output column, {quantize.INT8_WEIGHT_LEVELS} levels each side (7-bit, reduce_range)",
-        "activations": "uint8, dynamic, one scale per tensor",
+        "activations": f"int8 symmetric, dynamic, one scale per token (row), {quantize.ROW_ACTIVATION_LEVELS} levels each side, stored as uint8 + 128",
         "embedding": "fp16",
         "calibration_sentences": len(texts),
         **summary,
     }
     say(f"quantization: {len(chosen)} of {len(candidates)} MatMuls int8")
-    return quantize.embeddings_to_fp16(quantize.dynamic_int8_matmuls(fp32_model, chosen))
+    return quantize.embeddings_to_fp16(quantize.rowwise_int8_matmuls(fp32_model, chosen))
 
 
 def make_session(onnx_model, scratch: Path, basic: bool = False, num_threads: int | None = None):

@@ -100,20 +100,86 @@ def test_int_precisions_use_matmulnbits_and_shrink(tiny_exports):
 
 def test_int8_runs_calibrated_matmuls_in_int8(tiny_exports):
     """The tiny random Llama is well-behaved: calibration puts every decoder MatMul in int8, and
-    the graph holds exactly the reported DynamicQuantizeMatMul nodes with 7-bit int8 weights."""
+    the graph holds exactly the reported MatMulInteger nodes with 7-bit int8 weights, fed by one
+    per-token quantization per distinct input (q/k/v and gate/up share theirs)."""
     from onnx import numpy_helper
 
     folder = tiny_exports["int8"]
     q = json.loads((folder / "export_report.json").read_text())["quantization"]
     model = onnx.load(str(folder / "model.onnx"))
-    int8 = [n for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    int8 = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
     assert len(int8) == q["int8_matmuls"] == 14 and q["fp32_matmuls"] == []  # 2 layers x 7 projections
+    assert "per token" in q["activations"]
     assert q["calibration_min_cos"] >= q["calibration_thresholds"]["min_cos"]
     assert q["calibration_trials"][0]["int8_nodes"] == 14  # all-int8 tried first
     inits = {t.name: t for t in model.graph.initializer}
     w = numpy_helper.to_array(inits[int8[0].input[1]])
     assert w.dtype == np.int8 and np.abs(w).max() <= 63  # no vpmaddubsw saturation on AVX2
+    assert numpy_helper.to_array(inits[int8[0].input[2]]).tolist() == 128  # u8 codes, zero point 128
+    # q/k/v share one quantized input, gate/up another, o_proj and down_proj their own: 4 per layer
+    assert sum(n.op_type == "ReduceMax" for n in model.graph.node) == 2 * 4
     assert not any(n.op_type == "MatMul" and n.input[1] in inits and "/layers." in n.name for n in model.graph.node)
+
+
+def test_int8_fidelity_on_held_out_text(tiny_encoder, tiny_exports):
+    """int8 vs torch fp32 on text calibration never saw (STS-B *dev* sample; calibration reads
+    *train*), plain and as ``[instruction, text]`` pairs: the int8 precision's thresholds hold."""
+    from llm2vec_fast.stsb import load_stsb
+
+    texts = list(dict.fromkeys(s for a, b, _ in load_stsb("dev")[:40] for s in (a, b)))
+    pairs = [["Retrieve semantically similar text:", t] for t in texts[:24]]
+    onnx_encoder = OnnxEncoder.from_pretrained(tiny_exports["int8"], num_threads=2)
+    for inputs in (texts, pairs):
+        cos = cosine_rows(onnx_encoder.encode(inputs, batch_size=16, convert_to_numpy=True), tiny_encoder.encode(inputs, batch_size=16, convert_to_numpy=True))
+        assert cos.mean() >= 0.99 and cos.min() >= 0.98, (cos.mean(), cos.min())
+
+
+def _one_matmul_model(w: np.ndarray, opset: int = 17):
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="/proj/MatMul"), helper.make_node("MatMul", ["x", "x_t"], ["z"], name="/act/MatMul")],
+        "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "l", k]), helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["b", k, "l"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "l", n]), helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", "l", "l"])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_rowwise_int8_isolates_outlier_tokens(opset):
+    """One activation scale per token: a token 10,000x larger than the others (an attention sink)
+    leaves the other tokens' int8 products as accurate as without it, where one scale per tensor
+    (DynamicQuantizeMatMul) wipes them out; an all-zero row stays finite (zeros); a MatMul whose
+    second input is not a constant weight is left alone."""
+    from llm2vec_fast.export.quantize import dynamic_int8_matmuls, rowwise_int8_matmuls
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(97, 200)).astype(np.float32)
+    x = rng.normal(size=(2, 5, 97)).astype(np.float32)
+    x[0, 0] *= 1e4
+    x[1, 4] = 0
+    feeds = {"x": x, "x_t": np.swapaxes(x, 1, 2).copy()}
+    ref = x @ w
+
+    def rel_err(model):
+        onnx.checker.check_model(model)
+        y, z = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        np.testing.assert_allclose(z, x @ feeds["x_t"], rtol=1e-5, atol=1e-2)  # untouched
+        assert np.isfinite(y).all() and not y[1, 4].any()
+        return np.linalg.norm(y - ref, axis=-1) / np.maximum(np.linalg.norm(ref, axis=-1), 1e-12)
+
+    rowwise = _one_matmul_model(w, opset)
+    rowwise = rowwise_int8_matmuls(rowwise, {"/proj/MatMul", "/act/MatMul"})
+    assert {n.op_type for n in rowwise.graph.node} >= {"MatMulInteger", "MatMul", "ReduceMax"}
+    err = rel_err(rowwise)
+    normal = np.ones(err.shape, bool)
+    normal[0, 0] = normal[1, 4] = False
+    assert err[normal].max() < 0.03 and err[0, 0] < 0.03  # 7-bit weights, 8-bit activations
+    per_tensor = rel_err(dynamic_int8_matmuls(_one_matmul_model(w, opset), {"/proj/MatMul"}))
+    assert per_tensor[normal].min() > 0.5
 
 
 def test_int8_calibration_names_match_the_graph(tiny_encoder, tiny_exports):
