@@ -34,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (tests)
+from readme_results import replace_between_markers  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
 MAX_BASELINE_RATIO = 1.5
@@ -328,13 +331,9 @@ def update_readme(readme: Path = README, results: Path = RESULTS) -> None:
     with the table rendered from each results JSON (a missing JSON leaves a note)."""
     text = readme.read_text()
     for file, marker in TABLES.items():
-        start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-        if start not in text or end not in text:
-            continue
         path = results / file
         body = render_table(json.loads(path.read_text())) if path.is_file() else f"(no `{path.relative_to(results.parent.parent)}` yet: run the command above)"
-        head, rest = text.split(start, 1)
-        text = head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+        text = replace_between_markers(text, marker, body)
     readme.write_text(text)
 
 
