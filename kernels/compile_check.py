@@ -6,9 +6,10 @@ case this module records the shared memory the kernel needs (checked against the
 163 KB on sm_80, 227 KB on sm_90) and the register spills ``ptxas -v`` reports (must be 0).
 
 Cases: every autotune config of every kernel (attention forward, dK/dV, dQ, the backward
-preprocess and the dropout-mask kernel; pooling forward and backward), for head dims
+preprocess and the dropout-mask kernel; pooling chunk, combine, last/first and backward kernels), for head dims
 64/80/128/256 (attention) or every pooling mode, fp16 and bf16, sm_80 and sm_90, with attention
-dropout and logit soft-capping on and off.
+dropout and logit soft-capping on and off; the chunked pooling forward with and without its combine
+pass.
 
 * ``--full``: the whole cartesian product (a few hundred compiles; slow on a small machine).
 * default: a covering subset of it -- every config is compiled on each architecture, in each
@@ -91,15 +92,33 @@ def _attention_cases(fat) -> list[dict]:
     return cases
 
 
+def _pooling_case(pt, kernel: str, mode: str, cfg, dtype: str, arch: int, variant: str = "-", **constexprs) -> dict:
+    block_t = f"{cfg.kwargs['BLOCK_T']}x" if "BLOCK_T" in cfg.kwargs else ""
+    return dict(module="pooling_triton", kernel=kernel, arch=arch, dtype=dtype, D=mode,
+                config=f"{block_t}{cfg.kwargs['BLOCK_D']}w{cfg.num_warps}",
+                constexprs=dict(MODE=pt.MODE_IDS[mode], **constexprs, **cfg.kwargs), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, variant=variant)
+
+
 def _pooling_cases(pt) -> list[dict]:
+    """Pooling kernels, each mode it runs (in the ``D`` column): the chunked mean/weighted_mean forward
+    with and without the combine pass (``single``), the combine pass, the last/first kernel, the
+    chunked backward."""
+    import triton
+
     cases = []
-    for kernel in ("_pool_fwd_kernel", "_pool_bwd_kernel"):
-        for cfg in getattr(pt, kernel).configs:
-            for mode, dtype, arch in itertools.product(pt.MODE_IDS, DTYPES, SMEM_LIMITS):
-                cases.append(dict(module="pooling_triton", kernel=kernel, arch=arch, dtype=dtype, D=mode,
-                                  config=f"{cfg.kwargs['BLOCK_T']}x{cfg.kwargs['BLOCK_D']}w{cfg.num_warps}",
-                                  constexprs=dict(MODE=pt.MODE_IDS[mode], **cfg.kwargs), num_warps=cfg.num_warps,
-                                  num_stages=cfg.num_stages, variant="-"))
+    sums, selects = ("mean", "weighted_mean"), ("last", "first")
+    combine = triton.Config({"BLOCK_C": pt.COMBINE_C, "BLOCK_D": pt.COMBINE_D}, num_warps=pt.COMBINE_WARPS)
+    for dtype, arch in itertools.product(DTYPES, SMEM_LIMITS):
+        for cfg, mode, single in itertools.product(pt._pool_chunk_kernel.configs, sums, (False, True)):
+            cases.append(_pooling_case(pt, "_pool_chunk_kernel", mode, cfg, dtype, arch, f"single={int(single)}",
+                                       SINGLE=single, CHUNK_T=pt.CHUNK_T))
+        for mode in sums:
+            cases.append(_pooling_case(pt, "_pool_combine_kernel", mode, combine, dtype, arch, CHUNK_T=pt.CHUNK_T))
+        for cfg, mode in itertools.product(pt._pool_select_kernel.configs, selects):
+            cases.append(_pooling_case(pt, "_pool_select_kernel", mode, cfg, dtype, arch))
+        for cfg, mode in itertools.product(pt._pool_bwd_kernel.configs, pt.MODE_IDS):
+            cases.append(_pooling_case(pt, "_pool_bwd_kernel", mode, cfg, dtype, arch, CHUNK_T=pt.CHUNK_T))
     return cases
 
 
@@ -148,7 +167,7 @@ def covering_cases(cases: list[dict]) -> list[dict]:
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "int8": "*i8"}
 # pointer and scalar argument types that are not "the data dtype" or i32
 _ARG_TYPES = {
-    "LSE": "*fp32", "DELTA": "*fp32", "CU": "*i32", "STATS": "*i32", "MASK": "*u8",
+    "LSE": "*fp32", "DELTA": "*fp32", "CU": "*i32", "STATS": "*i32", "MASK": "*u8", "WS": "*fp32", "COUNTS": "*i32",
     "qk_scale": "fp32", "cap_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32", "drop_scale": "fp32",
     "seed": "i64", "offset": "i64",
 }
@@ -157,7 +176,7 @@ _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "H", "OUT", "GOUT", "G
 #: not specialise on it) and the preprocess kernel's ``stride_dh`` and the dropout-mask kernel's strides are token counts too.
 _UNALIGNED_STRIDES = {"stride_lh", "stride_dh", "stride_mh", "stride_mt"}
 #: Other integer arguments Triton specialises as divisible by 16 in real launches: the hidden size.
-_ALIGNED_INTS = {"_pool_fwd_kernel": ("D",), "_pool_bwd_kernel": ("D",)}
+_ALIGNED_INTS = {k: ("D",) for k in ("_pool_chunk_kernel", "_pool_combine_kernel", "_pool_select_kernel", "_pool_bwd_kernel")}
 #: The specialisation every case is compiled with (part of the cache key), see :func:`_signature`.
 ALIGNED_ARGS = "16-byte aligned pointers, strides % 16 == 0"
 

@@ -141,9 +141,12 @@ def masked_pool_varlen(
             ``cu_seqlens[b]:cu_seqlens[b+1]`` (empty sequences allowed: they pool to zeros).
         pool_mask: ``[T]`` bool (or integer, non-zero = pooled): the tokens to pool.
         mode: one of ``mean``, ``weighted_mean``, ``last``, ``first``.
-        max_seqlen: the longest sequence (an upper bound is fine; sizes the Triton kernel's blocks).
-            ``None`` reads it from ``cu_seqlens`` (one device-to-host copy on a GPU): pass it, as
-            :func:`llm2vec_fast.packing.pack` does, to keep the call sync-free.
+        max_seqlen: the longest sequence. It sizes the Triton kernels' grid (``mean`` and
+            ``weighted_mean`` split each sequence into chunks of rows across programs): an upper
+            bound costs idle programs, a smaller value is still correct (a sequence's last chunk
+            program takes the rest) but slower. ``None`` reads it from ``cu_seqlens`` (one
+            device-to-host copy on a GPU): pass it, as :func:`llm2vec_fast.packing.pack` does, to
+            keep the call sync-free.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring).
         validate: check ``cu_seqlens``' values on the host, as in
             :func:`~llm2vec_fast.kernels.flash_attn_varlen` (``None``: only when free -- a CPU tensor,

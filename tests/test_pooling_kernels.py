@@ -1,7 +1,9 @@
 """Triton masked pooling (padded and packed) vs ``kernels/pooling_reference.py``, forward and backward.
 
 Without CUDA the Triton code runs on CPU tensors through the Triton interpreter (see conftest.py).
-Kernel outputs and gradients are NaN-poisoned before each launch, so unwritten elements fail.
+Kernel outputs, gradients and the chunk workspace are NaN-poisoned before each launch, so unwritten
+(or unwritten-but-read) elements fail. The ragged tests compare with a float64 ground truth: the
+kernels' error must stay within 2x the torch reference's own error.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def test_integer_mask_and_non_contiguous_hidden():
 @needs_triton
 @settings(max_examples=10, deadline=None)
 @given(
-    lengths=st.lists(st.integers(0, 24), min_size=1, max_size=5),
+    lengths=st.lists(st.integers(0, 140), min_size=1, max_size=4),  # 0 to 3 chunks
     d=st.integers(1, 70),
     mode=st.sampled_from(POOLING_MODES),
     dtype=st.sampled_from([torch.float32, torch.float16]),
@@ -139,7 +141,7 @@ def test_fuzz_varlen(lengths, d, mode, dtype, density, seed):
 @settings(max_examples=6, deadline=None)
 @given(
     batch=st.integers(1, 4),
-    seq_len=st.integers(1, 20),
+    seq_len=st.integers(1, 140),
     d=st.integers(1, 40),
     mode=st.sampled_from(POOLING_MODES),
     density=st.floats(0.0, 1.0),
@@ -163,6 +165,170 @@ def test_unwritten_gradient_rows_are_nan():
     assert torch.isfinite(out).all() and stats.tolist() == [3, 4]
     grad = pooling_triton.pool_backward(torch.ones_like(out), cu, mask, stats, "mean", 10, torch.float32, 4)
     assert torch.isfinite(grad[:7]).all() and grad[7:].isnan().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked kernels: ragged sizes around the chunk boundaries, against a float64 ground truth
+# ---------------------------------------------------------------------------------------------
+
+
+def pool_weights_fp64(cu, mask, mode) -> torch.Tensor:
+    """Normalised float64 weight of every row (rank j of the j-th pooled token for weighted_mean,
+    one-hot on the last / first pooled token); zeros for unpooled rows and for sequences without any."""
+    w = torch.zeros(mask.numel(), dtype=torch.float64)
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        pooled = s + torch.nonzero(mask[s:e].cpu()).flatten()
+        n = pooled.numel()
+        if n == 0:
+            continue
+        if mode == "mean":
+            w[pooled] = 1.0 / n
+        elif mode == "weighted_mean":
+            w[pooled] = torch.arange(1, n + 1, dtype=torch.float64) / (n * (n + 1) / 2)
+        else:
+            w[pooled[-1] if mode == "last" else pooled[0]] = 1.0
+    return w
+
+
+def segments(cu) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(cu.numel() - 1), cu.cpu().diff().long())
+
+
+def assert_within_2x_torch_error(got, torch_ref, exact, what):
+    """``|got - exact| <= 2 |torch_ref - exact|`` (max over elements) plus fp32 rounding of the scale."""
+    err = (got.double().cpu() - exact).abs().max().item() if exact.numel() else 0.0
+    torch_err = (torch_ref.double().cpu() - exact).abs().max().item() if exact.numel() else 0.0
+    scale = exact.abs().max().item() if exact.numel() else 0.0
+    assert err <= 2 * torch_err + 1e-7 * scale, f"{what}: error {err:.3g} vs torch's {torch_err:.3g} (scale {scale:.3g})"
+
+
+def check_ragged(hidden, cu, mask, mode, dtype, max_seqlen=None, seed=0):
+    """Forward (twice: bit-identical) and gradient of ``masked_pool_varlen`` against float64 and the
+    torch reference's own error; returns the output."""
+    h = hidden.to(DEVICE, dtype).requires_grad_()
+    cu_d, mask_d = cu.to(DEVICE), mask.to(DEVICE)
+    out = masked_pool_varlen(h, cu_d, mask_d, mode, max_seqlen=max_seqlen, backend="triton", validate=False)
+    again = masked_pool_varlen(h, cu_d, mask_d, mode, max_seqlen=max_seqlen, backend="triton", validate=False)
+    assert torch.equal(out, again), "two calls differ: the forward is not deterministic"
+    h_ref = hidden.to(DEVICE, dtype).requires_grad_()
+    ref = masked_pool_varlen_reference(h_ref, cu_d, mask_d, mode)
+    assert out.dtype == dtype and out.shape == ref.shape and torch.isfinite(out).all()
+    w = pool_weights_fp64(cu, mask, mode)
+    seg = segments(cu)
+    h64 = hidden.to(dtype).double()
+    exact = torch.zeros(cu.numel() - 1, hidden.shape[1], dtype=torch.float64).index_add_(0, seg, w[:, None] * h64)
+    assert_within_2x_torch_error(out, ref, exact, f"{mode} {dtype} forward")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    (grad,) = torch.autograd.grad(out, h, grad_out)
+    (grad_ref,) = torch.autograd.grad(ref, h_ref, grad_out)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    exact_grad = w[:, None] * grad_out.double().cpu()[seg]
+    assert_within_2x_torch_error(grad, grad_ref, exact_grad, f"{mode} {dtype} gradient")
+    assert (grad.cpu()[~mask.cpu()] == 0).all()
+    return out
+
+
+def ragged_batch(d=40, seed=3):
+    """Sequences of 1, 97, 0, 200, 1025 and 130 rows (chunks of 64: shorter than one chunk, several,
+    empty, 17 chunks) with the masks LLM2Vec pools with and the edge cases around chunk boundaries:
+    an instruction prefix left out, pooled rows straddling chunk boundaries, nothing pooled."""
+    from llm2vec_fast.kernels.pooling_triton import CHUNK_T
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [1, 97, 0, 200, 1025, 130]
+    cu = cu_seqlens_from_lengths(lengths)
+    mask = torch.zeros(sum(lengths), dtype=torch.bool)
+    s = cu.tolist()
+    mask[s[0]] = True  # length 1
+    mask[s[1] + 10:s[2]] = True  # instruction prefix of 10 tokens, the rest pooled (ends mid-chunk)
+    mask[s[3] + CHUNK_T - 5:s[3] + 2 * CHUNK_T + 9] = True  # straddles the boundaries at 64 and 128
+    mask[s[4] + 100:s[5]] = torch.rand(1025 - 100, generator=gen) < 0.5  # long prompt, then half pooled
+    mask[s[4] + 1024] = True  # the very last row
+    # the 130-row sequence pools nothing
+    return torch.randn(sum(lengths), d, generator=gen), cu, mask
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", POOLING_MODES)
+def test_ragged_varlen_chunks(mode, dtype):
+    hidden, cu, mask = ragged_batch()
+    out = check_ragged(hidden, cu, mask, mode, dtype, max_seqlen=1025)
+    assert (out[2] == 0).all() and (out[5] == 0).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", POOLING_MODES)
+def test_max_seqlen_only_sizes_the_grid(mode):
+    """One chunk slot (the single-pass kernel takes whole sequences), the exact bound and a loose one
+    give the same result: a too-small ``max_seqlen`` costs speed, never rows."""
+    gen = torch.Generator().manual_seed(4)
+    lengths = [150, 7, 64, 65, 0, 129]
+    cu = cu_seqlens_from_lengths(lengths)
+    hidden = torch.randn(sum(lengths), 24, generator=gen)
+    mask = torch.rand(sum(lengths), generator=gen) < 0.7
+    outs = [check_ragged(hidden, cu, mask, mode, torch.float32, max_seqlen=n) for n in (1, 64, 100, 150, 700)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-6, rtol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", POOLING_MODES)
+def test_nothing_pooled_behaves_like_the_reference(mode):
+    """A batch without a single pooled token (several chunks per sequence): zeros, zero gradients."""
+    hidden = torch.randn(70 + 3 + 200, 33)
+    cu = cu_seqlens_from_lengths([70, 3, 200])
+    mask = torch.zeros(hidden.shape[0], dtype=torch.bool)
+    out = check_ragged(hidden, cu, mask, mode, torch.float32)
+    assert (out == 0).all()
+    padded = masked_pool(hidden[:200].reshape(2, 100, 33).to(DEVICE), mask[:200].reshape(2, 100).to(DEVICE), mode,
+                         backend="triton")
+    assert (padded == 0).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", POOLING_MODES)
+def test_ragged_padded_chunks(mode, dtype):
+    """Padded batch longer than three chunks: right padding, left padding, an instruction prefix, a
+    row of one pooled token at a chunk boundary; ``[B, L, D]`` against float64 as packed rows."""
+    gen = torch.Generator().manual_seed(5)
+    batch, seq_len, d = 4, 200, 40
+    hidden = torch.randn(batch, seq_len, d, generator=gen)
+    mask = torch.zeros(batch, seq_len, dtype=torch.bool)
+    mask[0, 12:97] = True  # instruction of 12 tokens, right padding after 97
+    mask[1, 80:] = True  # left padding
+    mask[2, 64] = True  # one pooled token, first row of the second chunk
+    mask[3] = torch.rand(seq_len, generator=gen) < 0.5
+    h = hidden.to(DEVICE, dtype).requires_grad_()
+    out = masked_pool(h, mask.to(DEVICE), mode, backend="triton")
+    again = masked_pool(h, mask.to(DEVICE), mode, backend="triton")
+    assert torch.equal(out, again)
+    h_ref = hidden.to(DEVICE, dtype).requires_grad_()
+    ref = masked_pool_reference(h_ref, mask.to(DEVICE), mode)
+    cu = cu_seqlens_from_lengths([seq_len] * batch, "cpu")
+    w = pool_weights_fp64(cu, mask.reshape(-1), mode)
+    rows = hidden.to(dtype).double().reshape(batch * seq_len, d)
+    exact = torch.zeros(batch, d, dtype=torch.float64).index_add_(0, segments(cu), w[:, None] * rows)
+    assert_within_2x_torch_error(out, ref, exact, f"padded {mode} {dtype} forward")
+    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
+    (grad,) = torch.autograd.grad(out, h, grad_out)
+    (grad_ref,) = torch.autograd.grad(ref, h_ref, grad_out)
+    exact_grad = (w[:, None] * grad_out.double().cpu()[segments(cu)]).reshape(batch, seq_len, d)
+    assert_within_2x_torch_error(grad, grad_ref, exact_grad, f"padded {mode} {dtype} gradient")
+
+
+@needs_triton
+def test_chunk_workspace_layout():
+    """More than one chunk slot uses the workspace and the combine pass; one slot writes directly."""
+    from llm2vec_fast.kernels import pooling_triton
+
+    assert pooling_triton.chunk_slots(0) == pooling_triton.chunk_slots(1) == pooling_triton.chunk_slots(64) == 1
+    assert pooling_triton.chunk_slots(65) == 2 and pooling_triton.chunk_slots(1025) == 17
+    assert pooling_triton.CHUNK_T & (pooling_triton.CHUNK_T - 1) == 0
+    for cfg in pooling_triton._pool_chunk_kernel.configs + pooling_triton._pool_bwd_kernel.configs:
+        assert pooling_triton.CHUNK_T % cfg.kwargs["BLOCK_T"] == 0
 
 
 # ---------------------------------------------------------------------------------------------
