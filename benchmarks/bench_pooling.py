@@ -50,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_inputs(args, dtype):
-    """``{layout: (hidden, pool_fn_args, n_tokens, n_seqs)}`` with ``pool_fn(hidden, *pool_fn_args, mode, backend=...)``."""
+    """``{layout: (hidden, pool_fn_args, pool_fn_kwargs, n_tokens, n_seqs)}`` with
+    ``pool_fn(hidden, *pool_fn_args, mode, backend=..., **pool_fn_kwargs)``. The varlen call gets
+    ``max_seqlen`` as :func:`llm2vec_fast.packing.pack` gives it: sync-free, no host read of ``cu_seqlens``."""
     from llm2vec_fast.kernels import cu_seqlens_from_lengths
 
     d = args.hidden or (2048 if args.quick else 4096)
@@ -63,8 +65,9 @@ def make_inputs(args, dtype):
     pool_mask = torch.rand(sum(lengths), device=DEVICE, generator=gen) < args.density
     cu = cu_seqlens_from_lengths(lengths, DEVICE)
     return {
-        f"padded B={batch} L={args.seq_len} D={d}": (padded, (mask,), batch * args.seq_len, batch),
-        f"varlen {len(lengths)} seqs T={sum(lengths)} D={d}": (packed, (cu, pool_mask), sum(lengths), len(lengths)),
+        f"padded B={batch} L={args.seq_len} D={d}": (padded, (mask,), {}, batch * args.seq_len, batch),
+        f"varlen {len(lengths)} seqs T={sum(lengths)} D={d}": (packed, (cu, pool_mask), {"max_seqlen": max(lengths)},
+                                                               sum(lengths), len(lengths)),
     }
 
 
@@ -101,7 +104,7 @@ def main(argv=None) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     elt = torch.finfo(dtype).bits // 8
     rows, groups = [], []
-    for layout, (hidden, extra, n_tok, n_seq) in make_inputs(args, dtype).items():
+    for layout, (hidden, extra, kwargs, n_tok, n_seq) in make_inputs(args, dtype).items():
         d = hidden.shape[-1]
         dst = torch.empty_like(hidden)
         copy_ms, _ = common.try_time_ms(lambda: dst.copy_(hidden), args.quick)
@@ -113,8 +116,8 @@ def main(argv=None) -> None:
         for mode in args.modes:
             fwd_bytes = pooling_bytes(n_tok, n_seq, d, elt, mode)
             bwd_bytes = n_tok * d * elt + n_tok + n_seq * d * elt
-            methods = {"triton": lambda: pool(leaf, *extra, mode, backend="triton"),
-                       "torch-ref": lambda: pool(leaf, *extra, mode, backend="torch")}
+            methods = {"triton": lambda: pool(leaf, *extra, mode, backend="triton", **kwargs),
+                       "torch-ref": lambda: pool(leaf, *extra, mode, backend="torch", **kwargs)}
             if hidden.dim() == 3 and mode == "mean":
                 methods["torch-eager"] = lambda: eager_masked_mean(leaf, *extra)
             if mode in ("last", "first"):

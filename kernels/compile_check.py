@@ -6,10 +6,10 @@ case this module records the shared memory the kernel needs (checked against the
 163 KB on sm_80, 227 KB on sm_90) and the register spills ``ptxas -v`` reports (must be 0).
 
 Cases: every autotune config of every kernel (attention forward, dK/dV, dQ, the backward
-preprocess and the dropout-mask kernel; pooling chunk, combine, last/first and backward kernels), for head dims
-64/80/128/256 (attention) or every pooling mode, fp16 and bf16, sm_80 and sm_90, with attention
-dropout and logit soft-capping on and off; the chunked pooling forward with and without its combine
-pass.
+preprocess and the dropout-mask kernel; pooling chunk, combine, last/first and backward kernels),
+for head dims 64/80/128/256 (attention) or every pooling mode, fp16 and bf16, sm_80 and sm_90, with
+attention dropout and logit soft-capping on and off, the chunked pooling forward with and without its
+combine pass.
 
 * ``--full``: the whole cartesian product (a few hundred compiles; slow on a small machine).
 * default: a covering subset of it -- every config is compiled on each architecture, in each
@@ -92,18 +92,20 @@ def _attention_cases(fat) -> list[dict]:
     return cases
 
 
-def _pooling_case(pt, kernel: str, mode: str, cfg, dtype: str, arch: int, variant: str = "-", **constexprs) -> dict:
+def _pooling_case(pt, kernel: str, mode: str, cfg, dtype: str, arch: int, path: str = "", **constexprs) -> dict:
+    """``D`` names the mode (and the code path, e.g. ``mean/two-pass``): the covering subset keeps
+    every (config, mode/path) pair."""
     block_t = f"{cfg.kwargs['BLOCK_T']}x" if "BLOCK_T" in cfg.kwargs else ""
-    return dict(module="pooling_triton", kernel=kernel, arch=arch, dtype=dtype, D=mode,
+    return dict(module="pooling_triton", kernel=kernel, arch=arch, dtype=dtype, D=mode + path,
                 config=f"{block_t}{cfg.kwargs['BLOCK_D']}w{cfg.num_warps}",
                 constexprs=dict(MODE=pt.MODE_IDS[mode], **constexprs, **cfg.kwargs), num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, variant=variant)
+                num_stages=cfg.num_stages, variant="-")
 
 
 def _pooling_cases(pt) -> list[dict]:
-    """Pooling kernels, each mode it runs (in the ``D`` column): the chunked mean/weighted_mean forward
-    with and without the combine pass (``single``), the combine pass, the last/first kernel, the
-    chunked backward."""
+    """Pooling kernels, each mode they run (in the ``D`` column): the chunked mean/weighted_mean forward
+    with and without the combine pass (``/two-pass``, ``/single``), the combine pass, the last/first
+    kernel, the chunked backward."""
     import triton
 
     cases = []
@@ -111,8 +113,8 @@ def _pooling_cases(pt) -> list[dict]:
     combine = triton.Config({"BLOCK_C": pt.COMBINE_C, "BLOCK_D": pt.COMBINE_D}, num_warps=pt.COMBINE_WARPS)
     for dtype, arch in itertools.product(DTYPES, SMEM_LIMITS):
         for cfg, mode, single in itertools.product(pt._pool_chunk_kernel.configs, sums, (False, True)):
-            cases.append(_pooling_case(pt, "_pool_chunk_kernel", mode, cfg, dtype, arch, f"single={int(single)}",
-                                       SINGLE=single, CHUNK_T=pt.CHUNK_T))
+            cases.append(_pooling_case(pt, "_pool_chunk_kernel", mode, cfg, dtype, arch,
+                                       "/single" if single else "/two-pass", SINGLE=single, CHUNK_T=pt.CHUNK_T))
         for mode in sums:
             cases.append(_pooling_case(pt, "_pool_combine_kernel", mode, combine, dtype, arch, CHUNK_T=pt.CHUNK_T))
         for cfg, mode in itertools.product(pt._pool_select_kernel.configs, selects):

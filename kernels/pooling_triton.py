@@ -14,7 +14,9 @@ to call):
   sums its chunk's rows (in BLOCK_T-row steps) into fp32 partials in a workspace: ``S0 = sum(h)`` and,
   for ``weighted_mean``, ``S1 = sum(local rank * h)`` (rank counted from 1 within the chunk), plus the
   chunk's pooled-token count. Programs past their sequence's end do nothing. The time is that of one
-  chunk, not of the longest sequence, and every SM gets work.
+  chunk, not of the longest sequence, and every SM gets work. Chunk ``c`` of sequence ``b`` owns
+  workspace slot ``cu_seqlens[b] // CHUNK_T + b + c``: fewer than ``T // CHUNK_T + B`` slots, however
+  skewed the lengths.
 * ``_pool_combine_kernel``, grid ``(sequence, BLOCK_D features)``: adds the chunks in order,
   ``total = sum_c S1_c + before_c * S0_c`` (``before_c``: pooled tokens in earlier chunks, the
   exclusive prefix of the counts), and normalises.
@@ -90,21 +92,29 @@ SCAN_T = tl.constexpr(16 if INTERPRETED else 1024)  # the interpreter tests keep
 PREFIX_T = tl.constexpr(CHUNK_T if INTERPRETED else 1024)
 #: Autotune keys only (unused in the kernels) and the workspace's chunk count: no compile per value
 #: class ("== 1", "divisible by 16").
-_NOT_SPECIALIZED = ["batch_bucket", "len_bucket", "n_slots"]
+_NOT_SPECIALIZED = ["batch_bucket", "len_bucket", "n_chunks_max"]
 
 
 @triton.jit
-def _chunk_rows(CU, n_slots, CHUNK_T: tl.constexpr):
+def _chunk_rows(CU, n_chunks_max, CHUNK_T: tl.constexpr):
     """Grid ``(sequence, chunk, ...)`` -> sequence index, chunk index, the chunk's first row and its
-    end (the sequence's end for the last chunk slot, so rows past ``n_slots * CHUNK_T`` are not lost),
-    the sequence's first row and end."""
+    end (the sequence's end for the last chunk program, so rows past ``n_chunks_max * CHUNK_T`` are
+    not lost), the sequence's first row and end."""
     b = tl.program_id(0)
     c = tl.program_id(1)
     start = tl.load(CU + b)
     end = tl.load(CU + b + 1)
     lo = start + c * CHUNK_T
-    hi = tl.where(c == n_slots - 1, end, tl.minimum(end, lo + CHUNK_T))
+    hi = tl.where(c == n_chunks_max - 1, end, tl.minimum(end, lo + CHUNK_T))
     return b, c, lo, hi, start, end
+
+
+@triton.jit
+def _first_slot(b, start, CHUNK_T: tl.constexpr):
+    """Workspace slot of sequence ``b``'s first chunk, ``start // CHUNK_T + b``: its chunks take the
+    slots after it, distinct from every other sequence's, and all slots stay below
+    ``T // CHUNK_T + B`` -- the workspace grows with the tokens, not with ``B x max_seqlen``."""
+    return (start // CHUNK_T + b).to(tl.int64)
 
 
 @triton.jit
@@ -154,13 +164,13 @@ def _chunk_sums(H, MASK, lo, hi, stride_ht, offs_d, d_ok, MODE: tl.constexpr, BL
 @triton.autotune(configs=_configs(), key=_KEY + ["SINGLE"], **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _pool_chunk_kernel(
-    H, MASK, CU, WS, COUNTS, OUT, STATS, stride_ht, stride_ob, D, n_slots, batch_bucket, len_bucket,
+    H, MASK, CU, WS, COUNTS, OUT, STATS, stride_ht, stride_ob, D, n_chunks_max, batch_bucket, len_bucket,
     MODE: tl.constexpr, SINGLE: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Partial sums of one chunk (``WS[0]`` = S0, ``WS[1]`` = S1 for weighted_mean, each
-    ``[sequence, slot, D]`` fp32; ``COUNTS`` ``[sequence, slot]``); with ``SINGLE`` (one slot) the
+    """Partial sums of one chunk in its workspace slot (``WS`` ``[slot, 1 + MODE, D]`` fp32: S0, and
+    S1 for weighted_mean; ``COUNTS`` ``[slot]``); with ``SINGLE`` (one chunk per sequence) the
     normalised result in ``OUT`` and the count in ``STATS`` instead."""
-    b, c, lo, hi, start, end = _chunk_rows(CU, n_slots, CHUNK_T)
+    b, c, lo, hi, start, end = _chunk_rows(CU, n_chunks_max, CHUNK_T)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     if SINGLE:  # every sequence is one chunk; an empty one writes its zeros
@@ -172,36 +182,38 @@ def _pool_chunk_kernel(
             tl.store(STATS + b, count)
     elif lo < end:  # chunks past the sequence's end write nothing (the combine pass reads only the others)
         s0, s1, count = _chunk_sums(H, MASK, lo, hi, stride_ht, offs_d, d_ok, MODE, BLOCK_T, BLOCK_D)
-        slot = b.to(tl.int64) * n_slots + c
-        tl.store(WS + slot * D + offs_d, s0, mask=d_ok)
+        slot = _first_slot(b, start, CHUNK_T) + c
+        row = slot * (MODE + 1) * D
+        tl.store(WS + row + offs_d, s0, mask=d_ok)
         if MODE == 1:
-            tl.store(WS + (tl.num_programs(0) * n_slots + slot) * D + offs_d, s1, mask=d_ok)
+            tl.store(WS + row + D + offs_d, s1, mask=d_ok)
         if tl.program_id(2) == 0:
             tl.store(COUNTS + slot, count)
 
 
-@triton.jit(do_not_specialize=["n_slots"])
+@triton.jit(do_not_specialize=["n_chunks_max"])
 def _pool_combine_kernel(
-    WS, COUNTS, CU, OUT, STATS, stride_ob, D, n_slots,
+    WS, COUNTS, CU, OUT, STATS, stride_ob, D, n_chunks_max,
     MODE: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Add a sequence's chunk partials in order (deterministic) and normalise; write the count."""
     b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    length = tl.load(CU + b + 1) - tl.load(CU + b)
-    n_chunks = tl.minimum(tl.cdiv(length, CHUNK_T), n_slots)  # the chunk programs that wrote
+    start = tl.load(CU + b)
+    n_chunks = tl.minimum(tl.cdiv(tl.load(CU + b + 1) - start, CHUNK_T), n_chunks_max)  # the programs that wrote
+    first = _first_slot(b, start, CHUNK_T)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     before = tl.zeros([], dtype=tl.int32)  # pooled tokens in the chunks added so far
     for c0 in range(0, n_chunks, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         c_ok = cs < n_chunks
-        slot = b.to(tl.int64) * n_slots + cs
+        slot = first + cs
         counts = tl.load(COUNTS + slot, mask=c_ok, other=0)
-        ws = slot[:, None] * D + offs_d[None, :]
+        ws = (slot * (MODE + 1) * D)[:, None] + offs_d[None, :]
         s0 = tl.load(WS + ws, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         if MODE == 1:
-            s1 = tl.load(WS + tl.num_programs(0).to(tl.int64) * n_slots * D + ws, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            s1 = tl.load(WS + ws + D, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
             prior = (before + tl.cumsum(counts, 0) - counts).to(tl.float32)  # exclusive prefix
             acc += tl.sum(s1 + prior[:, None] * s0, 0)
         else:
@@ -247,11 +259,11 @@ def _pool_select_kernel(
 @triton.autotune(configs=_configs(), key=_KEY, **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _pool_bwd_kernel(
-    GOUT, MASK, CU, STATS, GH, stride_gb, stride_ght, D, n_slots, batch_bucket, len_bucket,
+    GOUT, MASK, CU, STATS, GH, stride_gb, stride_ght, D, n_chunks_max, batch_bucket, len_bucket,
     MODE: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``GH[t] = w_t * GOUT[b]`` for every row of one chunk (the forward's chunked grid)."""
-    b, c, lo, hi, start, end = _chunk_rows(CU, n_slots, CHUNK_T)
+    b, c, lo, hi, start, end = _chunk_rows(CU, n_chunks_max, CHUNK_T)
     if lo < end:
         offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
@@ -283,9 +295,15 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
-def chunk_slots(max_len: int) -> int:
-    """Chunk programs per sequence for sequences of at most ``max_len`` rows (at least 1)."""
+def chunks_per_sequence(max_len: int) -> int:
+    """Chunk programs per sequence (grid axis 1) for sequences of at most ``max_len`` rows (at least 1)."""
     return max(1, triton.cdiv(int(max_len), CHUNK_T))
+
+
+def workspace_slots(n_tokens: int, n_seq: int) -> int:
+    """Workspace slots the two-pass forward needs for ``n_tokens`` packed rows in ``n_seq`` sequences
+    (every chunk's slot is below ``n_tokens // CHUNK_T + n_seq``, see ``_first_slot``)."""
+    return int(n_tokens) // CHUNK_T + int(n_seq)
 
 
 def _buckets(n_seq: int, max_len: int) -> tuple[int, int]:
@@ -309,19 +327,20 @@ def pool_forward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mask_u8: torch.
         _pool_select_kernel[lambda cfg: (n_seq, triton.cdiv(d, cfg["BLOCK_D"]))](
             hidden, mask_u8, cu_seqlens, out, stats, hidden.stride(0), out.stride(0), d, *buckets, MODE=mode_id)
         return out, stats
-    n_slots = chunk_slots(max_len)
-    single = n_slots == 1
+    n_chunks = chunks_per_sequence(max_len)
+    single = n_chunks == 1
     if single:  # the chunk kernel writes out/stats itself (WS/COUNTS unused)
         ws, counts = torch.empty(1, dtype=torch.float32, device=hidden.device), stats
-    else:
-        ws = new_output((1 + mode_id, n_seq, n_slots, d), torch.float32, hidden.device)
-        counts = new_output((n_seq, n_slots), torch.int32, hidden.device)
-    _pool_chunk_kernel[lambda cfg: (n_seq, n_slots, triton.cdiv(d, cfg["BLOCK_D"]))](
-        hidden, mask_u8, cu_seqlens, ws, counts, out, stats, hidden.stride(0), out.stride(0), d, n_slots, *buckets,
+    else:  # one slot per chunk: see _first_slot
+        n_ws = workspace_slots(hidden.shape[0], n_seq)
+        ws = new_output((n_ws, 1 + mode_id, d), torch.float32, hidden.device)
+        counts = new_output((n_ws,), torch.int32, hidden.device)
+    _pool_chunk_kernel[lambda cfg: (n_seq, n_chunks, triton.cdiv(d, cfg["BLOCK_D"]))](
+        hidden, mask_u8, cu_seqlens, ws, counts, out, stats, hidden.stride(0), out.stride(0), d, n_chunks, *buckets,
         MODE=mode_id, SINGLE=single, CHUNK_T=CHUNK_T)
     if not single:
         _pool_combine_kernel[(n_seq, triton.cdiv(d, COMBINE_D))](
-            ws, counts, cu_seqlens, out, stats, out.stride(0), d, n_slots,
+            ws, counts, cu_seqlens, out, stats, out.stride(0), d, n_chunks,
             MODE=mode_id, CHUNK_T=CHUNK_T, BLOCK_C=COMBINE_C, BLOCK_D=COMBINE_D, num_warps=COMBINE_WARPS)
     return out, stats
 
@@ -335,8 +354,8 @@ def pool_backward(grad_out: torch.Tensor, cu_seqlens: torch.Tensor, mask_u8: tor
     n_seq, d = grad_out.shape
     grad_hidden = new_output((n_tokens, d), dtype, grad_out.device)
     if d > 0 and n_tokens > 0 and n_seq > 0:
-        n_slots = chunk_slots(max_len)
-        _pool_bwd_kernel[lambda cfg: (n_seq, n_slots, triton.cdiv(d, cfg["BLOCK_D"]))](
-            grad_out, mask_u8, cu_seqlens, stats, grad_hidden, grad_out.stride(0), grad_hidden.stride(0), d, n_slots,
+        n_chunks = chunks_per_sequence(max_len)
+        _pool_bwd_kernel[lambda cfg: (n_seq, n_chunks, triton.cdiv(d, cfg["BLOCK_D"]))](
+            grad_out, mask_u8, cu_seqlens, stats, grad_hidden, grad_out.stride(0), grad_hidden.stride(0), d, n_chunks,
             *_buckets(n_seq, max_len), MODE=MODE_IDS[mode], CHUNK_T=CHUNK_T)
     return grad_hidden

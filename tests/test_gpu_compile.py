@@ -76,6 +76,10 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90(tmp_path):
     for key in (("kernel", "config", "arch"), ("kernel", "config", "variant"), ("kernel", "config", "dtype")):
         assert {tuple(c[k] for k in key) for c in env_cases} == {tuple(r[k] for k in key) for r in results}, key
     assert {r["kernel"] for r in results} >= {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-                                              "_bwd_preprocess_kernel", "_dropout_mask_kernel", "_pool_fwd_kernel",
-                                              "_pool_bwd_kernel"}
+                                              "_bwd_preprocess_kernel", "_dropout_mask_kernel", "_pool_chunk_kernel",
+                                              "_pool_combine_kernel", "_pool_select_kernel", "_pool_bwd_kernel"}
+    # the chunked pooling forward compiles with and without its combine pass, for both modes it runs
+    chunk = {(r["config"], r["D"]) for r in results if r["kernel"] == "_pool_chunk_kernel"}
+    assert {d for _, d in chunk} == {f"{m}/{p}" for m in ("mean", "weighted_mean") for p in ("single", "two-pass")}
+    assert len(chunk) == 4 * len({c for c, _ in chunk})  # every config on every path
     assert compile_check.ATTN_VARIANTS == ((False, False), (True, True))

@@ -250,7 +250,7 @@ def ragged_batch(d=40, seed=3):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", POOLING_MODES)
 def test_ragged_varlen_chunks(mode, dtype):
     hidden, cu, mask = ragged_batch()
@@ -288,7 +288,7 @@ def test_nothing_pooled_behaves_like_the_reference(mode):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", POOLING_MODES)
 def test_ragged_padded_chunks(mode, dtype):
     """Padded batch longer than three chunks: right padding, left padding, an instruction prefix, a
@@ -320,15 +320,29 @@ def test_ragged_padded_chunks(mode, dtype):
 
 
 @needs_triton
-def test_chunk_workspace_layout():
-    """More than one chunk slot uses the workspace and the combine pass; one slot writes directly."""
-    from llm2vec_fast.kernels import pooling_triton
+def test_chunk_grid_and_workspace_slots():
+    """One chunk program per sequence up to CHUNK_T rows (the single-pass path); the workspace slot
+    of chunk c of sequence b, ``cu[b] // CHUNK_T + b + c``, is distinct for every (b, c) and below
+    ``workspace_slots(T, B)``, for skewed batches too (one long sequence among many short ones
+    allocates by the tokens, not B x max_seqlen)."""
+    import random
 
-    assert pooling_triton.chunk_slots(0) == pooling_triton.chunk_slots(1) == pooling_triton.chunk_slots(64) == 1
-    assert pooling_triton.chunk_slots(65) == 2 and pooling_triton.chunk_slots(1025) == 17
-    assert pooling_triton.CHUNK_T & (pooling_triton.CHUNK_T - 1) == 0
-    for cfg in pooling_triton._pool_chunk_kernel.configs + pooling_triton._pool_bwd_kernel.configs:
-        assert pooling_triton.CHUNK_T % cfg.kwargs["BLOCK_T"] == 0
+    from llm2vec_fast.kernels import pooling_triton as pt
+
+    chunk = pt.CHUNK_T
+    assert chunk & (chunk - 1) == 0
+    assert pt.chunks_per_sequence(0) == pt.chunks_per_sequence(1) == pt.chunks_per_sequence(chunk) == 1
+    assert pt.chunks_per_sequence(chunk + 1) == 2 and pt.chunks_per_sequence(16 * chunk + 1) == 17
+    for cfg in pt._pool_chunk_kernel.configs + pt._pool_bwd_kernel.configs:
+        assert chunk % cfg.kwargs["BLOCK_T"] == 0
+    rng = random.Random(0)
+    for _ in range(300):
+        lengths = [rng.choice([0, 1, chunk - 1, chunk, chunk + 1, rng.randint(0, 5 * chunk)]) for _ in range(rng.randint(1, 12))]
+        starts = [sum(lengths[:b]) for b in range(len(lengths))]
+        slots = [s // chunk + b + c for b, (s, n) in enumerate(zip(starts, lengths)) for c in range(-(-n // chunk))]
+        assert len(set(slots)) == len(slots)
+        assert all(0 <= x < pt.workspace_slots(sum(lengths), len(lengths)) for x in slots)
+    assert pt.workspace_slots(8192 + 999, 1000) < 1000 * pt.chunks_per_sequence(8192) / 50
 
 
 # ---------------------------------------------------------------------------------------------
