@@ -302,7 +302,7 @@ def run(full: bool = False, archs=tuple(SMEM_LIMITS), jobs: int | None = None, r
 
 def _line(r: dict) -> str:
     status = "ok  " if r["ok"] else "FAIL"
-    return (f"{status} sm_{r['arch']} {r['kernel']:<24} {r['config']:<12} {r['dtype']} D={r['D']!s:<13} {r['variant']:<19} "
+    return (f"{status} sm_{r['arch']} {r['kernel']:<24} {r['config']:<12} {r['dtype']} D={r['D']!s:<22} {r['variant']:<19} "
             f"shared={r['shared']} n_spills={r['n_spills']}{' (cached)' if r['cached'] else ''}"
             + (f"  {r['error']}" if not r["ok"] else ""))
 

@@ -90,8 +90,8 @@ SCAN_T = tl.constexpr(16 if INTERPRETED else 1024)  # the interpreter tests keep
 #: Rows of the pool mask the weighted_mean backward counts per step before its chunk (same reason;
 #: the interpreter tests still take several steps past the second chunk).
 PREFIX_T = tl.constexpr(CHUNK_T if INTERPRETED else 1024)
-#: Autotune keys only (unused in the kernels) and the workspace's chunk count: no compile per value
-#: class ("== 1", "divisible by 16").
+#: Autotune keys only (unused in the kernels) and the chunk programs per sequence: no compile per
+#: value class ("== 1", "divisible by 16").
 _NOT_SPECIALIZED = ["batch_bucket", "len_bucket", "n_chunks_max"]
 
 

@@ -6,7 +6,7 @@ per-kernel table that ``llm2vec-fast profile`` prints from ``torch.profiler`` ev
 * Pooling bytes (forward): the hidden states read (every token for ``mean``/``weighted_mean``, one
   row per sequence for ``last``/``first``), the one-byte-per-token mask, and the ``[B, D]`` output.
 * Kernels are put in the ``attention`` / ``pooling`` category by name (Triton ``_attn_fwd_kernel`` /
-  ``_pool_fwd_kernel``, SDPA kernels and ops), or by an enclosing op of that kind (the children of
+  ``_pool_chunk_kernel``, SDPA kernels and ops), or by an enclosing op of that kind (the children of
   ``aten::scaled_dot_product_attention``, the ops inside a :data:`POOL_ANNOTATION` range; a CUDA
   kernel inherits the ops enclosing the op that launched it).
   A category's achieved rate is its work over the summed time of its kernels.
@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 POOL_ANNOTATION = "llm2vec_fast::pool"
 ATTENTION_PATTERN = re.compile(r"scaled_dot_product|attention|_attn_(fwd|bwd)|flash_(fwd|bwd)|fmha|sdpa", re.IGNORECASE)
-POOLING_PATTERN = re.compile(r"_pool_(fwd|bwd)_kernel|" + re.escape(POOL_ANNOTATION), re.IGNORECASE)
+#: The Triton pooling kernels (``kernels/pooling_triton.py``): chunk + combine (mean, weighted_mean),
+#: select (last, first), backward.
+POOLING_PATTERN = re.compile(r"_pool_(chunk|combine|select|bwd)_kernel|" + re.escape(POOL_ANNOTATION), re.IGNORECASE)
 CATEGORIES = {"attention": ATTENTION_PATTERN, "pooling": POOLING_PATTERN}
 
 

@@ -68,14 +68,16 @@ def test_kernel_rows_classify_by_name_and_launching_op():
         _event("_attn_fwd_kernel", DeviceType.CUDA, 100.0),
         _event("ampere_bf16_gemm", DeviceType.CUDA, 500.0, linked=8),  # launched inside SDPA -> attention
         _event("ampere_bf16_gemm", DeviceType.CUDA, 900.0),
-        _event("_pool_fwd_kernel", DeviceType.CUDA, 50.0),
+        _event("_pool_chunk_kernel", DeviceType.CUDA, 50.0),
+        _event("_pool_combine_kernel", DeviceType.CUDA, 5.0),
     ]
     rows = kernel_rows(events, on_device=True)
     assert [(r.name, r.category, r.time_us, r.calls) for r in rows] == [
         ("ampere_bf16_gemm", "", 900.0, 1),
         ("ampere_bf16_gemm", "attention", 500.0, 1),
         ("_attn_fwd_kernel", "attention", 400.0, 2),
-        ("_pool_fwd_kernel", "pooling", 50.0, 1),
+        ("_pool_chunk_kernel", "pooling", 50.0, 1),
+        ("_pool_combine_kernel", "pooling", 5.0, 1),
     ]
     cpu_rows = kernel_rows(events, on_device=False)
     assert {(r.name, r.category) for r in cpu_rows} == {("aten::scaled_dot_product_attention", "attention"), ("aten::bmm", "attention")}
@@ -83,7 +85,7 @@ def test_kernel_rows_classify_by_name_and_launching_op():
 
 def test_category_rates_and_table_against_a_peak():
     rows = [KernelRow("_attn_fwd_kernel", "attention", 1000.0, 4), KernelRow("gemm", "", 3000.0, 8),
-            KernelRow("_pool_fwd_kernel", "pooling", 10.0, 1)]
+            KernelRow("_pool_chunk_kernel", "pooling", 10.0, 1)]
     work = Work(attention_flops=4.945e11, pooling_bytes=3.35e7, dtype=torch.bfloat16)
     peak = card_peak("NVIDIA H100 80GB HBM3")
     rates = category_rates(rows, work, peak)
