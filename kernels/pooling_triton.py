@@ -296,8 +296,9 @@ def _check_device(x: torch.Tensor) -> None:
 
 
 def chunks_per_sequence(max_len: int) -> int:
-    """Chunk programs per sequence (grid axis 1) for sequences of at most ``max_len`` rows (at least 1)."""
-    return max(1, triton.cdiv(int(max_len), CHUNK_T))
+    """Chunk programs per sequence (grid axis 1) for sequences of at most ``max_len`` rows: at least 1,
+    at most CUDA's 65535 on that axis (a sequence's last chunk program takes the rows beyond)."""
+    return min(max(1, triton.cdiv(int(max_len), CHUNK_T)), 65535)
 
 
 def workspace_slots(n_tokens: int, n_seq: int) -> int:

@@ -333,6 +333,7 @@ def test_chunk_grid_and_workspace_slots():
     assert chunk & (chunk - 1) == 0
     assert pt.chunks_per_sequence(0) == pt.chunks_per_sequence(1) == pt.chunks_per_sequence(chunk) == 1
     assert pt.chunks_per_sequence(chunk + 1) == 2 and pt.chunks_per_sequence(16 * chunk + 1) == 17
+    assert pt.chunks_per_sequence(10**9) == 65535  # CUDA's grid limit on axis 1; the last program takes the rest
     for cfg in pt._pool_chunk_kernel.configs + pt._pool_bwd_kernel.configs:
         assert chunk % cfg.kwargs["BLOCK_T"] == 0
     rng = random.Random(0)
