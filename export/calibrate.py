@@ -1,29 +1,36 @@
-"""Calibration for int8: choose, node by node, the MatMuls that run in int8.
+"""Calibration for int8: choose, decoder layer by decoder layer, where int8 runs.
 
 The int8 product (``quantize.rowwise_int8_matmuls``: int8 activations with one scale per token,
-7-bit per-column weights, ``MatMulInteger``) is not harmless everywhere: some decoders amplify
-small errors (the untrained bidirectional SmolLM2 turns many tokens into values in the
-thousands at layer 11, with a gain that int8 rounding upstream moves a lot). We measure it:
+7-bit per-column weights, ``MatMulInteger``) is harmless in some layers and ruinous in others.
+In the untrained bidirectional SmolLM2, layer 11 turns many tokens into values in the thousands
+with a gain that ~1 % upstream error moves by 25-35 %, and the last layers partly cancel those
+values again: int8 on layer 0 *alone* drops the worst sentence to cos 0.35, while int8 on any one
+of layers 12-26 keeps it above 0.998. How much error a MatMul makes locally says nothing about
+this (the previous calibration sorted by local error and stopped at 2 MatMuls), so we measure
+what matters, the embeddings:
 
-1. one torch pass over the calibration sentences simulates the int8 product of every decoder
-   ``nn.Linear`` on its real inputs and records its relative output error per token, averaged
-   over tokens (:func:`int8_error_by_node`; a tensor-wide relative error would hide the normal
-   tokens behind a huge token's accurate output);
-2. MatMuls sorted from the smallest to the largest error; the longest prefix whose graph still
-   meets ``min_cos`` / ``mean_cos`` against the torch fp32 embeddings (binary search, each step
-   run by ONNX Runtime) goes int8; the rest keep plain fp32 MatMuls.
+1. **sensitivity** (:func:`int8_layer_sensitivity`): one torch pass per decoder layer over a
+   subset of the calibration inputs, with the int8 scheme simulated on that layer's ``nn.Linear``
+   modules only (the same per-token activation and per-column weight rounding as the graph),
+   scored by min / mean cosine to the fp32 embeddings;
+2. **selection** (:func:`select_int8_layers`): layers sorted from the least to the most
+   sensitive; the longest prefix whose *combined* simulated int8 keeps ``min_cos`` / ``mean_cos``
+   on all calibration inputs (all layers first, then a binary search), confirmed with ONNX
+   Runtime on the real graph (a prefix the graph misses is shortened until it passes).
 
 The calibration thresholds are stricter than the validation thresholds because the minimum over
-a few calibration sentences underestimates the tail on new text.
+a hundred calibration inputs underestimates the tail on new text.
 
-Calibration text: STS-B *train* sentences (never the dev split used for validation), or a small
-built-in list when the data is not available.
+Calibration inputs: STS-B *train* sentences (never the dev split used for validation), a third of
+them as ``[instruction, text]`` pairs (instructions are attended to but not pooled, and move the
+embeddings differently), or a small built-in list when the data is not available.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import re
 
@@ -47,6 +54,13 @@ FALLBACK_SENTENCES = [
     "A cat sleeps on the windowsill.",
     "Heavy rain caused flooding in several neighbourhoods overnight.",
 ]
+# calibration-only instructions (validation and the benchmarks use others)
+CALIBRATION_INSTRUCTIONS = (
+    "Represent this sentence for searching relevant passages:",
+    "Identify the main topic of the text",
+    "Find a paraphrase of the given sentence",
+)
+SENSITIVITY_INPUTS = 48  # per-layer ranking needs an order, not the tail: half the inputs, half the time
 
 
 def calibration_sentences(n: int = 64, data_dir=None) -> list[str]:
@@ -62,6 +76,12 @@ def calibration_sentences(n: int = 64, data_dir=None) -> list[str]:
     return pool[::step][:n]
 
 
+def calibration_inputs(n: int = 96, data_dir=None) -> list[str | list[str]]:
+    """:func:`calibration_sentences`, every third one as an ``[instruction, text]`` pair."""
+    texts = calibration_sentences(n, data_dir)
+    return [[CALIBRATION_INSTRUCTIONS[(i // 3) % len(CALIBRATION_INSTRUCTIONS)], t] if i % 3 == 2 else t for i, t in enumerate(texts)]
+
+
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -75,99 +95,148 @@ def onnx_matmul_name(module_name: str) -> str:
     return f"/decoder/{path}/MatMul"
 
 
+def decoder_layer_linears(encoder) -> list[dict[str, nn.Linear]]:
+    """Per decoder layer, its ``nn.Linear`` modules keyed by their ONNX MatMul node name."""
+    from ..bidirectional import decoder_of
+
+    return [
+        {onnx_matmul_name(f"layers.{i}.{name}"): m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        for i, layer in enumerate(decoder_of(encoder.model).layers)
+    ]
+
+
 def _fake_int8_rows(x: torch.Tensor) -> torch.Tensor:
     """Symmetric int8 quantize-dequantize with one scale per row (token), as
     :func:`~.quantize.rowwise_int8_matmuls` does in the graph."""
     from .quantize import ROW_ACTIVATION_LEVELS
 
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / ROW_ACTIVATION_LEVELS
-    return torch.clamp(torch.round(x / scale), -ROW_ACTIVATION_LEVELS, ROW_ACTIVATION_LEVELS) * scale
+    peak = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+    return torch.round(x * (ROW_ACTIVATION_LEVELS / peak)) * (peak / ROW_ACTIVATION_LEVELS)
 
 
-@torch.no_grad()
-def int8_error_by_node(encoder, texts: Sequence, batch_size: int = 32) -> tuple[dict[str, float], np.ndarray]:
-    """Mean over tokens of the relative error ``||Q(x) Q(W) - x W|| / ||x W||`` of every decoder
-    ``nn.Linear`` under the int8 scheme over ``texts`` (worst batch), keyed by ONNX MatMul node name, and the torch fp32
-    embeddings of ``texts`` (the hooks only observe)."""
-    from ..bidirectional import decoder_of
+def _fake_int8_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ``[out, in]`` rounded as :func:`~.quantize.quantize_columns` rounds the graph's
+    ``[in, out]`` MatMul weight (one symmetric 7-bit scale per output)."""
     from .quantize import quantize_columns
 
-    decoder = decoder_of(encoder.model)
-    errors: dict[str, float] = {}
-    hooks = []
+    q, scale = quantize_columns(weight.detach().float().cpu().numpy().T)
+    return torch.from_numpy((q.astype(np.float32) * scale).T.copy()).to(weight.device, weight.dtype)
 
-    def hook(name: str, module: nn.Linear):
-        q, scale = quantize_columns(module.weight.detach().float().cpu().numpy().T)
-        wq = torch.from_numpy(q.T.astype(np.float32) * scale[:, None])
 
-        def record(mod, args, output):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu()
-            exact = x @ mod.weight.detach().float().cpu().T
-            # error per token, then averaged: a tensor-wide norm would hide small tokens' errors
-            # behind a huge token's accurate output
-            row_err = torch.linalg.norm(_fake_int8_rows(x) @ wq.T - exact, dim=1) / torch.linalg.norm(exact, dim=1).clamp(min=1e-12)
-            errors[name] = max(errors.get(name, 0.0), float(row_err.mean()))
-
-        return record
-
-    for name, module in decoder.named_modules():
-        if isinstance(module, nn.Linear) and name.startswith("layers."):
-            hooks.append(module.register_forward_hook(hook(onnx_matmul_name(name), module)))
+@contextlib.contextmanager
+def simulated_int8(modules: Sequence[nn.Linear]) -> Iterator[None]:
+    """Run ``modules`` with the int8 scheme simulated in torch (int8-rounded weights swapped in,
+    inputs rounded per token by a pre-hook); everything is restored on exit."""
+    saved = [(m, m.weight.data) for m in modules]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: (_fake_int8_rows(args[0]), *args[1:])) for m in modules]
     try:
-        embeddings = np.asarray(encoder.encode(list(texts), batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True))
+        for m, w in saved:
+            m.weight.data = _fake_int8_weight(w)
+        yield
     finally:
         for h in hooks:
             h.remove()
-    return errors, embeddings
+        for m, w in saved:
+            m.weight.data = w
 
 
-def select_int8_nodes(
-    candidates: Sequence[str],
-    errors: dict[str, float],
+def _embed(encoder, inputs: Sequence, batch_size: int) -> np.ndarray:
+    return np.asarray(encoder.encode(list(inputs), batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True))
+
+
+def _cos_summary(embeddings: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    c = cosine_rows(embeddings, reference)
+    return float(c.min()), float(c.mean())
+
+
+@torch.no_grad()
+def int8_layer_sensitivity(
+    encoder, inputs: Sequence, reference: np.ndarray, batch_size: int = 32, progress: Callable[[str], None] | None = None
+) -> list[tuple[float, float]]:
+    """``(min cos, mean cos)`` of the embeddings of ``inputs`` to ``reference`` (their fp32
+    embeddings) with int8 simulated on one decoder layer at a time, per layer."""
+    out = []
+    layers = decoder_layer_linears(encoder)
+    for i, linears in enumerate(layers):
+        with simulated_int8(list(linears.values())):
+            out.append(_cos_summary(_embed(encoder, inputs, batch_size), reference))
+        if progress and (i + 1) % 10 == 0 or progress and i + 1 == len(layers):
+            progress(f"sensitivity of {i + 1}/{len(layers)} layers measured")
+    return out
+
+
+def simulated_int8_embedder(encoder, inputs: Sequence, batch_size: int = 32) -> Callable[[set[str]], np.ndarray]:
+    """``embed(names)``: the embeddings of ``inputs`` with int8 simulated on the MatMuls ``names``."""
+    modules = {name: m for layer in decoder_layer_linears(encoder) for name, m in layer.items()}
+
+    @torch.no_grad()
+    def embed(names: set[str]) -> np.ndarray:
+        with simulated_int8([modules[n] for n in names if n in modules]):
+            return _embed(encoder, inputs, batch_size)
+
+    return embed
+
+
+def select_int8_layers(
+    layers: Sequence[Sequence[str]],
+    sensitivity: Sequence[tuple[float, float]],
     embed: Callable[[set[str]], np.ndarray],
     reference: np.ndarray,
+    confirm: Callable[[set[str]], np.ndarray] | None = None,
     min_cos: float = 0.99,
     mean_cos: float = 0.997,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[set[str], dict]:
     """MatMul node names to run in int8, and a summary for the export report.
 
-    ``embed(names)`` returns the calibration embeddings of the graph with ``names`` in int8.
-    Candidates without a measured error (not inside a decoder layer) are tried last.
+    ``layers[i]`` are layer ``i``'s MatMul names and ``sensitivity[i]`` its single-layer
+    ``(min cos, mean cos)``. ``embed(names)`` returns the calibration embeddings with ``names`` in
+    int8 (the search); ``confirm(names)``, when given, the same from the real graph: the chosen
+    prefix is shortened until it passes there too.
     """
-    order = sorted(candidates, key=lambda n: (n not in errors, errors.get(n, 0.0)))
+    order = sorted(range(len(layers)), key=lambda i: (-sensitivity[i][0], -sensitivity[i][1], i))
     ok = lambda s: s[0] >= min_cos and s[1] >= mean_cos  # noqa: E731
     trials = []
 
-    def score(k: int) -> tuple[float, float]:
-        c = cosine_rows(embed(set(order[:k])), reference)
-        s = (float(c.min()), float(c.mean()))
-        trials.append({"int8_nodes": k, "min_cos": round(s[0], 6), "mean_cos": round(s[1], 6)})
+    def names(k: int) -> set[str]:
+        return {n for i in order[:k] for n in layers[i]}
+
+    def score(k: int, fn, engine: str) -> tuple[float, float]:
+        s = _cos_summary(fn(names(k)), reference)
+        trials.append({"int8_layers": k, "engine": engine, "min_cos": round(s[0], 6), "mean_cos": round(s[1], 6)})
         if progress:
-            progress(f"{k}/{len(order)} MatMuls int8: calibration min cos {s[0]:.4f}, mean {s[1]:.5f}")
+            progress(f"{k}/{len(order)} layers int8 ({engine}): min cos {s[0]:.4f}, mean {s[1]:.5f}")
         return s
 
     lo, hi, best = 0, len(order), (1.0, 1.0)
-    s = score(hi)  # everything int8 is the common case on well-behaved models
+    s = score(hi, embed, "torch")  # everything int8 is the common case on well-behaved models
     if ok(s):
         lo, best = hi, s
     else:
         hi -= 1
     while lo < hi:  # largest prefix that passes
         mid = (lo + hi + 1) // 2
-        s = score(mid)
+        s = score(mid, embed, "torch")
         if ok(s):
             lo, best = mid, s
         else:
             hi = mid - 1
-    chosen = order[:lo]
+    while confirm is not None and lo > 0:
+        s = score(lo, confirm, "onnxruntime")
+        if ok(s):
+            best = s
+            break
+        lo -= 1
+    chosen = names(lo)
     summary = {
         "int8_matmuls": len(chosen),
-        "fp32_matmuls": order[lo:],
+        "int8_layers": sorted(order[:lo]),
+        "fp32_layers": sorted(order[lo:]),
+        "layer_sensitivity": [{"layer": i, "min_cos": round(a, 6), "mean_cos": round(b, 6)} for i, (a, b) in enumerate(sensitivity)],
         "calibration_min_cos": round(best[0], 6),
         "calibration_mean_cos": round(best[1], 6),
         "calibration_thresholds": {"min_cos": min_cos, "mean_cos": mean_cos},
         "calibration_trials": trials,
     }
-    logger.info("int8 on %d of %d MatMuls (calibration min cos %.4f)", lo, len(order), best[0])
-    return set(chosen), summary
+    logger.info("int8 on %d of %d layers (%d MatMuls; calibration min cos %.4f)", lo, len(order), len(chosen), best[0])
+    return chosen, summary

@@ -56,8 +56,8 @@ def export_onnx(
 
     Args:
         precision: ``fp32``; ``fp16`` (for GPUs; exported from an fp16 copy of the decoder, whose
-            modelling code keeps RMSNorm, softmax and rotary tables in fp32; pooling is fp32); ``int8`` (CPU; int8 ``MatMulInteger`` with one activation
-            scale per token on the MatMuls calibration allows, fp32 elsewhere, fp16 embedding);
+            modelling code keeps RMSNorm, softmax and rotary tables in fp32; pooling is fp32); ``int8`` (CPU; int8 GEMMs with one activation
+            scale per token in the decoder layers calibration allows, fp32 elsewhere, fp16 embedding);
             ``int4`` (weight-only 4-bit MatMulNBits, block 32; fp16 embedding).
         opset: ONNX opset (default 17).
         validate: compare with the torch encoder and write ``export_report.json``; ``True`` uses
@@ -66,7 +66,8 @@ def export_onnx(
             ``"status": "failed"``).
         overwrite: replace an existing export folder (only a folder that holds an export or
             nothing is ever deleted).
-        calibration_sentences: STS-B train sentences used to calibrate int8.
+        calibration_sentences: STS-B train inputs used to calibrate int8 (a third of them as
+            ``[instruction, text]`` pairs; the per-layer sensitivity uses the first 48).
         progress: print each step (export, calibration, quantization, validation) with its time
             to stderr (the CLI sets it).
 
@@ -174,40 +175,57 @@ def _convert(onnx_model, precision: str, encoder, n_calibration: int, info: dict
 
 
 def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
-    """Per-token int8 ``MatMulInteger`` on the MatMuls calibration allows, plain fp32 MatMuls
-    elsewhere, fp16 embedding table (see ``calibrate`` and ``quantize.rowwise_int8_matmuls``)."""
+    """Per-token int8 ``MatMulInteger`` in the decoder layers calibration allows, plain fp32
+    MatMuls elsewhere, fp16 embedding table (see ``calibrate`` and ``quantize.rowwise_int8_matmuls``)."""
     import copy
 
     from . import quantize
-    from .calibrate import calibration_sentences, int8_error_by_node, select_int8_nodes
+    from .calibrate import (
+        SENSITIVITY_INPUTS,
+        calibration_inputs,
+        decoder_layer_linears,
+        int8_layer_sensitivity,
+        select_int8_layers,
+        simulated_int8_embedder,
+    )
 
-    texts = calibration_sentences(n_calibration)
-    say(f"calibration: int8 error of every MatMul on {len(texts)} STS-B train sentences (torch)")
-    errors, reference = int8_error_by_node(encoder, texts)
-    items = encoder.tokenize(texts)
+    inputs = calibration_inputs(n_calibration)
+    say(f"calibration: fp32 embeddings of {len(inputs)} STS-B train inputs ({sum(isinstance(x, list) for x in inputs)} with instructions)")
+    with torch.no_grad():
+        reference = np.asarray(encoder.encode(inputs, batch_size=32, show_progress_bar=False, convert_to_numpy=True))
+    probe = inputs[:SENSITIVITY_INPUTS]
+    say(f"calibration: int8 sensitivity of each decoder layer on {len(probe)} inputs (torch)")
+    sensitivity = int8_layer_sensitivity(encoder, probe, reference[: len(probe)], progress=lambda m: say(f"calibration: {m}"))
+    items = encoder.tokenize(inputs)
     feeds = []
     for idx in encoder._batches(items, 32):
         batch = encoder.padded_batch([items[i] for i in idx])
         feeds.append((idx, {name: batch[name].astype(np.int64) for name in INPUT_NAMES}))
 
-    def embed(names: set[str]) -> np.ndarray:
+    def onnx_embed(names: set[str]) -> np.ndarray:
         session = make_session(quantize.rowwise_int8_matmuls(copy.deepcopy(fp32_model), names), work / "calibration", basic=True)
         out = np.zeros((len(items), reference.shape[1]), np.float32)
         for idx, feed in feeds:
             out[idx] = session.run([OUTPUT_NAME], feed)[0]
         return out
 
-    candidates = quantize.weight_matmuls(fp32_model)
-    chosen, summary = select_int8_nodes(candidates, errors, embed, reference, progress=lambda m: say(f"calibration: {m}"))
+    graph_matmuls = set(quantize.weight_matmuls(fp32_model))
+    layers = [[n for n in layer if n in graph_matmuls] for layer in decoder_layer_linears(encoder)]
+    chosen, summary = select_int8_layers(
+        layers, sensitivity, simulated_int8_embedder(encoder, inputs), reference, confirm=onnx_embed,
+        progress=lambda m: say(f"calibration: {m}"),
+    )
     info["quantization"] = {
-        "method": "MatMulInteger (ONNX Runtime MLAS u8 x s8 GEMM) with per-token rescaling on the calibrated MatMuls, fp32 MatMul elsewhere",
+        "method": "MatMulInteger (ONNX Runtime MLAS u8 x s8 GEMM) with per-token rescaling in the calibrated decoder layers, fp32 MatMul elsewhere",
         "weights": f"int8 symmetric per output column, {quantize.INT8_WEIGHT_LEVELS} levels each side (7-bit, reduce_range)",
         "activations": f"int8 symmetric, dynamic, one scale per token (row), {quantize.ROW_ACTIVATION_LEVELS} levels each side, stored as uint8 + 128",
         "embedding": "fp16",
-        "calibration_sentences": len(texts),
+        "calibration_inputs": len(inputs),
+        "sensitivity_inputs": len(probe),
+        "fp32_matmuls": sorted(graph_matmuls - chosen),
         **summary,
     }
-    say(f"quantization: {len(chosen)} of {len(candidates)} MatMuls int8")
+    say(f"quantization: {len(chosen)} of {len(graph_matmuls)} MatMuls int8 ({len(summary['int8_layers'])} of {len(layers)} layers)")
     return quantize.embeddings_to_fp16(quantize.rowwise_int8_matmuls(fp32_model, chosen))
 
 

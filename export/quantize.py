@@ -1,16 +1,17 @@
 """Quantization of an exported fp32 graph for int8 and int4 (ONNX Runtime ops only).
 
 * **int8** -- the MatMuls chosen by calibration become an int8 product with **one activation
-  scale per token** (:func:`rowwise_int8_matmuls`): ONNX ``MatMulInteger`` (the MLAS u8 x s8 GEMM)
-  between the activations, quantized at run time to symmetric int8 with a per-row scale and
-  stored as uint8 + 128, and int8 weights with one scale per output column, symmetric, 7-bit
-  range (AVX2 without VNNI multiplies u8 x s8 with ``vpmaddubsw``, whose int16 pair sums
-  saturate with full-range weights -- measured: cosine 0.16 with 8-bit per-column weights); the
-  int32 result is rescaled by row scale x column scale. ONNX Runtime's fused dynamic int8 ops
-  (``DynamicQuantizeMatMul``, :func:`dynamic_int8_matmuls`, and ``MatMulIntegerToFloat``) take a
-  single activation scale per tensor, so one attention-sink token (residual values ~13,000 in the
-  untrained bidirectional SmolLM2) sets the step for every other token of the batch; the per-row
-  scheme needs these few elementwise nodes written into the graph instead.
+  scale per token** (:func:`rowwise_int8_matmuls`): ``MatMulIntegerToFloat`` (the MLAS u8 x s8
+  GEMM, per-column rescale in its epilogue) between the activations, quantized at run time to
+  symmetric int8 with a per-row scale and stored as uint8 + 128 (one ``QuantizeLinear``), and
+  int8 weights with one scale per output column, symmetric, 7-bit range (AVX2 without VNNI
+  multiplies u8 x s8 with ``vpmaddubsw``, whose int16 pair sums saturate with full-range weights
+  -- measured: cosine 0.16 with 8-bit per-column weights); one ``Mul`` applies the row scale.
+  ONNX Runtime's fused dynamic int8 ops (``DynamicQuantizeMatMul``, :func:`dynamic_int8_matmuls`,
+  and ``MatMulIntegerToFloat``'s own activation scale) take a single activation scale per tensor,
+  so one attention-sink token (residual values ~13,000 in the untrained bidirectional SmolLM2)
+  sets the step for every other token of the batch; the per-row scale is written into the graph
+  instead (4 full passes over the activations per quantized input).
 * **int4** (and the 8-bit MatMulNBits helpers below) -- every MatMul with a constant weight becomes an ONNX Runtime ``MatMulNBits``
   (block-wise weights, block 32 along the input dimension, min-max asymmetric). The offset of
   each block is kept *unrounded*:
@@ -249,12 +250,15 @@ ROW_ACTIVATION_LEVELS = 127  # symmetric int8 activations, stored as uint8 with 
 
 def rowwise_int8_matmuls(model: onnx.ModelProto, names: set[str], weight_levels: int = INT8_WEIGHT_LEVELS) -> onnx.ModelProto:
     """Replace the MatMul nodes in ``names`` by an int8 product with one activation scale per row
-    (token): ``s = max|x| / 127`` over the last axis, ``q = round(x / s) + 128`` as uint8 (zero
-    point 128 keeps the u8 x s8 MLAS kernel of ``MatMulInteger``), symmetric per-column int8
-    weights, ``y = float(q @ Wq) * s * w_scale``. ONNX Runtime's fused int8 ops
-    (``DynamicQuantizeMatMul``, ``MatMulIntegerToFloat``) take one activation scale per tensor,
-    which lets one token with huge activations set the step for all others; here each token
-    gets its own. Modifies ``model``."""
+    (token): ``m = max|x|`` over the last axis, ``q = round(x * 127 / m) + 128`` as uint8 (zero
+    point 128 keeps the u8 x s8 MLAS kernel), symmetric per-column int8 weights,
+    ``y = ((q - 128) @ Wq) * w_scale * (m / 127)``. ONNX Runtime's fused int8 ops
+    (``DynamicQuantizeMatMul``, ``MatMulIntegerToFloat``'s activation scale) take one activation
+    scale per tensor, which lets one token with huge activations set the step for all others; here
+    each token gets its own. Few full passes over the activations: ``Abs`` + ``ReduceMax``, one
+    ``Mul`` by the per-row inverse step and one ``QuantizeLinear`` (round half to even, +128,
+    saturate, cast) in; ``MatMulIntegerToFloat`` (int8 GEMM with the per-column rescale in its
+    epilogue) and one per-row ``Mul`` out. Modifies ``model``."""
     ed = _GraphEditor(model)
     nodes: list = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
@@ -262,10 +266,9 @@ def rowwise_int8_matmuls(model: onnx.ModelProto, names: set[str], weight_levels:
     axes_in, axes_attr = ([ed.const("rowq/axis_last", np.array([-1], np.int64))], {}) if opset >= 18 else ([], {"axes": [-1]})
     levels = ed.const("rowq/levels", np.array(ROW_ACTIVATION_LEVELS, np.float32))
     tiny = ed.const("rowq/tiny", np.array(1e-30, np.float32))
-    lo, hi = ed.const("rowq/lo", np.array(-ROW_ACTIVATION_LEVELS, np.float32)), ed.const("rowq/hi", np.array(ROW_ACTIVATION_LEVELS, np.float32))
-    shift = ed.const("rowq/shift", np.array(128, np.float32))
+    one = ed.const("rowq/one", np.array(1.0, np.float32))
     a_zero = ed.const("rowq/a_zero_point", np.array(128, np.uint8))
-    quantized: dict[str, tuple[str, str]] = {}  # x -> (uint8 codes, row scale), shared by q/k/v and gate/up
+    quantized: dict[str, tuple[str, str]] = {}  # x -> (uint8 codes, row step), shared by q/k/v and gate/up
     for node in model.graph.node:
         w = ed.weight(node.input[1]) if node.op_type == "MatMul" and node.name in names else None
         if w is None or w.ndim != 2:
@@ -278,23 +281,25 @@ def rowwise_int8_matmuls(model: onnx.ModelProto, names: set[str], weight_levels:
                 helper.make_node("Abs", [x], [f"{t}/abs"], name=f"{t}/Abs"),
                 helper.make_node("ReduceMax", [f"{t}/abs", *axes_in], [f"{t}/max"], name=f"{t}/ReduceMax", keepdims=1, **axes_attr),
                 helper.make_node("Max", [f"{t}/max", tiny], [f"{t}/max_safe"], name=f"{t}/MaxTiny"),
-                helper.make_node("Div", [f"{t}/max_safe", levels], [f"{t}/scale"], name=f"{t}/Scale"),
-                helper.make_node("Div", [x, f"{t}/scale"], [f"{t}/scaled"], name=f"{t}/Div"),
-                helper.make_node("Round", [f"{t}/scaled"], [f"{t}/rounded"], name=f"{t}/Round"),
-                helper.make_node("Clip", [f"{t}/rounded", lo, hi], [f"{t}/clipped"], name=f"{t}/Clip"),
-                helper.make_node("Add", [f"{t}/clipped", shift], [f"{t}/shifted"], name=f"{t}/Shift"),
-                helper.make_node("Cast", [f"{t}/shifted"], [f"{t}/codes"], name=f"{t}/CastU8", to=onnx.TensorProto.UINT8),
+                helper.make_node("Div", [levels, f"{t}/max_safe"], [f"{t}/inverse_step"], name=f"{t}/InverseStep"),
+                helper.make_node("Div", [f"{t}/max_safe", levels], [f"{t}/step"], name=f"{t}/Step"),
+                helper.make_node("Mul", [x, f"{t}/inverse_step"], [f"{t}/scaled"], name=f"{t}/Scale"),
+                # |scaled| <= 127: round half to even, + 128, saturate to uint8 in one op
+                helper.make_node("QuantizeLinear", [f"{t}/scaled", one, a_zero], [f"{t}/codes"], name=f"{t}/Codes"),
             ]
-            quantized[x] = (f"{t}/codes", f"{t}/scale")
-        codes, row_scale = quantized[x]
+            quantized[x] = (f"{t}/codes", f"{t}/step")
+        codes, row_step = quantized[x]
         q, col_scale = quantize_columns(w, weight_levels)
         nodes += [
-            helper.make_node("MatMulInteger", [codes, ed.const(f"{base}/W_int8", q), a_zero], [f"{base}/acc"], name=f"{base}_int8"),
-            helper.make_node("Cast", [f"{base}/acc"], [f"{base}/acc_f"], name=f"{base}/CastF", to=onnx.TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{base}/acc_f", row_scale], [f"{base}/row_scaled"], name=f"{base}/RowScale"),
-            helper.make_node("Mul", [f"{base}/row_scaled", ed.const(f"{base}/W_scale", col_scale)], list(node.output), name=f"{base}/ColScale"),
+            helper.make_node(
+                "MatMulIntegerToFloat",
+                [codes, ed.const(f"{base}/W_int8", q), one, ed.const(f"{base}/W_scale", col_scale), a_zero],
+                [f"{base}/col_scaled"], name=f"{base}_int8", domain=MS_DOMAIN,
+            ),
+            helper.make_node("Mul", [f"{base}/col_scaled", row_step], list(node.output), name=f"{base}/RowScale"),
         ]
         ed.drop_if_unused(node.input[1])
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
+    _ensure_ms_opset(model)
     return ed.finish()

@@ -7,6 +7,7 @@ default-model exports are ``slow`` (``--runslow``).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,22 +101,24 @@ def test_int_precisions_use_matmulnbits_and_shrink(tiny_exports):
 
 def test_int8_runs_calibrated_matmuls_in_int8(tiny_exports):
     """The tiny random Llama is well-behaved: calibration puts every decoder MatMul in int8, and
-    the graph holds exactly the reported MatMulInteger nodes with 7-bit int8 weights, fed by one
+    the graph holds exactly the reported MatMulIntegerToFloat nodes with 7-bit int8 weights, fed by one
     per-token quantization per distinct input (q/k/v and gate/up share theirs)."""
     from onnx import numpy_helper
 
     folder = tiny_exports["int8"]
     q = json.loads((folder / "export_report.json").read_text())["quantization"]
     model = onnx.load(str(folder / "model.onnx"))
-    int8 = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    int8 = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert len(int8) == q["int8_matmuls"] == 14 and q["fp32_matmuls"] == []  # 2 layers x 7 projections
+    assert q["int8_layers"] == [0, 1] and q["fp32_layers"] == [] and len(q["layer_sensitivity"]) == 2
     assert "per token" in q["activations"]
     assert q["calibration_min_cos"] >= q["calibration_thresholds"]["min_cos"]
-    assert q["calibration_trials"][0]["int8_nodes"] == 14  # all-int8 tried first
+    # all-int8 tried first (torch simulation), then confirmed on the real graph
+    assert [(t["int8_layers"], t["engine"]) for t in q["calibration_trials"]] == [(2, "torch"), (2, "onnxruntime")]
     inits = {t.name: t for t in model.graph.initializer}
     w = numpy_helper.to_array(inits[int8[0].input[1]])
     assert w.dtype == np.int8 and np.abs(w).max() <= 63  # no vpmaddubsw saturation on AVX2
-    assert numpy_helper.to_array(inits[int8[0].input[2]]).tolist() == 128  # u8 codes, zero point 128
+    assert numpy_helper.to_array(inits[int8[0].input[4]]).tolist() == 128  # u8 codes, zero point 128
     # q/k/v share one quantized input, gate/up another, o_proj and down_proj their own: 4 per layer
     assert sum(n.op_type == "ReduceMax" for n in model.graph.node) == 2 * 4
     assert not any(n.op_type == "MatMul" and n.input[1] in inits and "/layers." in n.name for n in model.graph.node)
@@ -173,7 +176,7 @@ def test_rowwise_int8_isolates_outlier_tokens(opset):
 
     rowwise = _one_matmul_model(w, opset)
     rowwise = rowwise_int8_matmuls(rowwise, {"/proj/MatMul", "/act/MatMul"})
-    assert {n.op_type for n in rowwise.graph.node} >= {"MatMulInteger", "MatMul", "ReduceMax"}
+    assert {n.op_type for n in rowwise.graph.node} >= {"MatMulIntegerToFloat", "QuantizeLinear", "MatMul", "ReduceMax"}
     err = rel_err(rowwise)
     normal = np.ones(err.shape, bool)
     normal[0, 0] = normal[1, 4] = False
@@ -182,40 +185,66 @@ def test_rowwise_int8_isolates_outlier_tokens(opset):
     assert per_tensor[normal].min() > 0.5
 
 
-def test_int8_calibration_names_match_the_graph(tiny_encoder, tiny_exports):
-    """Every decoder Linear's measured error is keyed by an existing MatMul of the exported graph."""
-    from llm2vec_fast.export.calibrate import int8_error_by_node
-    from llm2vec_fast.export.quantize import weight_matmuls
+def test_int8_simulation_matches_the_graph(tiny_encoder, tiny_exports):
+    """Calibration's torch simulation names every decoder Linear by its MatMul in the exported
+    graph, computes what the per-token int8 graph computes, and restores the encoder after."""
+    import copy
 
-    errors, embeddings = int8_error_by_node(tiny_encoder, ["A man plays guitar.", "Dogs run in the park."])
-    names = set(weight_matmuls(onnx.load(str(tiny_exports["fp32"] / "model.onnx"))))
-    assert set(errors) <= names and len(errors) == 14
-    assert all(0 < e < 0.2 for e in errors.values())
-    np.testing.assert_allclose(embeddings, tiny_encoder.encode(["A man plays guitar.", "Dogs run in the park."], convert_to_numpy=True), atol=1e-5)
+    from llm2vec_fast.export.calibrate import decoder_layer_linears, simulated_int8_embedder
+    from llm2vec_fast.export.exporter import make_session
+    from llm2vec_fast.export.quantize import rowwise_int8_matmuls, weight_matmuls
+    from llm2vec_fast.export.wrapper import INPUT_NAMES, OUTPUT_NAME
+
+    fp32_graph = onnx.load(str(tiny_exports["fp32"] / "model.onnx"))
+    layers = decoder_layer_linears(tiny_encoder)
+    assert len(layers) == 2 and set().union(*layers) == set(weight_matmuls(fp32_graph))
+    inputs = ["A man plays guitar.", "Dogs run in the park.", ["Find a paraphrase of the given sentence", "It rains."]]
+    before = tiny_encoder.encode(inputs, convert_to_numpy=True)
+    layer1 = set(layers[1])
+    simulated = simulated_int8_embedder(tiny_encoder, inputs)(layer1)
+    items = tiny_encoder.tokenize(inputs)
+    batch = tiny_encoder.padded_batch(items)
+    session = make_session(rowwise_int8_matmuls(copy.deepcopy(fp32_graph), layer1), Path("unused"), basic=True)
+    graph = session.run([OUTPUT_NAME], {n: batch[n].astype(np.int64) for n in INPUT_NAMES})[0]
+    int8_effect = np.abs(simulated - before).max()
+    assert int8_effect > 1e-3  # the simulation changes something
+    # same scheme: QuantizeLinear adds the zero point before rounding in fp32, so a value within
+    # ~1e-5 of a half step can land one code away; that is far below the int8 effect itself
+    assert np.abs(graph - simulated).max() < 0.1 * int8_effect
+    assert cosine_rows(graph, simulated).min() > 0.99999
+    np.testing.assert_array_equal(tiny_encoder.encode(inputs, convert_to_numpy=True), before)  # restored
 
 
-def test_select_int8_nodes_keeps_the_largest_passing_prefix():
-    from llm2vec_fast.export.calibrate import select_int8_nodes
+def test_select_int8_layers_keeps_the_least_sensitive_passing_prefix():
+    """Layers go int8 from the least sensitive up: all first, then a binary search; the graph
+    check shortens a prefix the simulation let through."""
+    from llm2vec_fast.export.calibrate import select_int8_layers
 
-    names = [f"n{i}" for i in range(20)]
-    errors = {n: float(i) for i, n in enumerate(names)}  # n0 least sensitive
-    errors["n19"] = -1.0  # measured smallest: goes first
+    layers = [[f"l{i}.q", f"l{i}.k"] for i in range(10)]
+    sensitivity = [(0.9999 - 0.001 * i, 1.0) for i in range(10)]  # layer 0 least sensitive ...
+    sensitivity[9] = (1.0, 1.0)  # ... but layer 9 measured harmless: goes first
     reference = np.eye(4, dtype=np.float32)
-    calls = []
 
-    def embed(chosen):
-        calls.append(len(chosen))
-        bad = [n for n in chosen if n in ("n7", "n12")]  # these two break fidelity
-        out = reference.copy()
-        out[0, 1] = 0.5 * len(bad)
-        return out
+    def model(bad_layers):
+        def embed(chosen):
+            calls.append(len(chosen) // 2)
+            out = reference.copy()
+            out[0, 1] = 0.5 * sum(f"l{i}.q" in chosen for i in bad_layers)
+            return out
 
-    chosen, summary = select_int8_nodes(names, errors, embed, reference, min_cos=0.99, mean_cos=0.99)
-    assert chosen == {"n19", *[f"n{i}" for i in range(7)]}
-    assert summary["int8_matmuls"] == 8 and summary["fp32_matmuls"][0] == "n7"
-    assert calls[0] == 20 and len(calls) <= 7  # all-int8 first, then a binary search
-    chosen, summary = select_int8_nodes(names, errors, lambda c: reference, reference)
-    assert len(chosen) == 20 and summary["calibration_trials"] == [{"int8_nodes": 20, "min_cos": 1.0, "mean_cos": 1.0}]
+        return embed
+
+    calls: list[int] = []
+    chosen, summary = select_int8_layers(layers, sensitivity, model({6, 8}), reference, min_cos=0.99, mean_cos=0.99)
+    assert chosen == {n for i in (9, 0, 1, 2, 3, 4, 5) for n in layers[i]}
+    assert summary["int8_layers"] == [0, 1, 2, 3, 4, 5, 9] and summary["fp32_layers"] == [6, 7, 8]
+    assert calls[0] == 10 and len(calls) <= 5  # all-int8 first, then a binary search
+    calls.clear()
+    chosen, summary = select_int8_layers(layers, sensitivity, model({6, 8}), reference, confirm=model({4}), min_cos=0.99, mean_cos=0.99)
+    assert summary["int8_layers"] == [0, 1, 2, 3, 9]  # the graph disagreed on layer 4
+    assert [t["engine"] for t in summary["calibration_trials"]][-3:] == ["onnxruntime"] * 3
+    chosen, summary = select_int8_layers(layers, sensitivity, lambda c: reference, reference)
+    assert len(chosen) == 20 and summary["calibration_trials"] == [{"int8_layers": 10, "engine": "torch", "min_cos": 1.0, "mean_cos": 1.0}]
 
 
 def test_int8_weight_quantization_is_symmetric_7bit():
