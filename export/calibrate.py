@@ -9,7 +9,7 @@ of layers 12-26 keeps it above 0.998. How much error a MatMul makes locally says
 this (the previous calibration sorted by local error and stopped at 2 MatMuls), so we measure
 what matters, the embeddings:
 
-1. **sensitivity** (:func:`int8_layer_sensitivity`): one torch pass per decoder layer over a
+1. **sensitivity** (:meth:`Int8Simulator.layer_sensitivity`): one torch pass per decoder layer over a
    subset of the calibration inputs, with the int8 scheme simulated on that layer's ``nn.Linear``
    modules only (the same per-token activation and per-column weight rounding as the graph),
    scored by min / mean cosine to the fp32 embeddings;
@@ -123,23 +123,6 @@ def _fake_int8_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy((q.astype(np.float32) * scale).T.copy()).to(weight.device, weight.dtype)
 
 
-@contextlib.contextmanager
-def simulated_int8(modules: Sequence[nn.Linear]) -> Iterator[None]:
-    """Run ``modules`` with the int8 scheme simulated in torch (int8-rounded weights swapped in,
-    inputs rounded per token by a pre-hook); everything is restored on exit."""
-    saved = [(m, m.weight.data) for m in modules]
-    hooks = [m.register_forward_pre_hook(lambda mod, args: (_fake_int8_rows(args[0]), *args[1:])) for m in modules]
-    try:
-        for m, w in saved:
-            m.weight.data = _fake_int8_weight(w)
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, w in saved:
-            m.weight.data = w
-
-
 def _embed(encoder, inputs: Sequence, batch_size: int) -> np.ndarray:
     return np.asarray(encoder.encode(list(inputs), batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True))
 
@@ -149,32 +132,52 @@ def _cos_summary(embeddings: np.ndarray, reference: np.ndarray) -> tuple[float, 
     return float(c.min()), float(c.mean())
 
 
-@torch.no_grad()
-def int8_layer_sensitivity(
-    encoder, inputs: Sequence, reference: np.ndarray, batch_size: int = 32, progress: Callable[[str], None] | None = None
-) -> list[tuple[float, float]]:
-    """``(min cos, mean cos)`` of the embeddings of ``inputs`` to ``reference`` (their fp32
-    embeddings) with int8 simulated on one decoder layer at a time, per layer."""
-    out = []
-    layers = decoder_layer_linears(encoder)
-    for i, linears in enumerate(layers):
-        with simulated_int8(list(linears.values())):
-            out.append(_cos_summary(_embed(encoder, inputs, batch_size), reference))
-        if progress and (i + 1) % 10 == 0 or progress and i + 1 == len(layers):
-            progress(f"sensitivity of {i + 1}/{len(layers)} layers measured")
-    return out
+class Int8Simulator:
+    """The int8 scheme simulated in torch on chosen decoder MatMuls of ``encoder``: int8-rounded
+    weights swapped in (rounded once, cached), inputs rounded per token by a pre-hook;
+    everything is restored after each use."""
 
+    def __init__(self, encoder, batch_size: int = 32):
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.layers = decoder_layer_linears(encoder)
+        self.modules = {name: m for layer in self.layers for name, m in layer.items()}
+        self._rounded: dict[str, torch.Tensor] = {}
 
-def simulated_int8_embedder(encoder, inputs: Sequence, batch_size: int = 32) -> Callable[[set[str]], np.ndarray]:
-    """``embed(names)``: the embeddings of ``inputs`` with int8 simulated on the MatMuls ``names``."""
-    modules = {name: m for layer in decoder_layer_linears(encoder) for name, m in layer.items()}
+    @contextlib.contextmanager
+    def applied(self, names: set[str]) -> Iterator[None]:
+        chosen = [(n, self.modules[n]) for n in sorted(names) if n in self.modules]
+        saved = [(m, m.weight.data) for _, m in chosen]
+        hooks = [m.register_forward_pre_hook(lambda mod, args: (_fake_int8_rows(args[0]), *args[1:])) for _, m in chosen]
+        try:
+            for name, m in chosen:
+                if name not in self._rounded:
+                    self._rounded[name] = _fake_int8_weight(m.weight.data)
+                m.weight.data = self._rounded[name]
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, w in saved:
+                m.weight.data = w
 
     @torch.no_grad()
-    def embed(names: set[str]) -> np.ndarray:
-        with simulated_int8([modules[n] for n in names if n in modules]):
-            return _embed(encoder, inputs, batch_size)
+    def embed(self, names: set[str], inputs: Sequence) -> np.ndarray:
+        """Embeddings of ``inputs`` with int8 simulated on the MatMuls ``names``."""
+        with self.applied(names):
+            return _embed(self.encoder, inputs, self.batch_size)
 
-    return embed
+    def layer_sensitivity(
+        self, inputs: Sequence, reference: np.ndarray, progress: Callable[[str], None] | None = None
+    ) -> list[tuple[float, float]]:
+        """``(min cos, mean cos)`` of the embeddings of ``inputs`` to ``reference`` (their fp32
+        embeddings) with int8 simulated on one decoder layer at a time, per layer."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            out.append(_cos_summary(self.embed(set(layer), inputs), reference))
+            if progress and ((i + 1) % 10 == 0 or i + 1 == len(self.layers)):
+                progress(f"sensitivity of {i + 1}/{len(self.layers)} layers measured")
+        return out
 
 
 def select_int8_layers(

@@ -180,14 +180,7 @@ def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
     import copy
 
     from . import quantize
-    from .calibrate import (
-        SENSITIVITY_INPUTS,
-        calibration_inputs,
-        decoder_layer_linears,
-        int8_layer_sensitivity,
-        select_int8_layers,
-        simulated_int8_embedder,
-    )
+    from .calibrate import SENSITIVITY_INPUTS, Int8Simulator, calibration_inputs, select_int8_layers
 
     inputs = calibration_inputs(n_calibration)
     say(f"calibration: fp32 embeddings of {len(inputs)} STS-B train inputs ({sum(isinstance(x, list) for x in inputs)} with instructions)")
@@ -195,7 +188,8 @@ def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
         reference = np.asarray(encoder.encode(inputs, batch_size=32, show_progress_bar=False, convert_to_numpy=True))
     probe = inputs[:SENSITIVITY_INPUTS]
     say(f"calibration: int8 sensitivity of each decoder layer on {len(probe)} inputs (torch)")
-    sensitivity = int8_layer_sensitivity(encoder, probe, reference[: len(probe)], progress=lambda m: say(f"calibration: {m}"))
+    simulator = Int8Simulator(encoder)
+    sensitivity = simulator.layer_sensitivity(probe, reference[: len(probe)], progress=lambda m: say(f"calibration: {m}"))
     items = encoder.tokenize(inputs)
     feeds = []
     for idx in encoder._batches(items, 32):
@@ -210,9 +204,9 @@ def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
         return out
 
     graph_matmuls = set(quantize.weight_matmuls(fp32_model))
-    layers = [[n for n in layer if n in graph_matmuls] for layer in decoder_layer_linears(encoder)]
+    layers = [[n for n in layer if n in graph_matmuls] for layer in simulator.layers]
     chosen, summary = select_int8_layers(
-        layers, sensitivity, simulated_int8_embedder(encoder, inputs), reference, confirm=onnx_embed,
+        layers, sensitivity, lambda names: simulator.embed(names, inputs), reference, confirm=onnx_embed,
         progress=lambda m: say(f"calibration: {m}"),
     )
     info["quantization"] = {

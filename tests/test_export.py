@@ -190,18 +190,19 @@ def test_int8_simulation_matches_the_graph(tiny_encoder, tiny_exports):
     graph, computes what the per-token int8 graph computes, and restores the encoder after."""
     import copy
 
-    from llm2vec_fast.export.calibrate import decoder_layer_linears, simulated_int8_embedder
+    from llm2vec_fast.export.calibrate import Int8Simulator
     from llm2vec_fast.export.exporter import make_session
     from llm2vec_fast.export.quantize import rowwise_int8_matmuls, weight_matmuls
     from llm2vec_fast.export.wrapper import INPUT_NAMES, OUTPUT_NAME
 
     fp32_graph = onnx.load(str(tiny_exports["fp32"] / "model.onnx"))
-    layers = decoder_layer_linears(tiny_encoder)
+    simulator = Int8Simulator(tiny_encoder)
+    layers = simulator.layers
     assert len(layers) == 2 and set().union(*layers) == set(weight_matmuls(fp32_graph))
     inputs = ["A man plays guitar.", "Dogs run in the park.", ["Find a paraphrase of the given sentence", "It rains."]]
     before = tiny_encoder.encode(inputs, convert_to_numpy=True)
     layer1 = set(layers[1])
-    simulated = simulated_int8_embedder(tiny_encoder, inputs)(layer1)
+    simulated = simulator.embed(layer1, inputs)
     items = tiny_encoder.tokenize(inputs)
     batch = tiny_encoder.padded_batch(items)
     session = make_session(rowwise_int8_matmuls(copy.deepcopy(fp32_graph), layer1), Path("unused"), basic=True)
@@ -213,6 +214,9 @@ def test_int8_simulation_matches_the_graph(tiny_encoder, tiny_exports):
     assert np.abs(graph - simulated).max() < 0.1 * int8_effect
     assert cosine_rows(graph, simulated).min() > 0.99999
     np.testing.assert_array_equal(tiny_encoder.encode(inputs, convert_to_numpy=True), before)  # restored
+    np.testing.assert_array_equal(simulator.embed(layer1, inputs), simulated)  # cached weights: same result
+    sensitivity = simulator.layer_sensitivity(inputs, before)
+    assert len(sensitivity) == 2 and all(0.9 < lo <= mean < 1.0 for lo, mean in sensitivity)
 
 
 def test_select_int8_layers_keeps_the_least_sensitive_passing_prefix():
@@ -426,15 +430,23 @@ def test_nothing_imports_a_top_level_export_module():
 
 
 # ------------------------------------------------------------------------------ bench_onnx
-def _bench_module():
+def _bench_module(name: str = "bench_onnx"):
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_onnx.py"
-    spec = importlib.util.spec_from_file_location("bench_onnx", path)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_bench_int8_gemm_smoke(tmp_path):
+    """The int8 GEMM roofline runs every decoder shape and reports speed-ups from the same run."""
+    out = tmp_path / "gemm.json"
+    assert _bench_module("bench_int8_gemm").main(["--quick", "--tokens", "32", "--threads", "1", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["matmul"] for r in rows] == ["q/o_proj", "k/v_proj", "gate/up_proj", "down_proj"]
+    assert all(r["fp32_gflops"] > 0 and r["MatMulIntegerToFloat_speedup"] > 0 and r["DynamicQuantizeMatMul_speedup"] > 0 for r in rows)
 
 
 def _fake_result(speedup: float) -> dict:
