@@ -1,5 +1,5 @@
-"""Regenerate the README's result tables from the benchmarks' JSON: the CPU serve, dataset and
-recipe Matryoshka tables, and the GPU suite's tables (encode, attention, pooling, first embedding)
+"""Regenerate the README's result tables from the benchmarks' JSON: the CPU int8 GEMM, serve,
+dataset and recipe Matryoshka tables, and the GPU suite's tables (encode, attention, pooling, first embedding)
 of every card that has results.
 
     python benchmarks/readme_results.py          # rewrites the text between the README markers
@@ -177,7 +177,24 @@ def matryoshka_table(result: dict) -> str:
     return markdown_table(result)
 
 
+def int8_gemm_table(result: dict) -> str:
+    lines = [
+        f"{result['cpu']} ({', '.join(result['cpu_flags'])}), {result['threads']} threads, M = {result['rows'][0]['m']} rows, "
+        f"load average {result['load_before']:.2f} before the run; speed-up vs ONNX Runtime's fp32 `MatMul` in the same run.",
+        "",
+        "| decoder MatMul | M x K x N | fp32 ms | fp32 GFLOP/s | `MatMulIntegerToFloat` | `DynamicQuantizeMatMul` |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['matmul']} | {r['m']} x {r['k']} x {r['n']} | {r['fp32_ms']:.2f} | {r['fp32_gflops']:.0f} | "
+            f"{r['MatMulIntegerToFloat_speedup']:.2f}x | {r['DynamicQuantizeMatMul_speedup']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "int8-gemm-cpu": ("int8-gemm-cpu.json", int8_gemm_table),
     "serve-cpu": ("serve-cpu.json", serve_table),
     "encode_dataset-cpu": ("encode_dataset-cpu.json", dataset_table),
     "recipe-matryoshka": ("recipe_matryoshka.json", matryoshka_table),

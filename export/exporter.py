@@ -67,7 +67,7 @@ def export_onnx(
         overwrite: replace an existing export folder (only a folder that holds an export or
             nothing is ever deleted).
         calibration_sentences: STS-B train inputs used to calibrate int8 (a third of them as
-            ``[instruction, text]`` pairs; the per-layer sensitivity uses the first 48).
+            ``[instruction, text]`` pairs; the per-layer sensitivity uses the first 32).
         progress: print each step (export, calibration, quantization, validation) with its time
             to stderr (the CLI sets it).
 

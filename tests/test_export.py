@@ -110,7 +110,7 @@ def test_int8_runs_calibrated_matmuls_in_int8(tiny_exports):
     model = onnx.load(str(folder / "model.onnx"))
     int8 = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert len(int8) == q["int8_matmuls"] == 14 and q["fp32_matmuls"] == []  # 2 layers x 7 projections
-    assert q["int8_layers"] == [0, 1] and q["fp32_layers"] == [] and len(q["layer_sensitivity"]) == 2
+    assert q["int8_layers"] == [0, 1] and q["fp32_layers"] == q["fp32_layers_alone"] == [] and len(q["layer_sensitivity"]) == 2
     assert "per token" in q["activations"]
     assert q["calibration_min_cos"] >= q["calibration_thresholds"]["min_cos"]
     # all-int8 tried first (torch simulation), then confirmed on the real graph
@@ -249,6 +249,11 @@ def test_select_int8_layers_keeps_the_least_sensitive_passing_prefix():
     assert [t["engine"] for t in summary["calibration_trials"]][-3:] == ["onnxruntime"] * 3
     chosen, summary = select_int8_layers(layers, sensitivity, lambda c: reference, reference)
     assert len(chosen) == 20 and summary["calibration_trials"] == [{"int8_layers": 10, "engine": "torch", "min_cos": 1.0, "mean_cos": 1.0}]
+    # a layer that fails alone is never tried
+    calls.clear()
+    sensitivity[3] = (0.5, 0.9)
+    chosen, summary = select_int8_layers(layers, sensitivity, model({6, 8}), reference, min_cos=0.99, mean_cos=0.99)
+    assert summary["fp32_layers_alone"] == [3] and summary["int8_layers"] == [0, 1, 2, 4, 5, 9] and calls[0] == 9
 
 
 def test_int8_weight_quantization_is_symmetric_7bit():
