@@ -1,7 +1,7 @@
 """Calibration for int8: choose, decoder layer by decoder layer, where int8 runs.
 
 The int8 product (``quantize.rowwise_int8_matmuls``: int8 activations with one scale per token,
-7-bit per-column weights, ``MatMulInteger``) is harmless in some layers and ruinous in others.
+7-bit per-column weights, ``MatMulIntegerToFloat``) is harmless in some layers and ruinous in others.
 In the untrained bidirectional SmolLM2, layer 11 turns many tokens into values in the thousands
 with a gain that ~1 % upstream error moves by 25-35 %, and the last layers partly cancel those
 values again: int8 on layer 0 *alone* drops the worst sentence to cos 0.35, while int8 on any one

@@ -175,7 +175,7 @@ def _convert(onnx_model, precision: str, encoder, n_calibration: int, info: dict
 
 
 def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
-    """Per-token int8 ``MatMulInteger`` in the decoder layers calibration allows, plain fp32
+    """Per-token int8 ``MatMulIntegerToFloat`` in the decoder layers calibration allows, plain fp32
     MatMuls elsewhere, fp16 embedding table (see ``calibrate`` and ``quantize.rowwise_int8_matmuls``)."""
     import copy
 
@@ -210,7 +210,7 @@ def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
         progress=lambda m: say(f"calibration: {m}"),
     )
     info["quantization"] = {
-        "method": "MatMulInteger (ONNX Runtime MLAS u8 x s8 GEMM) with per-token rescaling in the calibrated decoder layers, fp32 MatMul elsewhere",
+        "method": "MatMulIntegerToFloat (ONNX Runtime MLAS u8 x s8 GEMM, per-column rescale) and a per-token rescale in the calibrated decoder layers, fp32 MatMul elsewhere",
         "weights": f"int8 symmetric per output column, {quantize.INT8_WEIGHT_LEVELS} levels each side (7-bit, reduce_range)",
         "activations": f"int8 symmetric, dynamic, one scale per token (row), {quantize.ROW_ACTIVATION_LEVELS} levels each side, stored as uint8 + 128",
         "embedding": "fp16",
