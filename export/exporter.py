@@ -184,11 +184,10 @@ def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
 
     inputs = calibration_inputs(n_calibration)
     say(f"calibration: fp32 embeddings of {len(inputs)} STS-B train inputs ({sum(isinstance(x, list) for x in inputs)} with instructions)")
-    with torch.no_grad():
-        reference = np.asarray(encoder.encode(inputs, batch_size=32, show_progress_bar=False, convert_to_numpy=True))
+    simulator = Int8Simulator(encoder)
+    reference = simulator.embed(set(), inputs)  # nothing int8: the fp32 embeddings
     probe = inputs[:SENSITIVITY_INPUTS]
     say(f"calibration: int8 sensitivity of each decoder layer on {len(probe)} inputs (torch)")
-    simulator = Int8Simulator(encoder)
     sensitivity = simulator.layer_sensitivity(probe, reference[: len(probe)], progress=lambda m: say(f"calibration: {m}"))
     items = encoder.tokenize(inputs)
     feeds = []
