@@ -62,9 +62,8 @@ def workloads(args) -> list[tuple[str, list[int]]]:
 
 def build_methods(lengths, args, dtype):
     """``{method: (forward_fn, leaf tensors)}`` for one batch; forward_fn returns a tensor to backprop."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from llm2vec_fast.kernels import cu_seqlens_from_lengths, flash_attn_varlen
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev, hq, hkv, d = DEVICE, args.heads, args.kv_heads, args.head_dim
     n_tok, n_seq, max_len = sum(lengths), len(lengths), max(lengths)

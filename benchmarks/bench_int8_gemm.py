@@ -85,7 +85,7 @@ def measure(m: int, k: int, n: int, threads: int, repeats: int) -> dict:
         ),
     }
     seconds = {name: [] for name in sessions}
-    for r in range(3):  # interleaved rounds
+    for _ in range(3):  # interleaved rounds
         for name, (session, feeds) in sessions.items():
             seconds[name].append(_median_seconds(session, feeds, repeats))
     fp32 = statistics.median(seconds["fp32 MatMul"])

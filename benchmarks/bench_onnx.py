@@ -175,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> dict:
     import torch
-
-    from llm2vec_fast import LLM2Vec
     from llm2vec_fast.export import OnnxEncoder, ValidationConfig, export_onnx
     from llm2vec_fast.export.calibrate import cosine_rows
     from llm2vec_fast.export.precisions import check_precision
+
+    from llm2vec_fast import LLM2Vec
     from llm2vec_fast.stsb import load_stsb, stsb_spearman
 
     precisions = [check_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import resource
@@ -157,6 +156,7 @@ def worker(args) -> dict:
 def _plain_step(stage, stage_name: str, device):
     """The plain HF training step on the same stage object (same model, LoRA and data)."""
     from llm2vec_fast.kernels.pooling_reference import masked_pool_reference
+
     from llm2vec_fast.train.losses import info_nce
     from llm2vec_fast.train.trainer import autocast
 

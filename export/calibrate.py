@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
-
 import re
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch

@@ -83,7 +83,7 @@ class OnnxEncoder(EncodeMixin):
         providers: str | Sequence | None = None,
         num_threads: int | None = None,
         session_options=None,
-    ) -> "OnnxEncoder":
+    ) -> OnnxEncoder:
         """Load an exported folder.
 
         Args:

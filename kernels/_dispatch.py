@@ -17,7 +17,7 @@ import contextlib
 import importlib.util
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

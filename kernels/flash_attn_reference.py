@@ -16,7 +16,7 @@ to all of its own rows (not causal).
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

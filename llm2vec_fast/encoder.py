@@ -16,11 +16,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .bidirectional import is_bidirectional
 from .bidirectional import enable_bidirectional as make_bidirectional
+from .bidirectional import is_bidirectional
+from .encoding import CONFIG_KEYS, KERNEL_POOLING_MODE, EncodeMixin, check_encoder_settings
 from .kernels import masked_pool, masked_pool_varlen
 from .loading import apply_adapters, load_base_model, resolve_model_path
-from .encoding import CONFIG_KEYS, KERNEL_POOLING_MODE, POOLING_MODES, EncodeMixin, check_encoder_settings
 from .packing import DEFAULT_MAX_TOKENS_PER_BATCH, pack, token_budget_batches
 from .prompting import EncodingInput
 from .tokenization import padding_tokenizer
@@ -107,7 +107,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
         packed: bool | None = None,
         max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
         **hf_kwargs,
-    ) -> "LLM2Vec":
+    ) -> LLM2Vec:
         """Load an encoder.
 
         ``model_name_or_path``: ``None`` / ``"default"`` for the embedded SmolLM2-135M-Instruct, or a

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from transformers import AutoModel
 
-from conftest import tiny_config
 from llm2vec_fast import LLM2Vec, UnsupportedArchitectureError, enable_bidirectional
 from llm2vec_fast.bidirectional import is_bidirectional
 

@@ -17,11 +17,11 @@ import threading
 import pytest
 import torch
 from conftest import tiny_config
+from llm2vec_fast.kernels import _dispatch, cu_seqlens_from_lengths, flash_attn_varlen, masked_pool_varlen
 from transformers import AutoModel
 
 from llm2vec_fast.bidirectional import decoder_of, enable_bidirectional
 from llm2vec_fast.encoder import LLM2Vec
-from llm2vec_fast.kernels import _dispatch, cu_seqlens_from_lengths, flash_attn_varlen, masked_pool_varlen
 from llm2vec_fast.packing import pack
 from llm2vec_fast.prompting import EncodingInput
 from llm2vec_fast.varlen_attention import ATTN_IMPLEMENTATION, kernel_backend, packed_hidden_states, use_varlen_attention

@@ -15,8 +15,7 @@ import pytest
 
 from llm2vec_fast import LLM2Vec, encode_dataset
 from llm2vec_fast.cli import main as cli_main
-from llm2vec_fast.dataset import BadRowError, MalformedInputError, SettingsMismatchError, read_embeddings
-from llm2vec_fast.dataset import chunk_worker
+from llm2vec_fast.dataset import BadRowError, MalformedInputError, SettingsMismatchError, chunk_worker, read_embeddings
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven bright stars glow above quiet hills".split()
 

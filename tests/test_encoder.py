@@ -11,6 +11,7 @@ import torch
 
 from llm2vec_fast import LLM2Vec
 
+
 def assert_same_embeddings(a: torch.Tensor, b: torch.Tensor) -> None:
     """Equal up to fp32 noise: SmolLM2 has outlier dimensions of magnitude ~20."""
     cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)

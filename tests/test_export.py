@@ -16,7 +16,6 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from llm2vec_fast import LLM2Vec  # noqa: E402
 from llm2vec_fast.export import (  # noqa: E402
     PRECISIONS,
     ExportValidationError,
@@ -27,6 +26,8 @@ from llm2vec_fast.export import (  # noqa: E402
 )
 from llm2vec_fast.export import exporter as exporter_module  # noqa: E402
 from llm2vec_fast.export.calibrate import cosine_rows  # noqa: E402
+
+from llm2vec_fast import LLM2Vec  # noqa: E402
 
 NO_STSB = ValidationConfig(stsb_pairs=0)
 TEXTS = [

@@ -20,9 +20,9 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config
 from llm2vec_fast import LLM2Vec, UnsupportedAttentionError, enable_bidirectional
 from llm2vec_fast.bidirectional import decoder_of
 from llm2vec_fast.packing import pack

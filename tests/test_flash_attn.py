@@ -18,9 +18,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from llm2vec_fast.kernels import (
     SUPPORTED_HEAD_DIMS,
+    _dispatch,
     attention_naive,
     cu_seqlens_from_lengths,
     dropout_philox_state,
@@ -28,7 +28,6 @@ from llm2vec_fast.kernels import (
     flash_attn_varlen,
     flash_attn_varlen_reference,
 )
-from llm2vec_fast.kernels import _dispatch
 from llm2vec_fast.kernels import flash_attn as flash_attn_module
 
 # CPU tensors under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1), CUDA otherwise.

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from llm2vec_fast.kernels import _dispatch
 
 pytestmark = pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from transformers import AutoModel
 
-from conftest import tiny_config
 from llm2vec_fast import LLM2Vec, enable_bidirectional
 from llm2vec_fast.packing import pack, token_budget_batches
 from llm2vec_fast.prompting import EncodingInput

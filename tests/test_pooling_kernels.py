@@ -12,16 +12,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from llm2vec_fast.kernels import (
     POOLING_MODES,
+    _dispatch,
     cu_seqlens_from_lengths,
     masked_pool,
     masked_pool_reference,
     masked_pool_varlen,
     masked_pool_varlen_reference,
 )
-from llm2vec_fast.kernels import _dispatch
 from llm2vec_fast.kernels import pooling as pooling_module
 
 # CPU tensors under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1), CUDA otherwise.

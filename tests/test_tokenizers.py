@@ -11,9 +11,9 @@ import logging
 
 import pytest
 import torch
+from conftest import tiny_config
 from transformers import AutoModel, AutoTokenizer
 
-from conftest import tiny_config
 from llm2vec_fast import LLM2Vec, enable_bidirectional
 from llm2vec_fast.tokenization import padding_tokenizer
 from llm2vec_fast.train import STAGE_CLASSES, make_config

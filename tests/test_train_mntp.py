@@ -156,9 +156,9 @@ def test_linear_cross_entropy_applies_final_logit_softcapping(softcap):
 def test_mntp_loss_on_gemma2_matches_its_capped_lm_head():
     """The MNTP loss of a Gemma2 causal LM equals cross-entropy over the logits the model itself
     returns (which apply final_logit_softcapping)."""
+    from conftest import tiny_config
     from transformers import AutoModelForCausalLM
 
-    from conftest import tiny_config
     from llm2vec_fast.bidirectional import decoder_of, enable_bidirectional
     from llm2vec_fast.train.mntp import final_logit_softcap
 

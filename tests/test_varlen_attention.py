@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from llm2vec_fast.kernels import _dispatch, cu_seqlens_from_lengths
 from torch import nn
 
-from llm2vec_fast.kernels import _dispatch, cu_seqlens_from_lengths
 from llm2vec_fast.varlen_attention import kernel_backend, varlen_attention_forward
 
 gemma2 = pytest.importorskip("transformers.models.gemma2.modeling_gemma2")

@@ -55,7 +55,8 @@ def run_sts(args: argparse.Namespace) -> int:
 
 
 def run_mteb(args: argparse.Namespace) -> int:
-    from ..integrations.mteb import MTEBEncoder, get_tasks, load_task_data, run_mteb as evaluate
+    from ..integrations.mteb import MTEBEncoder, get_tasks, load_task_data
+    from ..integrations.mteb import run_mteb as evaluate
 
     instructions = None
     if args.instructions is not None:

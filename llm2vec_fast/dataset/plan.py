@@ -63,7 +63,7 @@ class Plan:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Plan":
+    def from_json(cls, data: dict) -> Plan:
         files = [InputFile(**{**f, "offsets": {int(k): v for k, v in f["offsets"].items()}}) for f in data["files"]]
         return cls(**{**data, "files": files})
 

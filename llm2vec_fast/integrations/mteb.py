@@ -35,7 +35,6 @@ from .instructions import LLM2VEC_TASK_INSTRUCTIONS
 
 try:
     import mteb
-    from mteb.models.abs_encoder import AbsEncoder
     from mteb.models.model_meta import ModelMeta, ScoringFunction
     from mteb.similarity_functions import cos_sim, pairwise_cos_sim
     from mteb.types import PromptType
@@ -104,7 +103,7 @@ class MTEBEncoder:
     @classmethod
     def from_pretrained(
         cls, model_name: str | None = None, revision: str | None = None, *, device: str | None = None, **kwargs: Any
-    ) -> "MTEBEncoder":
+    ) -> MTEBEncoder:
         """Load an :class:`~llm2vec_fast.LLM2Vec` (``model_name``: checkpoint folder, ``None`` for the
         default model; other ``LLM2Vec.from_pretrained`` options in ``kwargs``) and wrap it. This is
         the ``EncoderProtocol`` constructor signature mteb's loaders use."""

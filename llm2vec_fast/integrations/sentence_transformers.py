@@ -82,7 +82,7 @@ class LLM2VecModule(InputModule):
         local_files_only: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> "LLM2VecModule":
+    ) -> LLM2VecModule:
         """Load the encoder saved in the folder (``trust_remote_code`` is deliberately not passed on)."""
         from ..encoder import LLM2Vec
 

@@ -304,9 +304,9 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
         try:
             job = batcher.submit(items)
         except QueueFull as err:
-            raise ServeError(429, str(err), "rate_limit_error", code="queue_full", headers={"Retry-After": str(err.retry_after)})
+            raise ServeError(429, str(err), "rate_limit_error", code="queue_full", headers={"Retry-After": str(err.retry_after)}) from err
         except BatcherStopped as err:
-            raise ServeError(503, str(err), "server_unavailable", headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)})
+            raise ServeError(503, str(err), "server_unavailable", headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)}) from err
         disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
             await asyncio.wait({job.future, disconnect}, return_when=asyncio.FIRST_COMPLETED)

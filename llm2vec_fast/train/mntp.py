@@ -19,9 +19,9 @@ import logging
 import torch
 
 from ..bidirectional import decoder_of, enable_bidirectional
+from ..tokenization import padding_tokenizer
 from .config import MNTPConfig
 from .data import BatchSchedule, read_text_lines
-from ..tokenization import padding_tokenizer
 from .losses import linear_cross_entropy
 from .trainer import Stage, add_lora, autocast, enable_checkpointing, packed_forward, pick_layout, resolve_base, train_dtype
 
