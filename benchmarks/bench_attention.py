@@ -47,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--total-tokens", type=int, default=16384, help="packed tokens per batch (default 16384)")
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="equal-length shapes (default 512 2048 8192)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
-    p.add_argument("--flex", action="store_true", help="run FlexAttention with --quick too (--quick skips it: its compiles alone take minutes)")
+    p.add_argument(
+        "--flex", action="store_true", help="run FlexAttention with --quick too (--quick skips it: its compiles alone take minutes)"
+    )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--name", default="attention", help="results file stem (default: attention)")
     return p.parse_args(argv)
@@ -78,9 +80,13 @@ def build_methods(lengths, args, dtype):
 
     # SDPA: kv heads repeated up front
     qe, ke, ve = leaf(n_tok, hq, d), leaf(n_tok, hq, d), leaf(n_tok, hq, d)
-    backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-                "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
+    backends = {
+        "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
     if equal:
+
         def dense(x):  # [T, H, D] -> [B, H, L, D]
             return x.view(n_seq, max_len, hq, d).transpose(1, 2)
     else:
@@ -93,6 +99,7 @@ def build_methods(lengths, args, dtype):
         def run():
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(dense(qe), dense(ke), dense(ve))
+
         return run
 
     for name, backend in backends.items():
@@ -143,18 +150,28 @@ def measure(methods, flops: float, quick: bool) -> list[dict]:
     rows = []
     for name, method in methods.items():
         if isinstance(method, str):  # could not be set up
-            rows.append({"method": name, "fwd_ms": math.nan, "fwd_tflops": math.nan, "fwd_bwd_ms": math.nan,
-                         "fwd_bwd_tflops": math.nan, "note": method})
+            rows.append(
+                {
+                    "method": name,
+                    "fwd_ms": math.nan,
+                    "fwd_tflops": math.nan,
+                    "fwd_bwd_ms": math.nan,
+                    "fwd_bwd_tflops": math.nan,
+                    "note": method,
+                }
+            )
             continue
         ms_f, ms_fb, note = common.time_fwd_and_fwd_bwd(*method, quick)
-        rows.append({
-            "method": name,
-            "fwd_ms": ms_f,
-            "fwd_tflops": flops / ms_f / 1e9,
-            "fwd_bwd_ms": ms_fb,
-            "fwd_bwd_tflops": FWD_BWD_FLOP_FACTOR * flops / ms_fb / 1e9,
-            "note": note,
-        })
+        rows.append(
+            {
+                "method": name,
+                "fwd_ms": ms_f,
+                "fwd_tflops": flops / ms_f / 1e9,
+                "fwd_bwd_ms": ms_fb,
+                "fwd_bwd_tflops": FWD_BWD_FLOP_FACTOR * flops / ms_fb / 1e9,
+                "note": note,
+            }
+        )
     return rows
 
 
@@ -173,37 +190,40 @@ def main(argv=None) -> None:
         torch.cuda.empty_cache()
         flops = attention_flops(lengths, args.heads, args.head_dim)
         methods, err = build_methods(lengths, args, dtype)
-        print(f"\n== {label}: {len(lengths)} sequences, {sum(lengths)} tokens, max {max(lengths)}; "
-              f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}; "
-              f"max |triton - sdpa reference| = {err:.2e}")
+        print(
+            f"\n== {label}: {len(lengths)} sequences, {sum(lengths)} tokens, max {max(lengths)}; "
+            f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}; "
+            f"max |triton - sdpa reference| = {err:.2e}"
+        )
         rows = measure(methods, flops, args.quick)
         common.print_table(rows, ["method", "fwd_ms", "fwd_tflops", "fwd_bwd_ms", "fwd_bwd_tflops", "note"], "{:.3f}")
         for r in rows:
             all_rows.append({"shape": label, "n_seqs": len(lengths), "tokens": sum(lengths), **r})
-        ratios.append({
-            "shape": label,
-            "fwd_vs_cudnn": ratio(rows, "triton-varlen", "sdpa-cudnn", "fwd_tflops"),
-            "fwd_vs_flash": ratio(rows, "triton-varlen", "sdpa-flash", "fwd_tflops"),
-            "fwd_bwd_vs_flash": ratio(rows, "triton-varlen", "sdpa-flash", "fwd_bwd_tflops"),
-            "fwd_vs_mask4d": ratio(rows, "triton-varlen", "sdpa-mask4d", "fwd_tflops"),
-            "fwd_bwd_vs_flex": ratio(rows, "triton-varlen", "flex-docmask", "fwd_bwd_tflops"),
-            "max_abs_err_vs_sdpa": err,
-        })
+        ratios.append(
+            {
+                "shape": label,
+                "fwd_vs_cudnn": ratio(rows, "triton-varlen", "sdpa-cudnn", "fwd_tflops"),
+                "fwd_vs_flash": ratio(rows, "triton-varlen", "sdpa-flash", "fwd_tflops"),
+                "fwd_bwd_vs_flash": ratio(rows, "triton-varlen", "sdpa-flash", "fwd_bwd_tflops"),
+                "fwd_vs_mask4d": ratio(rows, "triton-varlen", "sdpa-mask4d", "fwd_tflops"),
+                "fwd_bwd_vs_flex": ratio(rows, "triton-varlen", "flex-docmask", "fwd_bwd_tflops"),
+                "max_abs_err_vs_sdpa": err,
+            }
+        )
         groups.append(label)
         del methods
 
     print("\nSpeed ratios of triton-varlen (>1 = faster than the baseline):")
-    common.print_table(ratios, ["shape", "fwd_vs_cudnn", "fwd_vs_flash", "fwd_bwd_vs_flash", "fwd_vs_mask4d", "fwd_bwd_vs_flex"],
-                "{:.2f}")
+    common.print_table(ratios, ["shape", "fwd_vs_cudnn", "fwd_vs_flash", "fwd_bwd_vs_flash", "fwd_vs_mask4d", "fwd_bwd_vs_flex"], "{:.2f}")
     config = {k: v for k, v in vars(args).items() if k != "no_plot"}
-    path = common.write_json(args.name, {"config": config, "flops": "fwd 4*sum(L^2)*Hq*D; fwd+bwd 3.5x fwd",
-                                  "results": all_rows, "ratios": ratios})
+    path = common.write_json(
+        args.name, {"config": config, "flops": "fwd 4*sum(L^2)*Hq*D; fwd+bwd 3.5x fwd", "results": all_rows, "ratios": ratios}
+    )
     print(f"\nwrote {path}")
     if not args.no_plot:
         names = list(dict.fromkeys(r["method"] for r in all_rows))
         panels = {
-            title: {m: [next((r[key] for r in all_rows if r["shape"] == g and r["method"] == m), math.nan)
-                        for g in groups] for m in names}
+            title: {m: [next((r[key] for r in all_rows if r["shape"] == g and r["method"] == m), math.nan) for g in groups] for m in names}
             for title, key in (("forward", "fwd_tflops"), ("forward + backward", "fwd_bwd_tflops"))
         }
         png = common.plot_grouped_bars(args.name, f"varlen attention, {args.dtype}", "TFLOP/s", groups, panels)

@@ -46,8 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer inputs and repetitions (about a minute on an H100)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, a dozen inputs: checks the script, measures nothing")
     p.add_argument("--shapes", nargs="+", default=None, help="random shapes (default: llama-1b llama-8b; tiny with --cpu-smoke)")
-    p.add_argument("--num-texts", type=int, nargs="+", default=None,
-                   help="inputs per shape (default 4096 for 1b, 2048 for 8b; a quarter with --quick)")
+    p.add_argument(
+        "--num-texts", type=int, nargs="+", default=None, help="inputs per shape (default 4096 for 1b, 2048 for 8b; a quarter with --quick)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed passes per path, the median is kept (default 3, 2 with --quick)")
     p.add_argument("--max-tokens-per-batch", type=int, default=None, help="packed token budget (default: LLM2Vec's)")
     p.add_argument("--batch-size", type=int, default=REFERENCE_BATCH_SIZE, help="reference batch size (default 64)")
@@ -63,16 +64,31 @@ def settings(args) -> dict:
         torch.set_num_threads(1)  # a tiny model: extra threads only add barrier waits on a busy CPU
         shapes = args.shapes or ["tiny"]
         counts = args.num_texts or [12] * len(shapes)
-        return dict(shapes=shapes, counts=counts, repeats=args.repeats or 1, device="cpu", dtype=torch.float32,
-                    max_len=64, batch_size=min(args.batch_size, 4), max_tokens=args.max_tokens_per_batch or 128)
+        return dict(
+            shapes=shapes,
+            counts=counts,
+            repeats=args.repeats or 1,
+            device="cpu",
+            dtype=torch.float32,
+            max_len=64,
+            batch_size=min(args.batch_size, 4),
+            max_tokens=args.max_tokens_per_batch or 128,
+        )
     from llm2vec_fast.packing import DEFAULT_MAX_TOKENS_PER_BATCH
 
     shapes = args.shapes or ["llama-1b", "llama-8b"]
     default_counts = {"llama-1b": 4096, "llama-8b": 2048}
     counts = args.num_texts or [default_counts.get(s, 1024) // (4 if args.quick else 1) for s in shapes]
-    return dict(shapes=shapes, counts=counts, repeats=args.repeats or (2 if args.quick else 3), device="cuda",
-                dtype=torch.bfloat16, max_len=512, batch_size=args.batch_size,
-                max_tokens=args.max_tokens_per_batch or DEFAULT_MAX_TOKENS_PER_BATCH)
+    return dict(
+        shapes=shapes,
+        counts=counts,
+        repeats=args.repeats or (2 if args.quick else 3),
+        device="cuda",
+        dtype=torch.bfloat16,
+        max_len=512,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens_per_batch or DEFAULT_MAX_TOKENS_PER_BATCH,
+    )
 
 
 def _sync(device: str) -> None:
@@ -133,20 +149,39 @@ def bench_shape(shape: str, n_texts: int, cfg: dict, seed: int = 0) -> tuple[lis
 
     rows = []
     for method, r in runs.items():
-        rows.append({
-            "shape": shape, "method": method, "texts": n_texts, "tokens": tokens, "batches": r["batches"],
-            "batching": f"{cfg['batch_size']} inputs, length-sorted, padded" if method == "reference"
-            else f"token budget {cfg['max_tokens']}, packed",
-            "seconds": r["seconds"], "tokens_per_s": tokens / r["seconds"], "peak_mem_gib": r["peak_mem_gib"],
-            "all_seconds": r["all_seconds"],
-        })
+        rows.append(
+            {
+                "shape": shape,
+                "method": method,
+                "texts": n_texts,
+                "tokens": tokens,
+                "batches": r["batches"],
+                "batching": f"{cfg['batch_size']} inputs, length-sorted, padded"
+                if method == "reference"
+                else f"token budget {cfg['max_tokens']}, packed",
+                "seconds": r["seconds"],
+                "tokens_per_s": tokens / r["seconds"],
+                "peak_mem_gib": r["peak_mem_gib"],
+                "all_seconds": r["all_seconds"],
+            }
+        )
     speedup = rows[0]["seconds"] / rows[1]["seconds"]
     target = TARGETS.get(shape)
     summary = {
-        "shape": shape, "texts": n_texts, "tokens": tokens, "mean_length": tokens / n_texts, "max_length": max(lengths),
-        "reference_padding_fraction": pad / (tokens + pad), "weights_gib": weights_gib, "build_s": build,
-        "speedup": speedup, "target": target, "meets_target": None if target is None else speedup >= target,
-        "min_cosine": cosine.min().item(), "mean_cosine": cosine.mean().item(), "finite": finite,
+        "shape": shape,
+        "texts": n_texts,
+        "tokens": tokens,
+        "mean_length": tokens / n_texts,
+        "max_length": max(lengths),
+        "reference_padding_fraction": pad / (tokens + pad),
+        "weights_gib": weights_gib,
+        "build_s": build,
+        "speedup": speedup,
+        "target": target,
+        "meets_target": None if target is None else speedup >= target,
+        "min_cosine": cosine.min().item(),
+        "mean_cosine": cosine.mean().item(),
+        "finite": finite,
         "agree": finite and cosine.min().item() >= MIN_COSINE,
     }
     del encoder, runs
@@ -159,8 +194,13 @@ def bench_shape(shape: str, n_texts: int, cfg: dict, seed: int = 0) -> tuple[lis
 def report(args, cfg, rows, summaries) -> None:
     """Write the JSON (and PNG) for the shapes measured so far."""
     config = {k: v for k, v in vars(args).items() if k != "no_plot"}
-    config.update(repeats=cfg["repeats"], max_tokens_per_batch=cfg["max_tokens"], reference_batch_size=cfg["batch_size"],
-                  dtype=str(cfg["dtype"]).replace("torch.", ""), device=cfg["device"])
+    config.update(
+        repeats=cfg["repeats"],
+        max_tokens_per_batch=cfg["max_tokens"],
+        reference_batch_size=cfg["batch_size"],
+        dtype=str(cfg["dtype"]).replace("torch.", ""),
+        device=cfg["device"],
+    )
     payload = {
         "config": config,
         "timed": __doc__.split("\n\n")[3].replace("\n", " "),
@@ -173,10 +213,13 @@ def report(args, cfg, rows, summaries) -> None:
     print(f"wrote {path}")
     if not args.no_plot:
         groups = [s["shape"] for s in summaries]
-        series = {m: [next(r["tokens_per_s"] for r in rows if r["shape"] == g and r["method"] == m) for g in groups]
-                  for m in ("reference", "packed")}
-        png = common.plot_grouped_bars(args.name, "LLM2Vec encode, real tokens/s", "tokens/s", groups,
-                                       {"throughput (higher is better)": series}, args.results_dir)
+        series = {
+            m: [next(r["tokens_per_s"] for r in rows if r["shape"] == g and r["method"] == m) for g in groups]
+            for m in ("reference", "packed")
+        }
+        png = common.plot_grouped_bars(
+            args.name, "LLM2Vec encode, real tokens/s", "tokens/s", groups, {"throughput (higher is better)": series}, args.results_dir
+        )
         if png:
             print(f"wrote {png}")
 
@@ -196,10 +239,15 @@ def main(argv=None) -> int:
         rows += shape_rows
         summaries.append(summary)
         common.print_table(shape_rows, ["method", "batches", "seconds", "tokens_per_s", "peak_mem_gib", "batching"], "{:.3f}")
-        target = "" if summary["target"] is None else f" (target >= {summary['target']:.1f}x: {'met' if summary['meets_target'] else 'MISSED'})"
-        print(f"speed-up {summary['speedup']:.2f}x{target}; cosine min {summary['min_cosine']:.4f}; "
-              f"reference padding {100 * summary['reference_padding_fraction']:.1f}%; weights {summary['weights_gib']:.1f} GiB, "
-              f"built in {summary['build_s']:.1f} s", flush=True)
+        target = (
+            "" if summary["target"] is None else f" (target >= {summary['target']:.1f}x: {'met' if summary['meets_target'] else 'MISSED'})"
+        )
+        print(
+            f"speed-up {summary['speedup']:.2f}x{target}; cosine min {summary['min_cosine']:.4f}; "
+            f"reference padding {100 * summary['reference_padding_fraction']:.1f}%; weights {summary['weights_gib']:.1f} GiB, "
+            f"built in {summary['build_s']:.1f} s",
+            flush=True,
+        )
         report(args, cfg, rows, summaries)  # after every shape: a later timeout keeps what was measured
     bad = [s["shape"] for s in summaries if not s["agree"]]
     if bad:

@@ -97,10 +97,34 @@ def free_port() -> int:
 
 def run_torchrun(data: Path, out: Path, args, model: str, ranks: int, threads_per_rank: int, cuda: bool) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "llm2vec_fast.cli", "encode-dataset",
-           "--input", str(data), "--output", str(out), "--model", model, "--chunk-rows", str(args.chunk_rows),
-           "--batch-size", str(args.batch_size), "--overwrite", "--no-progress"] + ([] if cuda else ["--device", "cpu"])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(ranks),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "llm2vec_fast.cli",
+        "encode-dataset",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--model",
+        model,
+        "--chunk-rows",
+        str(args.chunk_rows),
+        "--batch-size",
+        str(args.batch_size),
+        "--overwrite",
+        "--no-progress",
+    ] + ([] if cuda else ["--device", "cpu"])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -119,10 +143,14 @@ def main(argv=None) -> int:
     threads = args.threads or os.cpu_count() or 1
     is_busy, load = busy(0 if cuda else threads)
     if is_busy and not args.force:
-        print(f"machine busy (1-min load average {load:.2f} with {os.cpu_count()} CPUs, {threads} threads wanted): not measuring. "
-              "Rerun on a quiet machine, or with --force (results then go to --results-dir or a temp folder).")
+        print(
+            f"machine busy (1-min load average {load:.2f} with {os.cpu_count()} CPUs, {threads} threads wanted): not measuring. "
+            "Rerun on a quiet machine, or with --force (results then go to --results-dir or a temp folder)."
+        )
         return 1
-    results_dir = Path(args.results_dir) if args.results_dir else (Path(tempfile.mkdtemp(prefix="bench-encode-dataset-")) if args.force else None)
+    results_dir = (
+        Path(args.results_dir) if args.results_dir else (Path(tempfile.mkdtemp(prefix="bench-encode-dataset-")) if args.force else None)
+    )
     if args.force and results_dir is not None and results_dir.resolve() == common.RESULTS_DIR.resolve():
         sys.exit("--force results may not go to benchmarks/results")
     n = args.num_texts or (200 if args.quick else (50_000 if cuda else 2000))
@@ -155,14 +183,29 @@ def main(argv=None) -> int:
     for _ in range(repeats):  # interleaved, so a load spike hits every method alike
         s, reference = timed(lambda: encoder.encode(texts, batch_size=args.batch_size, convert_to_numpy=True))
         seconds["encode()"].append(s)
-        s, manifest = timed(lambda: encode_dataset(data, work / "one", encoder=encoder, chunk_rows=args.chunk_rows,
-                                                   batch_size=args.batch_size, overwrite=True, show_progress_bar=False))
+        s, manifest = timed(
+            lambda: encode_dataset(
+                data,
+                work / "one",
+                encoder=encoder,
+                chunk_rows=args.chunk_rows,
+                batch_size=args.batch_size,
+                overwrite=True,
+                show_progress_bar=False,
+            )
+        )
         seconds["dataset 1 proc"].append(s)
         forward["dataset 1 proc"] = manifest["forward_tokens"]
         t = manifest["timings"]
-        phases.append({"seconds": s, "plan": t["plan"], "weights_fingerprint": t.get("model_settings", 0.0),
-                       "encode": manifest["encode_seconds"],
-                       "rest": s - t["plan"] - t.get("model_settings", 0.0) - manifest["encode_seconds"]})
+        phases.append(
+            {
+                "seconds": s,
+                "plan": t["plan"],
+                "weights_fingerprint": t.get("model_settings", 0.0),
+                "encode": manifest["encode_seconds"],
+                "rest": s - t["plan"] - t.get("model_settings", 0.0) - manifest["encode_seconds"],
+            }
+        )
         multi = run_torchrun(data, work / "multi", args, model, ranks, max(1, threads // ranks), cuda)
         seconds[f"dataset {ranks} ranks"].append(multi["seconds"])
         forward[f"dataset {ranks} ranks"] = multi["manifest"]["forward_tokens"]
@@ -176,9 +219,18 @@ def main(argv=None) -> int:
     rows = []
     for label, values in seconds.items():
         med = statistics.median(values)
-        rows.append({"method": label, "seconds": med, "rows_per_s": n / med, "tokens_per_s": tokens / med,
-                     "forward_tokens": forward[label], "padding_ratio": forward[label] / tokens,
-                     "min_cosine_vs_encode": cosines.get(label, 1.0), "runs": values})
+        rows.append(
+            {
+                "method": label,
+                "seconds": med,
+                "rows_per_s": n / med,
+                "tokens_per_s": tokens / med,
+                "forward_tokens": forward[label],
+                "padding_ratio": forward[label] / tokens,
+                "min_cosine_vs_encode": cosines.get(label, 1.0),
+                "runs": values,
+            }
+        )
     base, one, multi_row = rows
     overhead = one["seconds"] / base["seconds"]
     forward_ratio = one["forward_tokens"] / base["forward_tokens"]
@@ -195,23 +247,41 @@ def main(argv=None) -> int:
         "agree": all(c >= (MIN_COSINE if not cuda else 0.999) for c in cosines.values()),
         "baseline_sane": base["rows_per_s"] > 0 and all(v > 0 for v in seconds["encode()"]),
     }
-    common.print_table(rows, ["method", "seconds", "rows_per_s", "tokens_per_s", "forward_tokens", "min_cosine_vs_encode"], floatfmt="{:.3f}")
+    common.print_table(
+        rows, ["method", "seconds", "rows_per_s", "tokens_per_s", "forward_tokens", "min_cosine_vs_encode"], floatfmt="{:.3f}"
+    )
     print(json.dumps(summary, indent=2))
     payload = {
         "description": __doc__.split("\n\n")[0],
-        "settings": {"num_texts": n, "tokens": tokens, "chunk_rows": args.chunk_rows, "sort_window_rows": SORT_WINDOW_ROWS,
-                     "batch_size": args.batch_size,
-                     "threads": threads, "ranks": ranks, "repeats": repeats, "model": model, "quick": args.quick,
-                     "load_average_before": load, "load_average_after": os.getloadavg()[0], "forced": args.force},
+        "settings": {
+            "num_texts": n,
+            "tokens": tokens,
+            "chunk_rows": args.chunk_rows,
+            "sort_window_rows": SORT_WINDOW_ROWS,
+            "batch_size": args.batch_size,
+            "threads": threads,
+            "ranks": ranks,
+            "repeats": repeats,
+            "model": model,
+            "quick": args.quick,
+            "load_average_before": load,
+            "load_average_after": os.getloadavg()[0],
+            "forced": args.force,
+        },
         "results": rows,
         "summary": summary,
     }
     path = common.write_json(NAME, payload, results_dir)
     print(f"wrote {path}")
     if not args.no_plot:
-        png = common.plot_grouped_bars(NAME, "encode_dataset vs encode()", "per second", [f"{n} texts"],
-                                       {"rows/s": {r["method"]: [r["rows_per_s"]] for r in rows},
-                                        "tokens/s": {r["method"]: [r["tokens_per_s"]] for r in rows}}, results_dir)
+        png = common.plot_grouped_bars(
+            NAME,
+            "encode_dataset vs encode()",
+            "per second",
+            [f"{n} texts"],
+            {"rows/s": {r["method"]: [r["rows_per_s"]] for r in rows}, "tokens/s": {r["method"]: [r["tokens_per_s"]] for r in rows}},
+            results_dir,
+        )
         if png:
             print(f"wrote {png}")
     return 0 if summary["agree"] else 1

@@ -56,8 +56,14 @@ def worker(shape: str, device: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     steady = time.perf_counter() - got_first
-    return {"model_load_s": ready - t0, "first_embedding_s": got_first - ready, "steady_s": steady,
-            "finite": bool(torch.isfinite(first).all()), "n_inputs": len(items), "lengths": sorted(set(lengths))}
+    return {
+        "model_load_s": ready - t0,
+        "first_embedding_s": got_first - ready,
+        "steady_s": steady,
+        "finite": bool(torch.isfinite(first).all()),
+        "n_inputs": len(items),
+        "lengths": sorted(set(lengths)),
+    }
 
 
 def main(argv=None) -> int:
@@ -84,17 +90,24 @@ def main(argv=None) -> int:
             if proc.returncode != 0 or not lines:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
-            runs[name] = json.loads(lines[-1][len("RESULT "):])
+            runs[name] = json.loads(lines[-1][len("RESULT ") :])
             print(name, json.dumps(runs[name]), flush=True)
     ratio = runs["cold"]["first_embedding_s"] / max(runs["warm"]["first_embedding_s"], 1e-9)
-    payload = {"shape": shape, "device": device, "runs": runs, "cold_over_warm": ratio,
-               "note": "first embed_items call of a fresh process over lengths spanning the autotune buckets"}
+    payload = {
+        "shape": shape,
+        "device": device,
+        "runs": runs,
+        "cold_over_warm": ratio,
+        "note": "first embed_items call of a fresh process over lengths spanning the autotune buckets",
+    }
     if args.cpu_smoke:
         print(json.dumps(payload, indent=1))
         return 0
     path = common.write_json("first-embedding", payload)
-    print(f"time to first embedding: cold {runs['cold']['first_embedding_s']:.1f}s, warm {runs['warm']['first_embedding_s']:.1f}s "
-          f"(x{ratio:.1f}), steady {runs['warm']['steady_s']:.2f}s -> {path}")
+    print(
+        f"time to first embedding: cold {runs['cold']['first_embedding_s']:.1f}s, warm {runs['warm']['first_embedding_s']:.1f}s "
+        f"(x{ratio:.1f}), steady {runs['warm']['steady_s']:.2f}s -> {path}"
+    )
     return 0
 
 

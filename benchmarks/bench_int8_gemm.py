@@ -66,20 +66,32 @@ def measure(m: int, k: int, n: int, threads: int, repeats: int) -> dict:
     out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])]
     scales = numpy_helper.from_array(np.full(n, 0.01, np.float32), "w_scale")
     sessions = {
-        "fp32 MatMul": (_session([helper.make_node("MatMul", ["x", "w"], ["y"])], f32_in, out, [numpy_helper.from_array(w, "w")], threads), {"x": x}),
+        "fp32 MatMul": (
+            _session([helper.make_node("MatMul", ["x", "w"], ["y"])], f32_in, out, [numpy_helper.from_array(w, "w")], threads),
+            {"x": x},
+        ),
         "MatMulIntegerToFloat": (
             _session(
                 [helper.make_node("MatMulIntegerToFloat", ["x", "w", "one", "w_scale", "zp"], ["y"], domain="com.microsoft")],
-                [helper.make_tensor_value_info("x", TensorProto.UINT8, [m, k])], out,
-                [numpy_helper.from_array(w_int8, "w"), numpy_helper.from_array(np.array(1.0, np.float32), "one"), scales,
-                 numpy_helper.from_array(np.array(128, np.uint8), "zp")], threads,
+                [helper.make_tensor_value_info("x", TensorProto.UINT8, [m, k])],
+                out,
+                [
+                    numpy_helper.from_array(w_int8, "w"),
+                    numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+                    scales,
+                    numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+                ],
+                threads,
             ),
             {"x": codes},
         ),
         "DynamicQuantizeMatMul": (
             _session(
-                [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "w_scale", "w_zp"], ["y"], domain="com.microsoft")], f32_in, out,
-                [numpy_helper.from_array(w_int8, "w"), scales, numpy_helper.from_array(np.zeros(n, np.int8), "w_zp")], threads,
+                [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "w_scale", "w_zp"], ["y"], domain="com.microsoft")],
+                f32_in,
+                out,
+                [numpy_helper.from_array(w_int8, "w"), scales, numpy_helper.from_array(np.zeros(n, np.int8), "w_zp")],
+                threads,
             ),
             {"x": x},
         ),
@@ -119,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"matmul": name, **measure(args.tokens, k, n, args.threads, args.repeats)})
         print(json.dumps(rows[-1]))
     result = {
-        "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": args.threads, "load_before": os.getloadavg()[0],
+        "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "threads": args.threads,
+        "load_before": os.getloadavg()[0],
         "note": "speed-up of one GEMM vs ONNX Runtime's fp32 MatMul, same run; the int8 export also pays per-token quantization",
         "rows": rows,
     }

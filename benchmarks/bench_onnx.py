@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/onnx-cpu[-trained].json)")
     parser.add_argument("--wait", type=float, default=120, help="seconds to wait for a quiet machine before refusing")
     parser.add_argument("--quick", action="store_true", help="64 sentences, 2 rounds, 100 STS-B pairs, int8 only")
-    parser.add_argument("--force", action="store_true", help="run on a busy machine / odd baseline; smoke test: writes nothing to benchmarks/results")
+    parser.add_argument(
+        "--force", action="store_true", help="run on a busy machine / odd baseline; smoke test: writes nothing to benchmarks/results"
+    )
     parser.add_argument("--readme", action="store_true", help="only regenerate the README tables from the JSON files")
     args = parser.parse_args(argv)
     if args.readme:
@@ -212,7 +214,7 @@ def run(args) -> dict:
     names = list(engines)
     for r in range(args.rounds):  # interleaved, rotating the order: background load hits every engine alike
         loads.append(os.getloadavg()[0] if args.force else check_load(args.threads, running=True))
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             engines[name](texts, args.batch_size)
             seconds[name].append(time.perf_counter() - start)
@@ -264,7 +266,8 @@ def run(args) -> dict:
     import onnxruntime
 
     return {
-        "model": (args.model or "SmolLM2-135M-Instruct (embedded default)") + (f" + merged adapters {args.peft}" if args.peft else " (no LLM2Vec training)"),
+        "model": (args.model or "SmolLM2-135M-Instruct (embedded default)")
+        + (f" + merged adapters {args.peft}" if args.peft else " (no LLM2Vec training)"),
         "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
         "cpus": os.cpu_count(),
@@ -332,7 +335,11 @@ def update_readme(readme: Path = README, results: Path = RESULTS) -> None:
     text = readme.read_text()
     for file, marker in TABLES.items():
         path = results / file
-        body = render_table(json.loads(path.read_text())) if path.is_file() else f"(no `{path.relative_to(results.parent.parent)}` yet: run the command above)"
+        body = (
+            render_table(json.loads(path.read_text()))
+            if path.is_file()
+            else f"(no `{path.relative_to(results.parent.parent)}` yet: run the command above)"
+        )
         text = replace_between_markers(text, marker, body)
     readme.write_text(text)
 

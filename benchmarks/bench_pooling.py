@@ -66,8 +66,13 @@ def make_inputs(args, dtype):
     cu = cu_seqlens_from_lengths(lengths, DEVICE)
     return {
         f"padded B={batch} L={args.seq_len} D={d}": (padded, (mask,), {}, batch * args.seq_len, batch),
-        f"varlen {len(lengths)} seqs T={sum(lengths)} D={d}": (packed, (cu, pool_mask), {"max_seqlen": max(lengths)},
-                                                               sum(lengths), len(lengths)),
+        f"varlen {len(lengths)} seqs T={sum(lengths)} D={d}": (
+            packed,
+            (cu, pool_mask),
+            {"max_seqlen": max(lengths)},
+            sum(lengths),
+            len(lengths),
+        ),
     }
 
 
@@ -78,7 +83,7 @@ def selected_rows(hidden, extra, mode):
         (mask,) = extra
         batch, length, _ = hidden.shape
         pos = torch.arange(length, device=mask.device).expand(batch, length)
-        picked = (torch.where(mask, pos, -1).amax(1) if mode == "last" else torch.where(mask, pos, length).amin(1))
+        picked = torch.where(mask, pos, -1).amax(1) if mode == "last" else torch.where(mask, pos, length).amin(1)
         return (lambda h: h.reshape(batch * length, -1)), picked + torch.arange(batch, device=mask.device) * length
     cu, mask = extra
     seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=mask.device), cu.diff().long())
@@ -87,7 +92,8 @@ def selected_rows(hidden, extra, mode):
         picked = torch.full((cu.numel() - 1,), -1, device=mask.device).scatter_reduce(0, seq, torch.where(mask, pos, -1), "amax")
     else:
         picked = torch.full((cu.numel() - 1,), mask.numel(), device=mask.device).scatter_reduce(
-            0, seq, torch.where(mask, pos, mask.numel()), "amin")
+            0, seq, torch.where(mask, pos, mask.numel()), "amin"
+        )
     return (lambda h: h), picked
 
 
@@ -109,15 +115,28 @@ def main(argv=None) -> None:
         dst = torch.empty_like(hidden)
         copy_ms, _ = common.try_time_ms(lambda: dst.copy_(hidden), args.quick)
         copy_gbps = 2 * n_tok * d * elt / copy_ms / 1e6
-        rows.append({"layout": layout, "mode": "-", "method": "copy", "fwd_ms": copy_ms, "fwd_gbps": copy_gbps,
-                     "fwd_vs_copy": 1.0, "fwd_bwd_ms": math.nan, "fwd_bwd_gbps": math.nan, "note": ""})
+        rows.append(
+            {
+                "layout": layout,
+                "mode": "-",
+                "method": "copy",
+                "fwd_ms": copy_ms,
+                "fwd_gbps": copy_gbps,
+                "fwd_vs_copy": 1.0,
+                "fwd_bwd_ms": math.nan,
+                "fwd_bwd_gbps": math.nan,
+                "note": "",
+            }
+        )
         pool = masked_pool if hidden.dim() == 3 else masked_pool_varlen
         leaf = hidden.detach().requires_grad_()
         for mode in args.modes:
             fwd_bytes = pooling_bytes(n_tok, n_seq, d, elt, mode)
             bwd_bytes = n_tok * d * elt + n_tok + n_seq * d * elt
-            methods = {"triton": lambda: pool(leaf, *extra, mode, backend="triton", **kwargs),
-                       "torch-ref": lambda: pool(leaf, *extra, mode, backend="torch", **kwargs)}
+            methods = {
+                "triton": lambda: pool(leaf, *extra, mode, backend="triton", **kwargs),
+                "torch-ref": lambda: pool(leaf, *extra, mode, backend="torch", **kwargs),
+            }
             if hidden.dim() == 3 and mode == "mean":
                 methods["torch-eager"] = lambda: eager_masked_mean(leaf, *extra)
             if mode in ("last", "first"):
@@ -126,14 +145,25 @@ def main(argv=None) -> None:
             for name, fn in methods.items():
                 ms_f, ms_fb, note = common.time_fwd_and_fwd_bwd(fn, [leaf], args.quick)
                 gbps = fwd_bytes / ms_f / 1e6
-                rows.append({"layout": layout, "mode": mode, "method": name, "fwd_ms": ms_f, "fwd_gbps": gbps,
-                             "fwd_vs_copy": gbps / copy_gbps, "fwd_bwd_ms": ms_fb,
-                             "fwd_bwd_gbps": (fwd_bytes + bwd_bytes) / ms_fb / 1e6, "note": note})
+                rows.append(
+                    {
+                        "layout": layout,
+                        "mode": mode,
+                        "method": name,
+                        "fwd_ms": ms_f,
+                        "fwd_gbps": gbps,
+                        "fwd_vs_copy": gbps / copy_gbps,
+                        "fwd_bwd_ms": ms_fb,
+                        "fwd_bwd_gbps": (fwd_bytes + bwd_bytes) / ms_fb / 1e6,
+                        "note": note,
+                    }
+                )
             groups.append(f"{layout.split()[0]} {mode}")
         del dst, leaf
 
-    common.print_table(rows, ["layout", "mode", "method", "fwd_ms", "fwd_gbps", "fwd_vs_copy", "fwd_bwd_ms", "fwd_bwd_gbps",
-                       "note"], "{:.3f}")
+    common.print_table(
+        rows, ["layout", "mode", "method", "fwd_ms", "fwd_gbps", "fwd_vs_copy", "fwd_bwd_ms", "fwd_bwd_gbps", "note"], "{:.3f}"
+    )
     config = {k: v for k, v in vars(args).items() if k != "no_plot"}
     path = common.write_json(args.name, {"config": config, "bytes": __doc__.split("\n\n")[2], "results": rows})
     print(f"\nwrote {path}")
@@ -142,14 +172,15 @@ def main(argv=None) -> None:
 
         def value(group, method):
             kind, mode = group.split(" ", 1)
-            return next((r["fwd_gbps"] for r in rows if r["layout"].startswith(kind) and r["mode"] == mode
-                         and r["method"] == method), math.nan)
+            return next(
+                (r["fwd_gbps"] for r in rows if r["layout"].startswith(kind) and r["mode"] == mode and r["method"] == method), math.nan
+            )
 
         series = {m: [value(g, m) for g in groups] for m in methods}
-        series["copy"] = [next(r["fwd_gbps"] for r in rows if r["method"] == "copy" and r["layout"].startswith(g.split()[0]))
-                          for g in groups]
-        png = common.plot_grouped_bars(args.name, f"masked pooling forward, {args.dtype}", "GB/s", groups,
-                                {"forward bandwidth": series})
+        series["copy"] = [
+            next(r["fwd_gbps"] for r in rows if r["method"] == "copy" and r["layout"].startswith(g.split()[0])) for g in groups
+        ]
+        png = common.plot_grouped_bars(args.name, f"masked pooling forward, {args.dtype}", "GB/s", groups, {"forward bandwidth": series})
         if png:
             print(f"wrote {png}")
 

@@ -45,8 +45,10 @@ TARGET_SPEEDUP = 2.0  # requests/s at the highest concurrency over concurrency 1
 MIN_COSINE = 0.9999
 REQUEST_TIMEOUT_S = 120
 STARTUP_TIMEOUT_S = 300
-WORDS = ("model server token batch vector search query answer passage language fast encoder attention layer "
-         "river mountain city music science history market weather game story").split()
+WORDS = (
+    "model server token batch vector search query answer passage language fast encoder attention layer "
+    "river mountain city music science history market weather game story"
+).split()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,8 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=None, help="requests per concurrency level (default 384; 64 with --quick)")
     p.add_argument("--texts-per-request", type=int, default=1)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2") or 2),
-                   help="torch threads of the server and the baseline (default $OMP_NUM_THREADS or 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS", "2") or 2),
+        help="torch threads of the server and the baseline (default $OMP_NUM_THREADS or 2)",
+    )
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--quick", action="store_true", help="fewer requests (a smoke test)")
     p.add_argument("--force", action="store_true", help="run on a busy machine (smoke only: never writes benchmarks/results)")
@@ -95,8 +101,18 @@ def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-c", "import sys; from llm2vec_fast.cli import main; sys.exit(main())", "serve", "--port", str(port),
-           "--device", "cpu", "--max-batch-tokens", str(args.max_batch_tokens)] + (["--model", args.model] if args.model else [])
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from llm2vec_fast.cli import main; sys.exit(main())",
+        "serve",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
+    ] + (["--model", args.model] if args.model else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -157,9 +173,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     busy, load = machine_is_busy(args.threads)
     if busy and not args.force:
-        print(f"bench_serve.py: the machine is busy (1-min load average {load:.2f} on {os.cpu_count()} cores, "
-              f"{args.threads} threads needed); not measuring. Re-run on a quiet machine, or pass --force for a smoke test "
-              "that writes no official results.", file=sys.stderr)
+        print(
+            f"bench_serve.py: the machine is busy (1-min load average {load:.2f} on {os.cpu_count()} cores, "
+            f"{args.threads} threads needed); not measuring. Re-run on a quiet machine, or pass --force for a smoke test "
+            "that writes no official results.",
+            file=sys.stderr,
+        )
         return 2
     if args.force:
         results_dir = Path(args.results_dir or tempfile.mkdtemp(prefix="bench-serve-"))
@@ -185,8 +204,15 @@ def main(argv=None) -> int:
         reference = encoder.encode(texts, batch_size=32, convert_to_numpy=True)
         encode_s = min(encode_s, time.perf_counter() - started)
     reference /= np.linalg.norm(reference, axis=1, keepdims=True)
-    baseline = {"method": "encode()", "texts": len(texts), "tokens": tokens, "seconds": encode_s, "texts_per_s": len(texts) / encode_s,
-                "tokens_per_s": tokens / encode_s, "batch_size": 32}
+    baseline = {
+        "method": "encode()",
+        "texts": len(texts),
+        "tokens": tokens,
+        "seconds": encode_s,
+        "texts_per_s": len(texts) / encode_s,
+        "tokens_per_s": tokens / encode_s,
+        "batch_size": 32,
+    }
     print(f"direct encode(): {len(texts)} texts, {tokens} tokens in {encode_s:.2f} s = {baseline['texts_per_s']:.1f} texts/s", flush=True)
     del encoder
 
@@ -206,17 +232,31 @@ def main(argv=None) -> int:
             served_tokens = sum(t for _, t in level["results"])
             batches = after["llm2vec_batch_requests_count"] - before["llm2vec_batch_requests_count"]
             lat = level["latencies"]
-            rows.append({
-                "concurrency": c, "requests": n_requests, "texts": len(texts), "tokens": served_tokens, "seconds": level["seconds"],
-                "requests_per_s": n_requests / level["seconds"], "texts_per_s": len(texts) / level["seconds"],
-                "tokens_per_s": served_tokens / level["seconds"], "p50_ms": 1e3 * percentile(lat, 50),
-                "p95_ms": 1e3 * percentile(lat, 95), "p99_ms": 1e3 * percentile(lat, 99), "mean_ms": 1e3 * statistics.mean(lat),
-                "batches": batches, "mean_requests_per_batch": n_requests / batches if batches else float("nan"),
-                "vs_direct_encode": (len(texts) / level["seconds"]) / baseline["texts_per_s"],
-            })
+            rows.append(
+                {
+                    "concurrency": c,
+                    "requests": n_requests,
+                    "texts": len(texts),
+                    "tokens": served_tokens,
+                    "seconds": level["seconds"],
+                    "requests_per_s": n_requests / level["seconds"],
+                    "texts_per_s": len(texts) / level["seconds"],
+                    "tokens_per_s": served_tokens / level["seconds"],
+                    "p50_ms": 1e3 * percentile(lat, 50),
+                    "p95_ms": 1e3 * percentile(lat, 95),
+                    "p99_ms": 1e3 * percentile(lat, 99),
+                    "mean_ms": 1e3 * statistics.mean(lat),
+                    "batches": batches,
+                    "mean_requests_per_batch": n_requests / batches if batches else float("nan"),
+                    "vs_direct_encode": (len(texts) / level["seconds"]) / baseline["texts_per_s"],
+                }
+            )
             r = rows[-1]
-            print(f"concurrency {c:>3}: {r['requests_per_s']:.1f} req/s, {r['tokens_per_s']:.0f} tokens/s, p50 {r['p50_ms']:.0f} ms, "
-                  f"p95 {r['p95_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, {r['mean_requests_per_batch']:.1f} requests/batch", flush=True)
+            print(
+                f"concurrency {c:>3}: {r['requests_per_s']:.1f} req/s, {r['tokens_per_s']:.0f} tokens/s, p50 {r['p50_ms']:.0f} ms, "
+                f"p95 {r['p95_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, {r['mean_requests_per_batch']:.1f} requests/batch",
+                flush=True,
+            )
     finally:
         proc.terminate()
         try:
@@ -228,20 +268,33 @@ def main(argv=None) -> int:
     lowest, highest = rows[0], rows[-1]
     speedup = highest["requests_per_s"] / lowest["requests_per_s"]
     summary = {
-        "speedup": speedup, "speedup_of": f"requests/s at concurrency {highest['concurrency']} over {lowest['concurrency']}",
-        "target": TARGET_SPEEDUP, "meets_target": speedup >= TARGET_SPEEDUP, "min_cosine_vs_encode": min_cos,
-        "agree": min_cos >= MIN_COSINE, "load_avg_before": load, "load_avg_after": os.getloadavg()[0],
+        "speedup": speedup,
+        "speedup_of": f"requests/s at concurrency {highest['concurrency']} over {lowest['concurrency']}",
+        "target": TARGET_SPEEDUP,
+        "meets_target": speedup >= TARGET_SPEEDUP,
+        "min_cosine_vs_encode": min_cos,
+        "agree": min_cos >= MIN_COSINE,
+        "load_avg_before": load,
+        "load_avg_after": os.getloadavg()[0],
         # HTTP on top of the model cannot beat one big encode() call by much: if it does, distrust the run
         "baseline_sane": max(r["texts_per_s"] for r in rows) <= 1.2 * baseline["texts_per_s"],
     }
     if not summary["baseline_sane"]:
         print("WARNING: the server beat direct encode() by > 1.2x: the baseline or the machine was disturbed; re-run on a quiet machine")
-    print(f"speed-up {speedup:.2f}x (target >= {TARGET_SPEEDUP:.1f}x: {'met' if summary['meets_target'] else 'MISSED'}); "
-          f"min cosine vs encode() {min_cos:.6f}")
+    print(
+        f"speed-up {speedup:.2f}x (target >= {TARGET_SPEEDUP:.1f}x: {'met' if summary['meets_target'] else 'MISSED'}); "
+        f"min cosine vs encode() {min_cos:.6f}"
+    )
     config = {k: v for k, v in vars(args).items() if k != "no_plot"}
     config.update(requests=n_requests, texts_source=source, device="cpu", forced_on_busy_machine=bool(args.force and busy))
-    payload = {"config": config, "timed": "HTTP round trips of a bounded async httpx load generator against a real server; "
-               "baseline: one LLM2Vec.encode() call over the same texts", "baseline": baseline, "results": rows, "summary": summary}
+    payload = {
+        "config": config,
+        "timed": "HTTP round trips of a bounded async httpx load generator against a real server; "
+        "baseline: one LLM2Vec.encode() call over the same texts",
+        "baseline": baseline,
+        "results": rows,
+        "summary": summary,
+    }
     path = common.write_json(args.name, payload, results_dir)
     print(f"wrote {path}")
     if not args.no_plot:

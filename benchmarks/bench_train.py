@@ -41,17 +41,30 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("the a man woman dog cat plays guitar runs fast slow river city music quietly bright dark under over "
-         "market shares fell rose sharply monday week chef chops onion kitchen child rides horse field").split()
+WORDS = (
+    "the a man woman dog cat plays guitar runs fast slow river city music quietly bright dark under over "
+    "market shares fell rose sharply monday week chef chops onion kitchen child rides horse field"
+).split()
 
 
 def llama_1b_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
 
 
@@ -100,8 +113,16 @@ def worker(args) -> dict:
     from llm2vec_fast.train import STAGE_CLASSES, make_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    values = dict(model=args.model, data=args.data, output_dir=args.workdir, batch_size=args.batch, max_length=args.max_length,
-                  device=str(device), progress=False, lora_layers=None)
+    values = dict(
+        model=args.model,
+        data=args.data,
+        output_dir=args.workdir,
+        batch_size=args.batch,
+        max_length=args.max_length,
+        device=str(device),
+        progress=False,
+        lora_layers=None,
+    )
     if args.stage == "simcse":
         values["attention_dropout"] = args.attention_dropout
     config = make_config(args.stage, values)
@@ -141,10 +162,15 @@ def worker(args) -> dict:
         else:
             warmup_times.append(dt)
     out = {
-        "stage": args.stage, "impl": args.impl, "layout": layout, "device": str(device),
-        "tokens_per_step": statistics.mean(tokens), "step_s_median": statistics.median(times),
+        "stage": args.stage,
+        "impl": args.impl,
+        "layout": layout,
+        "device": str(device),
+        "tokens_per_step": statistics.mean(tokens),
+        "step_s_median": statistics.median(times),
         "tokens_per_s": sum(tokens) / sum(times),
-        "build_s": round(build_s, 2), "warmup_s": [round(t, 2) for t in warmup_times],  # warm-up: compile + autotune
+        "build_s": round(build_s, 2),
+        "warmup_s": [round(t, 2) for t in warmup_times],  # warm-up: compile + autotune
     }
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30 - base_mem
@@ -178,7 +204,9 @@ def _plain_step(stage, stage_name: str, device):
         items = [x for g in groups for x in g]
         f = stage.encoder.collate(items, device=device)
         with autocast(device):
-            hidden = stage.peft_model(input_ids=f["input_ids"], attention_mask=f["attention_mask"], position_ids=f["position_ids"]).last_hidden_state
+            hidden = stage.peft_model(
+                input_ids=f["input_ids"], attention_mask=f["attention_mask"], position_ids=f["position_ids"]
+            ).last_hidden_state
             reps = masked_pool_reference(hidden, f["pool_mask"], "mean").float()
         q, d = reps.chunk(2)
         loss = info_nce(q, d, stage.config.loss_scale)
@@ -195,8 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 3 on CPU, 10 on GPU, 2 with --quick)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="2 timed steps per case (the GPU suite); same shapes")
-    p.add_argument("--subprocess", action="store_true",
-                   help="GPU: one subprocess per case as on CPU (default: all cases in this process)")
+    p.add_argument("--subprocess", action="store_true", help="GPU: one subprocess per case as on CPU (default: all cases in this process)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
@@ -206,8 +233,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--max-length", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--attention-dropout", type=float, default=0.3)
-    p.add_argument("--tokenizer", default=None,
-                   help="GPU only: tokenizer folder for the random-weight model (default: the default model's)")
+    p.add_argument(
+        "--tokenizer", default=None, help="GPU only: tokenizer folder for the random-weight model (default: the default model's)"
+    )
     args = p.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -216,7 +244,11 @@ def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()
     steps = args.steps or (2 if args.quick else 3 if not on_gpu else 10)
     # (batch, max_length, words per text): official MNTP/SimCSE shapes on GPU, small ones on 2 CPU cores
-    shapes = {"mntp": (32, 512, (40, 400)), "simcse": (128, 128, (10, 100))} if on_gpu else {"mntp": (8, 128, (8, 100)), "simcse": (16, 64, (4, 40))}
+    shapes = (
+        {"mntp": (32, 512, (40, 400)), "simcse": (128, 128, (10, 100))}
+        if on_gpu
+        else {"mntp": (8, 128, (8, 100)), "simcse": (16, 64, (4, 40))}
+    )
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
     t0 = time.perf_counter()
     model = prepare_model(workdir, on_gpu, args.tokenizer)
@@ -226,9 +258,18 @@ def main(argv=None) -> int:
         data = workdir / f"{stage_name}.txt"
         data.write_text("\n".join(make_texts(batch * (steps + args.warmup) + batch, lo, hi, seed=0)) + "\n")
         for impl in ("plain_hf", "ours"):
-            worker_args = dict(stage=stage_name, impl=impl, model=model, data=str(data), workdir=str(workdir / f"{stage_name}-{impl}"),
-                               batch=batch, max_length=max_length, steps=steps, warmup=args.warmup,
-                               attention_dropout=args.attention_dropout)
+            worker_args = dict(
+                stage=stage_name,
+                impl=impl,
+                model=model,
+                data=str(data),
+                workdir=str(workdir / f"{stage_name}-{impl}"),
+                batch=batch,
+                max_length=max_length,
+                steps=steps,
+                warmup=args.warmup,
+                attention_dropout=args.attention_dropout,
+            )
             t0 = time.perf_counter()
             case = run_case(worker_args, in_process=on_gpu and not args.subprocess)
             case.update(batch=batch, max_length=max_length, case_s=round(time.perf_counter() - t0, 1))
@@ -277,7 +318,9 @@ def write_result(args, on_gpu: bool, steps: int, shapes: dict, cases: list[dict]
         card = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower().replace("nvidia", "")).strip("-")
     result = {
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct" if not on_gpu else "Llama-3.2-1B shapes, random weights",
-        "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if on_gpu
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": "bf16 autocast" if on_gpu else "fp32",
         "torch": torch.__version__,
         "steps": steps,

@@ -120,7 +120,11 @@ def write_json(name: str, payload: dict, results_dir: Path | None = None) -> Pat
 
 
 def plot_grouped_bars(
-    name: str, title: str, ylabel: str, groups: Sequence[str], panels: dict[str, dict[str, Sequence[float]]],
+    name: str,
+    title: str,
+    ylabel: str,
+    groups: Sequence[str],
+    panels: dict[str, dict[str, Sequence[float]]],
     results_dir: Path | None = None,
 ) -> Path | None:
     """Grouped bar charts, one panel per entry of ``panels`` (``{panel: {method: [value per group]}}``),

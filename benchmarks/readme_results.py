@@ -57,9 +57,12 @@ def dataset_table(result: dict) -> str:
         f"before the run. Overhead `encode_dataset / encode()`: **{summary['overhead_ratio']:.2f}x** "
         f"(goal <= {summary['overhead_goal']}: {'met' if summary['overhead_ok'] else 'not met'}); "
         f"{s['ranks']} ranks vs 1 process: {summary['speedup_2_ranks_vs_1_proc']:.2f}x."
-        + (f" Split: tokens through the model (padding included) {summary['forward_tokens_ratio']:.3f}x encode()'s, "
-           f"reading/writing/bookkeeping {summary['io_and_bookkeeping_ratio']:.3f}x." if "forward_tokens_ratio" in summary
-           else " (This run predates the padded-token counts.)"),
+        + (
+            f" Split: tokens through the model (padding included) {summary['forward_tokens_ratio']:.3f}x encode()'s, "
+            f"reading/writing/bookkeeping {summary['io_and_bookkeeping_ratio']:.3f}x."
+            if "forward_tokens_ratio" in summary
+            else " (This run predates the padded-token counts.)"
+        ),
         "",
         "| method | seconds | rows/s | tokens/s | tokens through the model | min cos vs encode() |",
         "|---|---|---|---|---|---|",
@@ -75,7 +78,7 @@ def dataset_table(result: dict) -> str:
 
 def _card_slugs(results: Path) -> list[str]:
     """Cards with GPU-suite results: the ``<card>`` of ``encode-<card>.json`` other than ``cpu``."""
-    return sorted(p.stem[len("encode-"):] for p in results.glob("encode-*.json") if p.stem != "encode-cpu")
+    return sorted(p.stem[len("encode-") :] for p in results.glob("encode-*.json") if p.stem != "encode-cpu")
 
 
 def _load(path: Path) -> dict | None:
@@ -147,10 +150,12 @@ def pooling_gpu_table(result: dict) -> str:
 
 def first_embedding_gpu_line(result: dict) -> str:
     cold, warm = result["runs"]["cold"], result["runs"]["warm"]
-    return (f"`bench_first_embedding.py`: time to the first embedding of a fresh process ({result['shape']} shapes, "
-            f"{cold['n_inputs']} inputs of lengths {min(cold['lengths'])}..{max(cold['lengths'])}): "
-            f"**{cold['first_embedding_s']:.1f} s** with an empty Triton cache (compile + autotune), "
-            f"**{warm['first_embedding_s']:.1f} s** with the cache of a previous process; steady state {warm['steady_s']:.2f} s.")
+    return (
+        f"`bench_first_embedding.py`: time to the first embedding of a fresh process ({result['shape']} shapes, "
+        f"{cold['n_inputs']} inputs of lengths {min(cold['lengths'])}..{max(cold['lengths'])}): "
+        f"**{cold['first_embedding_s']:.1f} s** with an empty Triton cache (compile + autotune), "
+        f"**{warm['first_embedding_s']:.1f} s** with the cache of a previous process; steady state {warm['steady_s']:.2f} s."
+    )
 
 
 def gpu_results(results: Path) -> str:
@@ -158,8 +163,12 @@ def gpu_results(results: Path) -> str:
     blocks = []
     for slug in _card_slugs(results):
         parts = []
-        for name, render in (("encode", encode_gpu_table), ("attention", attention_gpu_table),
-                             ("pooling", pooling_gpu_table), ("first-embedding", first_embedding_gpu_line)):
+        for name, render in (
+            ("encode", encode_gpu_table),
+            ("attention", attention_gpu_table),
+            ("pooling", pooling_gpu_table),
+            ("first-embedding", first_embedding_gpu_line),
+        ):
             data = _load(results / f"{name}-{slug}.json")
             if data is not None:
                 parts.append(render(data))

@@ -134,10 +134,16 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {name}, d random coordinates | " + " | ".join(f"{r[d]:.1f}" if d in r else "" for d in dims) + " | |")
     shares = result.get("prefix_norm_share", {}).get("by_model", {})
     for name, r in shares.items():
-        lines.append(f"| {name}, % of the squared norm in the first d | " + " | ".join(f"{r[d]:.1f} %" if d in r else "" for d in dims) + " | 100 % |")
+        lines.append(
+            f"| {name}, % of the squared norm in the first d | "
+            + " | ".join(f"{r[d]:.1f} %" if d in r else "" for d in dims)
+            + " | 100 % |"
+        )
     if shares:
-        tops = [f"{name} #{r['top_coordinates'][0]['index']} ({r['top_coordinates'][0]['share_of_squared_norm_%']:.1f} %)"
-                for name, r in shares.items()]
+        tops = [
+            f"{name} #{r['top_coordinates'][0]['index']} ({r['top_coordinates'][0]['share_of_squared_norm_%']:.1f} %)"
+            for name, r in shares.items()
+        ]
         lines += ["", f"Coordinate with the largest mean square (its mean share of the squared norm): {', '.join(tops)}."]
     return "\n".join(lines)
 
@@ -147,14 +153,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/recipe_matryoshka.json"))
     p.add_argument("--run-dir", default=str(ROOT / "runs/recipe_matryoshka"))
     p.add_argument("--mntp-adapter", default=None, help="reuse this MNTP adapter (default: train it as recipe_sts.py does)")
-    p.add_argument("--plain-simcse-adapter", default=None, help="reuse this plain SimCSE adapter (trained on --mntp-adapter with the same settings)")
+    p.add_argument(
+        "--plain-simcse-adapter", default=None, help="reuse this plain SimCSE adapter (trained on --mntp-adapter with the same settings)"
+    )
     p.add_argument("--matryoshka-simcse-adapter", default=None, help="reuse this Matryoshka SimCSE adapter (skip its training)")
     p.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="prefix sizes below the full dimension (default 64,128,256)")
     p.add_argument("--dev-limit", type=int, default=None, help="evaluate on the first N dev pairs (default: all 1500)")
     p.add_argument("--resume", action="store_true", help="continue interrupted training from its checkpoints")
     p.add_argument("--train-only", action="store_true", help="train the missing adapters, skip the evaluation")
-    p.add_argument("--only", choices=("plain", "matryoshka"), default=None, help="train and evaluate one of the two adapters (write its scores to --out)")
-    p.add_argument("--reuse-scores", default=None, help="JSON written by --only ({'scores': {name: ...}, 'random_dims': ...}): not re-evaluated")
+    p.add_argument(
+        "--only",
+        choices=("plain", "matryoshka"),
+        default=None,
+        help="train and evaluate one of the two adapters (write its scores to --out)",
+    )
+    p.add_argument(
+        "--reuse-scores", default=None, help="JSON written by --only ({'scores': {name: ...}, 'random_dims': ...}): not re-evaluated"
+    )
     p.add_argument("--table", action="store_true", help="print the README table of --out and exit")
     p.add_argument("--note", default=None, help="free text recorded in the JSON (e.g. which checkpoints were compared)")
     args, recipe_args = p.parse_known_args(argv)
@@ -212,15 +227,16 @@ def main(argv=None) -> int:
         scores[name] = {k: round(v, 2) for k, v in dev_scores_by_dim(emb, pairs, index, dims + [None]).items()}
         random_dims[name] = {k: round(v, 2) for k, v in random_dims_scores(emb, pairs, index, dims).items()}
         log(f"{name}: {scores[name]}; random coordinates: {random_dims[name]}")
-    norm_share = {name: prefix_norm_share(np.load(run / f"dev_embeddings_{name}.npy"), dims)
-                  for name in adapters if (run / f"dev_embeddings_{name}.npy").is_file()}
+    norm_share = {
+        name: prefix_norm_share(np.load(run / f"dev_embeddings_{name}.npy"), dims)
+        for name in adapters
+        if (run / f"dev_embeddings_{name}.npy").is_file()
+    }
     if args.only:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"scores": scores, "random_dims": random_dims}, indent=2) + "\n")
         return 0
-    retained = {
-        name: {str(d): round(100 * s[str(d)] / s["full"], 1) for d in dims} for name, s in scores.items()
-    }
+    retained = {name: {str(d): round(100 * s[str(d)] / s["full"], 1) for d in dims} for name, s in scores.items()}
     trained_with = {name: adapter_training(a) for name, a in adapters.items()}  # from each run's train_config.json
     out = {
         "model": f"HuggingFaceTB/{DEFAULT_MODEL_NAME}",

@@ -31,7 +31,9 @@ def embed_all_modes(encoder, sentences: list[str], modes: list[str], batch_size:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             f = encoder.collate([items[i] for i in idx])
-            hidden = encoder.model(input_ids=f["input_ids"], attention_mask=f["attention_mask"], position_ids=f["position_ids"]).last_hidden_state
+            hidden = encoder.model(
+                input_ids=f["input_ids"], attention_mask=f["attention_mask"], position_ids=f["position_ids"]
+            ).last_hidden_state
             for m in modes:
                 encoder.pooling_mode = m
                 out[m][idx] = encoder.pool(hidden, f["pool_mask"]).float().numpy()
@@ -61,7 +63,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simcse-batch", type=int, default=32)
     p.add_argument("--simcse-lr", type=float, default=5e-4)
     p.add_argument("--mntp-lora-layers", type=int, default=0, help="MNTP: LoRA on the last N layers only (0: all layers)")
-    p.add_argument("--simcse-lora-layers", type=int, default=0, help="SimCSE: LoRA on the last N layers only (0: all); no backward below them")
+    p.add_argument(
+        "--simcse-lora-layers", type=int, default=0, help="SimCSE: LoRA on the last N layers only (0: all); no backward below them"
+    )
 
 
 def stage_configs(args: argparse.Namespace, run: Path | None = None) -> dict[str, dict]:
@@ -69,10 +73,22 @@ def stage_configs(args: argparse.Namespace, run: Path | None = None) -> dict[str
     run = Path(run or ".")
     common = dict(data="stsb:train", seed=args.seed, max_length=args.max_length, save_steps=10, progress=True)
     return {
-        "mntp": dict(common, max_steps=args.mntp_steps, batch_size=args.mntp_batch, lr=args.mntp_lr, lora_layers=args.mntp_lora_layers or None,
-                     output_dir=str(run / "mntp")),
-        "simcse": dict(common, max_steps=args.simcse_steps, batch_size=args.simcse_batch, lr=args.simcse_lr,
-                       lora_layers=args.simcse_lora_layers or None, output_dir=str(run / "simcse")),
+        "mntp": dict(
+            common,
+            max_steps=args.mntp_steps,
+            batch_size=args.mntp_batch,
+            lr=args.mntp_lr,
+            lora_layers=args.mntp_lora_layers or None,
+            output_dir=str(run / "mntp"),
+        ),
+        "simcse": dict(
+            common,
+            max_steps=args.simcse_steps,
+            batch_size=args.simcse_batch,
+            lr=args.simcse_lr,
+            lora_layers=args.simcse_lora_layers or None,
+            output_dir=str(run / "simcse"),
+        ),
     }
 
 

@@ -48,8 +48,9 @@ def summarize_encode(data: dict) -> list[tuple[str, bool | None]]:
     for s in data.get("summary", []):
         lines.append(_line(f"encode {s['shape']} packed vs reference", s.get("speedup"), s.get("target")))
         agree = "ok" if s.get("agree") else "DISAGREE"
-        lines.append((f"  {'encode ' + s['shape'] + ' min cosine':<48} {s.get('min_cosine', math.nan):.4f}  >= 0.99  {agree}",
-                      bool(s.get("agree"))))
+        lines.append(
+            (f"  {'encode ' + s['shape'] + ' min cosine':<48} {s.get('min_cosine', math.nan):.4f}  >= 0.99  {agree}", bool(s.get("agree")))
+        )
     return lines
 
 
@@ -61,8 +62,11 @@ def _attention_target(shape: str, key: str):
 
 
 def summarize_attention(data: dict) -> list[tuple[str, bool | None]]:
-    return [_line(f"attention {r['shape']} {key}", r.get(key), _attention_target(r["shape"], key))
-            for r in data.get("ratios", []) for key in ATTENTION_TARGETS]
+    return [
+        _line(f"attention {r['shape']} {key}", r.get(key), _attention_target(r["shape"], key))
+        for r in data.get("ratios", [])
+        for key in ATTENTION_TARGETS
+    ]
 
 
 def summarize_pooling(data: dict) -> list[tuple[str, bool | None]]:
@@ -75,11 +79,18 @@ def summarize_pooling(data: dict) -> list[tuple[str, bool | None]]:
         ref = next((x for x in rows if x["layout"] == r["layout"] and x["mode"] == r["mode"] and x["method"] == "torch-ref"), None)
         vs_ref = ref["fwd_ms"] / r["fwd_ms"] if ref and ref.get("fwd_ms") and r.get("fwd_ms") else None
         if r["mode"] in ONE_ROW_MODES:
-            gather = next((x for x in rows if x["layout"] == r["layout"] and x["mode"] == r["mode"] and x["method"] == "torch-gather"), None)
+            gather = next(
+                (x for x in rows if x["layout"] == r["layout"] and x["mode"] == r["mode"] and x["method"] == "torch-gather"), None
+            )
             vs_gather = gather["fwd_ms"] / r["fwd_ms"] if gather and gather.get("fwd_ms") and r.get("fwd_ms") else None
             lines.append(_line(f"pooling {layout} {r['mode']} fwd_vs_torch_gather", vs_gather, None))
             if r.get("fwd_ms"):
-                lines.append((f"  {'pooling ' + layout + ' ' + r['mode'] + ' fwd time':<48} {1000 * r['fwd_ms']:6.1f} us  (one row per sequence: no bandwidth target)", None))
+                lines.append(
+                    (
+                        f"  {'pooling ' + layout + ' ' + r['mode'] + ' fwd time':<48} {1000 * r['fwd_ms']:6.1f} us  (one row per sequence: no bandwidth target)",
+                        None,
+                    )
+                )
         else:
             lines.append(_line(f"pooling {layout} {r['mode']} fwd_vs_copy", r.get("fwd_vs_copy"), POOLING_TARGETS["fwd_vs_copy"]))
         lines.append(_line(f"pooling {layout} {r['mode']} fwd_vs_torch_ref", vs_ref, POOLING_TARGETS["fwd_vs_torch_ref"]))
@@ -94,8 +105,7 @@ def summarize_train(data: dict) -> list[tuple[str, bool | None]]:
     on_gpu = not str(data.get("device", "cpu")).startswith("cpu")
     lines = []
     for stage, s in data.get("summary", {}).items():
-        lines.append(_line(f"train {stage} tokens/s vs plain HF", s.get("speedup_tokens_per_s"),
-                           TRAIN_SPEEDUP_TARGET if on_gpu else None))
+        lines.append(_line(f"train {stage} tokens/s vs plain HF", s.get("speedup_tokens_per_s"), TRAIN_SPEEDUP_TARGET if on_gpu else None))
         ratio = s.get("peak_mem_ratio")
         if ratio is None:
             lines.append((f"  {'train ' + stage + ' peak memory vs plain HF':<48} n/a", None))
@@ -103,16 +113,20 @@ def summarize_train(data: dict) -> list[tuple[str, bool | None]]:
             lines.append((f"  {'train ' + stage + ' peak memory vs plain HF':<48} {ratio:6.2f}x  (no target)", None))
         else:
             ok = ratio <= TRAIN_MEMORY_TARGET
-            lines.append((f"  {'train ' + stage + ' peak memory vs plain HF':<48} {ratio:6.2f}x  target <= "
-                          f"{TRAIN_MEMORY_TARGET:.1f}x  {'ok' if ok else 'MISSED'}", ok))
+            lines.append(
+                (
+                    f"  {'train ' + stage + ' peak memory vs plain HF':<48} {ratio:6.2f}x  target <= "
+                    f"{TRAIN_MEMORY_TARGET:.1f}x  {'ok' if ok else 'MISSED'}",
+                    ok,
+                )
+            )
     for case in data.get("cases", []):
         if "error" in case:
             lines.append((f"  train {case.get('stage')} {case.get('impl')}: ERROR {case['error'].strip().splitlines()[-1][:120]}", False))
     return lines
 
 
-SECTIONS = {"attention": summarize_attention, "pooling": summarize_pooling, "encode": summarize_encode,
-            "train": summarize_train}
+SECTIONS = {"attention": summarize_attention, "pooling": summarize_pooling, "encode": summarize_encode, "train": summarize_train}
 
 
 def main(argv=None) -> int:

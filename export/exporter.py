@@ -122,8 +122,7 @@ def export_onnx(
     say(f"done: {output} ({report['status']})")
     if failures:
         raise ExportValidationError(
-            f"{precision} export in {output} misses its fidelity thresholds ({'; '.join(failures)}); "
-            f"see {output / REPORT_FILE}"
+            f"{precision} export in {output} misses its fidelity thresholds ({'; '.join(failures)}); see {output / REPORT_FILE}"
         )
     return output
 
@@ -205,7 +204,11 @@ def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say):
     graph_matmuls = set(quantize.weight_matmuls(fp32_model))
     layers = [[n for n in layer if n in graph_matmuls] for layer in simulator.layers]
     chosen, summary = select_int8_layers(
-        layers, sensitivity, lambda names: simulator.embed(names, inputs), reference, confirm=onnx_embed,
+        layers,
+        sensitivity,
+        lambda names: simulator.embed(names, inputs),
+        reference,
+        confirm=onnx_embed,
         progress=lambda m: say(f"calibration: {m}"),
     )
     info["quantization"] = {

@@ -51,9 +51,7 @@ def resolve_providers(providers: str | Sequence | None, available: Sequence[str]
         name = PROVIDER_ALIASES.get(name.lower(), name)
         if name not in available:
             hint = f" For CUDA install onnxruntime-gpu: {GPU_INSTALL_HINT}" if name == "CUDAExecutionProvider" else ""
-            raise ValueError(
-                f"ONNX Runtime execution provider {name!r} is not available; available providers: {list(available)}.{hint}"
-            )
+            raise ValueError(f"ONNX Runtime execution provider {name!r} is not available; available providers: {list(available)}.{hint}")
         out.append((name, options) if options else name)
     return out
 

@@ -105,9 +105,21 @@ class _GraphEditor:
         shape = f"{tag}/shape"
         nodes += [
             helper.make_node("Shape", [x], [f"{tag}/x_shape"], name=f"{tag}/Shape", end=-1),
-            helper.make_node("Concat", [f"{tag}/x_shape", self.const(f"{tag}/blocks", np.array([k // block, block], np.int64))], [shape], name=f"{tag}/Concat", axis=0),
+            helper.make_node(
+                "Concat",
+                [f"{tag}/x_shape", self.const(f"{tag}/blocks", np.array([k // block, block], np.int64))],
+                [shape],
+                name=f"{tag}/Concat",
+                axis=0,
+            ),
             helper.make_node("Reshape", [x, shape], [f"{tag}/blocked"], name=f"{tag}/Reshape"),
-            helper.make_node("ReduceSum", [f"{tag}/blocked", self.const(f"{tag}/axis", np.array([-1], np.int64))], [f"{tag}/out"], name=f"{tag}/ReduceSum", keepdims=0),
+            helper.make_node(
+                "ReduceSum",
+                [f"{tag}/blocked", self.const(f"{tag}/axis", np.array([-1], np.int64))],
+                [f"{tag}/out"],
+                name=f"{tag}/ReduceSum",
+                keepdims=0,
+            ),
         ]
         self._blocksums[key] = f"{tag}/out"
         return self._blocksums[key]
@@ -294,7 +306,9 @@ def rowwise_int8_matmuls(model: onnx.ModelProto, names: set[str], weight_levels:
             helper.make_node(
                 "MatMulIntegerToFloat",
                 [codes, ed.const(f"{base}/W_int8", q), one, ed.const(f"{base}/W_scale", col_scale), a_zero],
-                [f"{base}/col_scaled"], name=f"{base}_int8", domain=MS_DOMAIN,
+                [f"{base}/col_scaled"],
+                name=f"{base}_int8",
+                domain=MS_DOMAIN,
             ),
             helper.make_node("Mul", [f"{base}/col_scaled", row_step], list(node.output), name=f"{base}/RowScale"),
         ]

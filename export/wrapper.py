@@ -67,9 +67,7 @@ class EncoderGraph(nn.Module):
         keep = attention_mask[:, None, None, :] > 0
         dtype = self.decoder.embed_tokens.weight.dtype
         mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, MASK_VALUE)
-        hidden = self.decoder(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        hidden = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
         return masked_pool_reference(hidden.float(), pool_mask, self.pool_mode)
 
 

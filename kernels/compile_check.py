@@ -62,12 +62,18 @@ def attention_case(kernel: str, d: int, cfg, dtype: str, arch: int, dropout: boo
     """One compile case of an autotuned attention kernel for head dim ``d`` and ``cfg`` (a
     ``triton.Config`` with ``BLOCK_M``, ``BLOCK_N`` and ``MAX_BLOCK_D``)."""
     block_d = max(16, 1 << (d - 1).bit_length())
-    return dict(module="flash_attn_triton", kernel=kernel, arch=arch, dtype=dtype, D=d,
-                config=f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}",
-                constexprs=dict(GROUP=4, D=d, BLOCK_D=block_d, PRECISION="tf32", SOFTCAP=softcap, DROPOUT=dropout,
-                                **cfg.kwargs),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                variant=f"dropout={int(dropout)},softcap={int(softcap)}")
+    return dict(
+        module="flash_attn_triton",
+        kernel=kernel,
+        arch=arch,
+        dtype=dtype,
+        D=d,
+        config=f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}",
+        constexprs=dict(GROUP=4, D=d, BLOCK_D=block_d, PRECISION="tf32", SOFTCAP=softcap, DROPOUT=dropout, **cfg.kwargs),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        variant=f"dropout={int(dropout)},softcap={int(softcap)}",
+    )
 
 
 def _attention_cases(fat) -> list[dict]:
@@ -82,13 +88,35 @@ def _attention_cases(fat) -> list[dict]:
                     cases.append(attention_case(kernel, d, cfg, dtype, arch, dropout, softcap))
     for d, dtype, arch in itertools.product(HEAD_DIMS, DTYPES, SMEM_LIMITS):
         block_d = max(16, 1 << (d - 1).bit_length())
-        cases.append(dict(module="flash_attn_triton", kernel="_bwd_preprocess_kernel", arch=arch, dtype=dtype, D=d,
-                          config="T64w4s3", constexprs=dict(D=d, BLOCK_D=block_d, BLOCK_T=64), num_warps=4,
-                          num_stages=3, variant="-"))
+        cases.append(
+            dict(
+                module="flash_attn_triton",
+                kernel="_bwd_preprocess_kernel",
+                arch=arch,
+                dtype=dtype,
+                D=d,
+                config="T64w4s3",
+                constexprs=dict(D=d, BLOCK_D=block_d, BLOCK_T=64),
+                num_warps=4,
+                num_stages=3,
+                variant="-",
+            )
+        )
     for arch in SMEM_LIMITS:
-        cases.append(dict(module="flash_attn_triton", kernel="_dropout_mask_kernel", arch=arch, dtype="int8", D=0,
-                          config="32x32w4s3", constexprs=dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=3,
-                          variant="-"))
+        cases.append(
+            dict(
+                module="flash_attn_triton",
+                kernel="_dropout_mask_kernel",
+                arch=arch,
+                dtype="int8",
+                D=0,
+                config="32x32w4s3",
+                constexprs=dict(BLOCK_M=32, BLOCK_N=32),
+                num_warps=4,
+                num_stages=3,
+                variant="-",
+            )
+        )
     return cases
 
 
@@ -96,10 +124,18 @@ def _pooling_case(pt, kernel: str, mode: str, cfg, dtype: str, arch: int, path: 
     """``D`` names the mode (and the code path, e.g. ``mean/two-pass``): the covering subset keeps
     every (config, mode/path) pair."""
     block_t = f"{cfg.kwargs['BLOCK_T']}x" if "BLOCK_T" in cfg.kwargs else ""
-    return dict(module="pooling_triton", kernel=kernel, arch=arch, dtype=dtype, D=mode + path,
-                config=f"{block_t}{cfg.kwargs['BLOCK_D']}w{cfg.num_warps}",
-                constexprs=dict(MODE=pt.MODE_IDS[mode], **constexprs, **cfg.kwargs), num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, variant="-")
+    return dict(
+        module="pooling_triton",
+        kernel=kernel,
+        arch=arch,
+        dtype=dtype,
+        D=mode + path,
+        config=f"{block_t}{cfg.kwargs['BLOCK_D']}w{cfg.num_warps}",
+        constexprs=dict(MODE=pt.MODE_IDS[mode], **constexprs, **cfg.kwargs),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        variant="-",
+    )
 
 
 def _pooling_cases(pt) -> list[dict]:
@@ -113,8 +149,19 @@ def _pooling_cases(pt) -> list[dict]:
     combine = triton.Config({"BLOCK_C": pt.COMBINE_C, "BLOCK_D": pt.COMBINE_D}, num_warps=pt.COMBINE_WARPS)
     for dtype, arch in itertools.product(DTYPES, SMEM_LIMITS):
         for cfg, mode, single in itertools.product(pt._pool_chunk_kernel.configs, sums, (False, True)):
-            cases.append(_pooling_case(pt, "_pool_chunk_kernel", mode, cfg, dtype, arch,
-                                       "/single" if single else "/two-pass", SINGLE=single, CHUNK_T=pt.CHUNK_T))
+            cases.append(
+                _pooling_case(
+                    pt,
+                    "_pool_chunk_kernel",
+                    mode,
+                    cfg,
+                    dtype,
+                    arch,
+                    "/single" if single else "/two-pass",
+                    SINGLE=single,
+                    CHUNK_T=pt.CHUNK_T,
+                )
+            )
         for mode in sums:
             cases.append(_pooling_case(pt, "_pool_combine_kernel", mode, combine, dtype, arch, CHUNK_T=pt.CHUNK_T))
         for cfg, mode in itertools.product(pt._pool_select_kernel.configs, selects):
@@ -134,8 +181,13 @@ def all_cases() -> list[dict]:
 
 
 def _factors(case: dict) -> dict:
-    return {"config": (case["kernel"], case["config"]), "arch": case["arch"], "dtype": case["dtype"],
-            "D": case["D"], "variant": case["variant"]}
+    return {
+        "config": (case["kernel"], case["config"]),
+        "arch": case["arch"],
+        "dtype": case["dtype"],
+        "D": case["D"],
+        "variant": case["variant"],
+    }
 
 
 def covering_cases(cases: list[dict]) -> list[dict]:
@@ -169,9 +221,20 @@ def covering_cases(cases: list[dict]) -> list[dict]:
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "int8": "*i8"}
 # pointer and scalar argument types that are not "the data dtype" or i32
 _ARG_TYPES = {
-    "LSE": "*fp32", "DELTA": "*fp32", "CU": "*i32", "STATS": "*i32", "MASK": "*u8", "WS": "*fp32", "COUNTS": "*i32",
-    "qk_scale": "fp32", "cap_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32", "drop_scale": "fp32",
-    "seed": "i64", "offset": "i64",
+    "LSE": "*fp32",
+    "DELTA": "*fp32",
+    "CU": "*i32",
+    "STATS": "*i32",
+    "MASK": "*u8",
+    "WS": "*fp32",
+    "COUNTS": "*i32",
+    "qk_scale": "fp32",
+    "cap_scale": "fp32",
+    "sm_scale": "fp32",
+    "dropout_p": "fp32",
+    "drop_scale": "fp32",
+    "seed": "i64",
+    "offset": "i64",
 }
 _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "H", "OUT", "GOUT", "GH"}
 #: Strides that are not multiples of 16 in general: ``stride_lh`` is the token count (the kernels do
@@ -201,8 +264,12 @@ def _signature(fn, case: dict) -> tuple[dict, dict, dict]:
             signature[name] = "*i8"
         else:
             signature[name] = _ARG_TYPES.get(name, "i32")
-        if signature[name].startswith("*") or name.startswith("stride_") and name not in _UNALIGNED_STRIDES \
-                or name in _ALIGNED_INTS.get(case["kernel"], ()):
+        if (
+            signature[name].startswith("*")
+            or name.startswith("stride_")
+            and name not in _UNALIGNED_STRIDES
+            or name in _ALIGNED_INTS.get(case["kernel"], ())
+        ):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, {(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs
 
@@ -250,8 +317,9 @@ def compile_case(case: dict) -> dict:
             ptxas_log = _ptxas_log(compiled.asm["ptx"], case["arch"])
         spills = [int(a) + int(b) for a, b in _SPILL_RE.findall(ptxas_log)]
         regs = [int(n) for n in _REGS_RE.findall(ptxas_log)]
-        result.update(shared=int(compiled.metadata.shared), n_spills=sum(spills), n_regs=max(regs, default=None),
-                      wgmma="wgmma" in compiled.asm["ptx"])
+        result.update(
+            shared=int(compiled.metadata.shared), n_spills=sum(spills), n_regs=max(regs, default=None), wgmma="wgmma" in compiled.asm["ptx"]
+        )
         result["ok"] = result["shared"] <= result["smem_limit"] and result["n_spills"] == 0
         if not result["ok"]:
             result["error"] = f"shared {result['shared']} B (limit {result['smem_limit']}), {result['n_spills']} B spilled"
@@ -274,8 +342,12 @@ def _ptxas_log(ptx: str, arch: int) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", str(src), "-o",
-                              str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", str(src), "-o", str(Path(tmp) / "k.o")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     return out.stderr + out.stdout
 
 
@@ -302,9 +374,10 @@ def run(full: bool = False, archs=tuple(SMEM_LIMITS), jobs: int | None = None, r
 
 def _line(r: dict) -> str:
     status = "ok  " if r["ok"] else "FAIL"
-    return (f"{status} sm_{r['arch']} {r['kernel']:<24} {r['config']:<12} {r['dtype']} D={r['D']!s:<22} {r['variant']:<19} "
-            f"shared={r['shared']} n_spills={r['n_spills']}{' (cached)' if r['cached'] else ''}"
-            + (f"  {r['error']}" if not r["ok"] else ""))
+    return (
+        f"{status} sm_{r['arch']} {r['kernel']:<24} {r['config']:<12} {r['dtype']} D={r['D']!s:<22} {r['variant']:<19} "
+        f"shared={r['shared']} n_spills={r['n_spills']}{' (cached)' if r['cached'] else ''}" + (f"  {r['error']}" if not r["ok"] else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,8 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = run(args.full, tuple(args.arch), args.jobs, report=lambda r: print(_line(r), flush=True))
     failed = [r for r in results if not r["ok"]]
-    print(f"{len(results)} cases, {len(failed)} failed, {sum(r['cached'] for r in results)} cached, "
-          f"max n_spills={max((r['n_spills'] or 0) for r in results)}, {time.perf_counter() - start:.0f}s")
+    print(
+        f"{len(results)} cases, {len(failed)} failed, {sum(r['cached'] for r in results)} cached, "
+        f"max n_spills={max((r['n_spills'] or 0) for r in results)}, {time.perf_counter() - start:.0f}s"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 1 if failed else 0

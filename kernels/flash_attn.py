@@ -76,13 +76,9 @@ def _varlen_fwd_op(
     backend and an empty ``[Hq, 0]`` on the torch backend (its backward recomputes instead)."""
     if backend == "triton":
         seed, offset = _philox_ints(philox)
-        return _triton_ops().attention_forward(
-            q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, (dropout_p, seed, offset)
-        )
+        return _triton_ops().attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, softcap, (dropout_p, seed, offset))
     gen = _reference_dropout_generator(q.device, dropout_p, philox)
-    out = flash_attn_varlen_reference(
-        q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, softcap=softcap, dropout_generator=gen
-    )
+    out = flash_attn_varlen_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, softcap=softcap, dropout_generator=gen)
     return out.contiguous(), q.new_empty((q.shape[1], 0), dtype=torch.float32)
 
 
@@ -136,9 +132,7 @@ def _varlen_setup_context(ctx, inputs, output):
 def _varlen_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_seqlens, philox = ctx.saved_tensors
     max_seqlen, softmax_scale, softcap, dropout_p, backend = ctx.args
-    dq, dk, dv = _varlen_bwd_op(
-        grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout_p, philox, backend
-    )
+    dq, dk, dv = _varlen_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, softcap, dropout_p, philox, backend)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 

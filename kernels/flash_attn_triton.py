@@ -47,10 +47,7 @@ def _configs(gpu_table, interp_cfg):
     """Configs for one kernel: ``gpu_table`` rows ``(max_block_d, block_m, block_n, warps, stages)``."""
     if INTERPRETED:
         return [triton.Config(dict(zip(("BLOCK_M", "BLOCK_N"), interp_cfg)), num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "MAX_BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bd, bm, bn, w, s in gpu_table
-    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "MAX_BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, bm, bn, w, s in gpu_table]
 
 
 def _prune_by_head_dim(configs, named_args, **kwargs):
@@ -71,21 +68,30 @@ def _prune_by_head_dim(configs, named_args, **kwargs):
 # spills, smem, wgmma per config) is in benchmarks/GPU_NOTES.md. Two configs per class: compile time
 # on a fresh machine (and in the compile check) grows with every row.
 _FWD_TABLE = [
-    (64, 128, 64, 8, 3), (64, 64, 64, 4, 4),
-    (128, 128, 64, 8, 3), (128, 128, 32, 8, 3),
-    (256, 32, 64, 8, 2), (256, 32, 16, 8, 2),
+    (64, 128, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 8, 3),
+    (256, 32, 64, 8, 2),
+    (256, 32, 16, 8, 2),
 ]
 # dK/dV kernel: BLOCK_N key rows stay resident, BLOCK_M query rows stream.
 _BWD_KV_TABLE = [
-    (64, 16, 64, 4, 3), (64, 32, 32, 4, 3),
-    (128, 32, 32, 8, 2), (128, 16, 32, 8, 2),
-    (256, 16, 32, 8, 1), (256, 32, 32, 8, 1),
+    (64, 16, 64, 4, 3),
+    (64, 32, 32, 4, 3),
+    (128, 32, 32, 8, 2),
+    (128, 16, 32, 8, 2),
+    (256, 16, 32, 8, 1),
+    (256, 32, 32, 8, 1),
 ]
 # dQ kernel: BLOCK_M query rows stay resident, BLOCK_N key rows stream.
 _BWD_Q_TABLE = [
-    (64, 128, 32, 8, 3), (64, 64, 64, 8, 3),
-    (128, 32, 32, 8, 2), (128, 32, 32, 4, 2),
-    (256, 16, 32, 8, 1), (256, 16, 16, 8, 1),
+    (64, 128, 32, 8, 3),
+    (64, 64, 64, 8, 3),
+    (128, 32, 32, 8, 2),
+    (128, 32, 32, 4, 2),
+    (256, 16, 32, 8, 1),
+    (256, 16, 16, 8, 1),
 ]
 
 _AUTOTUNE_KEY = ["BLOCK_D", "GROUP", "seq_bucket", "SOFTCAP", "DROPOUT"]
@@ -179,10 +185,37 @@ def _dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, start_n, d
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, cap_scale, offs_n,
-               offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p, drop_scale,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
-               SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
+def _fwd_block(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K_seq,
+    V_seq,
+    start_n,
+    seq_len,
+    stride_kt,
+    stride_vt,
+    qk_scale,
+    cap_scale,
+    offs_n,
+    offs_d,
+    seed,
+    offset,
+    h,
+    n_tokens,
+    mask_stride,
+    row0,
+    offs_m,
+    dropout_p,
+    drop_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr,
+):
     cols = start_n + offs_n
     k = _load_rows(K_seq, cols, stride_kt, offs_d, seq_len, D, BLOCK_D, MASK_N)
     s, _ = _logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
@@ -203,11 +236,39 @@ def _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stri
 @triton.autotune(configs=_configs(_FWD_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE, **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU, qk_scale, cap_scale, seed, offset, n_tokens, mask_stride, dropout_p, drop_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    CU,
+    qk_scale,
+    cap_scale,
+    seed,
+    offset,
+    n_tokens,
+    mask_stride,
+    dropout_p,
+    drop_scale,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_lh,
     seq_bucket,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
     if start_m >= seq_len:
@@ -226,13 +287,69 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (seq_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt,
-                                   qk_scale, cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0,
-                                   offs_m, dropout_p, drop_scale, D, BLOCK_D, False, PRECISION, SOFTCAP, DROPOUT)
+        acc, l_i, m_i = _fwd_block(
+            acc,
+            l_i,
+            m_i,
+            q,
+            K_seq,
+            V_seq,
+            start_n,
+            seq_len,
+            stride_kt,
+            stride_vt,
+            qk_scale,
+            cap_scale,
+            offs_n,
+            offs_d,
+            seed,
+            offset,
+            h,
+            n_tokens,
+            mask_stride,
+            row0,
+            offs_m,
+            dropout_p,
+            drop_scale,
+            D,
+            BLOCK_D,
+            False,
+            PRECISION,
+            SOFTCAP,
+            DROPOUT,
+        )
     if n_full < seq_len:
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_seq, V_seq, n_full, seq_len, stride_kt, stride_vt,
-                                   qk_scale, cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0,
-                                   offs_m, dropout_p, drop_scale, D, BLOCK_D, True, PRECISION, SOFTCAP, DROPOUT)
+        acc, l_i, m_i = _fwd_block(
+            acc,
+            l_i,
+            m_i,
+            q,
+            K_seq,
+            V_seq,
+            n_full,
+            seq_len,
+            stride_kt,
+            stride_vt,
+            qk_scale,
+            cap_scale,
+            offs_n,
+            offs_d,
+            seed,
+            offset,
+            h,
+            n_tokens,
+            mask_stride,
+            row0,
+            offs_m,
+            dropout_p,
+            drop_scale,
+            D,
+            BLOCK_D,
+            True,
+            PRECISION,
+            SOFTCAP,
+            DROPOUT,
+        )
     acc = acc / l_i[:, None]
     _store_rows(O + row0 * stride_ot + h * stride_oh, offs_m, stride_ot, offs_d, seq_len, acc, D)
     tl.store(LSE + h * stride_lh + row0 + offs_m, m_i + tl.log2(l_i), mask=offs_m < seq_len)
@@ -244,8 +361,20 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, n_tokens, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
-                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+def _bwd_preprocess_kernel(
+    O,
+    DO,
+    DELTA,
+    n_tokens,
+    stride_ot,
+    stride_oh,
+    stride_dot,
+    stride_doh,
+    stride_dh,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """``delta[h, t] = sum_d dO[t, h, d] * O[t, h, d]`` in fp32."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1)
@@ -257,10 +386,40 @@ def _bwd_preprocess_kernel(O, DO, DELTA, n_tokens, stride_ot, stride_oh, stride_
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt, stride_dot,
-                qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_n, offs_n_start,
-                dropout_p, drop_scale, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
-                SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
+def _dkdv_block(
+    dk,
+    dv,
+    k,
+    v,
+    Q_seq,
+    DO_seq,
+    LSE_seq,
+    DELTA_seq,
+    start_m,
+    seq_len,
+    stride_qt,
+    stride_dot,
+    qk_scale,
+    cap_scale,
+    offs_m,
+    offs_d,
+    seed,
+    offset,
+    h,
+    n_tokens,
+    mask_stride,
+    row0,
+    offs_n,
+    offs_n_start,
+    dropout_p,
+    drop_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr,
+):
     rows = start_m + offs_m
     q = _load_rows(Q_seq, rows, stride_qt, offs_d, seq_len, D, BLOCK_D, MASK_M)
     do = _load_rows(DO_seq, rows, stride_dot, offs_d, seq_len, D, BLOCK_D, MASK_M)
@@ -275,8 +434,7 @@ def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_le
     p_t = tl.exp2(s_t - lse[None, :])  # [BLOCK_N, BLOCK_M]
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     if DROPOUT:  # dV sees the dropped probabilities; dP flows back through the same mask
-        keep_t = tl.trans(_dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, offs_n_start, dropout_p,
-                                        offs_n.shape[0]))
+        keep_t = tl.trans(_dropout_keep(seed, offset, h, n_tokens, mask_stride, row0, rows, offs_n_start, dropout_p, offs_n.shape[0]))
         dv = tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
     else:
@@ -288,17 +446,50 @@ def _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_le
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_BWD_KV_TABLE, (32, 64)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
-                 **AUTOTUNE_CACHE)
+@triton.autotune(configs=_configs(_BWD_KV_TABLE, (32, 64)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE, **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, cap_scale, sm_scale, seed, offset, n_tokens, mask_stride, dropout_p,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    CU,
+    qk_scale,
+    cap_scale,
+    sm_scale,
+    seed,
+    offset,
+    n_tokens,
+    mask_stride,
+    dropout_p,
     drop_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    stride_lh,
     seq_bucket,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_n, hk = _block_coords(CU, BLOCK_N)
     if start_n >= seq_len:
@@ -318,24 +509,112 @@ def _attn_bwd_dkdv_kernel(
         LSE_seq = LSE + h * stride_lh + row0
         DELTA_seq = DELTA + h * stride_lh + row0
         for start_m in range(0, m_full, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, start_m, seq_len, stride_qt,
-                                 stride_dot, qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens,
-                                 mask_stride, row0, offs_n, start_n, dropout_p, drop_scale, D, BLOCK_D, False, PRECISION,
-                                 SOFTCAP, DROPOUT)
+            dk, dv = _dkdv_block(
+                dk,
+                dv,
+                k,
+                v,
+                Q_seq,
+                DO_seq,
+                LSE_seq,
+                DELTA_seq,
+                start_m,
+                seq_len,
+                stride_qt,
+                stride_dot,
+                qk_scale,
+                cap_scale,
+                offs_m,
+                offs_d,
+                seed,
+                offset,
+                h,
+                n_tokens,
+                mask_stride,
+                row0,
+                offs_n,
+                start_n,
+                dropout_p,
+                drop_scale,
+                D,
+                BLOCK_D,
+                False,
+                PRECISION,
+                SOFTCAP,
+                DROPOUT,
+            )
         if m_full < seq_len:
-            dk, dv = _dkdv_block(dk, dv, k, v, Q_seq, DO_seq, LSE_seq, DELTA_seq, m_full, seq_len, stride_qt,
-                                 stride_dot, qk_scale, cap_scale, offs_m, offs_d, seed, offset, h, n_tokens,
-                                 mask_stride, row0, offs_n, start_n, dropout_p, drop_scale, D, BLOCK_D, True, PRECISION,
-                                 SOFTCAP, DROPOUT)
+            dk, dv = _dkdv_block(
+                dk,
+                dv,
+                k,
+                v,
+                Q_seq,
+                DO_seq,
+                LSE_seq,
+                DELTA_seq,
+                m_full,
+                seq_len,
+                stride_qt,
+                stride_dot,
+                qk_scale,
+                cap_scale,
+                offs_m,
+                offs_d,
+                seed,
+                offset,
+                h,
+                n_tokens,
+                mask_stride,
+                row0,
+                offs_n,
+                start_n,
+                dropout_p,
+                drop_scale,
+                D,
+                BLOCK_D,
+                True,
+                PRECISION,
+                SOFTCAP,
+                DROPOUT,
+            )
     _store_rows(DK + row0 * stride_dkt + hk * stride_dkh, offs_n, stride_dkt, offs_d, seq_len, dk * sm_scale, D)
     _store_rows(DV + row0 * stride_dvt + hk * stride_dvh, offs_n, stride_dvt, offs_d, seq_len, dv, D)
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale, cap_scale,
-              offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p, drop_scale,
-              D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
-              SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
+def _dq_block(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    K_seq,
+    V_seq,
+    start_n,
+    seq_len,
+    stride_kt,
+    stride_vt,
+    qk_scale,
+    cap_scale,
+    offs_n,
+    offs_d,
+    seed,
+    offset,
+    h,
+    n_tokens,
+    mask_stride,
+    row0,
+    offs_m,
+    dropout_p,
+    drop_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr,
+):
     cols = start_n + offs_n
     k = _load_rows(K_seq, cols, stride_kt, offs_d, seq_len, D, BLOCK_D, MASK_N)
     v = _load_rows(V_seq, cols, stride_vt, offs_d, seq_len, D, BLOCK_D, MASK_N)
@@ -356,13 +635,44 @@ def _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, 
 @triton.autotune(configs=_configs(_BWD_Q_TABLE, (64, 32)), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE, **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, cap_scale, sm_scale, seed, offset, n_tokens, mask_stride, dropout_p,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    CU,
+    qk_scale,
+    cap_scale,
+    sm_scale,
+    seed,
+    offset,
+    n_tokens,
+    mask_stride,
+    dropout_p,
     drop_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, stride_dqh, stride_lh,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    stride_lh,
     seq_bucket,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCK_D: tl.constexpr = 0,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MAX_BLOCK_D: tl.constexpr = 0,
 ):
     row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
     if start_m >= seq_len:
@@ -380,19 +690,78 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (seq_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse, delta, K_seq, V_seq, start_n, seq_len, stride_kt, stride_vt, qk_scale,
-                       cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p,
-                       drop_scale, D, BLOCK_D, False, PRECISION, SOFTCAP, DROPOUT)
+        dq = _dq_block(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            K_seq,
+            V_seq,
+            start_n,
+            seq_len,
+            stride_kt,
+            stride_vt,
+            qk_scale,
+            cap_scale,
+            offs_n,
+            offs_d,
+            seed,
+            offset,
+            h,
+            n_tokens,
+            mask_stride,
+            row0,
+            offs_m,
+            dropout_p,
+            drop_scale,
+            D,
+            BLOCK_D,
+            False,
+            PRECISION,
+            SOFTCAP,
+            DROPOUT,
+        )
     if n_full < seq_len:
-        dq = _dq_block(dq, q, do, lse, delta, K_seq, V_seq, n_full, seq_len, stride_kt, stride_vt, qk_scale,
-                       cap_scale, offs_n, offs_d, seed, offset, h, n_tokens, mask_stride, row0, offs_m, dropout_p,
-                       drop_scale, D, BLOCK_D, True, PRECISION, SOFTCAP, DROPOUT)
+        dq = _dq_block(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            K_seq,
+            V_seq,
+            n_full,
+            seq_len,
+            stride_kt,
+            stride_vt,
+            qk_scale,
+            cap_scale,
+            offs_n,
+            offs_d,
+            seed,
+            offset,
+            h,
+            n_tokens,
+            mask_stride,
+            row0,
+            offs_m,
+            dropout_p,
+            drop_scale,
+            D,
+            BLOCK_D,
+            True,
+            PRECISION,
+            SOFTCAP,
+            DROPOUT,
+        )
     _store_rows(DQ + row0 * stride_dqt + h * stride_dqh, offs_m, stride_dqt, offs_d, seq_len, dq * sm_scale, D)
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _dropout_mask_kernel(MASK, CU, seed, offset, n_tokens, mask_stride, dropout_p, stride_mh, stride_mt,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(
+    MASK, CU, seed, offset, n_tokens, mask_stride, dropout_p, stride_mh, stride_mt, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """Writes the attention kernels' keep-mask: ``MASK[h, t, j]`` for key ``j`` of row ``t``'s sequence."""
     row0, seq_len, start_m, h = _block_coords(CU, BLOCK_M)
     if start_m >= seq_len:
@@ -441,8 +810,7 @@ def _mask_stride(max_seqlen: int) -> int:
     return max((max_seqlen + 3) // 4, 1)
 
 
-def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softcap: float,
-                 dropout_p: float) -> dict:
+def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softcap: float, dropout_p: float) -> dict:
     n_seq = cu_seqlens.numel() - 1
     if n_seq > _MAX_GRID_YZ or q.shape[1] > _MAX_GRID_YZ:
         raise ValueError(f"at most {_MAX_GRID_YZ} sequences per call, got {n_seq}")
@@ -457,8 +825,9 @@ def _launch_meta(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max
     )
 
 
-def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, softcap: float = 0.0,
-                      dropout: tuple[float, int, int] = NO_DROPOUT):
+def attention_forward(
+    q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, softcap: float = 0.0, dropout: tuple[float, int, int] = NO_DROPOUT
+):
     """Returns ``(out [T, Hq, D], lse [Hq, T] fp32, base-2 log-sum-exp of the (capped) logits)``.
 
     ``dropout = (p, seed, offset)``: attention dropout with the Philox mask of :func:`_dropout_keep`."""
@@ -476,16 +845,41 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, n_seq)
 
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens, *_logit_scales(softmax_scale, softcap), *_dropout_args(q, max_seqlen, dropout),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        *_logit_scales(softmax_scale, softcap),
+        *_dropout_args(q, max_seqlen, dropout),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
         **meta,
     )
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float,
-                       softcap: float = 0.0, dropout: tuple[float, int, int] = NO_DROPOUT):
+def attention_backward(
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens,
+    max_seqlen: int,
+    softmax_scale: float,
+    softcap: float = 0.0,
+    dropout: tuple[float, int, int] = NO_DROPOUT,
+):
     """Returns ``(dq, dk, dv)`` for :func:`attention_forward`'s output gradient ``do``."""
     _check_device(q)
     do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
@@ -501,19 +895,42 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softm
     delta = new_output((n_heads, n_tokens), torch.float32, q.device)
     block_t = 64
     _bwd_preprocess_kernel[(triton.cdiv(n_tokens, block_t), n_heads)](
-        out, do, delta, n_tokens, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
-        D=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t,
+        out,
+        do,
+        delta,
+        n_tokens,
+        out.stride(0),
+        out.stride(1),
+        do.stride(0),
+        do.stride(1),
+        delta.stride(0),
+        D=head_dim,
+        BLOCK_D=meta["BLOCK_D"],
+        BLOCK_T=block_t,
     )
     scales = (*_logit_scales(softmax_scale, softcap), softmax_scale, *_dropout_args(q, max_seqlen, dropout))
-    common_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      do.stride(0), do.stride(1))
+    common_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
 
     def kv_grid(cfg):
         return (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), n_kv_heads, n_seq)
 
     _attn_bwd_dkdv_kernel[kv_grid](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, *scales, *common_strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        cu_seqlens,
+        *scales,
+        *common_strides,
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
+        lse.stride(0),
         **meta,
     )
 
@@ -521,15 +938,25 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softm
         return (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, n_seq)
 
     _attn_bwd_dq_kernel[q_grid](
-        q, k, v, do, lse, delta, dq, cu_seqlens, *scales, *common_strides,
-        dq.stride(0), dq.stride(1), lse.stride(0),
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        cu_seqlens,
+        *scales,
+        *common_strides,
+        dq.stride(0),
+        dq.stride(1),
+        lse.stride(0),
         **meta,
     )
     return dq, dk, dv
 
 
-def dropout_keep_mask(cu_seqlens: torch.Tensor, n_heads: int, max_seqlen: int, dropout_p: float, seed: int,
-                      offset: int) -> torch.Tensor:
+def dropout_keep_mask(cu_seqlens: torch.Tensor, n_heads: int, max_seqlen: int, dropout_p: float, seed: int, offset: int) -> torch.Tensor:
     """The kernels' keep-mask, bool ``[n_heads, T, max_seqlen]``: ``mask[h, t, j]`` keeps the probability
     of query row ``t`` on key ``j`` of its own sequence (columns past the sequence are False)."""
     n_tokens = int(cu_seqlens[-1])
@@ -538,7 +965,16 @@ def dropout_keep_mask(cu_seqlens: torch.Tensor, n_heads: int, max_seqlen: int, d
         return mask.bool()
     block_m, block_n = 32, 32
     _dropout_mask_kernel[(triton.cdiv(max_seqlen, block_m), n_heads, cu_seqlens.numel() - 1)](
-        mask, cu_seqlens, seed, offset, n_tokens, _mask_stride(max_seqlen), float(dropout_p), mask.stride(0), mask.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        mask,
+        cu_seqlens,
+        seed,
+        offset,
+        n_tokens,
+        _mask_stride(max_seqlen),
+        float(dropout_p),
+        mask.stride(0),
+        mask.stride(1),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
     )
     return mask.bool()

@@ -172,9 +172,7 @@ def masked_pool_varlen(
         max_seqlen = longest if max_seqlen is None else max_seqlen
     backend = resolve_backend(backend, (hidden, pool_mask))
     cu_seqlens = cu_seqlens.to(hidden.device, non_blocking=True)
-    out, _ = torch.ops.llm2vec_fast.masked_pool_varlen_fwd(
-        hidden, cu_seqlens, _as_bytes(pool_mask), mode, int(max_seqlen), backend
-    )
+    out, _ = torch.ops.llm2vec_fast.masked_pool_varlen_fwd(hidden, cu_seqlens, _as_bytes(pool_mask), mode, int(max_seqlen), backend)
     return out
 
 

@@ -52,9 +52,7 @@ def masked_pool_reference(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -
     return out.to(hidden.dtype)
 
 
-def masked_pool_varlen_reference(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: torch.Tensor, mode: str
-) -> torch.Tensor:
+def masked_pool_varlen_reference(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: torch.Tensor, mode: str) -> torch.Tensor:
     """Pool packed ``hidden`` ``[T, D]``; sequence b owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``."""
     check_pooling_mode(mode)
     if hidden.dim() != 2 or pool_mask.shape != hidden.shape[:1]:
@@ -84,9 +82,7 @@ def masked_pool_varlen_reference(
             idx = torch.full((n_seq,), -1, device=hidden.device, dtype=torch.long).scatter_reduce_(0, seg, cand, "amax")
         else:
             cand = torch.where(m, positions, hidden.shape[0])
-            idx = torch.full((n_seq,), hidden.shape[0], device=hidden.device, dtype=torch.long).scatter_reduce_(
-                0, seg, cand, "amin"
-            )
+            idx = torch.full((n_seq,), hidden.shape[0], device=hidden.device, dtype=torch.long).scatter_reduce_(0, seg, cand, "amin")
         valid = count > 0
         out = torch.zeros(n_seq, hidden.shape[1], device=hidden.device)
         out[valid] = h32[idx[valid]]

@@ -71,8 +71,7 @@ def _configs():
     # The work is spread over (sequence x chunk x feature block) programs, so the tile only sets the
     # bytes in flight per program (8-16 KB of bf16) and the registers (<= 32 fp32 per thread).
     return [
-        triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w)
-        for bt, bd, w in [(32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8)]
+        triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w) for bt, bd, w in [(32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8)]
     ]
 
 
@@ -139,8 +138,7 @@ def _normaliser(count, MODE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_sums(H, MASK, lo, hi, stride_ht, offs_d, d_ok, MODE: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+def _chunk_sums(H, MASK, lo, hi, stride_ht, offs_d, d_ok, MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """fp32 ``S0 = sum(h)``, ``S1 = sum(local rank * h)`` (weighted_mean only) and the pooled-token
     count over rows ``lo:hi``."""
     offs_t = tl.arange(0, BLOCK_T)
@@ -150,8 +148,7 @@ def _chunk_sums(H, MASK, lo, hi, stride_ht, offs_d, d_ok, MODE: tl.constexpr, BL
     for t0 in range(lo, hi, BLOCK_T):
         rows = t0 + offs_t
         m = tl.load(MASK + rows, mask=rows < hi, other=0) != 0
-        h = tl.load(H + rows.to(tl.int64)[:, None] * stride_ht + offs_d[None, :],
-                    mask=m[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        h = tl.load(H + rows.to(tl.int64)[:, None] * stride_ht + offs_d[None, :], mask=m[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         s0 += tl.sum(h, 0)
         if MODE == 1:
             w, count = _pool_weights(m, rows, count, 0, MODE)
@@ -164,8 +161,24 @@ def _chunk_sums(H, MASK, lo, hi, stride_ht, offs_d, d_ok, MODE: tl.constexpr, BL
 @triton.autotune(configs=_configs(), key=_KEY + ["SINGLE"], **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _pool_chunk_kernel(
-    H, MASK, CU, WS, COUNTS, OUT, STATS, stride_ht, stride_ob, D, n_chunks_max, batch_bucket, len_bucket,
-    MODE: tl.constexpr, SINGLE: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    H,
+    MASK,
+    CU,
+    WS,
+    COUNTS,
+    OUT,
+    STATS,
+    stride_ht,
+    stride_ob,
+    D,
+    n_chunks_max,
+    batch_bucket,
+    len_bucket,
+    MODE: tl.constexpr,
+    SINGLE: tl.constexpr,
+    CHUNK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Partial sums of one chunk in its workspace slot (``WS`` ``[slot, 1 + MODE, D]`` fp32: S0, and
     S1 for weighted_mean; ``COUNTS`` ``[slot]``); with ``SINGLE`` (one chunk per sequence) the
@@ -176,8 +189,7 @@ def _pool_chunk_kernel(
     if SINGLE:  # every sequence is one chunk; an empty one writes its zeros
         s0, s1, count = _chunk_sums(H, MASK, lo, hi, stride_ht, offs_d, d_ok, MODE, BLOCK_T, BLOCK_D)
         total = s1 if MODE == 1 else s0
-        tl.store(OUT + b.to(tl.int64) * stride_ob + offs_d, (total / _normaliser(count, MODE)).to(OUT.dtype.element_ty),
-                 mask=d_ok)
+        tl.store(OUT + b.to(tl.int64) * stride_ob + offs_d, (total / _normaliser(count, MODE)).to(OUT.dtype.element_ty), mask=d_ok)
         if tl.program_id(2) == 0:
             tl.store(STATS + b, count)
     elif lo < end:  # chunks past the sequence's end write nothing (the combine pass reads only the others)
@@ -193,8 +205,18 @@ def _pool_chunk_kernel(
 
 @triton.jit(do_not_specialize=["n_chunks_max"])
 def _pool_combine_kernel(
-    WS, COUNTS, CU, OUT, STATS, stride_ob, D, n_chunks_max,
-    MODE: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    WS,
+    COUNTS,
+    CU,
+    OUT,
+    STATS,
+    stride_ob,
+    D,
+    n_chunks_max,
+    MODE: tl.constexpr,
+    CHUNK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Add a sequence's chunk partials in order (deterministic) and normalise; write the count."""
     b = tl.program_id(0)
@@ -219,8 +241,7 @@ def _pool_combine_kernel(
         else:
             acc += tl.sum(s0, 0)
         before += tl.sum(counts, 0)
-    tl.store(OUT + b.to(tl.int64) * stride_ob + offs_d, (acc / _normaliser(before, MODE)).to(OUT.dtype.element_ty),
-             mask=d_ok)
+    tl.store(OUT + b.to(tl.int64) * stride_ob + offs_d, (acc / _normaliser(before, MODE)).to(OUT.dtype.element_ty), mask=d_ok)
     if tl.program_id(1) == 0:
         tl.store(STATS + b, before)
 
@@ -228,8 +249,18 @@ def _pool_combine_kernel(
 @triton.autotune(configs=_select_configs(), key=_KEY, **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _pool_select_kernel(
-    H, MASK, CU, OUT, STATS, stride_ht, stride_ob, D, batch_bucket, len_bucket,
-    MODE: tl.constexpr, BLOCK_D: tl.constexpr,
+    H,
+    MASK,
+    CU,
+    OUT,
+    STATS,
+    stride_ht,
+    stride_ob,
+    D,
+    batch_bucket,
+    len_bucket,
+    MODE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """``last`` (MODE 2) / ``first`` (MODE 3): the selected row (zeros when none) and its index (-1)."""
     b = tl.program_id(0)
@@ -259,8 +290,21 @@ def _pool_select_kernel(
 @triton.autotune(configs=_configs(), key=_KEY, **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _pool_bwd_kernel(
-    GOUT, MASK, CU, STATS, GH, stride_gb, stride_ght, D, n_chunks_max, batch_bucket, len_bucket,
-    MODE: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    GOUT,
+    MASK,
+    CU,
+    STATS,
+    GH,
+    stride_gb,
+    stride_ght,
+    D,
+    n_chunks_max,
+    batch_bucket,
+    len_bucket,
+    MODE: tl.constexpr,
+    CHUNK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """``GH[t] = w_t * GOUT[b]`` for every row of one chunk (the forward's chunked grid)."""
     b, c, lo, hi, start, end = _chunk_rows(CU, n_chunks_max, CHUNK_T)
@@ -283,8 +327,11 @@ def _pool_bwd_kernel(
             m = tl.load(MASK + rows, mask=row_ok, other=0) != 0
             w, running = _pool_weights(m, rows, running, stat, MODE)
             gh = w[:, None] * g[None, :]
-            tl.store(GH + rows.to(tl.int64)[:, None] * stride_ght + offs_d[None, :], gh.to(GH.dtype.element_ty),
-                     mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(
+                GH + rows.to(tl.int64)[:, None] * stride_ght + offs_d[None, :],
+                gh.to(GH.dtype.element_ty),
+                mask=row_ok[:, None] & d_ok[None, :],
+            )
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -326,7 +373,8 @@ def pool_forward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mask_u8: torch.
     buckets = _buckets(n_seq, max_len)
     if mode_id >= 2:
         _pool_select_kernel[lambda cfg: (n_seq, triton.cdiv(d, cfg["BLOCK_D"]))](
-            hidden, mask_u8, cu_seqlens, out, stats, hidden.stride(0), out.stride(0), d, *buckets, MODE=mode_id)
+            hidden, mask_u8, cu_seqlens, out, stats, hidden.stride(0), out.stride(0), d, *buckets, MODE=mode_id
+        )
         return out, stats
     n_chunks = chunks_per_sequence(max_len)
     single = n_chunks == 1
@@ -337,17 +385,51 @@ def pool_forward(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mask_u8: torch.
         ws = new_output((n_ws, 1 + mode_id, d), torch.float32, hidden.device)
         counts = new_output((n_ws,), torch.int32, hidden.device)
     _pool_chunk_kernel[lambda cfg: (n_seq, n_chunks, triton.cdiv(d, cfg["BLOCK_D"]))](
-        hidden, mask_u8, cu_seqlens, ws, counts, out, stats, hidden.stride(0), out.stride(0), d, n_chunks, *buckets,
-        MODE=mode_id, SINGLE=single, CHUNK_T=CHUNK_T)
+        hidden,
+        mask_u8,
+        cu_seqlens,
+        ws,
+        counts,
+        out,
+        stats,
+        hidden.stride(0),
+        out.stride(0),
+        d,
+        n_chunks,
+        *buckets,
+        MODE=mode_id,
+        SINGLE=single,
+        CHUNK_T=CHUNK_T,
+    )
     if not single:
         _pool_combine_kernel[(n_seq, triton.cdiv(d, COMBINE_D))](
-            ws, counts, cu_seqlens, out, stats, out.stride(0), d, n_chunks,
-            MODE=mode_id, CHUNK_T=CHUNK_T, BLOCK_C=COMBINE_C, BLOCK_D=COMBINE_D, num_warps=COMBINE_WARPS)
+            ws,
+            counts,
+            cu_seqlens,
+            out,
+            stats,
+            out.stride(0),
+            d,
+            n_chunks,
+            MODE=mode_id,
+            CHUNK_T=CHUNK_T,
+            BLOCK_C=COMBINE_C,
+            BLOCK_D=COMBINE_D,
+            num_warps=COMBINE_WARPS,
+        )
     return out, stats
 
 
-def pool_backward(grad_out: torch.Tensor, cu_seqlens: torch.Tensor, mask_u8: torch.Tensor, stats: torch.Tensor,
-                  mode: str, n_tokens: int, dtype: torch.dtype, max_len: int) -> torch.Tensor:
+def pool_backward(
+    grad_out: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    mask_u8: torch.Tensor,
+    stats: torch.Tensor,
+    mode: str,
+    n_tokens: int,
+    dtype: torch.dtype,
+    max_len: int,
+) -> torch.Tensor:
     """Gradient ``[T, D]`` of :func:`pool_forward` for ``grad_out`` ``[B, D]``; every row of every
     sequence is written (rows past ``cu_seqlens[-1]`` are not)."""
     _check_device(grad_out)
@@ -357,6 +439,17 @@ def pool_backward(grad_out: torch.Tensor, cu_seqlens: torch.Tensor, mask_u8: tor
     if d > 0 and n_tokens > 0 and n_seq > 0:
         n_chunks = chunks_per_sequence(max_len)
         _pool_bwd_kernel[lambda cfg: (n_seq, n_chunks, triton.cdiv(d, cfg["BLOCK_D"]))](
-            grad_out, mask_u8, cu_seqlens, stats, grad_hidden, grad_out.stride(0), grad_hidden.stride(0), d, n_chunks,
-            *_buckets(n_seq, max_len), MODE=MODE_IDS[mode], CHUNK_T=CHUNK_T)
+            grad_out,
+            mask_u8,
+            cu_seqlens,
+            stats,
+            grad_hidden,
+            grad_out.stride(0),
+            grad_hidden.stride(0),
+            d,
+            n_chunks,
+            *_buckets(n_seq, max_len),
+            MODE=MODE_IDS[mode],
+            CHUNK_T=CHUNK_T,
+        )
     return grad_hidden

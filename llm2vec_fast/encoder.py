@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SAVE_FORMATS = ("llm2vec", "sentence-transformers")
 
+
 class LLM2Vec(EncodeMixin, nn.Module):
     """A decoder-only LLM turned into a text encoder.
 
@@ -84,7 +85,9 @@ class LLM2Vec(EncodeMixin, nn.Module):
         if limit and value > int(limit):
             logger.warning(
                 "max_length=%d exceeds the model's max_position_embeddings=%d: inputs are truncated to %d tokens",
-                value, limit, limit,
+                value,
+                limit,
+                limit,
             )
             value = int(limit)
         self._max_length = value
@@ -195,7 +198,11 @@ class LLM2Vec(EncodeMixin, nn.Module):
         (sync-free: ``max_seqlen`` comes from the batch)."""
         mode = KERNEL_POOLING_MODE[self.pooling_mode]
         return masked_pool_varlen(
-            hidden, features["cu_seqlens"], features["pool_mask"], mode, max_seqlen=features["max_seqlen"],
+            hidden,
+            features["cu_seqlens"],
+            features["pool_mask"],
+            mode,
+            max_seqlen=features["max_seqlen"],
             backend=current_backend(),
         )
 

@@ -101,9 +101,7 @@ class EncodeMixin:
             out[idx] = lengths[idx].max()
         return out
 
-    def embed_items(
-        self, items: Sequence[EncodingInput], batch_size: int = 32, show_progress_bar: bool | None = None
-    ) -> torch.Tensor:
+    def embed_items(self, items: Sequence[EncodingInput], batch_size: int = 32, show_progress_bar: bool | None = None) -> torch.Tensor:
         """float32 ``[N, hidden]`` CPU embeddings of already tokenised ``items``, in input order: what
         :meth:`encode` does after tokenisation (length-sorted batches, forward passes, copy back).
         Benchmarks and the profiler call it with synthetic token ids."""

@@ -194,17 +194,28 @@ def render_kernel_table(rows: Sequence[KernelRow], work: Work, peak: CardPeak | 
         return _fmt_rate(r), "n/a" if r["of_peak"] is None else f"{100 * r['of_peak']:.1f}%"
 
     cells = [
-        [_shorten(r.name), r.category or "-", f"{r.time_us / 1e3:.3f}", f"{100 * r.time_us / total:.1f}%", str(r.calls), *achieved(r.category)]
+        [
+            _shorten(r.name),
+            r.category or "-",
+            f"{r.time_us / 1e3:.3f}",
+            f"{100 * r.time_us / total:.1f}%",
+            str(r.calls),
+            *achieved(r.category),
+        ]
         for r in rows[:top]
     ]
     rest = rows[top:]
     if rest:
         rest_us = sum(r.time_us for r in rest)
-        cells.append([f"({len(rest)} more)", "-", f"{rest_us / 1e3:.3f}", f"{100 * rest_us / total:.1f}%", str(sum(r.calls for r in rest)), "", ""])
+        cells.append(
+            [f"({len(rest)} more)", "-", f"{rest_us / 1e3:.3f}", f"{100 * rest_us / total:.1f}%", str(sum(r.calls for r in rest)), "", ""]
+        )
     lines = [format_table(["kernel", "kind", "total ms", "share", "calls", "achieved", "of peak"], cells), ""]
     peak_name = peak.name if peak is not None else "n/a (CPU or unknown card)"
     for category, r in rates.items():
         of_peak = "n/a" if r["of_peak"] is None else f"{100 * r['of_peak']:.1f}% of {r['peak']:.0f} {r['unit']}"
-        lines.append(f"{category}: {r['time_ms']:.3f} ms ({100 * r['time_ms'] * 1e3 / total:.1f}% of the total), {_fmt_rate(r)}, peak: {of_peak}")
+        lines.append(
+            f"{category}: {r['time_ms']:.3f} ms ({100 * r['time_ms'] * 1e3 / total:.1f}% of the total), {_fmt_rate(r)}, peak: {of_peak}"
+        )
     lines.append(f"total: {total / 1e3:.3f} ms over {len(rows)} kernels; card peak table: {peak_name}")
     return "\n".join(lines)

@@ -58,9 +58,7 @@ def normalize_inputs(sentences: object) -> tuple[list[tuple[str, str]], bool]:
     if isinstance(sentences, str):
         return [("", sentences)], True
     if not isinstance(sentences, Sequence) or isinstance(sentences, (bytes, bytearray)):
-        raise TypeError(
-            f"sentences must be a string or a list of strings / [instruction, text] pairs, got {type(sentences).__name__}"
-        )
+        raise TypeError(f"sentences must be a string or a list of strings / [instruction, text] pairs, got {type(sentences).__name__}")
     if len(sentences) == 0:
         raise ValueError("encode() got an empty list of sentences; pass at least one text")
     pairs = []
@@ -70,9 +68,7 @@ def normalize_inputs(sentences: object) -> tuple[list[tuple[str, str]], bool]:
         elif _is_pair(item):
             pairs.append((item[0], item[1]))
         else:
-            raise TypeError(
-                f"sentences[{i}] must be a string or an [instruction, text] pair of strings, got {item!r:.80}"
-            )
+            raise TypeError(f"sentences[{i}] must be a string or an [instruction, text] pair of strings, got {item!r:.80}")
     return pairs, False
 
 

@@ -34,9 +34,7 @@ def load_stsb(split: str, data_dir: str | os.PathLike | None = None) -> list[tup
         raise ValueError(f"unknown STS-B split {split!r}; expected one of {SPLITS}")
     path = stsb_dir(data_dir) / f"sts-{split}.csv"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"STS-B file {str(path)!r} not found; set $LLM2VEC_FAST_STSB_DIR to the folder that holds sts-{split}.csv"
-        )
+        raise FileNotFoundError(f"STS-B file {str(path)!r} not found; set $LLM2VEC_FAST_STSB_DIR to the folder that holds sts-{split}.csv")
     rows = []
     with open(path, encoding="utf-8", newline="") as f:
         for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):

@@ -125,8 +125,13 @@ def readme_with_table(readme: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write-readme", metavar="PATH", nargs="?", const="README.md",
-                        help="rewrite the table between the markers in this README (default README.md)")
+    parser.add_argument(
+        "--write-readme",
+        metavar="PATH",
+        nargs="?",
+        const="README.md",
+        help="rewrite the table between the markers in this README (default README.md)",
+    )
     args = parser.parse_args(argv)
     if args.write_readme:
         path = Path(args.write_readme)

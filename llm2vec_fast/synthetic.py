@@ -20,16 +20,34 @@ _LLAMA3_VOCAB = 128256
 #: LlamaConfig keyword arguments of each random shape.
 RANDOM_SHAPES: dict[str, dict] = {
     "llama-8b": dict(  # Meta-Llama-3-8B
-        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, vocab_size=_LLAMA3_VOCAB, max_position_embeddings=8192, tie_word_embeddings=False,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=_LLAMA3_VOCAB,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
     ),
     "llama-1b": dict(  # Llama-3.2-1B
-        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=8192, vocab_size=_LLAMA3_VOCAB, max_position_embeddings=8192, tie_word_embeddings=True,
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=_LLAMA3_VOCAB,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
     ),
     "tiny": dict(  # seconds on a CPU; head_dim 32 is a Triton-supported head size
-        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=256, vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=True,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        vocab_size=1024,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
     ),
 }
 

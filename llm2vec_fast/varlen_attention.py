@@ -197,4 +197,3 @@ def use_varlen_attention(decoder: nn.Module) -> None:
         for module in (decoder, *_attention_modules(decoder)):
             setattr(module, PADDED_ATTENTION_ATTRIBUTE, padded)
         config._attn_implementation = ATTN_IMPLEMENTATION
-

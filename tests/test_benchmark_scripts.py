@@ -57,16 +57,36 @@ def test_bench_encode_without_cuda_exits_cleanly():
 def test_suite_summary(smoke_results, tmp_path):
     out, _ = smoke_results
     (tmp_path / "encode-cpu.json").write_text((out / "encode-cpu.json").read_text())
-    (tmp_path / "attention-x.json").write_text(json.dumps({"environment": {"card": "X"}, "ratios": [
-        {"shape": "L=512", "fwd_vs_flash": 1.2, "fwd_vs_cudnn": None, "fwd_vs_mask4d": 3.0, "fwd_bwd_vs_flash": 0.9}]}))
-    (tmp_path / "pooling-x.json").write_text(json.dumps({"environment": {"card": "X"}, "results": [
-        {"layout": "varlen 3 seqs", "mode": "mean", "method": "triton", "fwd_ms": 1.0, "fwd_vs_copy": 0.8},
-        {"layout": "varlen 3 seqs", "mode": "mean", "method": "torch-ref", "fwd_ms": 4.0, "fwd_vs_copy": 0.2},
-        {"layout": "varlen 3 seqs", "mode": "last", "method": "triton", "fwd_ms": 0.02, "fwd_vs_copy": 0.001},
-        {"layout": "varlen 3 seqs", "mode": "last", "method": "torch-gather", "fwd_ms": 0.01, "fwd_vs_copy": 0.0005}]}))
-    (tmp_path / "train-x.json").write_text(json.dumps({"device": "X", "summary": {
-        "mntp": {"speedup_tokens_per_s": 1.7, "peak_mem_ratio": 0.7}}, "cases": [
-        {"stage": "simcse", "impl": "ours", "error": "Traceback ...\nRuntimeError: out of time"}]}))
+    (tmp_path / "attention-x.json").write_text(
+        json.dumps(
+            {
+                "environment": {"card": "X"},
+                "ratios": [{"shape": "L=512", "fwd_vs_flash": 1.2, "fwd_vs_cudnn": None, "fwd_vs_mask4d": 3.0, "fwd_bwd_vs_flash": 0.9}],
+            }
+        )
+    )
+    (tmp_path / "pooling-x.json").write_text(
+        json.dumps(
+            {
+                "environment": {"card": "X"},
+                "results": [
+                    {"layout": "varlen 3 seqs", "mode": "mean", "method": "triton", "fwd_ms": 1.0, "fwd_vs_copy": 0.8},
+                    {"layout": "varlen 3 seqs", "mode": "mean", "method": "torch-ref", "fwd_ms": 4.0, "fwd_vs_copy": 0.2},
+                    {"layout": "varlen 3 seqs", "mode": "last", "method": "triton", "fwd_ms": 0.02, "fwd_vs_copy": 0.001},
+                    {"layout": "varlen 3 seqs", "mode": "last", "method": "torch-gather", "fwd_ms": 0.01, "fwd_vs_copy": 0.0005},
+                ],
+            }
+        )
+    )
+    (tmp_path / "train-x.json").write_text(
+        json.dumps(
+            {
+                "device": "X",
+                "summary": {"mntp": {"speedup_tokens_per_s": 1.7, "peak_mem_ratio": 0.7}},
+                "cases": [{"stage": "simcse", "impl": "ours", "error": "Traceback ...\nRuntimeError: out of time"}],
+            }
+        )
+    )
     proc = _run(BENCH_DIR / "suite_summary.py", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "train mntp tokens/s vs plain HF                    1.70x  target >= 1.5x  ok" in proc.stdout

@@ -34,8 +34,13 @@ TEXTS = ["a short one", "a somewhat longer sentence about kernels and threads", 
 def _tiny_model(layers: int = 2, vocab_size: int = 49152) -> torch.nn.Module:
     torch.manual_seed(0)
     config = tiny_config(
-        "llama", vocab_size=vocab_size, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, hidden_size=64,
+        "llama",
+        vocab_size=vocab_size,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        hidden_size=64,
     )
     return enable_bidirectional(AutoModel.from_config(config).eval())
 
@@ -281,8 +286,12 @@ def test_validate_flag(monkeypatch):
     use_varlen_attention(decoder_of(model))
     features = _packed_batch((2, 3))
     with pytest.raises(ValueError, match="max_length_q"):
-        model(input_ids=features["input_ids"], position_ids=features["position_ids"],
-              cu_seq_lens_q=features["cu_seqlens"], cu_seq_lens_k=features["cu_seqlens"])
+        model(
+            input_ids=features["input_ids"],
+            position_ids=features["position_ids"],
+            cu_seq_lens_q=features["cu_seqlens"],
+            cu_seq_lens_k=features["cu_seqlens"],
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_every_format_equals_encode(tmp_path, tiny, fmt):
     texts[3] = 'with "quotes", commas, and a tab-free \\ backslash'
     if fmt == "csv":
         texts[5] = "a text\nover two lines"  # quoted newline inside a CSV value
-    path = tmp_path / f"data.{ 'txt' if fmt == 'text' else fmt}"
+    path = tmp_path / f"data.{'txt' if fmt == 'text' else fmt}"
     if fmt == "jsonl":
         write_jsonl(path, [{"text": t, "other": i} for i, t in enumerate(texts)])
     elif fmt == "parquet":
@@ -223,8 +223,11 @@ def test_bad_rows_skip_lists_them(tmp_path, tiny):
     bad = [4, 9, 17, 22]
     assert [s["row"] for s in manifest["skipped"]] == bad
     assert [s["reason"] for s in manifest["skipped"]] == [
-        "text field 'text' is missing", "text field 'text' is null", "text field 'text' is empty",
-        "text field 'text' is a int, not a string"]
+        "text field 'text' is missing",
+        "text field 'text' is null",
+        "text field 'text' is empty",
+        "text field 'text' is a int, not a string",
+    ]
     assert all(s["file"] == str(path) for s in manifest["skipped"])
     ids, emb = read_embeddings(tmp_path / "out")
     keep = [i for i in range(30) if i not in bad]
@@ -241,7 +244,10 @@ def test_bad_rows_in_columnar_and_text_files(tmp_path, tiny):
         run(tmp_path, tmp_path / "b.txt", tiny)
     manifest = run(tmp_path, [tmp_path / "a.parquet", tmp_path / "b.txt"], tiny, on_bad_row="skip")
     assert [(os.path.basename(s["file"]), s["file_row"], s["row"]) for s in manifest["skipped"]] == [
-        ("a.parquet", 1, 1), ("a.parquet", 3, 3), ("b.txt", 1, 5)]
+        ("a.parquet", 1, 1),
+        ("a.parquet", 3, 3),
+        ("b.txt", 1, 5),
+    ]
     assert read_embeddings(tmp_path / "out")[0] == [0, 2, 4, 6]
 
 
@@ -349,9 +355,14 @@ def test_rerun_with_other_settings_is_refused_naming_the_difference(tmp_path, ti
 
 def test_argument_errors(tmp_path, tiny):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
-    for kw, msg in [(dict(engine="spark"), "engine must be"), (dict(dtype_out="int8"), "dtype_out"),
-                    (dict(on_bad_row="ignore"), "on_bad_row"), (dict(chunk_rows=0), "chunk_rows"),
-                    (dict(instruction="a", instruction_field="b"), "not both"), (dict(engine="ray"), "model/model_kwargs")]:
+    for kw, msg in [
+        (dict(engine="spark"), "engine must be"),
+        (dict(dtype_out="int8"), "dtype_out"),
+        (dict(on_bad_row="ignore"), "on_bad_row"),
+        (dict(chunk_rows=0), "chunk_rows"),
+        (dict(instruction="a", instruction_field="b"), "not both"),
+        (dict(engine="ray"), "model/model_kwargs"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             run(tmp_path, path, tiny, **kw)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -365,8 +376,24 @@ def test_argument_errors(tmp_path, tiny):
 def test_cli_encode_dataset(tmp_path, tiny_llama_dir, capsys):
     texts = make_texts(25, seed=7)
     (tmp_path / "in.tsv").write_text("id\ttext\n" + "".join(f"r{i}\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
-    args = ["encode-dataset", "--input", str(tmp_path / "*.tsv"), "--output", str(tmp_path / "out"), "--model", tiny_llama_dir,
-            "--id-field", "id", "--chunk-rows", "10", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    args = [
+        "encode-dataset",
+        "--input",
+        str(tmp_path / "*.tsv"),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        tiny_llama_dir,
+        "--id-field",
+        "id",
+        "--chunk-rows",
+        "10",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert cli_main(args) == 0
     assert "encoded 25 rows (0 skipped" in capsys.readouterr().err
     ids, emb = read_embeddings(tmp_path / "out")

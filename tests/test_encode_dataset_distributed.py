@@ -22,8 +22,10 @@ import pytest
 from llm2vec_fast import encode_dataset
 from llm2vec_fast.dataset import read_embeddings
 
-WORDS = ("a man is playing a guitar on the stage while children dance and the rain falls over the old city "
-         "market where traders sell fresh bread cheese and olives to tourists").split()
+WORDS = (
+    "a man is playing a guitar on the stage while children dance and the rain falls over the old city "
+    "market where traders sell fresh bread cheese and olives to tourists"
+).split()
 NUM_TEXTS = 200
 CHUNK_ROWS = 32
 
@@ -80,8 +82,23 @@ def reference(dataset, default_encoder) -> np.ndarray:
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300, **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "llm2vec_fast.cli", "encode-dataset", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "llm2vec_fast.cli",
+        "encode-dataset",
+        *args,
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
 
 
@@ -111,8 +128,18 @@ def test_one_process_equals_encode(one_process_output, reference):
 
 def test_torchrun_two_ranks_equals_encode(dataset, reference, default_model_dir, tmp_path):
     root, _ = dataset
-    proc = torchrun("--input", str(root / "*.jsonl"), "--output", str(tmp_path / "out"), "--model", default_model_dir,
-                    "--chunk-rows", str(CHUNK_ROWS), "--device", "cpu")
+    proc = torchrun(
+        "--input",
+        str(root / "*.jsonl"),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        default_model_dir,
+        "--chunk-rows",
+        str(CHUNK_ROWS),
+        "--device",
+        "cpu",
+    )
     rc, log = finish(proc)
     assert rc == 0, log[-4000:]
     # Chunks go to whichever rank asks first: on a quiet machine one rank can take them all before the
@@ -130,8 +157,14 @@ def test_torchrun_two_ranks_equals_encode(dataset, reference, default_model_dir,
 def ray_session():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             configure_logging=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        num_cpus=2,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
     try:
         yield ray
     finally:
@@ -152,8 +185,16 @@ def test_ray_resumes_a_local_job_and_equals_encode(dataset, reference, default_m
     for c in lost:
         (out / f"part-{c:06d}.parquet").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    manifest = encode_dataset(str(root / "*.jsonl"), out, default_model_dir, model_kwargs={"device": "cpu"},
-                              engine="ray", num_workers=2, chunk_rows=CHUNK_ROWS, show_progress_bar=False)
+    manifest = encode_dataset(
+        str(root / "*.jsonl"),
+        out,
+        default_model_dir,
+        model_kwargs={"device": "cpu"},
+        engine="ray",
+        num_workers=2,
+        chunk_rows=CHUNK_ROWS,
+        show_progress_bar=False,
+    )
     assert manifest["engine"] == "ray" and manifest["runs"] == 2 and manifest["complete"]
     assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
     pids = check_output(out, reference, workers=None)["pids"]
@@ -166,8 +207,21 @@ def test_torchrun_rank_sigkilled_then_resumed(tiny_llama_dir, tmp_path):
     psutil = pytest.importorskip("psutil")
     texts = texts_of(1000, seed=1)
     (tmp_path / "in.txt").write_text("".join(t + "\n" for t in texts), encoding="utf-8")
-    args = ("--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out"), "--model", tiny_llama_dir,
-            "--chunk-rows", "20", "--batch-size", "4", "--device", "cpu", "--no-progress")
+    args = (
+        "--input",
+        str(tmp_path / "in.txt"),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        tiny_llama_dir,
+        "--chunk-rows",
+        "20",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     out = tmp_path / "out"
     proc = torchrun(*args)
     try:
@@ -219,8 +273,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 def peak_rss_kb(rows: int, model_dir: str, out: Path) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(rows), model_dir, str(out)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(rows), model_dir, str(out)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0])
 
@@ -241,9 +296,30 @@ def test_benchmark_script_smoke(tiny_llama_dir, tmp_path):
     (stsb / "sts-train.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_encode_dataset.py"
     env = {**os.environ, "LLM2VEC_FAST_STSB_DIR": str(stsb), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(bench), "--model", tiny_llama_dir, "--num-texts", "48", "--chunk-rows", "16",
-                           "--repeats", "1", "--threads", "2", "--force", "--no-plot", "--results-dir", str(tmp_path / "res")],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(bench),
+            "--model",
+            tiny_llama_dir,
+            "--num-texts",
+            "48",
+            "--chunk-rows",
+            "16",
+            "--repeats",
+            "1",
+            "--threads",
+            "2",
+            "--force",
+            "--no-plot",
+            "--results-dir",
+            str(tmp_path / "res"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "res" / "encode_dataset-cpu.json").read_text())
     assert [r["method"] for r in data["results"]] == ["encode()", "dataset 1 proc", "dataset 2 ranks"]

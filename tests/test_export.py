@@ -134,7 +134,10 @@ def test_int8_fidelity_on_held_out_text(tiny_encoder, tiny_exports):
     pairs = [["Retrieve semantically similar text:", t] for t in texts[:24]]
     onnx_encoder = OnnxEncoder.from_pretrained(tiny_exports["int8"], num_threads=2)
     for inputs in (texts, pairs):
-        cos = cosine_rows(onnx_encoder.encode(inputs, batch_size=16, convert_to_numpy=True), tiny_encoder.encode(inputs, batch_size=16, convert_to_numpy=True))
+        cos = cosine_rows(
+            onnx_encoder.encode(inputs, batch_size=16, convert_to_numpy=True),
+            tiny_encoder.encode(inputs, batch_size=16, convert_to_numpy=True),
+        )
         assert cos.mean() >= 0.99 and cos.min() >= 0.98, (cos.mean(), cos.min())
 
 
@@ -143,10 +146,19 @@ def _one_matmul_model(w: np.ndarray, opset: int = 17):
 
     k, n = w.shape
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"], name="/proj/MatMul"), helper.make_node("MatMul", ["x", "x_t"], ["z"], name="/act/MatMul")],
+        [
+            helper.make_node("MatMul", ["x", "W"], ["y"], name="/proj/MatMul"),
+            helper.make_node("MatMul", ["x", "x_t"], ["z"], name="/act/MatMul"),
+        ],
         "one",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "l", k]), helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["b", k, "l"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "l", n]), helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", "l", "l"])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "l", k]),
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["b", k, "l"]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "l", n]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", "l", "l"]),
+        ],
         [numpy_helper.from_array(w, "W")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -277,7 +289,9 @@ def test_graph_is_bidirectional(tiny_encoder, tiny_exports):
     (out,) = session.run(None, {"input_ids": ids, "attention_mask": mask, "pool_mask": pool})
     assert np.abs(out[0] - out[1]).max() > 1e-4
     with torch.no_grad():
-        ref = tiny_encoder({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), "pool_mask": torch.from_numpy(pool)})
+        ref = tiny_encoder(
+            {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), "pool_mask": torch.from_numpy(pool)}
+        )
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-4)
 
 
@@ -340,7 +354,14 @@ def test_encode_progress_batching_and_errors_match_llm2vec(tiny_encoder, tiny_ex
         assert "Encoding" not in capsys.readouterr().err
     items = tiny_encoder.tokenize(texts)
     assert tiny_encoder._batches(items, 4) == onnx_encoder._batches(onnx_encoder.tokenize(texts), 4)
-    bad = [([], {}), ([1, 2], {}), ([["only instruction"]], {}), (texts, {"batch_size": 0}), (texts, {"batch_size": True}), (texts, {"batch_size": 2.5})]
+    bad = [
+        ([], {}),
+        ([1, 2], {}),
+        ([["only instruction"]], {}),
+        (texts, {"batch_size": 0}),
+        (texts, {"batch_size": True}),
+        (texts, {"batch_size": 2.5}),
+    ]
     for inputs, kwargs in bad:
         with pytest.raises(Exception) as torch_err:
             tiny_encoder.encode(inputs, **kwargs)
@@ -430,7 +451,9 @@ def test_nothing_imports_a_top_level_export_module():
 
     root = Path(package.__file__).resolve().parent.parent
     pattern = re.compile(r"^\s*(from\s+export[\s.]|import\s+export\b)", re.M)
-    offenders = [str(f) for d in ("export", "llm2vec_fast", "benchmarks", "tests") for f in (root / d).rglob("*.py") if pattern.search(f.read_text())]
+    offenders = [
+        str(f) for d in ("export", "llm2vec_fast", "benchmarks", "tests") for f in (root / d).rglob("*.py") if pattern.search(f.read_text())
+    ]
     assert offenders == []
     assert package.__name__ == "llm2vec_fast.export"
 
@@ -456,12 +479,41 @@ def test_bench_int8_gemm_smoke(tmp_path):
 
 
 def _fake_result(speedup: float) -> dict:
-    row = dict(sentences_per_s=40.0, speedup_vs_torch_fp32=1.0, speedup_min=1.0, speedup_max=1.0, mean_cos=1.0, min_cos=1.0, min_cos_instructions=1.0, stsb_dev_spearman=70.0)
-    onnx_row = dict(row, engine="onnx-int8", sentences_per_s=40.0 * speedup, speedup_vs_torch_fp32=speedup, speedup_min=speedup - 0.1,
-                    speedup_max=speedup + 0.1, mean_cos=0.995, min_cos=0.985, min_cos_instructions=0.99, stsb_drop=0.3, size_mb=221.0, export_s=80.0)
+    row = dict(
+        sentences_per_s=40.0,
+        speedup_vs_torch_fp32=1.0,
+        speedup_min=1.0,
+        speedup_max=1.0,
+        mean_cos=1.0,
+        min_cos=1.0,
+        min_cos_instructions=1.0,
+        stsb_dev_spearman=70.0,
+    )
+    onnx_row = dict(
+        row,
+        engine="onnx-int8",
+        sentences_per_s=40.0 * speedup,
+        speedup_vs_torch_fp32=speedup,
+        speedup_min=speedup - 0.1,
+        speedup_max=speedup + 0.1,
+        mean_cos=0.995,
+        min_cos=0.985,
+        min_cos_instructions=0.99,
+        stsb_drop=0.3,
+        size_mb=221.0,
+        export_s=80.0,
+    )
     return {
-        "model": "m", "cpu": "c", "cpu_flags": ["avx2"], "threads": 2, "batch_size": 32, "sentences": 256, "rounds": 5,
-        "load_average_per_round": [0.1, 2.2], "baseline_check": {"encode_s_over_plain_forward_s": 1.02}, "date": "d",
+        "model": "m",
+        "cpu": "c",
+        "cpu_flags": ["avx2"],
+        "threads": 2,
+        "batch_size": 32,
+        "sentences": 256,
+        "rounds": 5,
+        "load_average_per_round": [0.1, 2.2],
+        "baseline_check": {"encode_s_over_plain_forward_s": 1.02},
+        "date": "d",
         "results": [dict(row, engine="torch-fp32"), onnx_row],
     }
 
@@ -471,8 +523,10 @@ def test_bench_onnx_readme_table_is_generated_from_json(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- bench_onnx:start -->\nold hand-typed numbers\n<!-- bench_onnx:end -->\n"
-                      "<!-- bench_onnx_trained:start -->\n<!-- bench_onnx_trained:end -->\ntail\n")
+    readme.write_text(
+        "intro\n<!-- bench_onnx:start -->\nold hand-typed numbers\n<!-- bench_onnx:end -->\n"
+        "<!-- bench_onnx_trained:start -->\n<!-- bench_onnx_trained:end -->\ntail\n"
+    )
     (results / "onnx-cpu.json").write_text(json.dumps(_fake_result(2.34)))
     bench.update_readme(readme, results)
     text = readme.read_text()

@@ -50,8 +50,15 @@ FAMILY_OVERRIDES = {
 
 
 def matrix_config(family: str, **overrides):
-    values = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
-                  tie_word_embeddings=True, attention_dropout=0.0)
+    values = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        head_dim=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+    )
     values.update(FAMILY_OVERRIDES.get(family, {}))
     values.update(overrides)
     return tiny_config(family, **values)
@@ -100,7 +107,7 @@ def _hidden(c: Cell, decoder, ids: list[int]) -> torch.Tensor:
 
 
 def _embed(c: Cell, enc: LLM2Vec, items, grad: bool = False) -> torch.Tensor:
-    with (contextlib.nullcontext() if grad else torch.no_grad()), _backend(c):
+    with contextlib.nullcontext() if grad else torch.no_grad(), _backend(c):
         if c.path.packed_backend:
             return enc.forward_packed(enc.collate_packed(items))
         return enc(enc.collate(items))
@@ -116,12 +123,20 @@ def _losses_and_grads(c: Cell, lm, tokenizer) -> dict:
     backward = _has_backward(c)
     decoder = decoder_of(lm)
     lm.zero_grad()
-    batch = mntp_batch(tokenizer, MNTP_TEXTS, max_length=64, mask_id=mask_token_id(tokenizer), vocab_size=len(tokenizer),
-                       special_ids=sorted(set(tokenizer.all_special_ids)), probability=0.3, full_masking=False,
-                       generator=torch.Generator().manual_seed(0))
+    batch = mntp_batch(
+        tokenizer,
+        MNTP_TEXTS,
+        max_length=64,
+        mask_id=mask_token_id(tokenizer),
+        vocab_size=len(tokenizer),
+        special_ids=sorted(set(tokenizer.all_special_ids)),
+        probability=0.3,
+        full_masking=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     lm_head, softcap = lm.get_output_embeddings(), final_logit_softcap(lm.config)
     enc = LLM2Vec(decoder, tokenizer, packed=bool(c.path.packed_backend))
-    with _backend(c), (contextlib.nullcontext() if backward else torch.no_grad()):
+    with _backend(c), contextlib.nullcontext() if backward else torch.no_grad():
         if c.path.packed_backend:
             mntp = packed_mntp_loss(decoder, decoder, lm_head, batch, torch.device("cpu"), softcap=softcap)
         else:

@@ -49,14 +49,10 @@ def cu_from_lengths(lengths, device=DEVICE) -> torch.Tensor:
 def make_qkv(lengths, hq, hkv, d, dtype, seed=0, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     n = sum(lengths)
-    return tuple(
-        torch.randn(n, h, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-        for h in (hq, hkv, hkv)
-    )
+    return tuple(torch.randn(n, h, d, generator=gen).to(device=device, dtype=dtype).requires_grad_() for h in (hq, hkv, hkv))
 
 
-def check_against_fp64(lengths, hq, hkv, d, dtype, max_seqlen=None, seed=0, eps=1e-5, softcap=0.0, q_gain=1.0,
-                       dropout_p=0.0):
+def check_against_fp64(lengths, hq, hkv, d, dtype, max_seqlen=None, seed=0, eps=1e-5, softcap=0.0, q_gain=1.0, dropout_p=0.0):
     """Kernel vs float64 reference (forward and gradients) within twice torch's own error.
 
     ``q_gain`` scales the queries (larger logits, so soft-capping bites). With ``dropout_p`` the
@@ -84,9 +80,7 @@ def check_against_fp64(lengths, hq, hkv, d, dtype, max_seqlen=None, seed=0, eps=
     same = attention_naive(q, k, v, cu, upcast=False, softcap=softcap, **drop)
     same_grads = torch.autograd.grad(same, (q, k, v), dout)
 
-    for name, got, exact, torch_same in zip(
-        ("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), (same, *same_grads)
-    ):
+    for name, got, exact, torch_same in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), (same, *same_grads)):
         assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten elements are NaN-poisoned)"
         err = (got.double() - exact).abs().max().item()
         budget = 2 * (torch_same.double() - exact).abs().max().item() + eps
@@ -258,10 +252,12 @@ def _dropout_mean_over_copies(backend, dtype, dropout_p, copies=64, calls=2):
     reps = [t.repeat(copies, 1, 1) for t in (q, k, v)]
     cu = cu_from_lengths(lengths * copies, q.device)
     torch.manual_seed(0)
-    outs = torch.stack([
-        flash_attn_varlen(*reps, cu, 11, dropout_p=dropout_p, backend=backend).double().view(copies, sum(lengths), 2, 32)
-        for _ in range(calls)
-    ]).flatten(0, 1)
+    outs = torch.stack(
+        [
+            flash_attn_varlen(*reps, cu, 11, dropout_p=dropout_p, backend=backend).double().view(copies, sum(lengths), 2, 32)
+            for _ in range(calls)
+        ]
+    ).flatten(0, 1)
     plain = flash_attn_varlen(q, k, v, cu_from_lengths(lengths, q.device), 11, backend=backend).double()
     return outs.mean(0), outs.std(0) / outs.shape[0] ** 0.5, plain
 
@@ -380,9 +376,11 @@ def test_gpu_config_tables_keep_gpu_rules():
     from llm2vec_fast.kernels import flash_attn_triton as fat
 
     # (table, rows resident in the program, rows streamed per stage): bytes ~ 2 * BLOCK_D * rows
-    tables = {"fwd": (fat._FWD_TABLE, lambda m, n: m, lambda m, n: 2 * n),
-              "dkdv": (fat._BWD_KV_TABLE, lambda m, n: 2 * n, lambda m, n: 2 * m),
-              "dq": (fat._BWD_Q_TABLE, lambda m, n: 2 * m, lambda m, n: 2 * n)}
+    tables = {
+        "fwd": (fat._FWD_TABLE, lambda m, n: m, lambda m, n: 2 * n),
+        "dkdv": (fat._BWD_KV_TABLE, lambda m, n: 2 * n, lambda m, n: 2 * m),
+        "dq": (fat._BWD_Q_TABLE, lambda m, n: 2 * m, lambda m, n: 2 * n),
+    }
     for name, (table, resident, streamed) in tables.items():
         for bd, bm, bn, warps, stages in table:
             for x in (bm, bn, warps):

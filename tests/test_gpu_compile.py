@@ -39,8 +39,14 @@ def test_covering_subset_covers_every_config_pair():
     """The CI subset keeps, per kernel, every (config, arch / dtype / variant / head dim) pair."""
     from llm2vec_fast.kernels import compile_check
 
-    cases = [dict(kernel="k", config=c, arch=a, dtype=t, D=d, variant=v)
-             for c in "abc" for a in (80, 90) for t in ("fp16", "bf16") for d in (64, 128) for v in ("x", "y")]
+    cases = [
+        dict(kernel="k", config=c, arch=a, dtype=t, D=d, variant=v)
+        for c in "abc"
+        for a in (80, 90)
+        for t in ("fp16", "bf16")
+        for d in (64, 128)
+        for v in ("x", "y")
+    ]
     kept = compile_check.covering_cases(cases)
     assert len(kept) < len(cases)
     for factor in ("arch", "dtype", "D", "variant"):
@@ -54,12 +60,20 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90(tmp_path):
     compiles in a process pool; cached in the Triton cache dir, so a warm re-run takes seconds)."""
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "llm2vec_fast.kernels.compile_check", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm2vec_fast.kernels.compile_check", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     print(proc.stdout[-3000:])
     results = json.loads(out.read_text())
-    failed = [f"sm_{r['arch']} {r['kernel']} {r['config']} {r['dtype']} D={r['D']} {r['variant']}: {r.get('error')}"
-              for r in results if not r["ok"]]
+    failed = [
+        f"sm_{r['arch']} {r['kernel']} {r['config']} {r['dtype']} D={r['D']} {r['variant']}: {r.get('error')}"
+        for r in results
+        if not r["ok"]
+    ]
     assert not failed, "\n".join(failed)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in results:
@@ -68,15 +82,33 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90(tmp_path):
     # every autotune config of every kernel, on both architectures, with dropout/softcap on and off
     from llm2vec_fast.kernels import compile_check
 
-    env_cases = json.loads(subprocess.run(
-        [sys.executable, "-c", "import json; from llm2vec_fast.kernels import compile_check as c; "
-                               "print(json.dumps([{k: x[k] for k in ('kernel', 'config', 'arch', 'variant', 'dtype')} for x in c.all_cases()]))"],
-        env=env, capture_output=True, text=True, check=True).stdout)
+    env_cases = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json; from llm2vec_fast.kernels import compile_check as c; "
+                "print(json.dumps([{k: x[k] for k in ('kernel', 'config', 'arch', 'variant', 'dtype')} for x in c.all_cases()]))",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     for key in (("kernel", "config", "arch"), ("kernel", "config", "variant"), ("kernel", "config", "dtype")):
         assert {tuple(c[k] for k in key) for c in env_cases} == {tuple(r[k] for k in key) for r in results}, key
-    assert {r["kernel"] for r in results} >= {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-                                              "_bwd_preprocess_kernel", "_dropout_mask_kernel", "_pool_chunk_kernel",
-                                              "_pool_combine_kernel", "_pool_select_kernel", "_pool_bwd_kernel"}
+    assert {r["kernel"] for r in results} >= {
+        "_attn_fwd_kernel",
+        "_attn_bwd_dkdv_kernel",
+        "_attn_bwd_dq_kernel",
+        "_bwd_preprocess_kernel",
+        "_dropout_mask_kernel",
+        "_pool_chunk_kernel",
+        "_pool_combine_kernel",
+        "_pool_select_kernel",
+        "_pool_bwd_kernel",
+    }
     # the chunked pooling forward compiles with and without its combine pass, for both modes it runs
     chunk = {(r["config"], r["D"]) for r in results if r["kernel"] == "_pool_chunk_kernel"}
     assert {d for _, d in chunk} == {f"{m}/{p}" for m in ("mean", "weighted_mean") for p in ("single", "two-pass")}

@@ -26,46 +26,114 @@ from llm2vec_fast.stsb import stsb_spearman  # noqa: E402
 CLI = "import sys; from llm2vec_fast.cli import main; sys.exit(main())"
 # 40 pairs of STS-B dev (every 38th), score in [0, 5]
 STS_PAIRS = [
-    ('A man with a hard hat is dancing.', 'A man wearing a hard hat is dancing.', 5.0),
-    ('A man is eating food.', 'A man is eating something.', 4.2),
-    ('The man talked to a girl over the internet camera.', 'A teenager talks to a girl over a webcam.', 2.8),
-    ('The elephants are bathing.', 'Two women are singing.', 0.0),
-    ('A man is playing guitar.', 'A man plays a guitar.', 4.857),
-    ('A child runs into and out of the ocean waves.', 'A young boy is running toward and from the ocean waves.', 3.8),
-    ('Someone is mixing a liquid.', 'A man is playing a guitar.', 0.0),
-    ('The udders of a dairy cow that is standing in a pasture near a large building.', 'The black and brown cow is standing on the green grass.', 2.0),
-    ('Two boys sit facing one another at a table and one points at the other.', 'Two people sit facing each other at a table as one points at the other.', 4.4),
-    ('A man with glasses and two plastic bottles in the foreground.', 'A man talking with two water bottles sitting in front of him.', 3.0),
-    ('A man in a dress suit is riding a bike down the paved road.', 'A man is using a large pole to remove letters from a sign.', 0.2),
-    ('A woman and a man are amused by headphones.', 'A man and a woman resting after exercise.', 1.2),
-    ('A dog and cat laying down together.', 'Two grey dogs are carrying a stick in the water.', 0.6),
-    ('The black and white dog is running on the grass.', 'A black and white dog swims in blue water.', 1.4),
-    ('man on steps', 'A man sits on steps.', 4.0),
-    ('Some smiling children are standing in front of an ocean sunset.', 'People walking in the dark.', 0.6),
-    ('The two men are wearing jeans.', 'The two men are wearing pants.', 4.4),
-    ('All we know is this : Distant objects are receding from us at a rate proportional to their distance from us.', 'The expansion of space means that objects in cosmological distances are receding away from each other.', 3.4),
-    ('Break the bulb into cloves, breaking off the bottom and the dry stick that goes up the middle.', 'lay down a knife horizontaly on the cloves and hit it.', 1.6),
-    ('I recently stumbled on a great article that talks about protein consumption for the purposes of building muscle (recovery included).', "Low reps with high weights don't add mass because the duration of the exercise is kept short.", 1.0),
-    ("Looks like you've rediscovered Jaspers's concept of the Axial Age.", 'There was no influence from China to the culture of Greece.', 0.4),
-    ('If you wear a bear bell on your backpack, your fellow hikers will kill you for being annoying.', 'The above advice is quite good, just wanted to add on thing to consider regarding food in bear country.', 0.6),
-    ('Try switching to rats; weanling rats if you need something smaller.', 'As mentioned in previous answers, rats and gerbils can be offered instead of mice or in a rotation with mice.', 3.4),
-    ("Same here, I've the 50mm f/1.4, and as my fastest lens I couldn't live without it for concerts and low-light photography.", 'I have the 18-55, 50/1.8 and 50/1.4 as well as the 20D - superseded by a 50D.', 2.6),
-    ('The user needs to evaluate for his/herself the cost/benefit of an "obvious" efficiency tool, such as macros.', "Instead of trying to force specific answers or method's on them.", 0.8),
-    ('Yes, dew (wetness in the environment) factor can change the direction of a match.', 'Another disadvantage of the dew factor is that it makes hitting boundaries difficult.', 3.0),
-    ('Your worry is a valid one; the reader could be frustrated by this.', "I don't believe not knowing a character's name would be confusing unless you make it so.", 1.4),
-    ('"Frank Quattrone is innocent," Keker said in a statement.', 'Quattrone lawyer John W. Keker said his client is innocent.', 3.75),
-    ('But price declines have remained below 30 percent, year over year, for the last two quarters, said IDC analyst John McArthur.', 'McArthur told internetnews.com price declines have moderated and remained below 30 percent from the previous year for the last two quarters.', 3.75),
-    ('But in the end, all the worm did was visit a pornography site, said Vincent Weafer, a security director with Symantec Security Response in California.', 'But Vincent Weafer, security director with Symantec Security Response, said all the virus did was visit a pornography site.', 4.8),
-    ('The first health-care worker in the country to die of SARS was a Filipina-Canadian who contracted the disease at North York General Hospital, the site of the second outbreak.', 'Emile Laroza, 51, contracted SARS while working as a nurse at North York General Hospital, the epicentre of the second SARS outbreak.', 3.25),
-    ('From Broadway comedies like "The Seven Year Itch" (1952), "Will Success Spoil Rock Hunter?"', 'Playwright George Axelrod, who anticipated the sexual revolution with The Seven Year Itch and Will Success Spoil Rock Hunter?', 2.0),
-    ('That took the benchmark 10-year note US10YT=RR down 9/32, its yield rising to 3.37 percent from 3.34 percent late on Thursday.', 'That saw the benchmark 10-year note US10YT=RR slip 5/32 in price, taking its yield to 3.36 percent from 3.34 percent late on Thursday.', 3.417),
-    ('Saudi gas truck blast kills at least 22', 'Nigeria church blast kills at least 12', 0.6),
-    ('At CPAC, Mitt Romney Stresses Conservative Credentials', 'CPAC 2012: Mitt Romney Struggles to Connect with Conservative Base', 3.2),
-    ('Iraq Releases Suspected Hezbollah Operative Wanted By U.S.', 'Iraq Said to Release Hezbollah Operative', 3.2),
-    ('North Korea Nuclear Test Sparks Worry', 'North Korea nuclear test', 2.4),
-    ('Matt Smith quits BBC‚Äôs Doctor Who', "Matt Smith quits BBC's Doctor Who", 5.0),
-    ('Syria opposition unity take face specter of collapse', 'Syria divided opposition struggles within wider Syrian struggle', 2.2),
-    ('Chinese lunar rover lands on moon', 'China lands robot rover on moon', 5.0),
+    ("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 5.0),
+    ("A man is eating food.", "A man is eating something.", 4.2),
+    ("The man talked to a girl over the internet camera.", "A teenager talks to a girl over a webcam.", 2.8),
+    ("The elephants are bathing.", "Two women are singing.", 0.0),
+    ("A man is playing guitar.", "A man plays a guitar.", 4.857),
+    ("A child runs into and out of the ocean waves.", "A young boy is running toward and from the ocean waves.", 3.8),
+    ("Someone is mixing a liquid.", "A man is playing a guitar.", 0.0),
+    (
+        "The udders of a dairy cow that is standing in a pasture near a large building.",
+        "The black and brown cow is standing on the green grass.",
+        2.0,
+    ),
+    (
+        "Two boys sit facing one another at a table and one points at the other.",
+        "Two people sit facing each other at a table as one points at the other.",
+        4.4,
+    ),
+    ("A man with glasses and two plastic bottles in the foreground.", "A man talking with two water bottles sitting in front of him.", 3.0),
+    ("A man in a dress suit is riding a bike down the paved road.", "A man is using a large pole to remove letters from a sign.", 0.2),
+    ("A woman and a man are amused by headphones.", "A man and a woman resting after exercise.", 1.2),
+    ("A dog and cat laying down together.", "Two grey dogs are carrying a stick in the water.", 0.6),
+    ("The black and white dog is running on the grass.", "A black and white dog swims in blue water.", 1.4),
+    ("man on steps", "A man sits on steps.", 4.0),
+    ("Some smiling children are standing in front of an ocean sunset.", "People walking in the dark.", 0.6),
+    ("The two men are wearing jeans.", "The two men are wearing pants.", 4.4),
+    (
+        "All we know is this : Distant objects are receding from us at a rate proportional to their distance from us.",
+        "The expansion of space means that objects in cosmological distances are receding away from each other.",
+        3.4,
+    ),
+    (
+        "Break the bulb into cloves, breaking off the bottom and the dry stick that goes up the middle.",
+        "lay down a knife horizontaly on the cloves and hit it.",
+        1.6,
+    ),
+    (
+        "I recently stumbled on a great article that talks about protein consumption for the purposes of building muscle (recovery included).",
+        "Low reps with high weights don't add mass because the duration of the exercise is kept short.",
+        1.0,
+    ),
+    (
+        "Looks like you've rediscovered Jaspers's concept of the Axial Age.",
+        "There was no influence from China to the culture of Greece.",
+        0.4,
+    ),
+    (
+        "If you wear a bear bell on your backpack, your fellow hikers will kill you for being annoying.",
+        "The above advice is quite good, just wanted to add on thing to consider regarding food in bear country.",
+        0.6,
+    ),
+    (
+        "Try switching to rats; weanling rats if you need something smaller.",
+        "As mentioned in previous answers, rats and gerbils can be offered instead of mice or in a rotation with mice.",
+        3.4,
+    ),
+    (
+        "Same here, I've the 50mm f/1.4, and as my fastest lens I couldn't live without it for concerts and low-light photography.",
+        "I have the 18-55, 50/1.8 and 50/1.4 as well as the 20D - superseded by a 50D.",
+        2.6,
+    ),
+    (
+        'The user needs to evaluate for his/herself the cost/benefit of an "obvious" efficiency tool, such as macros.',
+        "Instead of trying to force specific answers or method's on them.",
+        0.8,
+    ),
+    (
+        "Yes, dew (wetness in the environment) factor can change the direction of a match.",
+        "Another disadvantage of the dew factor is that it makes hitting boundaries difficult.",
+        3.0,
+    ),
+    (
+        "Your worry is a valid one; the reader could be frustrated by this.",
+        "I don't believe not knowing a character's name would be confusing unless you make it so.",
+        1.4,
+    ),
+    ('"Frank Quattrone is innocent," Keker said in a statement.', "Quattrone lawyer John W. Keker said his client is innocent.", 3.75),
+    (
+        "But price declines have remained below 30 percent, year over year, for the last two quarters, said IDC analyst John McArthur.",
+        "McArthur told internetnews.com price declines have moderated and remained below 30 percent from the previous year for the last two quarters.",
+        3.75,
+    ),
+    (
+        "But in the end, all the worm did was visit a pornography site, said Vincent Weafer, a security director with Symantec Security Response in California.",
+        "But Vincent Weafer, security director with Symantec Security Response, said all the virus did was visit a pornography site.",
+        4.8,
+    ),
+    (
+        "The first health-care worker in the country to die of SARS was a Filipina-Canadian who contracted the disease at North York General Hospital, the site of the second outbreak.",
+        "Emile Laroza, 51, contracted SARS while working as a nurse at North York General Hospital, the epicentre of the second SARS outbreak.",
+        3.25,
+    ),
+    (
+        'From Broadway comedies like "The Seven Year Itch" (1952), "Will Success Spoil Rock Hunter?"',
+        "Playwright George Axelrod, who anticipated the sexual revolution with The Seven Year Itch and Will Success Spoil Rock Hunter?",
+        2.0,
+    ),
+    (
+        "That took the benchmark 10-year note US10YT=RR down 9/32, its yield rising to 3.37 percent from 3.34 percent late on Thursday.",
+        "That saw the benchmark 10-year note US10YT=RR slip 5/32 in price, taking its yield to 3.36 percent from 3.34 percent late on Thursday.",
+        3.417,
+    ),
+    ("Saudi gas truck blast kills at least 22", "Nigeria church blast kills at least 12", 0.6),
+    ("At CPAC, Mitt Romney Stresses Conservative Credentials", "CPAC 2012: Mitt Romney Struggles to Connect with Conservative Base", 3.2),
+    ("Iraq Releases Suspected Hezbollah Operative Wanted By U.S.", "Iraq Said to Release Hezbollah Operative", 3.2),
+    ("North Korea Nuclear Test Sparks Worry", "North Korea nuclear test", 2.4),
+    ("Matt Smith quits BBC‚Äôs Doctor Who", "Matt Smith quits BBC's Doctor Who", 5.0),
+    ("Syria opposition unity take face specter of collapse", "Syria divided opposition struggles within wider Syrian struggle", 2.2),
+    ("Chinese lunar rover lands on moon", "China lands robot rover on moon", 5.0),
 ]
 RETRIEVAL_INSTRUCTION = "Given a question, retrieve the passage that answers it:"
 TOPICS = ["guitar", "onion", "stock market", "football", "volcano", "bread", "satellite", "violin"]
@@ -73,16 +141,32 @@ QUERIES = {f"q{i}": f"What do people say about the {t}?" for i, t in enumerate(T
 CORPUS = {
     f"d{i}-{j}": text
     for i, t in enumerate(TOPICS)
-    for j, text in enumerate([f"A short note about the {t}.", f"Everyone talks about the {t} these days.", f"The {t} was in the news again."])
+    for j, text in enumerate(
+        [f"A short note about the {t}.", f"Everyone talks about the {t} these days.", f"The {t} was in the news again."]
+    )
 }
 RELEVANT = {f"q{i}": {f"d{i}-0": 1, f"d{i}-1": 1} for i in range(len(TOPICS))}
 
 
 def _metadata(name: str, task_type: str, main_score: str) -> TaskMetadata:
     return TaskMetadata(
-        name=name, description="built by the llm2vec-fast tests", reference=None, dataset={"path": "local", "revision": "1"},
-        type=task_type, category="t2t", modalities=["text"], eval_splits=["test"], eval_langs=["eng-Latn"], main_score=main_score,
-        date=None, domains=None, task_subtypes=None, license=None, annotations_creators=None, dialect=None, sample_creation=None,
+        name=name,
+        description="built by the llm2vec-fast tests",
+        reference=None,
+        dataset={"path": "local", "revision": "1"},
+        type=task_type,
+        category="t2t",
+        modalities=["text"],
+        eval_splits=["test"],
+        eval_langs=["eng-Latn"],
+        main_score=main_score,
+        date=None,
+        domains=None,
+        task_subtypes=None,
+        license=None,
+        annotations_creators=None,
+        dialect=None,
+        sample_creation=None,
         bibtex_citation=None,
     )
 
@@ -158,8 +242,12 @@ def test_stsb_spearman_equals_eval_sts(default_encoder, stsb_folder):
     assert abs(100 * with_instruction["LocalSTSB"]["test"]["main_score"] - ours_instructed) < 0.01
     assert abs(ours_instructed - ours) > 0.01  # the instruction changes the embeddings
     # the CLI prints the same number
-    r = subprocess.run([sys.executable, "-c", CLI, "eval", "sts", "--data-dir", stsb_folder, "--device", "cpu",
-                        "--instruction", instruction], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", CLI, "eval", "sts", "--data-dir", stsb_folder, "--device", "cpu", "--instruction", instruction],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     printed = float(re.search(r"Spearman x100: ([-\d.]+)", r.stdout).group(1))
     assert abs(printed - 100 * with_instruction["LocalSTSB"]["test"]["main_score"]) < 0.01
@@ -250,8 +338,13 @@ def test_missing_task_data_fails_at_once_with_a_clear_message(tmp_path, monkeypa
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets")}
     import os
 
-    r = subprocess.run([sys.executable, "-c", CLI, "eval", "mteb", "--tasks", "STSBenchmark", "--model", "/nonexistent-model"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    r = subprocess.run(
+        [sys.executable, "-c", CLI, "eval", "mteb", "--tasks", "STSBenchmark", "--model", "/nonexistent-model"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
     assert r.returncode == 2 and "STSBenchmark" in r.stderr and "not available locally" in r.stderr  # before the model loads
     r = subprocess.run([sys.executable, "-c", CLI, "eval", "mteb", "--tasks", "NoSuchTask"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "unknown MTEB task 'NoSuchTask'" in r.stderr

@@ -111,8 +111,18 @@ def _stage(model_dir, tmp_path, **kw):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "s.txt"
     data.write_text("\n".join(SENTENCES))
-    values = dict(model=model_dir, data=str(data), output_dir=str(tmp_path / "out"), batch_size=6, max_length=24, max_steps=2,
-                  progress=False, device="cpu", attention_dropout=0.0, lora_dropout=0.0)
+    values = dict(
+        model=model_dir,
+        data=str(data),
+        output_dir=str(tmp_path / "out"),
+        batch_size=6,
+        max_length=24,
+        max_steps=2,
+        progress=False,
+        device="cpu",
+        attention_dropout=0.0,
+        lora_dropout=0.0,
+    )
     values.update(kw)
     stage = STAGE_CLASSES["simcse"](make_config("simcse", values), torch.device("cpu"))
     schedule = stage.load_data()

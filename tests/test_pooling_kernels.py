@@ -27,8 +27,7 @@ from llm2vec_fast.kernels import pooling as pooling_module
 DEVICE = _dispatch.triton_device() or "cpu"
 needs_triton = pytest.mark.skipif(_dispatch.triton_device() is None, reason="needs triton: CUDA or TRITON_INTERPRET=1")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
-       torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,8 +83,7 @@ def test_varlen(mode, dtype):
     mask = torch.rand(sum(lengths), generator=gen) < 0.6
     mask[0] = True
     mask[40:] = False  # the last sequence pools nothing
-    out = compare(masked_pool_varlen, masked_pool_varlen_reference, hidden, (cu_from_lengths(lengths), mask.to(DEVICE)),
-                  mode, dtype)
+    out = compare(masked_pool_varlen, masked_pool_varlen_reference, hidden, (cu_from_lengths(lengths), mask.to(DEVICE)), mode, dtype)
     assert (out[1] == 0).all() and (out[4] == 0).all()
 
 
@@ -102,8 +100,7 @@ def test_unpooled_rows_are_never_read(mode):
     out = masked_pool(h, mask.to(DEVICE), mode, backend="triton")
     assert torch.isfinite(out).all() and (out[1] == 0).all()
     torch.testing.assert_close(out, masked_pool_reference(hidden.to(DEVICE), mask.to(DEVICE), mode))
-    flat = masked_pool_varlen_reference(hidden.reshape(24, 16).to(DEVICE), cu_from_lengths([12, 12]),
-                                        mask.reshape(24).to(DEVICE), mode)
+    flat = masked_pool_varlen_reference(hidden.reshape(24, 16).to(DEVICE), cu_from_lengths([12, 12]), mask.reshape(24).to(DEVICE), mode)
     torch.testing.assert_close(out, flat)
     (grad,) = torch.autograd.grad(out.sum(), h)
     assert torch.isfinite(grad).all() and (grad[~mask.to(DEVICE)] == 0).all()
@@ -132,8 +129,7 @@ def test_fuzz_varlen(lengths, d, mode, dtype, density, seed):
     n = sum(lengths)
     hidden = torch.randn(n, d, generator=gen)
     mask = (torch.rand(n, generator=gen) < density).to(DEVICE)
-    compare(masked_pool_varlen, masked_pool_varlen_reference, hidden, (cu_from_lengths(lengths), mask), mode, dtype,
-            seed)
+    compare(masked_pool_varlen, masked_pool_varlen_reference, hidden, (cu_from_lengths(lengths), mask), mode, dtype, seed)
 
 
 @needs_triton
@@ -240,9 +236,9 @@ def ragged_batch(d=40, seed=3):
     mask = torch.zeros(sum(lengths), dtype=torch.bool)
     s = cu.tolist()
     mask[s[0]] = True  # length 1
-    mask[s[1] + 10:s[2]] = True  # instruction prefix of 10 tokens, the rest pooled (ends mid-chunk)
-    mask[s[3] + CHUNK_T - 5:s[3] + 2 * CHUNK_T + 9] = True  # straddles the boundaries at 64 and 128
-    mask[s[4] + 100:s[5]] = torch.rand(1025 - 100, generator=gen) < 0.5  # long prompt, then half pooled
+    mask[s[1] + 10 : s[2]] = True  # instruction prefix of 10 tokens, the rest pooled (ends mid-chunk)
+    mask[s[3] + CHUNK_T - 5 : s[3] + 2 * CHUNK_T + 9] = True  # straddles the boundaries at 64 and 128
+    mask[s[4] + 100 : s[5]] = torch.rand(1025 - 100, generator=gen) < 0.5  # long prompt, then half pooled
     mask[s[4] + 1024] = True  # the very last row
     # the 130-row sequence pools nothing
     return torch.randn(sum(lengths), d, generator=gen), cu, mask
@@ -281,8 +277,7 @@ def test_nothing_pooled_behaves_like_the_reference(mode):
     mask = torch.zeros(hidden.shape[0], dtype=torch.bool)
     out = check_ragged(hidden, cu, mask, mode, torch.float32)
     assert (out == 0).all()
-    padded = masked_pool(hidden[:200].reshape(2, 100, 33).to(DEVICE), mask[:200].reshape(2, 100).to(DEVICE), mode,
-                         backend="triton")
+    padded = masked_pool(hidden[:200].reshape(2, 100, 33).to(DEVICE), mask[:200].reshape(2, 100).to(DEVICE), mode, backend="triton")
     assert (padded == 0).all()
 
 

@@ -54,8 +54,14 @@ def test_unknown_cards_and_cpu_have_no_peak():
 
 def _event(name, device, time_us, parent=None, eid=0, linked=0):
     return SimpleNamespace(
-        name=name, device_type=device, cpu_parent=parent, id=eid, linked_correlation_id=linked,
-        self_cpu_time_total=time_us, time_range=SimpleNamespace(elapsed_us=lambda: time_us), is_user_annotation=False,
+        name=name,
+        device_type=device,
+        cpu_parent=parent,
+        id=eid,
+        linked_correlation_id=linked,
+        self_cpu_time_total=time_us,
+        time_range=SimpleNamespace(elapsed_us=lambda: time_us),
+        is_user_annotation=False,
     )
 
 
@@ -63,7 +69,8 @@ def test_kernel_rows_classify_by_name_and_launching_op():
     sdpa = _event("aten::scaled_dot_product_attention", DeviceType.CPU, 1.0, eid=7)
     bmm = _event("aten::bmm", DeviceType.CPU, 1.0, parent=sdpa, eid=8)
     events = [
-        sdpa, bmm,
+        sdpa,
+        bmm,
         _event("_attn_fwd_kernel", DeviceType.CUDA, 300.0),
         _event("_attn_fwd_kernel", DeviceType.CUDA, 100.0),
         _event("ampere_bf16_gemm", DeviceType.CUDA, 500.0, linked=8),  # launched inside SDPA -> attention
@@ -84,8 +91,11 @@ def test_kernel_rows_classify_by_name_and_launching_op():
 
 
 def test_category_rates_and_table_against_a_peak():
-    rows = [KernelRow("_attn_fwd_kernel", "attention", 1000.0, 4), KernelRow("gemm", "", 3000.0, 8),
-            KernelRow("_pool_chunk_kernel", "pooling", 10.0, 1)]
+    rows = [
+        KernelRow("_attn_fwd_kernel", "attention", 1000.0, 4),
+        KernelRow("gemm", "", 3000.0, 8),
+        KernelRow("_pool_chunk_kernel", "pooling", 10.0, 1),
+    ]
     work = Work(attention_flops=4.945e11, pooling_bytes=3.35e7, dtype=torch.bfloat16)
     peak = card_peak("NVIDIA H100 80GB HBM3")
     rates = category_rates(rows, work, peak)

@@ -124,7 +124,9 @@ def test_encode_precision_and_truncation(tiny_encoder, precision, truncate_dim, 
         np.testing.assert_allclose(out.numpy().astype(np.float32), expected.astype(np.float32), rtol=1e-5, atol=1e-6)
     else:  # identical floats in, identical codes out
         np.testing.assert_array_equal(out.numpy(), expected)
-    as_numpy = tiny_encoder.encode(TEXTS, precision=precision, truncate_dim=truncate_dim, normalize_embeddings=normalize, convert_to_numpy=True)
+    as_numpy = tiny_encoder.encode(
+        TEXTS, precision=precision, truncate_dim=truncate_dim, normalize_embeddings=normalize, convert_to_numpy=True
+    )
     assert isinstance(as_numpy, np.ndarray) and as_numpy.dtype == expected.dtype
 
 
@@ -138,7 +140,9 @@ def test_truncation_happens_before_normalization(tiny_encoder):
 def test_encode_calibration_and_single_input(tiny_encoder):
     calib = tiny_encoder.encode(TEXTS * 3, truncate_dim=32, normalize_embeddings=True)
     ranges = calibration_ranges(calib)
-    one = tiny_encoder.encode("A man is playing a guitar.", precision="int8", truncate_dim=32, normalize_embeddings=True, quantization_ranges=ranges)
+    one = tiny_encoder.encode(
+        "A man is playing a guitar.", precision="int8", truncate_dim=32, normalize_embeddings=True, quantization_ranges=ranges
+    )
     assert one.shape == (32,) and one.dtype == torch.int8
     via_calib = tiny_encoder.encode(TEXTS, precision="uint8", truncate_dim=32, normalize_embeddings=True, calibration_embeddings=calib)
     via_ranges = tiny_encoder.encode(TEXTS, precision="uint8", truncate_dim=32, normalize_embeddings=True, quantization_ranges=ranges)
@@ -168,7 +172,9 @@ def test_onnx_encoder_has_the_same_outputs(tiny_encoder, tmp_path):
         if precision not in ("int8", "uint8"):
             kwargs.pop("quantization_ranges")
         out = onnx_encoder.encode(TEXTS, **kwargs)
-        expected = _st_pipeline(floats, "float32" if precision == "float16" else precision, 48, True, **({"ranges": ranges} if "int8" in precision else {}))
+        expected = _st_pipeline(
+            floats, "float32" if precision == "float16" else precision, 48, True, **({"ranges": ranges} if "int8" in precision else {})
+        )
         if precision == "float16":
             expected = expected.astype(np.float16)
         assert out.numpy().dtype == expected.dtype and out.shape == expected.shape
@@ -189,7 +195,10 @@ def test_cli_precision_and_truncation(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "emb.npy"
     ranges_file = tmp_path / "ranges.npy"
     args = ["encode", "--model", tiny_llama_dir, "--input", str(texts), "--device", "cpu"]
-    assert main(args + ["--output", str(out), "--truncate-dim", "16", "--normalize", "--precision", "int8", "--save-ranges", str(ranges_file)]) == 0
+    assert (
+        main(args + ["--output", str(out), "--truncate-dim", "16", "--normalize", "--precision", "int8", "--save-ranges", str(ranges_file)])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "int8 ranges from the 6 encoded texts" in err
     codes = np.load(out)
@@ -199,7 +208,24 @@ def test_cli_precision_and_truncation(tiny_llama_dir, tmp_path, capsys):
     np.testing.assert_array_equal(codes, st_quantization.quantize_embeddings(floats, "int8"))
     np.testing.assert_array_equal(np.load(ranges_file), calibration_ranges(floats))
     # saved ranges reused for a single text
-    assert main(args[:3] + ["A man is playing a guitar.", "--device", "cpu", "--truncate-dim", "16", "--normalize", "--precision", "int8", "--ranges", str(ranges_file)]) == 0
+    assert (
+        main(
+            args[:3]
+            + [
+                "A man is playing a guitar.",
+                "--device",
+                "cpu",
+                "--truncate-dim",
+                "16",
+                "--normalize",
+                "--precision",
+                "int8",
+                "--ranges",
+                str(ranges_file),
+            ]
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.strip())
     np.testing.assert_array_equal(line["embedding"], codes[0])
     assert main(args + ["--output", str(out), "--precision", "ubinary"]) == 0

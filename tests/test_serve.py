@@ -56,8 +56,15 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"serve-{self.port}.log"
-        cmd = [sys.executable, "-c", "import sys; from llm2vec_fast.cli import main; sys.exit(main())",
-               "serve", "--port", str(self.port), *args]
+        cmd = [
+            sys.executable,
+            "-c",
+            "import sys; from llm2vec_fast.cli import main; sys.exit(main())",
+            "serve",
+            "--port",
+            str(self.port),
+            *args,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -276,8 +283,9 @@ def test_32_concurrent_clients_get_their_own_results_in_order(server, default_en
 def test_a_slow_client_does_not_block_the_others(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
         # headers and half a body, then nothing: the server must keep serving everyone else
-        slow.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n"
-                     b'{"inputs": ["never finished')
+        slow.sendall(
+            b'POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n{"inputs": ["never finished'
+        )
         r = server.post("/embed", {"inputs": ["meanwhile"]}, timeout=60)
         assert r.status_code == 200 and len(r.json()) == 1
 
@@ -285,8 +293,23 @@ def test_a_slow_client_does_not_block_the_others(server):
 # ------------------------------------------------------------- auth, overload, disconnects
 @pytest.fixture(scope="module")
 def limited(default_model_dir, tmp_path_factory):
-    srv = Server(["--model", default_model_dir, "--max-length", "32", "--max-batch-tokens", "32", "--max-queue-tokens", "1024",
-                  "--max-concurrent-requests", "4", "--api-key", API_KEY], tmp_path_factory.mktemp("serve-limited"))
+    srv = Server(
+        [
+            "--model",
+            default_model_dir,
+            "--max-length",
+            "32",
+            "--max-batch-tokens",
+            "32",
+            "--max-queue-tokens",
+            "1024",
+            "--max-concurrent-requests",
+            "4",
+            "--api-key",
+            API_KEY,
+        ],
+        tmp_path_factory.mktemp("serve-limited"),
+    )
     yield srv
     srv.close()
 
@@ -300,7 +323,10 @@ def test_api_key(limited):
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "API key" in r.json()["error"]["message"]
     assert httpx.get(f"{limited.url}/health", timeout=10).status_code == 401
     assert httpx.get(f"{limited.url}/metrics", timeout=10).status_code == 401
-    assert httpx.post(f"{limited.url}/embed", json={"inputs": "x"}, headers={"Authorization": f"bearer {API_KEY}"}, timeout=30).status_code == 200
+    assert (
+        httpx.post(f"{limited.url}/embed", json={"inputs": "x"}, headers={"Authorization": f"bearer {API_KEY}"}, timeout=30).status_code
+        == 200
+    )
     oa = openai.OpenAI(base_url=f"{limited.url}/v1", api_key=API_KEY, timeout=REQUEST_TIMEOUT, max_retries=0)
     assert len(oa.embeddings.create(model=httpx.get(f"{limited.url}/info", headers=limited.headers).json()["model"], input="x").data) == 1
     with pytest.raises(openai.AuthenticationError):
@@ -348,8 +374,11 @@ def test_client_disconnect_frees_its_queue_slot(limited):
         limited.post("/embed", {"inputs": BIG, "truncate": True}, timeout=httpx.Timeout(10, read=0.5))
     after = _wait_for(lambda: (m := limited.metrics())["llm2vec_requests_in_flight"] == 0 and m, what="the request to end")
     assert after["llm2vec_queue_tokens"] == 0 and after["llm2vec_queue_requests"] == 0
-    assert after.get('llm2vec_requests_total{endpoint="/embed",status="499"}', 0) - before.get(
-        'llm2vec_requests_total{endpoint="/embed",status="499"}', 0) == 1
+    assert (
+        after.get('llm2vec_requests_total{endpoint="/embed",status="499"}', 0)
+        - before.get('llm2vec_requests_total{endpoint="/embed",status="499"}', 0)
+        == 1
+    )
     embedded = after["llm2vec_embedded_texts_total"] - before["llm2vec_embedded_texts_total"]
     assert embedded < len(BIG)  # the rest of its texts left the queue uncomputed
     assert limited.post("/embed", {"inputs": ["still serving"]}).status_code == 200
@@ -385,4 +414,3 @@ def _refused(srv: Server) -> bool:
         return True
     assert r.status_code == 503, r.status_code  # a request that got in while draining is refused, never served
     return True
-

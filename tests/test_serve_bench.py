@@ -40,8 +40,25 @@ def test_refuses_a_busy_machine_without_force(monkeypatch, tmp_path, capsys):
 
 def test_force_smoke_run_on_a_tiny_model(tiny_llama_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLM2VEC_FAST_STSB_DIR": str(tmp_path / "no-stsb")}
-    cmd = [sys.executable, str(SCRIPT), "--model", tiny_llama_dir, "--force", "--requests", "12", "--concurrency", "1", "4",
-           "--threads", "1", "--max-batch-tokens", "1024", "--results-dir", str(tmp_path), "--no-plot"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--model",
+        tiny_llama_dir,
+        "--force",
+        "--requests",
+        "12",
+        "--concurrency",
+        "1",
+        "4",
+        "--threads",
+        "1",
+        "--max-batch-tokens",
+        "1024",
+        "--results-dir",
+        str(tmp_path),
+        "--no-plot",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((tmp_path / "serve-cpu.json").read_text())

@@ -27,8 +27,10 @@ TEXTS = [
     "The stock market fell sharply on Monday.",
     "x",
 ]
-CALIBRATION = [f"calibration sentence number {i} about {topic}" for i, topic in
-               enumerate(["cats", "the weather", "stock prices", "football", "cooking pasta", "old castles"] * 4)]
+CALIBRATION = [
+    f"calibration sentence number {i} about {topic}"
+    for i, topic in enumerate(["cats", "the weather", "stock prices", "football", "cooking pasta", "old castles"] * 4)
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +67,19 @@ def _processed(floats, dimensions, normalize: bool) -> np.ndarray:
 
 
 @pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
-@pytest.mark.parametrize("path, dimensions, normalize", [("/v1/embeddings", None, True), ("/v1/embeddings", 24, True),
-                                                          ("/embed", 17, False), ("/embed", None, True)])
-def test_codes_are_sentence_transformers_quantization_of_the_served_floats(client, calibration_floats, path, dimensions,
-                                                                           normalize, precision):
+@pytest.mark.parametrize(
+    "path, dimensions, normalize",
+    [("/v1/embeddings", None, True), ("/v1/embeddings", 24, True), ("/embed", 17, False), ("/embed", None, True)],
+)
+def test_codes_are_sentence_transformers_quantization_of_the_served_floats(
+    client, calibration_floats, path, dimensions, normalize, precision
+):
     st_quantization = pytest.importorskip("sentence_transformers.quantization")
     floats = np.asarray(_post(client, path, "float32", dimensions, normalize), dtype=np.float32)
     codes = np.asarray(_post(client, path, precision, dimensions, normalize))
     expected = st_quantization.quantize_embeddings(
-        floats, precision, calibration_embeddings=_processed(calibration_floats, dimensions, normalize))
+        floats, precision, calibration_embeddings=_processed(calibration_floats, dimensions, normalize)
+    )
     dim = dimensions or 64
     assert codes.shape == ((len(TEXTS), dim) if precision.endswith("int8") else (len(TEXTS), -(-dim // 8)))
     np.testing.assert_array_equal(codes, expected.astype(np.int64))
@@ -84,8 +90,9 @@ def test_codes_are_sentence_transformers_quantization_of_the_served_floats(clien
 def test_served_precisions_match_encode(client, tiny_encoder, calibration_floats, precision, dimensions):
     served = np.asarray(_post(client, "/v1/embeddings", precision, dimensions))
     kwargs = {"calibration_embeddings": _processed(calibration_floats, dimensions, True)} if precision.endswith("int8") else {}
-    local = tiny_encoder.encode(TEXTS, precision=precision, truncate_dim=dimensions, normalize_embeddings=True,
-                                convert_to_numpy=True, **kwargs)
+    local = tiny_encoder.encode(
+        TEXTS, precision=precision, truncate_dim=dimensions, normalize_embeddings=True, convert_to_numpy=True, **kwargs
+    )
     assert served.shape == local.shape
     if precision.startswith("float"):
         np.testing.assert_allclose(served, local.astype(np.float32), atol=2e-3 if precision == "float16" else 1e-5)
@@ -178,12 +185,16 @@ def test_cli_serve_wires_the_calibration_into_the_app(tiny_llama_dir, tmp_path, 
     monkeypatch.setattr(serve_module, "run_server", lambda app, *args: served.setdefault("app", app))
     path = tmp_path / "calib.txt"
     path.write_text("\n".join(CALIBRATION))
-    assert main(["serve", "--model", tiny_llama_dir, "--max-length", "128", "--max-batch-tokens", "256",
-                 "--calibration", str(path)]) == 0
+    assert main(["serve", "--model", tiny_llama_dir, "--max-length", "128", "--max-batch-tokens", "256", "--calibration", str(path)]) == 0
     assert f"int8/uint8 ranges from {len(CALIBRATION)} calibration texts" in capsys.readouterr().err
     encoder = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", max_length=128)
-    expected = encoder.encode(TEXTS[:2], precision="int8", normalize_embeddings=True, convert_to_numpy=True,
-                              calibration_embeddings=encoder.encode(CALIBRATION, normalize_embeddings=True))
+    expected = encoder.encode(
+        TEXTS[:2],
+        precision="int8",
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        calibration_embeddings=encoder.encode(CALIBRATION, normalize_embeddings=True),
+    )
     with TestClient(served["app"]) as c:
         assert c.get("/info").json()["calibration_size"] == len(CALIBRATION)
         r = c.post("/v1/embeddings", json={"input": TEXTS[:2], "precision": "int8"})

@@ -102,8 +102,17 @@ def text_file(tmp_path_factory):
 
 
 def _stage_step(stage_name: str, model: str, data: str, out, **kw):
-    values = dict(model=model, data=data, output_dir=str(out), batch_size=len(SENTENCES), max_length=32, device="cpu",
-                  progress=False, lora_dropout=0.0, micro_batch_size=5)
+    values = dict(
+        model=model,
+        data=data,
+        output_dir=str(out),
+        batch_size=len(SENTENCES),
+        max_length=32,
+        device="cpu",
+        progress=False,
+        lora_dropout=0.0,
+        micro_batch_size=5,
+    )
     values.update(kw)
     if stage_name != "mntp":
         values["attention_dropout"] = 0.0

@@ -52,8 +52,10 @@ def test_readers(tmp_path):
         read_text_lines([str(tmp_path / "empty.txt")])
     data = tmp_path / "d.jsonl"
     data.write_text(
-        json.dumps({"query": ["Find the answer", "q1"], "positive": "p", "negative": "n", "dataset": "x"}) + "\n"
-        + json.dumps({"query": "q2", "instruction": "Given", "positive": "p", "negative": "n"}) + "\n"
+        json.dumps({"query": ["Find the answer", "q1"], "positive": "p", "negative": "n", "dataset": "x"})
+        + "\n"
+        + json.dumps({"query": "q2", "instruction": "Given", "positive": "p", "negative": "n"})
+        + "\n"
     )
     rows = read_triplets([str(data)])
     assert (rows[0].instruction, rows[0].query, rows[0].dataset) == ("Find the answer", "q1", "x")

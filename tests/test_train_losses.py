@@ -39,13 +39,26 @@ def _stage(model_dir, tmp_path, **overrides):
     import json
 
     rows = [
-        {"query": f"what is item {i}?", "instruction": "Retrieve the passage" if i % 2 else "", "positive": f"item {i} is a thing number {i}",
-         "negative": f"something unrelated {i * 7}", "dataset": "a"}
+        {
+            "query": f"what is item {i}?",
+            "instruction": "Retrieve the passage" if i % 2 else "",
+            "positive": f"item {i} is a thing number {i}",
+            "negative": f"something unrelated {i * 7}",
+            "dataset": "a",
+        }
         for i in range(8)
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    values = dict(model=model_dir, data=str(data), output_dir=str(tmp_path / "out"), batch_size=8, max_length=32,
-                  lora_dropout=0.0, attention_dropout=0.0, device="cpu")
+    values = dict(
+        model=model_dir,
+        data=str(data),
+        output_dir=str(tmp_path / "out"),
+        batch_size=8,
+        max_length=32,
+        lora_dropout=0.0,
+        attention_dropout=0.0,
+        device="cpu",
+    )
     values.update(overrides)
     stage = STAGE_CLASSES["supervised"](make_config("supervised", values), torch.device("cpu"))
     schedule = stage.load_data()
@@ -161,12 +174,29 @@ def test_ddp_two_ranks_match_single_process(tiny_llama_dir, tmp_path):
 
 
 def _train_worker(rank, world, port, model_dir, data, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1"
+    )
     torch.set_num_threads(1)
     from llm2vec_fast.train import make_config, train
 
-    cfg = make_config("supervised", dict(model=model_dir, data=data, output_dir=out_dir, batch_size=8, max_length=32, max_steps=2,
-                                         save_steps=1, lora_dropout=0.0, attention_dropout=0.0, warmup_steps=0, device="cpu", progress=False))
+    cfg = make_config(
+        "supervised",
+        dict(
+            model=model_dir,
+            data=data,
+            output_dir=out_dir,
+            batch_size=8,
+            max_length=32,
+            max_steps=2,
+            save_steps=1,
+            lora_dropout=0.0,
+            attention_dropout=0.0,
+            warmup_steps=0,
+            device="cpu",
+            progress=False,
+        ),
+    )
     train("supervised", cfg)  # initialises and tears down the process group from the torchrun-style environment
 
 
@@ -180,9 +210,26 @@ def test_train_under_two_ranks_matches_one(tiny_llama_dir, tmp_path):
 
     stage, _ = _stage(tiny_llama_dir, tmp_path)  # writes the triplets file
     data = str(tmp_path / "triplets.jsonl")
-    single = train("supervised", make_config("supervised", dict(model=tiny_llama_dir, data=data, output_dir=str(tmp_path / "one"), batch_size=8,
-                                                                  max_length=32, max_steps=2, save_steps=1, lora_dropout=0.0, attention_dropout=0.0,
-                                                                  warmup_steps=0, device="cpu", progress=False)))
+    single = train(
+        "supervised",
+        make_config(
+            "supervised",
+            dict(
+                model=tiny_llama_dir,
+                data=data,
+                output_dir=str(tmp_path / "one"),
+                batch_size=8,
+                max_length=32,
+                max_steps=2,
+                save_steps=1,
+                lora_dropout=0.0,
+                attention_dropout=0.0,
+                warmup_steps=0,
+                device="cpu",
+                progress=False,
+            ),
+        ),
+    )
     mp.spawn(_train_worker, args=(2, _free_port(), tiny_llama_dir, data, str(tmp_path / "two")), nprocs=2, join=True)
     a = load_file(single / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")

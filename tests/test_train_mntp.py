@@ -52,7 +52,13 @@ def test_special_and_padding_tokens_are_never_masked():
     ids, attn = _batch(seed=3)
     for full in (False, True):
         out, labels = mask_tokens(
-            ids, attn, mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL, probability=0.9, full_masking=full,
+            ids,
+            attn,
+            mask_id=MASK,
+            vocab_size=VOCAB,
+            special_ids=SPECIAL,
+            probability=0.9,
+            full_masking=full,
             generator=torch.Generator().manual_seed(2),
         )
         special = torch.isin(ids, torch.tensor(SPECIAL)) | (attn == 0)
@@ -63,7 +69,13 @@ def test_special_and_padding_tokens_are_never_masked():
 def test_full_masking_replaces_every_selected_token():
     ids, attn = _batch(seed=4)
     out, labels = mask_tokens(
-        ids, attn, mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL, probability=0.2, full_masking=True,
+        ids,
+        attn,
+        mask_id=MASK,
+        vocab_size=VOCAB,
+        special_ids=SPECIAL,
+        probability=0.2,
+        full_masking=True,
         generator=torch.Generator().manual_seed(5),
     )
     selected = labels != IGNORE
@@ -163,8 +175,9 @@ def test_mntp_loss_on_gemma2_matches_its_capped_lm_head():
     from llm2vec_fast.train.mntp import final_logit_softcap
 
     torch.manual_seed(0)
-    config = tiny_config("gemma2", vocab_size=500, attn_logit_softcapping=2.0, final_logit_softcapping=1.5, tie_word_embeddings=True,
-                         initializer_range=0.5)  # logits large enough to reach the cap
+    config = tiny_config(
+        "gemma2", vocab_size=500, attn_logit_softcapping=2.0, final_logit_softcapping=1.5, tie_word_embeddings=True, initializer_range=0.5
+    )  # logits large enough to reach the cap
     lm = enable_bidirectional(AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval())
     assert final_logit_softcap(lm.config) == 1.5
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -26,8 +26,18 @@ def text_file(tmp_path_factory):
 
 
 def _cfg(stage, model, data, out, **kw):
-    values = dict(model=model, data=data, output_dir=str(out), batch_size=4, max_length=24, max_steps=4, save_steps=2,
-                  progress=False, device="cpu", lr=1e-3)
+    values = dict(
+        model=model,
+        data=data,
+        output_dir=str(out),
+        batch_size=4,
+        max_length=24,
+        max_steps=4,
+        save_steps=2,
+        progress=False,
+        device="cpu",
+        lr=1e-3,
+    )
     values.update(kw)
     return make_config(stage, values)
 
@@ -67,8 +77,12 @@ def test_micro_batches_equal_one_padded_forward(tiny_llama_dir, text_file, tmp_p
 
 def test_supervised_instructions_are_not_pooled(tiny_llama_dir, tmp_path):
     data = tmp_path / "t.jsonl"
-    data.write_text(json.dumps({"query": "q text", "instruction": "Retrieve documents", "positive": "p", "negative": "n", "dataset": "d"}) + "\n")
-    cfg = make_config("supervised", dict(model=tiny_llama_dir, data=str(data), batch_size=1, max_length=32, device="cpu", output_dir=str(tmp_path)))
+    data.write_text(
+        json.dumps({"query": "q text", "instruction": "Retrieve documents", "positive": "p", "negative": "n", "dataset": "d"}) + "\n"
+    )
+    cfg = make_config(
+        "supervised", dict(model=tiny_llama_dir, data=str(data), batch_size=1, max_length=32, device="cpu", output_dir=str(tmp_path))
+    )
     stage, schedule = _build("supervised", cfg)
     queries, positives, negatives = stage.groups(schedule.batch(0))
     q = queries[0]
@@ -113,7 +127,10 @@ def test_mntp_adapter_loads_on_bare_decoder(tiny_causal_lm_dir, text_file, tmp_p
 
 def test_chained_adapters_mntp_then_simcse(tiny_causal_lm_dir, text_file, tmp_path):
     mntp = train("mntp", _cfg("mntp", tiny_causal_lm_dir, text_file, tmp_path / "mntp", max_steps=2))
-    simcse = train("simcse", _cfg("simcse", tiny_causal_lm_dir, text_file, tmp_path / "simcse", max_steps=2, peft=[str(mntp)], pooling_mode="weighted_mean"))
+    simcse = train(
+        "simcse",
+        _cfg("simcse", tiny_causal_lm_dir, text_file, tmp_path / "simcse", max_steps=2, peft=[str(mntp)], pooling_mode="weighted_mean"),
+    )
     settings = json.loads((simcse / "llm2vec_config.json").read_text())
     assert settings["pooling_mode"] == "weighted_mean"
     enc = LLM2Vec.from_pretrained(tiny_causal_lm_dir, peft_model_name_or_path=[str(mntp), str(simcse)], device="cpu")
@@ -171,8 +188,23 @@ def test_cli_train_smoke_and_resume_after_kill(tiny_llama_dir, text_file, tmp_pa
     # a run killed after its first checkpoint resumes to the same adapter
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out2 = tmp_path / "killed"
-    args = [sys.executable, "-c", CLI, "train", "simcse", "--config", str(cfg), "--set", "max_steps=4",
-            "--set", f"output_dir={out2}", "--set", "progress=false", "--set", "save_steps=1"]
+    args = [
+        sys.executable,
+        "-c",
+        CLI,
+        "train",
+        "simcse",
+        "--config",
+        str(cfg),
+        "--set",
+        "max_steps=4",
+        "--set",
+        f"output_dir={out2}",
+        "--set",
+        "progress=false",
+        "--set",
+        "save_steps=1",
+    ]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import time
 
@@ -181,8 +213,21 @@ def test_cli_train_smoke_and_resume_after_kill(tiny_llama_dir, text_file, tmp_pa
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    r = _cli("train", "simcse", "--config", str(cfg), "--set", "max_steps=4", "--set", f"output_dir={out2}",
-             "--set", "progress=false", "--set", "save_steps=1", "--resume")
+    r = _cli(
+        "train",
+        "simcse",
+        "--config",
+        str(cfg),
+        "--set",
+        "max_steps=4",
+        "--set",
+        f"output_dir={out2}",
+        "--set",
+        "progress=false",
+        "--set",
+        "save_steps=1",
+        "--resume",
+    )
     assert r.returncode == 0, r.stderr
     a, b = _adapter_weights(out / "adapter"), _adapter_weights(out2 / "adapter")
     for k in a:
@@ -211,7 +256,9 @@ def tiny_lm_head32_dir(tmp_path_factory, smollm_tokenizer):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-lm-hd32")
-    AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=True, num_attention_heads=2, num_key_value_heads=1, head_dim=32)).save_pretrained(path)
+    AutoModelForCausalLM.from_config(
+        tiny_config("llama", tie_word_embeddings=True, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    ).save_pretrained(path)
     smollm_tokenizer.save_pretrained(path)
     return str(path)
 
@@ -221,15 +268,24 @@ def test_packed_batches_match_padded(stage_name, tiny_lm_head32_dir, text_file, 
     """The packed varlen layout (the CUDA default; torch references on CPU) gives the padded loss and gradients."""
     if stage_name == "supervised":
         data = tmp_path / "t.jsonl"
-        rows = [{"query": f"query {i} " * (i + 1), "instruction": "Find it" if i % 2 else "", "positive": f"doc {i}", "negative": "no " * i + "x"}
-                for i in range(4)]
+        rows = [
+            {
+                "query": f"query {i} " * (i + 1),
+                "instruction": "Find it" if i % 2 else "",
+                "positive": f"doc {i}",
+                "negative": "no " * i + "x",
+            }
+            for i in range(4)
+        ]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         data_file, extra = str(data), dict(lora_dropout=0.0, attention_dropout=0.0)
     else:
         data_file, extra = text_file, dict(lora_dropout=0.0)
     results = []
     for layout in ("padded", "packed"):
-        stage, schedule = _build(stage_name, _cfg(stage_name, tiny_lm_head32_dir, data_file, tmp_path / layout, batch_layout=layout, **extra))
+        stage, schedule = _build(
+            stage_name, _cfg(stage_name, tiny_lm_head32_dir, data_file, tmp_path / layout, batch_layout=layout, **extra)
+        )
         with torch.no_grad():
             for name, p in stage.peft_model.named_parameters():
                 if "lora_B" in name:
@@ -245,8 +301,18 @@ def test_packed_batches_match_padded(stage_name, tiny_lm_head32_dir, text_file, 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir, text_file, tmp_path):
     grads = []
     for ckpt in (False, True):
-        stage, schedule = _build("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path / str(ckpt), gradient_checkpointing=ckpt,
-                                                attention_dropout=0.0, lora_dropout=0.0))
+        stage, schedule = _build(
+            "simcse",
+            _cfg(
+                "simcse",
+                tiny_llama_dir,
+                text_file,
+                tmp_path / str(ckpt),
+                gradient_checkpointing=ckpt,
+                attention_dropout=0.0,
+                lora_dropout=0.0,
+            ),
+        )
         with torch.no_grad():
             for name, p in stage.peft_model.named_parameters():
                 if "lora_B" in name:

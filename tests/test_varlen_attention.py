@@ -51,8 +51,19 @@ def test_gemma2_softcap_reaches_the_kernel(backend, softcap):
     q, k, v, cu = _packed_inputs(lengths, hq, hkv, d)
     with kernel_backend(backend):
         got, _ = varlen_attention_forward(
-            module, q, k, v, None, dropout=0.0, scaling=scaling, softcap=softcap, sliding_window=None,
-            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=30, max_length_k=30,
+            module,
+            q,
+            k,
+            v,
+            None,
+            dropout=0.0,
+            scaling=scaling,
+            softcap=softcap,
+            sliding_window=None,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=30,
+            max_length_k=30,
         )
     want = _eager_block_diagonal(module, q, k, v, cu, scaling, softcap)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
@@ -94,9 +105,21 @@ def _simcse_stage(model_dir, tmp_path, layout):
 
     data = tmp_path / "sentences.txt"
     data.write_text("".join(f"sentence number {i} " + "word " * (i % 5) + "\n" for i in range(6)))
-    config = make_config("simcse", dict(model=model_dir, data=str(data), output_dir=str(tmp_path / layout), batch_size=6,
-                                        max_length=24, attention_dropout=0.3, lora_dropout=0.0, device="cpu",
-                                        batch_layout=layout, progress=False))
+    config = make_config(
+        "simcse",
+        dict(
+            model=model_dir,
+            data=str(data),
+            output_dir=str(tmp_path / layout),
+            batch_size=6,
+            max_length=24,
+            attention_dropout=0.3,
+            lora_dropout=0.0,
+            device="cpu",
+            batch_layout=layout,
+            progress=False,
+        ),
+    )
     stage = STAGE_CLASSES["simcse"](config, torch.device("cpu"))
     schedule = stage.load_data()
     torch.manual_seed(0)

@@ -10,7 +10,9 @@ from ..encoding import POOLING_MODES
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--peft", action="append", default=None, metavar="ADAPTER", help="LoRA adapter folder (repeat to chain)")
-    parser.add_argument("--pooling", choices=POOLING_MODES, default=None, help="pooling mode (default: from llm2vec_config.json, else mean)")
+    parser.add_argument(
+        "--pooling", choices=POOLING_MODES, default=None, help="pooling mode (default: from llm2vec_config.json, else mean)"
+    )
     parser.add_argument("--max-length", type=int, default=None, help="max tokens per input (default 512)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: bf16 on CUDA, fp32 on CPU")

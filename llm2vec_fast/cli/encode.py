@@ -14,13 +14,28 @@ from .common import add_model_options, load_encoder
 
 
 def add_output_options(p) -> None:
-    p.add_argument("--precision", choices=PRECISIONS, default="float32",
-                   help="output precision (as sentence-transformers' quantize_embeddings; binary packs 8 dims per byte)")
-    p.add_argument("--truncate-dim", type=int, default=None, metavar="D", help="keep the first D dimensions (Matryoshka), before --normalize")
-    p.add_argument("--ranges", type=Path, default=None, metavar="FILE.npy", help="int8/uint8: per-dimension [min; max] ranges saved by --save-ranges")
-    p.add_argument("--calibration", type=Path, default=None, metavar="FILE",
-                   help="int8/uint8: texts (one per line) whose embeddings set the ranges (default: the encoded texts themselves)")
-    p.add_argument("--save-ranges", type=Path, default=None, metavar="FILE.npy", help="int8/uint8: write the ranges used, for later --ranges")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="output precision (as sentence-transformers' quantize_embeddings; binary packs 8 dims per byte)",
+    )
+    p.add_argument(
+        "--truncate-dim", type=int, default=None, metavar="D", help="keep the first D dimensions (Matryoshka), before --normalize"
+    )
+    p.add_argument(
+        "--ranges", type=Path, default=None, metavar="FILE.npy", help="int8/uint8: per-dimension [min; max] ranges saved by --save-ranges"
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="int8/uint8: texts (one per line) whose embeddings set the ranges (default: the encoded texts themselves)",
+    )
+    p.add_argument(
+        "--save-ranges", type=Path, default=None, metavar="FILE.npy", help="int8/uint8: write the ranges used, for later --ranges"
+    )
 
 
 def add_parser(sub) -> None:

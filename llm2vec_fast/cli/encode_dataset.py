@@ -23,8 +23,14 @@ def add_parser(sub) -> None:
         help="embed a dataset (JSONL, Parquet, CSV/TSV, text) into Parquet shards",
         description=__doc__.split("\n\n")[0] + " Resumable: rerun the same command after a crash.",
     )
-    p.add_argument("--input", "-i", required=True, nargs="+", metavar="PATH_OR_GLOB",
-                   help="input files, globs (quote them) or folders: .jsonl, .parquet, .csv, .tsv (header row), .txt")
+    p.add_argument(
+        "--input",
+        "-i",
+        required=True,
+        nargs="+",
+        metavar="PATH_OR_GLOB",
+        help="input files, globs (quote them) or folders: .jsonl, .parquet, .csv, .tsv (header row), .txt",
+    )
     p.add_argument("--output", "-o", required=True, type=Path, metavar="DIR", help="output folder (shards + manifest.json)")
     p.add_argument("--input-format", choices=FORMATS, default=None, help="format of every input (default: from the extension)")
     p.add_argument("--text-field", default="text", help="column / JSON key of the text (default: text)")
@@ -35,8 +41,12 @@ def add_parser(sub) -> None:
     p.add_argument("--engine", choices=ENGINES, default="local", help="local (one process, or each torchrun rank) or ray")
     p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help=f"rows per chunk and shard (default {DEFAULT_CHUNK_ROWS})")
     p.add_argument("--dtype-out", choices=DTYPES_OUT, default="float32", help="embedding type in the shards")
-    p.add_argument("--on-bad-row", choices=ON_BAD_ROW, default="error",
-                   help="missing/null/empty/non-string text: error (default, names file and row) or skip (listed in the manifest)")
+    p.add_argument(
+        "--on-bad-row",
+        choices=ON_BAD_ROW,
+        default="error",
+        help="missing/null/empty/non-string text: error (default, names file and row) or skip (listed in the manifest)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--overwrite", action="store_true", help="delete a previous job in --output and start from scratch")
     p.add_argument("--num-workers", type=int, default=None, help="Ray actors (default: one per GPU, else per CPU)")

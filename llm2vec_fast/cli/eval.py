@@ -33,8 +33,13 @@ def add_parser(sub) -> None:
     mt.add_argument("--output-folder", type=Path, default=None, help="write mteb result files here (mteb's results layout)")
     mt.add_argument("--batch-size", type=int, default=32)
     mt.add_argument("--truncate-dim", type=int, default=None, metavar="D", help="evaluate the first D dimensions only (Matryoshka)")
-    mt.add_argument("--instructions", type=Path, default=None, metavar="FILE.json",
-                    help="JSON object of task name -> instruction overriding the defaults (\"\" for none)")
+    mt.add_argument(
+        "--instructions",
+        type=Path,
+        default=None,
+        metavar="FILE.json",
+        help='JSON object of task name -> instruction overriding the defaults ("" for none)',
+    )
     mt.add_argument("--no-default-instructions", action="store_true", help="no instruction unless --instructions names the task")
     add_model_options(mt)
     mt.set_defaults(run=run_mteb)
@@ -46,8 +51,13 @@ def run_sts(args: argparse.Namespace) -> int:
     load_stsb(args.split, args.data_dir)  # a missing file fails before the model loads
     encoder = load_encoder(args)
     score = stsb_spearman(
-        encoder, args.split, limit=args.limit, data_dir=args.data_dir, batch_size=args.batch_size,
-        truncate_dim=args.truncate_dim, instruction=args.instruction,
+        encoder,
+        args.split,
+        limit=args.limit,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        truncate_dim=args.truncate_dim,
+        instruction=args.instruction,
     )
     dims = f", first {args.truncate_dim} dims" if args.truncate_dim else ""
     print(f"STS-B {args.split} Spearman x100{dims}: {score:.2f}")
@@ -69,8 +79,12 @@ def run_mteb(args: argparse.Namespace) -> int:
     for task in tasks:  # a task without local data fails before the model loads
         load_task_data(task)
     model = MTEBEncoder(
-        load_encoder(args), instructions=instructions, use_default_instructions=not args.no_default_instructions,
-        model_name=args.model, batch_size=args.batch_size, truncate_dim=args.truncate_dim,
+        load_encoder(args),
+        instructions=instructions,
+        use_default_instructions=not args.no_default_instructions,
+        model_name=args.model,
+        batch_size=args.batch_size,
+        truncate_dim=args.truncate_dim,
     )
     results = evaluate(model, tasks, output_folder=args.output_folder, batch_size=args.batch_size)
     for name, splits in results.items():

@@ -18,17 +18,28 @@ def add_parser(sub) -> None:
         "export_report.json), validated against the torch encoder.",
     )
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--peft", action="append", default=None, metavar="ADAPTER", help="LoRA adapter folder (repeat to chain); merged before export")
+    p.add_argument(
+        "--peft", action="append", default=None, metavar="ADAPTER", help="LoRA adapter folder (repeat to chain); merged before export"
+    )
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, fp16 (GPU), int8 (CPU) or int4 (weight-only)")
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison with the torch encoder")
     p.add_argument("--stsb-pairs", type=int, default=200, help="STS-B dev pairs scored during validation (0 = skip)")
-    p.add_argument("--format", choices=("onnx", "sentence-transformers"), default="onnx",
-                   help="onnx (default), or a folder for SentenceTransformer(path, trust_remote_code=True)")
-    p.add_argument("--prompts", type=Path, default=None, metavar="FILE.json",
-                   help="sentence-transformers format: JSON object of prompt name -> instruction")
+    p.add_argument(
+        "--format",
+        choices=("onnx", "sentence-transformers"),
+        default="onnx",
+        help="onnx (default), or a folder for SentenceTransformer(path, trust_remote_code=True)",
+    )
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        metavar="FILE.json",
+        help="sentence-transformers format: JSON object of prompt name -> instruction",
+    )
     p.set_defaults(run=run)
 
 
@@ -45,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     print("[export] loading the encoder" + (f" with adapters {args.peft} (merged)" if args.peft else ""), file=sys.stderr, flush=True)
     encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=True, dtype="float32", device="cpu")
     validate = False if args.no_validate else ValidationConfig(stsb_pairs=args.stsb_pairs)
-    out = export_onnx(encoder, args.output, precision=args.precision, opset=args.opset, validate=validate, overwrite=args.overwrite, progress=True)
+    out = export_onnx(
+        encoder, args.output, precision=args.precision, opset=args.opset, validate=validate, overwrite=args.overwrite, progress=True
+    )
     report = json.loads((out / "export_report.json").read_text())
     summary = {k: report.get(k) for k in ("precision", "status", "file_size_bytes", "min_cos", "mean_cos", "max_abs_err")}
     print(json.dumps(summary), file=sys.stderr)

@@ -26,8 +26,12 @@ def add_parser(sub) -> None:
         "against the card's peak. Tokenisation is not part of the workload.",
     )
     add_model_options(p)
-    p.add_argument("--random-shapes", choices=tuple(RANDOM_SHAPES), default=None,
-                   help="random weights with these shapes instead of a checkpoint (no download)")
+    p.add_argument(
+        "--random-shapes",
+        choices=tuple(RANDOM_SHAPES),
+        default=None,
+        help="random weights with these shapes instead of a checkpoint (no download)",
+    )
     p.add_argument("--num-texts", type=int, default=None, help="inputs to encode (default 1024 on CUDA, 32 on CPU)")
     p.add_argument("--median-length", type=int, default=96, help="median tokens per input (default 96)")
     p.add_argument("--batch-size", type=int, default=64, help="inputs per batch on the padded path (default 64)")
@@ -102,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
     path = "packed varlen" if encoder.use_packed else f"padded SDPA, batch {args.batch_size}"
     model_name = f"random {args.random_shapes}" if args.random_shapes else (args.model or "default model")
     print(f"model: {model_name}; device {device}, {str(dtype).replace('torch.', '')}; path: {path}")
-    print(f"workload: {n} inputs of random token ids, {sum(lengths)} tokens (lengths {min(lengths)}..{max(lengths)}, "
-          f"median {args.median_length}); tokenisation not included")
+    print(
+        f"workload: {n} inputs of random token ids, {sum(lengths)} tokens (lengths {min(lengths)}..{max(lengths)}, "
+        f"median {args.median_length}); tokenisation not included"
+    )
 
     # warm up (Triton autotuning on CUDA covers every length bucket of the workload)
     encoder.embed_items(items if on_cuda else items[:2], args.batch_size)
@@ -119,8 +125,10 @@ def run(args: argparse.Namespace) -> int:
 
     peak = card_peak(torch.cuda.get_device_name(device)) if on_cuda else None
     rows = kernel_rows(prof.events(), on_device=on_cuda)
-    print(f"profiled encode: {wall:.3f} s wall ({sum(lengths) / wall:,.0f} tokens/s under the profiler); "
-          f"times below are {'GPU kernel' if on_cuda else 'CPU self'} times\n")
+    print(
+        f"profiled encode: {wall:.3f} s wall ({sum(lengths) / wall:,.0f} tokens/s under the profiler); "
+        f"times below are {'GPU kernel' if on_cuda else 'CPU self'} times\n"
+    )
     print(render_kernel_table(rows, work, peak, args.top))
     print(f"\nChrome trace: {args.trace} (open in chrome://tracing or https://ui.perfetto.dev)")
     return 0

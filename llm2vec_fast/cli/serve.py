@@ -23,25 +23,46 @@ def add_parser(sub) -> None:
         "batches of up to --max-batch-tokens tokens. SIGTERM drains: in-flight requests finish, new ones get 503.",
     )
     add_model_options(p)
-    p.add_argument("--onnx", type=Path, default=None, metavar="DIR",
-                   help="serve an exported ONNX folder with ONNX Runtime instead of a torch model (--device cuda needs onnxruntime-gpu)")
+    p.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="serve an exported ONNX folder with ONNX Runtime instead of a torch model (--device cuda needs onnxruntime-gpu)",
+    )
     p.add_argument("--served-model-name", default=None, help="the 'model' clients send (default: the model's name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes the server)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_TOKENS_PER_BATCH,
-                   help=f"real tokens per model batch (default {DEFAULT_MAX_TOKENS_PER_BATCH})")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS_PER_BATCH,
+        help=f"real tokens per model batch (default {DEFAULT_MAX_TOKENS_PER_BATCH})",
+    )
     p.add_argument("--max-client-batch-size", type=int, default=256, help="texts per request at most (default 256)")
-    p.add_argument("--max-queue-tokens", type=int, default=None,
-                   help="tokens waiting for the model at most; more gets 429 with Retry-After (default 8 x --max-batch-tokens)")
+    p.add_argument(
+        "--max-queue-tokens",
+        type=int,
+        default=None,
+        help="tokens waiting for the model at most; more gets 429 with Retry-After (default 8 x --max-batch-tokens)",
+    )
     p.add_argument("--max-concurrent-requests", type=int, default=512, help="requests handled at once; more gets 429 (default 512)")
     p.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="request body size limit (default 32 MiB)")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="texts per padded forward pass on CPU / ONNX Runtime (the packed CUDA path batches by tokens)")
-    p.add_argument("--calibration", type=Path, default=None, metavar="FILE",
-                   help="texts (one per line; 100+ recommended) embedded at start: their per-dimension ranges set the "
-                   "buckets of precision=int8/uint8 requests (without it those are refused)")
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_ENV} if set)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="texts per padded forward pass on CPU / ONNX Runtime (the packed CUDA path batches by tokens)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="texts (one per line; 100+ recommended) embedded at start: their per-dimension ranges set the "
+        "buckets of precision=int8/uint8 requests (without it those are refused)",
+    )
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_ENV} if set)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM (default 30)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(run=run)
@@ -51,8 +72,17 @@ def load_serving_encoder(args: argparse.Namespace):
     """The torch ``LLM2Vec`` from the model options, or an ``OnnxEncoder`` with ``--onnx``."""
     if args.onnx is None:
         return load_encoder(args)
-    given = [name for name, value in (("--model", args.model), ("--peft", args.peft), ("--pooling", args.pooling),
-                                      ("--max-length", args.max_length), ("--dtype", args.dtype)) if value]
+    given = [
+        name
+        for name, value in (
+            ("--model", args.model),
+            ("--peft", args.peft),
+            ("--pooling", args.pooling),
+            ("--max-length", args.max_length),
+            ("--dtype", args.dtype),
+        )
+        if value
+    ]
     if given or args.no_bidirectional:
         given += ["--no-bidirectional"] if args.no_bidirectional else []
         raise ValueError(f"{', '.join(given)} cannot be combined with --onnx: the ONNX folder fixes the model and its settings")
@@ -111,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
     )
     app = create_app(encoder, settings, calibration)
     encoder.embed_items(encoder.tokenize(["warm-up"]), show_progress_bar=False)  # first request is not slow
-    print(f"llm2vec-fast serve: {settings.model_name} ({'onnxruntime' if args.onnx else 'torch'}, {encoder.device}, "
-          f"{encoder.hidden_size} dimensions) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    print(
+        f"llm2vec-fast serve: {settings.model_name} ({'onnxruntime' if args.onnx else 'torch'}, {encoder.device}, "
+        f"{encoder.hidden_size} dimensions) on http://{args.host}:{args.port}",
+        file=sys.stderr,
+        flush=True,
+    )
     run_server(app, args.host, args.port, args.log_level, args.graceful_timeout)
     return 0

@@ -125,8 +125,13 @@ def encode_dataset(
         raise NotADirectoryError(f"output {str(out_dir)!r} exists and is not a folder")
     options = JobOptions(Fields(text_field, id_field, instruction_field), instruction or None, dtype_out, batch_size)
     spec = EncoderSpec(None if model is None else os.fspath(model), dict(model_kwargs or {}))
-    common = dict(chunk_rows=chunk_rows, on_bad_row=on_bad_row, input_format=input_format, overwrite=overwrite,
-                  show_progress_bar=True if show_progress_bar is None else bool(show_progress_bar))
+    common = dict(
+        chunk_rows=chunk_rows,
+        on_bad_row=on_bad_row,
+        input_format=input_format,
+        overwrite=overwrite,
+        show_progress_bar=True if show_progress_bar is None else bool(show_progress_bar),
+    )
     if engine == "ray":
         from .ray_engine import run_ray
 

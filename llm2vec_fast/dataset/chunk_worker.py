@@ -108,7 +108,9 @@ class ChunkWorker:
                     continue
                 reason = bad_row_reason(text, row_id, row_instruction, fields)
                 if reason is not None:
-                    raise RuntimeError(f"{describe_row(file, file_row)}: {reason}, but it was fine when the job was planned (changed since?)")
+                    raise RuntimeError(
+                        f"{describe_row(file, file_row)}: {reason}, but it was fine when the job was planned (changed since?)"
+                    )
                 ids.append(row if self.plan.id_type == "row" else (str(row_id) if self.plan.id_type == "string" else row_id))
                 if fields.instruction is not None:
                     row_instruction = "" if row_instruction in (None, MISSING) else row_instruction
@@ -152,9 +154,14 @@ class ChunkWorker:
         for chunk, (ids, _) in zip(chunks, parts):
             hi = lo + len(ids)
             tokens = int(lengths[lo:hi].sum())
-            meta = {"first_row": self.plan.chunk_range(chunk)[0], "tokens": tokens, "forward_tokens": int(forward[lo:hi].sum()),
-                    "seconds": round(seconds * tokens / total_tokens, 4),  # the chunk's share of its group's time
-                    "host": socket.gethostname(), "pid": os.getpid()}
+            meta = {
+                "first_row": self.plan.chunk_range(chunk)[0],
+                "tokens": tokens,
+                "forward_tokens": int(forward[lo:hi].sum()),
+                "seconds": round(seconds * tokens / total_tokens, 4),  # the chunk's share of its group's time
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            }
             self._writer.submit(self.out_dir, chunk, ids, self.plan.id_type, embeddings[lo:hi], self.options.dtype_out, meta)
             metas.append({**meta, "chunk": chunk, "rows": len(ids)})
             lo = hi

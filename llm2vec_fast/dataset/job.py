@@ -64,19 +64,22 @@ def start_job(out_dir: Path, plan: Plan, settings: dict, model_path: str | None,
     prepare_output(out_dir, settings, overwrite)
     old = read_manifest(out_dir)
     done = finished_chunks(out_dir, plan.num_chunks, expected_rows(plan))
-    write_manifest(out_dir, {
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "settings": settings,
-        "model_path": model_path,
-        "engine": engine,
-        "runs": (old or {}).get("runs", 0) + 1,
-        "created": (old or {}).get("created", now()),
-        "updated": now(),
-        "total_rows": plan.total_rows,
-        "num_chunks": plan.num_chunks,
-        "skipped": plan.skipped,
-    })
+    write_manifest(
+        out_dir,
+        {
+            "format_version": FORMAT_VERSION,
+            "complete": False,
+            "settings": settings,
+            "model_path": model_path,
+            "engine": engine,
+            "runs": (old or {}).get("runs", 0) + 1,
+            "created": (old or {}).get("created", now()),
+            "updated": now(),
+            "total_rows": plan.total_rows,
+            "num_chunks": plan.num_chunks,
+            "skipped": plan.skipped,
+        },
+    )
     return [c for c in range(plan.num_chunks) if c not in done]
 
 
@@ -88,25 +91,31 @@ def finish_job(out_dir: Path, plan: Plan, timings: dict, world_size: int) -> dic
     done = finished_chunks(out_dir, plan.num_chunks, expected_rows(plan))
     missing = [c for c in range(plan.num_chunks) if c not in done]
     if missing:
-        raise RuntimeError(f"{len(missing)} chunk(s) have no complete shard in {out_dir} (first: {shard_name(missing[0])}); rerun to resume")
-    shards = [{"file": shard_name(c), "chunk": c, "first_row": m["first_row"], "rows": m["rows"], "tokens": m["tokens"]}
-              for c, m in sorted(done.items())]
-    manifest.update({
-        "complete": True,
-        "updated": now(),
-        "dimension": manifest["settings"]["model"]["dimension"],
-        "dtype_out": manifest["settings"]["dtype_out"],
-        "encoded_rows": sum(s["rows"] for s in shards),
-        "skipped_rows": len(plan.skipped),
-        "tokens": sum(s["tokens"] for s in shards),
-        # tokens through the model, padding included (shards of older versions lack it: counted as unpadded)
-        "forward_tokens": sum(m.get("forward_tokens", m["tokens"]) for m in done.values()),
-        "encode_seconds": round(sum(m["seconds"] for m in done.values()), 3),
-        "seconds": round(timings["total"], 3),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "world_size": world_size,
-        "shards": shards,
-    })
+        raise RuntimeError(
+            f"{len(missing)} chunk(s) have no complete shard in {out_dir} (first: {shard_name(missing[0])}); rerun to resume"
+        )
+    shards = [
+        {"file": shard_name(c), "chunk": c, "first_row": m["first_row"], "rows": m["rows"], "tokens": m["tokens"]}
+        for c, m in sorted(done.items())
+    ]
+    manifest.update(
+        {
+            "complete": True,
+            "updated": now(),
+            "dimension": manifest["settings"]["model"]["dimension"],
+            "dtype_out": manifest["settings"]["dtype_out"],
+            "encoded_rows": sum(s["rows"] for s in shards),
+            "skipped_rows": len(plan.skipped),
+            "tokens": sum(s["tokens"] for s in shards),
+            # tokens through the model, padding included (shards of older versions lack it: counted as unpadded)
+            "forward_tokens": sum(m.get("forward_tokens", m["tokens"]) for m in done.values()),
+            "encode_seconds": round(sum(m["seconds"] for m in done.values()), 3),
+            "seconds": round(timings["total"], 3),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "world_size": world_size,
+            "shards": shards,
+        }
+    )
     write_manifest(out_dir, manifest)
     return manifest
 

@@ -48,10 +48,13 @@ def run_local(
         info = encoder_settings(encoder)
         t_settings = time.perf_counter() - t0 - t_plan - t_load
         settings = make_settings(info, plan, options, on_bad_row, input_format)
-        job = coord.share("start", lambda: {
-            "pending": start_job(out_dir, plan, settings, model_path(encoder), "local" if world == 1 else "torchrun", overwrite),
-            "model": info,
-        })
+        job = coord.share(
+            "start",
+            lambda: {
+                "pending": start_job(out_dir, plan, settings, model_path(encoder), "local" if world == 1 else "torchrun", overwrite),
+                "model": info,
+            },
+        )
         if job["model"] != info:
             raise RuntimeError(f"rank {coord.rank} loaded another model than rank 0 ({job['model']} != {info})")
         pending = job["pending"]
@@ -89,4 +92,3 @@ def run_local(
         if progress is not None:
             progress.close()
         coord.close()
-

@@ -60,8 +60,14 @@ def prepare_output(out_dir: Path, settings: dict, overwrite: bool) -> None:
     previous job with other settings, naming each difference. Removes stale temporary shards."""
     out_dir.mkdir(parents=True, exist_ok=True)
     old = read_manifest(out_dir) if not overwrite else None
-    ours = [p for p in out_dir.iterdir() if p.name == MANIFEST or (p.name.startswith("part-") and p.suffix == ".parquet")
-            or is_temporary(p.name) or p.name.startswith(f".{MANIFEST}.tmp-")]
+    ours = [
+        p
+        for p in out_dir.iterdir()
+        if p.name == MANIFEST
+        or (p.name.startswith("part-") and p.suffix == ".parquet")
+        or is_temporary(p.name)
+        or p.name.startswith(f".{MANIFEST}.tmp-")
+    ]
     if overwrite:
         for p in ours:
             p.unlink()

@@ -116,7 +116,9 @@ def make_plan(paths: list[Path], fields: Fields, chunk_rows: int, on_bad_row: st
             reason = bad_row_reason(text, row_id, instruction, fields)
             if reason is not None:
                 if on_bad_row == "error":
-                    raise BadRowError(f"{describe_row(file, n - 1)}: {reason} (use on_bad_row='skip' / --on-bad-row skip to skip such rows)")
+                    raise BadRowError(
+                        f"{describe_row(file, n - 1)}: {reason} (use on_bad_row='skip' / --on-bad-row skip to skip such rows)"
+                    )
                 skipped.append({"row": first_row + n - 1, "file": str(p), "file_row": n - 1, "reason": reason})
             elif fields.id is not None and (isinstance(row_id, bool) or not isinstance(row_id, int)):
                 all_int_ids = False

@@ -182,7 +182,9 @@ def _jsonl_rows(path: Path, fields: Fields, start_row: int, start_offset: int | 
                 obj = json.loads(text)
             except json.JSONDecodeError as err:
                 where = f"line {line_no}" if line_no is not None else "a line"
-                raise MalformedInputError(f"{path}: {where} is not valid JSON ({err.msg}; expected JSON Lines, one object per line)") from None
+                raise MalformedInputError(
+                    f"{path}: {where} is not valid JSON ({err.msg}; expected JSON Lines, one object per line)"
+                ) from None
             if not isinstance(obj, dict):
                 where = f"line {line_no}" if line_no is not None else "a line"
                 raise MalformedInputError(f"{path}: {where} is a JSON {type(obj).__name__}, not an object")
@@ -255,14 +257,19 @@ def _csv_options(fmt: str, fields: Fields | None):
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", quote_char=False if fmt == "tsv" else '"',
-                               newlines_in_values=fmt == "csv")
+    parse = pacsv.ParseOptions(
+        delimiter="\t" if fmt == "tsv" else ",", quote_char=False if fmt == "tsv" else '"', newlines_in_values=fmt == "csv"
+    )
     read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
     if fields is None:
         return read, parse, pacsv.ConvertOptions()
     strings = {f: pa.string() for f in (fields.text, fields.instruction) if f is not None}
-    convert = pacsv.ConvertOptions(include_columns=list(dict.fromkeys(fields.names())), column_types=strings,
-                                   strings_can_be_null=False, quoted_strings_can_be_null=False)
+    convert = pacsv.ConvertOptions(
+        include_columns=list(dict.fromkeys(fields.names())),
+        column_types=strings,
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+    )
     return read, parse, convert
 
 

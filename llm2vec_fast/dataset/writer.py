@@ -35,10 +35,12 @@ def write_shard(out_dir: Path, chunk: int, ids: list, id_type: str, embeddings: 
         raise ValueError(f"dtype_out must be one of {DTYPES_OUT}, got {dtype_out!r}")
     dim = int(embeddings.shape[1])
     values = pa.array(np.ascontiguousarray(embeddings, dtype=np.dtype(dtype_out)).reshape(-1))
-    table = pa.table({
-        "id": pa.array(ids, type=pa.string() if id_type == "string" else pa.int64()),
-        "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
-    })
+    table = pa.table(
+        {
+            "id": pa.array(ids, type=pa.string() if id_type == "string" else pa.int64()),
+            "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
+        }
+    )
     table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps({**meta, "chunk": chunk, "rows": len(ids)})})
     final = out_dir / shard_name(chunk)
     tmp = out_dir / f".{final.name}{TMP_MARK}{os.getpid()}"

@@ -231,7 +231,7 @@ def get_tasks(names: list[str]) -> list:
         try:
             tasks.append(mteb.get_task(name))
         except KeyError as err:
-            raise ValueError(f"unknown MTEB task {name!r}; list them with `python -c \"import mteb; print(mteb.get_tasks())\"`") from err
+            raise ValueError(f'unknown MTEB task {name!r}; list them with `python -c "import mteb; print(mteb.get_tasks())"`') from err
     return tasks
 
 
@@ -252,7 +252,7 @@ def load_task_data(task) -> None:
         raise TaskDataMissingError(
             f"MTEB task {task.metadata.name!r}: its data (Hugging Face dataset {path!r}"
             f"{f' at revision {rev}' if rev else ''}) is not available locally, and llm2vec-fast never downloads "
-            f"at run time. Download it once on a machine with internet (e.g. `python -c \"import mteb; "
+            f'at run time. Download it once on a machine with internet (e.g. `python -c "import mteb; '
             f"mteb.get_task('{task.metadata.name}').load_data()\"`), then copy the Hugging Face cache "
             f"(~/.cache/huggingface, or $HF_HOME / $HF_DATASETS_CACHE) here. ({type(err).__name__}: {err})"
         ) from err

@@ -136,9 +136,7 @@ class LLM2VecModule(InputModule):
         ``prompt`` is their instruction (attended to, not pooled)."""
         for i, text in enumerate(inputs):
             if not isinstance(text, str):
-                raise TypeError(
-                    f"inputs[{i}] must be a string (give instructions as prompts: prompt_name= or prompt=), got {text!r:.80}"
-                )
+                raise TypeError(f"inputs[{i}] must be a string (give instructions as prompts: prompt_name= or prompt=), got {text!r:.80}")
         items = self.encoder._prepare([(prompt or "", text) for text in inputs])
         return {k: torch.from_numpy(v) for k, v in self.encoder.padded_batch(items).items()}
 
@@ -165,9 +163,7 @@ def save_sentence_transformers(
         raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the prompts {sorted(prompts)}")
     out = Path(output_path)
     encoder.save(out)
-    (out / "modules.json").write_text(
-        json.dumps([{"idx": 0, "name": "0", "path": "", "type": MODULE_CLASS}], indent=2) + "\n"
-    )
+    (out / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type": MODULE_CLASS}], indent=2) + "\n")
     import transformers
 
     from .. import __version__

@@ -62,8 +62,14 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.max_queue_tokens is None:
             self.max_queue_tokens = 8 * self.max_batch_tokens
-        for name in ("max_batch_tokens", "max_client_batch_size", "max_queue_tokens", "max_concurrent_requests",
-                     "max_request_bytes", "batch_size"):
+        for name in (
+            "max_batch_tokens",
+            "max_client_batch_size",
+            "max_queue_tokens",
+            "max_concurrent_requests",
+            "max_request_bytes",
+            "batch_size",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
 
@@ -71,8 +77,15 @@ class ServeSettings:
 class ServeError(Exception):
     """An error answered as JSON with ``status`` (and optional headers such as ``Retry-After``)."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -101,13 +114,17 @@ def tokenize_pairs(encoder, pairs: list[tuple[str, str]], truncate: bool) -> tup
     problems = []
     for i, (item, n) in enumerate(zip(items, text_lengths)):
         if n > encoder.doc_max_length or item.truncated:
-            problems.append(f"[{i}] has {n} text tokens" if n > encoder.doc_max_length
-                            else f"[{i}] is over {encoder.max_length} tokens with its instruction")
+            problems.append(
+                f"[{i}] has {n} text tokens"
+                if n > encoder.doc_max_length
+                else f"[{i}] is over {encoder.max_length} tokens with its instruction"
+            )
     return items, problems
 
 
-def postprocess(emb: torch.Tensor, dimensions: int | None, normalize: bool, precision: str = "float32",
-                calibration: CalibrationSet | None = None) -> np.ndarray:
+def postprocess(
+    emb: torch.Tensor, dimensions: int | None, normalize: bool, precision: str = "float32", calibration: CalibrationSet | None = None
+) -> np.ndarray:
     """Keep the first ``dimensions`` (Matryoshka-style), L2-normalise if asked, then quantize to
     ``precision`` (int8/uint8 buckets from ``calibration`` put through the same truncation and
     normalisation): what ``encode(truncate_dim=..., normalize_embeddings=..., precision=...,
@@ -172,12 +189,19 @@ class GuardMiddleware:
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             if settings.api_key is not None and not _authorized(headers.get("authorization"), settings.api_key):
-                return await reply(ServeError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                              "authentication_error", code="invalid_api_key",
-                                              headers={"WWW-Authenticate": "Bearer"}))
+                return await reply(
+                    ServeError(
+                        401,
+                        "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                        "authentication_error",
+                        code="invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
+                )
             if self.state.draining and path != "/metrics":
-                return await reply(ServeError(503, "the server is shutting down", "server_unavailable",
-                                              headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)}))
+                return await reply(
+                    ServeError(503, "the server is shutting down", "server_unavailable", headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)})
+                )
             if path in EMBEDDING_ENDPOINTS and scope["method"] == "POST":
                 length = headers.get("content-length")
                 if length is None:
@@ -185,12 +209,24 @@ class GuardMiddleware:
                 if not length.isdigit():
                     return await reply(ServeError(400, f"bad Content-Length header {length!r}", code="bad_request"))
                 if int(length) > settings.max_request_bytes:
-                    return await reply(ServeError(413, f"the body has {int(length)} bytes; this server takes at most "
-                                                       f"{settings.max_request_bytes} (--max-request-bytes)", code="request_too_large"))
+                    return await reply(
+                        ServeError(
+                            413,
+                            f"the body has {int(length)} bytes; this server takes at most "
+                            f"{settings.max_request_bytes} (--max-request-bytes)",
+                            code="request_too_large",
+                        )
+                    )
                 if self.state.in_flight >= settings.max_concurrent_requests:
-                    return await reply(ServeError(429, f"too many concurrent requests (limit {settings.max_concurrent_requests}); "
-                                                       "retry later", "rate_limit_error", code="too_many_requests",
-                                                  headers={"Retry-After": str(self.state.batcher.retry_after())}))
+                    return await reply(
+                        ServeError(
+                            429,
+                            f"too many concurrent requests (limit {settings.max_concurrent_requests}); retry later",
+                            "rate_limit_error",
+                            code="too_many_requests",
+                            headers={"Retry-After": str(self.state.batcher.retry_after())},
+                        )
+                    )
                 self.state.in_flight += 1
                 metrics.in_flight.inc()
                 counted = True
@@ -224,8 +260,10 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
     SIGTERM so new requests get 503 while in-flight ones finish.
     """
     if settings.max_batch_tokens < encoder.max_length:
-        raise ValueError(f"max_batch_tokens ({settings.max_batch_tokens}) must be at least the model's max_length "
-                         f"({encoder.max_length}) so any text fits a batch")
+        raise ValueError(
+            f"max_batch_tokens ({settings.max_batch_tokens}) must be at least the model's max_length "
+            f"({encoder.max_length}) so any text fits a batch"
+        )
     hidden = int(encoder.hidden_size)
     if calibration is not None and calibration.embeddings.shape[1] != hidden:
         raise ValueError(f"the calibration embeddings have {calibration.embeddings.shape[1]} dimensions, the model {hidden}")
@@ -275,32 +313,54 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
 
     def check_dimensions(dimensions: int | None, param: str = "dimensions") -> None:
         if dimensions is not None and dimensions > hidden:
-            raise ServeError(400, f"{param}={dimensions} is out of range: this model's embeddings have {hidden} dimensions",
-                             param=param, code="invalid_value")
+            raise ServeError(
+                400,
+                f"{param}={dimensions} is out of range: this model's embeddings have {hidden} dimensions",
+                param=param,
+                code="invalid_value",
+            )
 
     def check_precision(precision: str) -> None:
         if precision in SCALAR_PRECISIONS and calibration is None:
-            raise ServeError(400, f"precision={precision!r} needs per-dimension ranges, and this server has no calibration "
-                                  "set: start it with --calibration FILE (texts, one per line), or ask for float32, "
-                                  "float16, binary or ubinary", param="precision", code="calibration_missing")
+            raise ServeError(
+                400,
+                f"precision={precision!r} needs per-dimension ranges, and this server has no calibration "
+                "set: start it with --calibration FILE (texts, one per line), or ask for float32, "
+                "float16, binary or ubinary",
+                param="precision",
+                code="calibration_missing",
+            )
 
     async def embed_pairs(request: Request, pairs: list[tuple[str, str]], truncate: bool, field: str) -> tuple[torch.Tensor, int]:
         """Embeddings of ``pairs`` in order and their real token count."""
         if len(pairs) > settings.max_client_batch_size:
-            raise ServeError(413, f"'{field}' has {len(pairs)} texts; this server takes at most "
-                                  f"{settings.max_client_batch_size} per request (--max-client-batch-size)",
-                             param=field, code="too_many_inputs")
+            raise ServeError(
+                413,
+                f"'{field}' has {len(pairs)} texts; this server takes at most "
+                f"{settings.max_client_batch_size} per request (--max-client-batch-size)",
+                param=field,
+                code="too_many_inputs",
+            )
         loop = asyncio.get_running_loop()
         items, too_long = await loop.run_in_executor(tokenizer_thread, tokenize_pairs, encoder, pairs, truncate)
         if too_long:
             shown = "; ".join(field + p for p in too_long[:5]) + ("; ..." if len(too_long) > 5 else "")
-            raise ServeError(413, f"{len(too_long)} input(s) too long ({shown}): this model embeds at most "
-                                  f"{encoder.doc_max_length} text tokens and {encoder.max_length} tokens with the "
-                                  "instruction; shorten them or send truncate=true", param=field, code="input_too_long")
+            raise ServeError(
+                413,
+                f"{len(too_long)} input(s) too long ({shown}): this model embeds at most "
+                f"{encoder.doc_max_length} text tokens and {encoder.max_length} tokens with the "
+                "instruction; shorten them or send truncate=true",
+                param=field,
+                code="input_too_long",
+            )
         tokens = sum(len(x.input_ids) for x in items)
         if tokens > settings.max_queue_tokens:
-            raise ServeError(413, f"the request has {tokens} tokens; this server queues at most {settings.max_queue_tokens} "
-                                  "(--max-queue-tokens): split it", param=field, code="request_too_large")
+            raise ServeError(
+                413,
+                f"the request has {tokens} tokens; this server queues at most {settings.max_queue_tokens} (--max-queue-tokens): split it",
+                param=field,
+                code="request_too_large",
+            )
         try:
             job = batcher.submit(items)
         except QueueFull as err:
@@ -316,8 +376,9 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
             if isinstance(err, BatcherStopped):
                 raise ServeError(503, str(err), "server_unavailable", headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)})
             if err is not None:
-                raise ServeError(500, f"the model failed on this request's batch: {type(err).__name__}: {err}",
-                                 "server_error", code="model_error")
+                raise ServeError(
+                    500, f"the model failed on this request's batch: {type(err).__name__}: {err}", "server_error", code="model_error"
+                )
             return job.future.result(), tokens
         finally:
             disconnect.cancel()
@@ -338,14 +399,24 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
     async def openai_embeddings(body: EmbeddingRequest, request: Request):
         """OpenAI embeddings. Vectors are L2-normalised (after ``dimensions`` truncation), as OpenAI's."""
         if body.model not in (None, "", settings.model_name):
-            raise ServeError(400, f"model {body.model!r} is not served here; this server serves {settings.model_name!r}",
-                             param="model", code="model_not_found")
+            raise ServeError(
+                400,
+                f"model {body.model!r} is not served here; this server serves {settings.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         check_dimensions(body.dimensions)
         check_precision(body.precision)
         emb, tokens = await embed_pairs(request, body.pairs(), body.truncate, "input")
-        content = await asyncio.to_thread(lambda: openai_body(
-            postprocess(emb, body.dimensions, True, body.precision, calibration), body.encoding_format, settings.model_name, tokens,
-            body.precision))
+        content = await asyncio.to_thread(
+            lambda: openai_body(
+                postprocess(emb, body.dimensions, True, body.precision, calibration),
+                body.encoding_format,
+                settings.model_name,
+                tokens,
+                body.precision,
+            )
+        )
         return Response(content, media_type="application/json")
 
     @app.post("/embed")
@@ -354,8 +425,9 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
         check_dimensions(body.dimensions)
         check_precision(body.precision)
         emb, _ = await embed_pairs(request, body.pairs(), body.truncate, "inputs")
-        content = await asyncio.to_thread(lambda: json.dumps(
-            postprocess(emb, body.dimensions, body.normalize, body.precision, calibration).tolist()).encode())
+        content = await asyncio.to_thread(
+            lambda: json.dumps(postprocess(emb, body.dimensions, body.normalize, body.precision, calibration).tolist()).encode()
+        )
         return Response(content, media_type="application/json")
 
     @app.get("/health")
@@ -365,12 +437,23 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
     @app.get("/info", response_model=Info)
     async def info():
         return Info(
-            model=settings.model_name, model_path=settings.model_path, dimensions=hidden, pooling=encoder.pooling_mode,
-            max_length=encoder.max_length, doc_max_length=encoder.doc_max_length, backend=backend_of(encoder),
-            device=str(encoder.device), packed=bool(getattr(encoder, "use_packed", False)),
-            max_batch_tokens=settings.max_batch_tokens, max_client_batch_size=settings.max_client_batch_size,
-            max_queue_tokens=settings.max_queue_tokens, max_concurrent_requests=settings.max_concurrent_requests,
-            precisions=precisions, calibration_size=None if calibration is None else len(calibration), auth=settings.api_key is not None, version=__version__,
+            model=settings.model_name,
+            model_path=settings.model_path,
+            dimensions=hidden,
+            pooling=encoder.pooling_mode,
+            max_length=encoder.max_length,
+            doc_max_length=encoder.doc_max_length,
+            backend=backend_of(encoder),
+            device=str(encoder.device),
+            packed=bool(getattr(encoder, "use_packed", False)),
+            max_batch_tokens=settings.max_batch_tokens,
+            max_client_batch_size=settings.max_client_batch_size,
+            max_queue_tokens=settings.max_queue_tokens,
+            max_concurrent_requests=settings.max_concurrent_requests,
+            precisions=precisions,
+            calibration_size=None if calibration is None else len(calibration),
+            auth=settings.api_key is not None,
+            version=__version__,
         )
 
     @app.get("/v1/models", response_model=ModelList)

@@ -25,22 +25,35 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("llm2vec_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r)
-        self.errors = Counter("llm2vec_errors", "Failed requests by endpoint, status code and error type", ["endpoint", "status", "type"], registry=r)
-        self.latency = Histogram("llm2vec_request_duration_seconds", "Request latency, from receipt to response", ["endpoint"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_requests = Gauge("llm2vec_queue_requests", "Requests waiting for the model (some of their texts not yet in a batch)", registry=r)
+        self.errors = Counter(
+            "llm2vec_errors", "Failed requests by endpoint, status code and error type", ["endpoint", "status", "type"], registry=r
+        )
+        self.latency = Histogram(
+            "llm2vec_request_duration_seconds",
+            "Request latency, from receipt to response",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_requests = Gauge(
+            "llm2vec_queue_requests", "Requests waiting for the model (some of their texts not yet in a batch)", registry=r
+        )
         self.queue_tokens = Gauge("llm2vec_queue_tokens", "Tokens waiting for the model", registry=r)
         self.in_flight = Gauge("llm2vec_requests_in_flight", "Requests being handled (tokenising, queued or embedding)", registry=r)
         self.batch_texts = Histogram("llm2vec_batch_texts", "Texts per model batch", buckets=TEXT_BUCKETS, registry=r)
-        self.batch_tokens = Histogram("llm2vec_batch_tokens", "Real (non-padding) tokens per model batch", buckets=TOKEN_BUCKETS, registry=r)
-        self.batch_requests = Histogram("llm2vec_batch_requests", "Client requests contributing to one model batch",
-                                        buckets=TEXT_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "llm2vec_batch_tokens", "Real (non-padding) tokens per model batch", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "llm2vec_batch_requests", "Client requests contributing to one model batch", buckets=TEXT_BUCKETS, registry=r
+        )
         self.batch_duration = Histogram("llm2vec_batch_duration_seconds", "Model time per batch", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_failures = Counter("llm2vec_batch_failures", "Model batches that raised an error", registry=r)
         self.tokens = Counter("llm2vec_embedded_tokens", "Tokens embedded", registry=r)
         self.texts = Counter("llm2vec_embedded_texts", "Texts embedded", registry=r)
-        self.tokens_per_second = Gauge("llm2vec_tokens_per_second", f"Tokens embedded per second over the last {THROUGHPUT_WINDOW_S:.0f} s",
-                                       registry=r)
+        self.tokens_per_second = Gauge(
+            "llm2vec_tokens_per_second", f"Tokens embedded per second over the last {THROUGHPUT_WINDOW_S:.0f} s", registry=r
+        )
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
         self.tokens_per_second.set_function(self.throughput)

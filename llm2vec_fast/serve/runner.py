@@ -26,9 +26,15 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, log_level: str = "warning",
-               graceful_timeout: float = 30.0) -> None:
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, log_level: str = "warning", graceful_timeout: float = 30.0) -> None:
     """Serve ``app`` until SIGTERM/SIGINT, then drain (blocks)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=graceful_timeout, access_log=log_level in ("info", "debug"))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=graceful_timeout,
+        access_log=log_level in ("info", "debug"),
+    )
     DrainingServer(config, app).run()

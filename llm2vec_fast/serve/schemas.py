@@ -43,13 +43,9 @@ def parse_texts(value: Any, field: str) -> list[tuple[str, str]]:
         elif isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item):
             pairs.append((item[0], item[1]))
         elif isinstance(item, int) and not isinstance(item, bool):
-            raise ValueError(
-                f"'{field}' holds token ids ({field}[{i}] = {item}); this server embeds text only, send strings"
-            )
+            raise ValueError(f"'{field}' holds token ids ({field}[{i}] = {item}); this server embeds text only, send strings")
         else:
-            raise ValueError(
-                f"{field}[{i}] must be a string or an [instruction, text] pair of strings, got {type(item).__name__}"
-            )
+            raise ValueError(f"{field}[{i}] must be a string or an [instruction, text] pair of strings, got {type(item).__name__}")
     return pairs
 
 

@@ -292,7 +292,9 @@ def make_config(stage: str, values: dict | None = None, check_files: bool = True
     return config
 
 
-def load_config(stage: str, path: str | os.PathLike | None = None, overrides: list[str] | None = None, check_files: bool = True) -> TrainConfig:
+def load_config(
+    stage: str, path: str | os.PathLike | None = None, overrides: list[str] | None = None, check_files: bool = True
+) -> TrainConfig:
     values = read_config_file(path) if path else {}
     values.update(parse_overrides(overrides))
     return make_config(stage, values, check_files)

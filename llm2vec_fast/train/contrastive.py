@@ -61,7 +61,7 @@ def gradcache_backward(
     for i, (chunk, state, grad) in enumerate(zip(chunks, states, grads)):
         _set_rng(state, device)
         last = i == len(chunks) - 1
-        with (no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()):
+        with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
             rep = embed(chunk)
             (rep * grad.to(rep.dtype)).sum().backward()
     _set_rng(after, device)

@@ -97,9 +97,7 @@ class BatchSchedule:
                 counts[g] = counts.get(g, 0) + 1
             self.batches_per_epoch = sum(c // self.batch_size for c in counts.values())
             if self.batches_per_epoch == 0:
-                raise ConfigError(
-                    f"no dataset has a full batch of {self.batch_size} samples (sizes: {counts}); lower batch_size"
-                )
+                raise ConfigError(f"no dataset has a full batch of {self.batch_size} samples (sizes: {counts}); lower batch_size")
         else:
             self.batches_per_epoch = self.n // self.batch_size
             if self.batches_per_epoch == 0:

@@ -17,9 +17,7 @@ def info_nce(q: torch.Tensor, d: torch.Tensor, scale: float = 20.0, labels: torc
     return F.cross_entropy(scores, labels)
 
 
-def matryoshka_loss(
-    loss_fn, reps: torch.Tensor, dims: list[int] | None, weights: list[float] | None = None
-) -> torch.Tensor:
+def matryoshka_loss(loss_fn, reps: torch.Tensor, dims: list[int] | None, weights: list[float] | None = None) -> torch.Tensor:
     """Matryoshka representation learning (Kusupati et al. 2022), as sentence-transformers'
     ``MatryoshkaLoss``: ``sum_k weights[k] * loss_fn(reps[:, :dims[k]])``, so every prefix of the
     embedding is trained to work on its own (``loss_fn`` normalises, so each prefix is scored by its

@@ -175,8 +175,12 @@ class MNTPStage(Stage):
         self.max_length = self.config.max_length
         limit = getattr(lm.config, "max_position_embeddings", None)
         if limit and self.max_length > int(limit):
-            logger.warning("max_length=%d exceeds the model's max_position_embeddings=%d: texts are truncated to %d tokens",
-                           self.max_length, limit, limit)
+            logger.warning(
+                "max_length=%d exceeds the model's max_position_embeddings=%d: texts are truncated to %d tokens",
+                self.max_length,
+                limit,
+                limit,
+            )
             self.max_length = int(limit)
         decoder = decoder_of(lm)
         if self.config.peft:
