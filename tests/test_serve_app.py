@@ -139,3 +139,41 @@ def test_over_long_prompt_gets_413_unless_truncate(tiny_encoder):
     assert served.status_code == 200
     want = tiny_encoder.encode([[long_instruction, "short text"]])
     assert _cos(served.json(), want).min() > 0.99999
+
+
+@pytest.fixture(scope="module")
+def tiny_packable_dir(tmp_path_factory, smollm_tokenizer):
+    """A tiny random Llama whose head dim (32) the varlen attention takes."""
+    import torch
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama-hd32")
+    AutoModel.from_config(tiny_config("llama", hidden_size=128, head_dim=32)).save_pretrained(path)
+    smollm_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_cpu_server_runs_packed_batches_equal_to_padded_encode(tiny_packable_dir):
+    """On CPU a bidirectional torch encoder is served through the packed path (one padding-free forward
+    per batch), with the embeddings of the padded encode(); packed=False keeps padded batches."""
+    texts = ["a short one", "a much longer sentence about packed batches on a CPU", "", "mid length text here"]
+    reference = LLM2Vec.from_pretrained(tiny_packable_dir, device="cpu", max_length=128)
+    want = reference.encode(texts, convert_to_numpy=True)
+    for packed, expected in ((None, True), (False, False)):
+        served = LLM2Vec.from_pretrained(tiny_packable_dir, device="cpu", max_length=128)
+        app = create_app(served, ServeSettings(model_name="tiny", max_batch_tokens=256, packed=packed))
+        with TestClient(app) as client:
+            assert client.get("/info").json()["packed"] is expected
+            got = np.asarray(client.post("/embed", json={"inputs": texts, "normalize": False}).json())
+        assert served.use_packed is expected
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert _cos(got, want).min() > 0.99999
+
+
+def test_packed_is_refused_where_it_cannot_run(tiny_encoder):
+    with pytest.raises(ValueError, match="head dim 16"):
+        create_app(tiny_encoder, ServeSettings(model_name="tiny", max_batch_tokens=256, packed=True))
+    create_app(tiny_encoder, ServeSettings(model_name="tiny", max_batch_tokens=256))  # auto: padded, no error
+    assert tiny_encoder.use_packed is False

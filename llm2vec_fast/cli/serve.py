@@ -52,7 +52,13 @@ def add_parser(sub) -> None:
         "--batch-size",
         type=int,
         default=32,
-        help="texts per padded forward pass on CPU / ONNX Runtime (the packed CUDA path batches by tokens)",
+        help="texts per padded forward pass (ONNX Runtime, causal models, --no-packed; the packed path batches by tokens)",
+    )
+    p.add_argument(
+        "--no-packed",
+        action="store_true",
+        help="pad each batch (length-sorted, --batch-size texts per forward) even where the padding-free packed "
+        "path runs (by default every bidirectional torch model, on CPU too)",
     )
     p.add_argument(
         "--calibration",
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrent_requests=args.max_concurrent_requests,
         max_request_bytes=args.max_request_bytes,
         batch_size=args.batch_size,
+        packed=False if args.no_packed else None,
         api_key=api_key,
     )
     app = create_app(encoder, settings, calibration)

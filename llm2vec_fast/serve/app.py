@@ -15,27 +15,42 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException
 
 from .. import __version__
+from ..bidirectional import is_bidirectional
+from ..kernels.flash_attn import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from ..packing import DEFAULT_MAX_TOKENS_PER_BATCH
 from ..prompting import EncodingInput
 from ..quantization import PRECISION_DTYPES, PRECISIONS, SCALAR_PRECISIONS, CalibrationSet, quantize_embeddings, truncate_and_normalize
 from .batcher import Batcher, BatcherStopped, QueueFull
 from .metrics import ServerMetrics
-from .schemas import EmbeddingRequest, EmbeddingResponse, EmbedRequest, Info, ModelCard, ModelList
+from .schemas import (
+    GUARD_STATUSES,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbedRequest,
+    Info,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    TEIError,
+    error_responses,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +58,7 @@ EMBEDDING_ENDPOINTS = ("/v1/embeddings", "/embed")
 KNOWN_ENDPOINTS = EMBEDDING_ENDPOINTS + ("/health", "/info", "/metrics", "/v1/models")
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away"; never reaches a client
 DRAIN_RETRY_AFTER_S = 5
+INLINE_RESPONSE_VALUES = 8192  # embeddings x dimensions serialised on the event loop itself; larger go to a thread
 
 
 @dataclass
@@ -55,7 +71,8 @@ class ServeSettings:
     max_queue_tokens: int | None = None  # default: 8 batches
     max_concurrent_requests: int = 512
     max_request_bytes: int = 32 * 2**20
-    batch_size: int = 32  # texts per padded forward (CPU / ONNX); the packed CUDA path uses the token budget
+    batch_size: int = 32  # texts per padded forward (ONNX Runtime, causal models); the packed path uses the token budget
+    packed: bool | None = None  # one padding-free forward per batch; None: whenever the torch encoder is bidirectional
     api_key: str | None = None
     model_path: str | None = None
 
@@ -134,15 +151,35 @@ def postprocess(
     return quantize_embeddings(emb, precision, ranges=ranges)
 
 
+def json_numbers(emb: np.ndarray) -> np.ndarray:
+    """``emb`` ready for orjson: float rows as float64, so each JSON number is the exact float32 (or
+    float16) value, as ``tolist()`` + ``json`` wrote it (orjson writes float32 in its shortest float32
+    form, which a float64 parser reads as a different number); integer codes as they are."""
+    return np.ascontiguousarray(emb, dtype=np.float64 if emb.dtype.kind == "f" else None)
+
+
 def openai_body(emb: np.ndarray, encoding_format: str, model: str, prompt_tokens: int, precision: str = "float32") -> bytes:
     if encoding_format == "base64":  # each row's bytes in its precision's dtype (float32: OpenAI's little-endian <f4)
         dtype = PRECISION_DTYPES[precision]
         vectors = [base64.b64encode(row.astype(dtype, copy=False).tobytes()).decode("ascii") for row in emb]
     else:
-        vectors = emb.tolist()
+        vectors = list(json_numbers(emb))
     data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
     usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
-    return json.dumps({"object": "list", "data": data, "model": model, "usage": usage}).encode()
+    return orjson.dumps({"object": "list", "data": data, "model": model, "usage": usage}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def tei_body(emb: np.ndarray) -> bytes:
+    return orjson.dumps(json_numbers(emb), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+async def off_loop_if_large(emb: torch.Tensor, make_body: Callable[[], bytes]) -> bytes:
+    """``make_body()`` (post-process and serialise), in a thread when ``emb`` is large so one big
+    response never stalls the event loop; small ones inline, where a thread hop would cost more
+    than the work (tens of microseconds for one vector)."""
+    if emb.numel() <= INLINE_RESPONSE_VALUES:
+        return make_body()
+    return await asyncio.to_thread(make_body)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -247,6 +284,44 @@ def _authorized(header: str | None, api_key: str) -> bool:
     return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
 
 
+def why_not_packed(encoder) -> str | None:
+    """Why the packed path cannot run ``encoder`` (``None`` when it can): it needs a bidirectional
+    torch encoder whose head dim and dtype the varlen attention takes."""
+    if not (isinstance(encoder, torch.nn.Module) and hasattr(encoder, "packed")):
+        return "not a torch LLM2Vec encoder (ONNX Runtime pads its batches)"
+    if not is_bidirectional(encoder.model):
+        return "the model is causal (--no-bidirectional); the packed path is bidirectional"
+    config = encoder.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {head_dim} is not one of the varlen attention's {SUPPORTED_HEAD_DIMS}"
+    dtype = next(encoder.parameters()).dtype
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} is not one of the varlen attention's {SUPPORTED_DTYPES}"
+    return None
+
+
+def configure_batches(encoder, settings: ServeSettings) -> None:
+    """Make ``encoder.embed_items`` run each batcher batch as the server wants: with ``packed`` (the
+    default for a bidirectional torch encoder, on CPU too) as one padding-free forward under the
+    token budget; otherwise (ONNX Runtime, a causal model, ``packed=False``) as length-sorted padded
+    forwards of ``batch_size`` texts.
+
+    Why packed on CPU: the batcher's batches hold whatever texts are queued, in arrival order; padded,
+    they carry ~2.6x the real tokens on STS-B sentences (``encode()`` over a whole corpus sorts by
+    length first and pads to ~1.2x), and the server ran at half of ``encode()``. The packed forward
+    does no padding work at all, whatever the mix of lengths. The encoder is the server's own: its
+    ``packed`` and ``max_tokens_per_batch`` are set here."""
+    reason = why_not_packed(encoder)
+    if settings.packed and reason:
+        raise ValueError(f"packed batches cannot serve this encoder: {reason}")
+    can_pack = reason is None
+    if hasattr(encoder, "max_tokens_per_batch"):
+        encoder.max_tokens_per_batch = settings.max_batch_tokens  # one packed forward per batcher batch
+    if hasattr(encoder, "packed"):
+        encoder.packed = can_pack if settings.packed is None else settings.packed
+
+
 def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | None = None) -> FastAPI:
     """The ASGI app serving ``encoder`` (an ``LLM2Vec`` or an ``OnnxEncoder``) under ``settings``.
 
@@ -268,8 +343,7 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
     if calibration is not None and calibration.embeddings.shape[1] != hidden:
         raise ValueError(f"the calibration embeddings have {calibration.embeddings.shape[1]} dimensions, the model {hidden}")
     precisions = [p for p in PRECISIONS if calibration is not None or p not in SCALAR_PRECISIONS]
-    if hasattr(encoder, "max_tokens_per_batch"):
-        encoder.max_tokens_per_batch = settings.max_batch_tokens  # one packed forward per batch on CUDA
+    configure_batches(encoder, settings)
     metrics = ServerMetrics()
     tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm2vec-tokenize")  # HF tokenizers are not re-entrant
 
@@ -300,6 +374,15 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
     async def _serve_error(request: Request, err: ServeError):
         request.scope["llm2vec_error_type"] = err.type
         return error_response(request.url.path, err)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, err: HTTPException):
+        """FastAPI's and Starlette's own errors (unknown route or method, a body that fails to parse
+        other than as bad JSON, e.g. nesting too deep) in this server's documented error shape."""
+        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+        request.scope["llm2vec_error_type"] = kind
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "bad_request")
+        return error_response(request.url.path, ServeError(err.status_code, str(err.detail), kind, code=code, headers=err.headers))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
@@ -395,7 +478,7 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
         logger.exception("unexpected error on %s", request.url.path)
         return error_response(request.url.path, ServeError(500, f"internal error: {type(err).__name__}", "server_error"))
 
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse)
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=error_responses(OpenAIError))
     async def openai_embeddings(body: EmbeddingRequest, request: Request):
         """OpenAI embeddings. Vectors are L2-normalised (after ``dimensions`` truncation), as OpenAI's."""
         if body.model not in (None, "", settings.model_name):
@@ -408,33 +491,34 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
         check_dimensions(body.dimensions)
         check_precision(body.precision)
         emb, tokens = await embed_pairs(request, body.pairs(), body.truncate, "input")
-        content = await asyncio.to_thread(
+        content = await off_loop_if_large(
+            emb,
             lambda: openai_body(
                 postprocess(emb, body.dimensions, True, body.precision, calibration),
                 body.encoding_format,
                 settings.model_name,
                 tokens,
                 body.precision,
-            )
+            ),
         )
         return Response(content, media_type="application/json")
 
-    @app.post("/embed")
+    @app.post("/embed", response_model=list[list[float]], responses=error_responses(TEIError))
     async def tei_embed(body: EmbedRequest, request: Request):
         """text-embeddings-inference ``/embed``: a list of vectors."""
         check_dimensions(body.dimensions)
         check_precision(body.precision)
         emb, _ = await embed_pairs(request, body.pairs(), body.truncate, "inputs")
-        content = await asyncio.to_thread(
-            lambda: json.dumps(postprocess(emb, body.dimensions, body.normalize, body.precision, calibration).tolist()).encode()
+        content = await off_loop_if_large(
+            emb, lambda: tei_body(postprocess(emb, body.dimensions, body.normalize, body.precision, calibration))
         )
         return Response(content, media_type="application/json")
 
-    @app.get("/health")
+    @app.get("/health", responses=error_responses(TEIError, GUARD_STATUSES))
     async def health():
         return {"status": "ok"}
 
-    @app.get("/info", response_model=Info)
+    @app.get("/info", response_model=Info, responses=error_responses(TEIError, GUARD_STATUSES))
     async def info():
         return Info(
             model=settings.model_name,
@@ -456,11 +540,11 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
             version=__version__,
         )
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses(OpenAIError, GUARD_STATUSES))
     async def models():
         return ModelList(data=[ModelCard(id=settings.model_name)])
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(TEIError, (401,)))
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 

@@ -14,14 +14,18 @@ precisions); OpenAI's ``encoding_format="base64"`` carries the row's bytes in th
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from ..quantization import PRECISIONS
 
 EncodingFormat = Literal["float", "base64"]
 Precision = Literal[PRECISIONS]
+# What ``parse_texts`` accepts, for /openapi.json; validation stays in ``parse_texts`` (its messages
+# say what to fix, e.g. that token ids are not taken, which pydantic's union errors would not)
+_TEXT_OR_PAIR = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}]}
+Texts = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_OR_PAIR, "minItems": 1}]})]
 
 
 def parse_texts(value: Any, field: str) -> list[tuple[str, str]]:
@@ -50,7 +54,8 @@ def parse_texts(value: Any, field: str) -> list[tuple[str, str]]:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON types as the schema says (no true -> 1 for dimensions, no "yes" -> True for truncate)
+    model_config = ConfigDict(extra="ignore", strict=True)
     texts_field: ClassVar[str]  # the field that holds the texts
 
     instruction: str | None = Field(None, description="instruction for every text: attended to, not pooled")
@@ -74,7 +79,7 @@ class EmbeddingRequest(_Request):
     """OpenAI ``POST /v1/embeddings`` body."""
 
     texts_field: ClassVar[str] = "input"
-    input: Any = Field(..., description="a string, a list of strings, or a list of [instruction, text] pairs")
+    input: Texts = Field(..., description="a string, a list of strings, or a list of [instruction, text] pairs")
     model: str | None = None
     encoding_format: EncodingFormat = "float"
     dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions, then re-normalise")
@@ -85,7 +90,7 @@ class EmbedRequest(_Request):
     """text-embeddings-inference ``POST /embed`` body."""
 
     texts_field: ClassVar[str] = "inputs"
-    inputs: Any = Field(..., description="a string or a list of strings / [instruction, text] pairs")
+    inputs: Texts = Field(..., description="a string or a list of strings / [instruction, text] pairs")
     normalize: bool = True
     dimensions: int | None = Field(None, ge=1)
 
@@ -140,3 +145,43 @@ class Info(BaseModel):
     calibration_size: int | None  # texts in the int8/uint8 calibration set
     auth: bool
     version: str
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """Error body of the ``/v1`` routes (what the ``openai`` client parses)."""
+
+    error: OpenAIErrorDetail
+
+
+class TEIError(BaseModel):
+    """Error body of the other routes (text-embeddings-inference's)."""
+
+    error: str
+    error_type: str
+
+
+#: Statuses the server may answer with an error body (4xx from the guard and validation, 500 when
+#: the model fails a batch, 503 while draining); shown in ``/openapi.json``.
+ERROR_STATUSES = {
+    400: "bad request (unknown model, out-of-range dimensions, precision without calibration)",
+    401: "missing or wrong API key",
+    411: "no Content-Length",
+    413: "body, request or text too large",
+    422: "invalid body",
+    429: "too many concurrent requests or a full queue (Retry-After)",
+    500: "the model failed on this request's batch",
+    503: "the server is shutting down (Retry-After)",
+}
+GUARD_STATUSES = (401, 503)  # what any route may answer
+
+
+def error_responses(model: type[BaseModel], statuses=tuple(ERROR_STATUSES)) -> dict[int, dict]:
+    """FastAPI ``responses=`` documenting ``model`` as the body of each error status."""
+    return {status: {"model": model, "description": ERROR_STATUSES[status]} for status in statuses}
