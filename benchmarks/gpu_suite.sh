@@ -3,7 +3,8 @@
 #   1. pip install --no-deps --no-build-isolation -e .   (the image has torch/triton/transformers)
 #   2. benchmarks/bench_encode.py --quick, bench_attention.py --quick, bench_pooling.py --quick,
 #      bench_first_embedding.py (fresh-process compile + autotune stall, cold vs warm Triton cache),
-#      bench_train.py --quick (MNTP and SimCSE steps, 1B shapes, packed vs HF, tokens/s and peak memory)
+#      bench_train.py --quick (MNTP and SimCSE steps, 1B shapes, packed vs HF, tokens/s and peak memory),
+#      bench_serve.py --device cuda (32 clients, packed path, vs direct embed_items; if the serve extra is there)
 #   3. pytest tests/test_pooling_kernels.py tests/test_flash_attn.py (compiled kernels; last). The
 #      tests pin each autotuned kernel to one config per head-dim class (tests/conftest.py), so a case
 #      compiles each kernel once; KERNEL_TESTS (a pytest -k expression) picks the cases: by default
@@ -82,6 +83,14 @@ TOKENIZER_ARGS=()
 # all four cases in one process (one CUDA start-up), 1 warm-up + 2 timed steps each; the JSON is
 # rewritten after every case, so a cut-short run still returns the finished ones
 step bench-train 100 "$PY" benchmarks/bench_train.py $QUICK "${TOKENIZER_ARGS[@]}"
+# one serve run: 32 clients against our server (packed path, random Llama-1B shapes, the carried
+# tokenizer) vs direct embed_items of the same texts; needs the serve extra (fastapi, uvicorn,
+# orjson, aiohttp) on the image: skipped with a note when missing, never installed here
+if "$PY" -c "import fastapi, uvicorn, orjson, aiohttp" 2>/dev/null; then
+    step bench-serve 120 "$PY" benchmarks/bench_serve.py --device cuda --concurrency 32 --requests 256 "${TOKENIZER_ARGS[@]}"
+else
+    STATUS+=("bench-serve: skipped (no fastapi/uvicorn/orjson/aiohttp on this image: pip install -e .[serve])")
+fi
 # last: each new (dtype, head dim, variant) compiles its kernels (one config each, see above)
 step kernel-tests 130 "$PY" -m pytest tests/test_pooling_kernels.py tests/test_flash_attn.py -q -p no:cacheprovider \
     --maxfail=5 -rfE --durations=15 ${KERNEL_TESTS:+-k "$KERNEL_TESTS"}

@@ -30,6 +30,53 @@ def replace_between_markers(text: str, marker: str, body: str) -> str:
 
 
 def serve_table(result: dict) -> str:
+    """Ours vs the peer server vs direct ``encode()`` (``bench_serve.py``)."""
+    if "servers" not in result:
+        return legacy_serve_table(result)
+    base, summary, env, config = result["baseline"], result["summary"], result["environment"], result["config"]
+    checks = summary["checks"]
+
+    def verdict(name: str) -> str:
+        return "met" if checks.get(name) else "**missed**"
+
+    head = (
+        f"{env['date'][:10]}, {config['threads']} threads, {config['requests']} requests of {config['texts_per_request']} "
+        f"text(s) per level ({config['texts_source']}), load average {summary['load_avg_before']:.2f} before the run. "
+        f"Direct `{base['method']}` of all the texts: {base['texts_per_s']:.1f} texts/s; of one request alone: "
+        f"p50 {base['request_encode_p50_ms']:.1f} ms. At {summary['highest_concurrency']} clients: "
+        f"**{summary['vs_direct_encode']:.2f}x** direct (target >= {summary['vs_direct_encode_target']}: {verdict('vs_direct_encode')}), "
+        f"p99/p50 {summary['p99_over_p50']:.2f} (<= {summary['p99_over_p50_target']}: {verdict('p99_over_p50')})"
+    )
+    if "vs_peer" in summary:
+        head += f", {summary['vs_peer']:.2f}x infinity-emb ({verdict('ahead_of_peer')})"
+    if "c1_p50_over_request_encode" in summary:
+        head += (
+            f"; at 1 client p50 {summary['c1_p50_over_request_encode']:.2f}x direct (<= {summary['c1_p50_target']}: {verdict('c1_p50')})"
+        )
+    head += f"; min cosine vs `encode()` {summary['min_cosine_vs_encode']:.7f} ({verdict('min_cosine')})."
+    lines = [
+        head,
+        "",
+        "| clients | server | texts/s | vs direct | p50 ms | p95 ms | p99 ms | server CPU s | client CPU s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for c in config["concurrency"]:
+        for name, server in result["servers"].items():
+            row = next((r for r in server["rows"] if r["concurrency"] == c), None)
+            if row is None:
+                if server.get("error") and c == config["concurrency"][0]:
+                    notes.append(f"{name}: no row ({server['error']})")
+                continue
+            lines.append(
+                f"| {c} | {name} | {row['texts_per_s']:.1f} | {row['vs_direct_encode']:.2f}x | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} "
+                f"| {row['p99_ms']:.0f} | {row['server_cpu_s']:.1f} | {row['client_cpu_s']:.2f} |"
+            )
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def legacy_serve_table(result: dict) -> str:
+    """Results written before the peer comparison (no ``servers``): kept until bench_serve.py re-runs."""
     base, summary, env = result["baseline"], result["summary"], result["environment"]
     lines = [
         f"{env['date'][:10]}, {result['config']['threads']} threads, {result['config']['requests']} one-sentence requests per "
