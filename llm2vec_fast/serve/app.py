@@ -4,8 +4,9 @@
 Request path: validate (pydantic) -> tokenise in a dedicated thread (the encoder's own
 ``tokenize``, so prompts, instructions and truncation match ``encode()``) -> queue in the
 :class:`~llm2vec_fast.serve.batcher.Batcher` -> wait for the embeddings while watching for the client
-to disconnect -> truncate / normalise / quantize / serialise in a thread -> respond. The event loop never runs
-the model, the tokenizer or a large JSON encoder, so a slow request never blocks the others.
+to disconnect -> truncate / normalise / quantize / serialise (orjson, from numpy; in a thread when
+large) -> respond. The event loop never runs the model, the tokenizer or a large JSON encoder, so a
+slow request never blocks the others.
 
 Errors are JSON: ``{"error": {"message", "type", "param", "code"}}`` under ``/v1`` (what the
 ``openai`` client parses), ``{"error": ..., "error_type": ...}`` elsewhere (text-embeddings-inference).

@@ -12,9 +12,10 @@ model worker thread.
   already in the running batch are computed and dropped.
 * An exception in the model fails the requests of that batch only; the loop goes on.
 
-The worker calls the encoder's own ``embed_items`` (``EncodeMixin``): on CUDA ``LLM2Vec`` runs the
-batch as one padding-free packed forward (its ``max_tokens_per_batch`` is set to the budget), on CPU
-and under ONNX Runtime as length-sorted padded batches of ``batch_size`` texts.
+The worker calls the encoder's own ``embed_items`` (``EncodeMixin``): a bidirectional ``LLM2Vec``
+runs the batch as one padding-free packed forward, on CUDA and on CPU (``create_app`` sets its
+``packed`` and its ``max_tokens_per_batch`` to the budget), so the arrival order of the texts costs
+no padding; ONNX Runtime and causal models run length-sorted padded batches of ``batch_size`` texts.
 """
 
 from __future__ import annotations
