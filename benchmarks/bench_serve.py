@@ -586,6 +586,9 @@ def run_peer(args, model_dir: str | None, bodies: list[bytes], n_texts: int, bas
         return {**info, "rows": [], "error": str(err)[-1500:]}
     try:
         rows = measure_server(peer, bodies, n_texts, args.concurrency, ours=False)
+    except Exception as err:  # a peer failing mid-run leaves its row empty, with the reason; ours stand
+        print(f"{PEER}: no row: {type(err).__name__}: {err}", flush=True)
+        return {**info, "rows": [], "error": f"{type(err).__name__}: {str(err)[-1500:]}"}
     finally:
         peer.stop()
     for row in rows:
