@@ -194,7 +194,7 @@ def start_process(name: str, cmd: list[str], env: dict, port: int, log_path: Pat
         time.sleep(0.25)
     proc.kill()
     proc.wait()
-    raise RuntimeError(f"{name} was not healthy after {timeout_s:.0f} s")
+    raise RuntimeError(f"{name} was not healthy after {timeout_s:.0f} s; its log ends:\n{log_path.read_text(errors='replace')[-1500:]}")
 
 
 def thread_env(threads: int) -> dict:
@@ -524,7 +524,7 @@ def main(argv=None) -> int:
     baseline, reference = direct_baseline(args, model_dir, texts, requests)
 
     servers: dict[str, dict] = {}
-    log_dir = workdir if args.force else results_dir
+    log_dir = results_dir  # the servers' logs stay next to the JSON (a temporary folder with --force)
     ours = start_ours(args, model_dir, log_dir / f"{args.name}-server.log")
     try:
         rows = measure_server(ours, bodies, len(texts), args.concurrency, ours=True)
