@@ -322,6 +322,7 @@ def start_peer(args, python: Path, model_folder: Path, log_path: Path) -> Server
         "--pooling-method",
         "mean",
         "--no-bettertransformer",
+        "--no-model-warmup",  # its warm-up runs long batches (minutes on a busy 2-core machine); the bench warms every server up alike
         "--url-prefix",
         "/v1",
         "--port",
