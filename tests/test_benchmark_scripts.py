@@ -111,21 +111,67 @@ def test_bench_first_embedding_cpu_smoke():
     assert '"cold_over_warm"' in proc.stdout and '"first_embedding_s"' in proc.stdout
 
 
-def test_readme_result_tables_match_their_json(tmp_path):
-    """The README's serve / dataset CPU tables are exactly what ``readme_results.py`` renders from the JSON."""
+def _readme_results():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("readme_results", BENCH_DIR / "readme_results.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    copy = tmp_path / "README.md"
-    copy.write_text(module.README.read_text())
-    module.update_readme(copy, module.RESULTS)
-    assert copy.read_text() == module.README.read_text(), "README result tables drifted: run python benchmarks/readme_results.py"
-    # a missing JSON gives a note, never numbers
+    return module
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
+def test_generated_result_tables_match_their_json(tmp_path, page):
+    """Every generated block of the page (README: the summary; docs/benchmarks.md: the summary, GPU,
+    serve, dataset, int8 GEMM and recipe tables) is exactly what ``readme_results.py`` renders from the JSON."""
+    module = _readme_results()
+    path = module.ROOT / page
+    assert path in module.PAGES
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text())
+    module.update_page(copy, module.RESULTS)
+    assert copy.read_text() == path.read_text(), f"{page}: result tables drifted: run python benchmarks/readme_results.py"
+
+
+def test_pages_hold_every_generated_block():
+    """The markers the generator fills are on the pages (a deleted marker would silently stop the drift check)."""
+    module = _readme_results()
+    readme, bench = module.README.read_text(), module.BENCHMARKS_PAGE.read_text()
+    assert "<!-- summary:start -->" in readme
+    for marker in [*module.TABLES, "gpu-results", "summary"]:
+        assert f"<!-- {marker}:start -->" in bench and f"<!-- {marker}:end -->" in bench, marker
+    # the README's summary names where and when each row was measured
+    summary = readme.split("<!-- summary:start -->")[1].split("<!-- summary:end -->")[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| result ")]
+    assert len(rows) >= 5 and all(line.rstrip(" |").split("| ")[-1].strip() for line in rows)
+
+
+def test_missing_results_give_notes_never_numbers(tmp_path):
+    module = _readme_results()
     text = module.replace_between_markers("a\n<!-- x:start -->\nold\n<!-- x:end -->\nb", "x", "new")
     assert text == "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb"
+    assert module.replace_between_markers("no markers", "x", "new") == "no markers"
+    copy = tmp_path / "benchmarks.md"
+    copy.write_text(module.BENCHMARKS_PAGE.read_text())
     empty = tmp_path / "results"
     empty.mkdir()
-    module.update_readme(copy, empty)
-    assert "no `benchmarks/results/serve-cpu.json` yet" in copy.read_text()
+    module.update_page(copy, empty)
+    text = copy.read_text()
+    assert "no `benchmarks/results/serve-cpu.json` yet" in text and "no `benchmarks/results/recipe_sts.json` yet" in text
+    assert "(no results yet" in text.split("<!-- summary:start -->")[1]
+
+
+def test_onnx_tables_match_their_json(tmp_path):
+    """The ONNX Runtime tables of docs/benchmarks.md are exactly what ``bench_onnx.py --docs`` renders."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_onnx", BENCH_DIR / "bench_onnx.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    page = bench.BENCHMARKS_PAGE.read_text()
+    for marker in bench.TABLES.values():
+        assert f"<!-- {marker}:start -->" in page, marker
+    copy = tmp_path / "benchmarks.md"
+    copy.write_text(page)
+    bench.update_docs(copy, bench.RESULTS)
+    assert copy.read_text() == page, "docs/benchmarks.md ONNX tables drifted: run python benchmarks/bench_onnx.py --docs"
