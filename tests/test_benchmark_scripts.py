@@ -31,7 +31,8 @@ def test_help(script):
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("bench-results")
-    return out, _run(BENCH_DIR / "bench_encode.py", "--cpu-smoke", "--no-plot", "--results-dir", out)
+    methods = ("--methods", "reference", "packed", "packed-fp8")
+    return out, _run(BENCH_DIR / "bench_encode.py", "--cpu-smoke", "--no-plot", "--results-dir", out, *methods)
 
 
 def test_bench_encode_cpu_smoke(smoke_results):
@@ -40,11 +41,35 @@ def test_bench_encode_cpu_smoke(smoke_results):
     data = json.loads((out / "encode-cpu.json").read_text())
     assert data["tokenisation_timed"] is False and "embed_items" in data["timed"]
     rows = data["results"]
-    assert [r["method"] for r in rows] == ["reference", "packed"]
+    assert [r["method"] for r in rows] == ["reference", "packed", "packed-fp8"]
     assert all(r["tokens_per_s"] > 0 and r["tokens"] == rows[0]["tokens"] for r in rows)
     (summary,) = data["summary"]
     assert summary["agree"] and summary["min_cosine"] > 0.999
     assert summary["speedup"] == pytest.approx(rows[0]["seconds"] / rows[1]["seconds"])
+    # the fp8 path (simulated on CPU) against the packed one
+    assert summary["fp8"]["agree"] and summary["fp8"]["speedup_vs_packed"] == pytest.approx(rows[1]["seconds"] / rows[2]["seconds"])
+
+
+def test_bench_encode_reports_model_flops_utilisation(smoke_results):
+    """Model FLOPs per second from the config's FLOP count, as a fraction of the GEMM ceiling measured in the same run."""
+    from llm2vec_fast.profiling import encode_flops
+    from llm2vec_fast.synthetic import random_config
+
+    out, _ = smoke_results
+    data = json.loads((out / "encode-cpu.json").read_text())
+    ceiling = data["gemm_ceilings"]["float32"]
+    assert ceiling["tflops"] > 0 and ceiling["size"] == 256
+    assert data["gemm_ceilings"]["fp8_rowwise"] == {"tflops": None, "unavailable": "the device is cpu, not a CUDA GPU"}
+    (summary,) = data["summary"]
+    per_token = encode_flops(random_config("tiny"), [summary["tokens"]]) / summary["tokens"] / 1e9
+    assert summary["model_gflop_per_token"] < per_token  # several short sequences attend less than one long one
+    for r in data["results"]:
+        flops = summary["model_gflop_per_token"] * 1e9 * r["tokens"]
+        assert r["model_tflops_per_s"] == pytest.approx(flops / r["seconds"] / 1e12)
+        if r["method"] == "packed-fp8":
+            assert r["precision"] == "fp8_rowwise" and r["mfu"] is None  # no FP8 ceiling on a CPU
+        else:
+            assert r["precision"] == "float32" and r["mfu"] == pytest.approx(r["model_tflops_per_s"] / ceiling["tflops"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
@@ -95,6 +120,8 @@ def test_suite_summary(smoke_results, tmp_path):
     assert "attention L=512 fwd_vs_flash" in proc.stdout and "1.20x" in proc.stdout
     assert "pooling varlen mean fwd_vs_torch_ref" in proc.stdout and "4.00x" in proc.stdout
     assert "encode tiny packed vs reference" in proc.stdout and "min cosine" in proc.stdout
+    assert "encode tiny fp8 vs bf16 packed" in proc.stdout and "fp8 min cosine" in proc.stdout
+    assert "encode tiny packed model FLOPs / float32 ceiling" in proc.stdout
     assert "fwd_vs_cudnn" in proc.stdout and "n/a" in proc.stdout
     # one row per sequence: compared with a plain gather, never judged by copy bandwidth
     assert "pooling varlen last fwd_vs_copy" not in proc.stdout
@@ -175,3 +202,19 @@ def test_onnx_tables_match_their_json(tmp_path):
     copy.write_text(page)
     bench.update_docs(copy, bench.RESULTS)
     assert copy.read_text() == page, "docs/benchmarks.md ONNX tables drifted: run python benchmarks/bench_onnx.py --docs"
+
+
+def test_gpu_suite_skips_the_fp8_step_without_its_minimum_budget(tmp_path):
+    """Budget-aware: with less than FP8_MIN_S seconds of the suite budget left the FP8 encode step is
+    skipped (and reported), the other steps still start. Every command is `true` (no GPU needed)."""
+    env = {**os.environ, "PYTHON": "true", "SUITE_BUDGET_S": "50", "FP8_MIN_S": "60", "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1  # a skipped step is a failed suite
+    assert "bench-encode-fp8: skipped (" in proc.stdout and "needs 60s)" in proc.stdout
+    for name in ("install", "bench-encode", "bench-attention", "kernel-tests"):
+        assert f"{name}: ok (" in proc.stdout, name
+    assert "=== bench-encode-fp8" not in proc.stdout
+    env["SUITE_BUDGET_S"], env["OUT"] = "480", str(tmp_path / "second")
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], capture_output=True, text=True, timeout=120, env=env)
+    assert "bench-encode-fp8: ok (" in proc.stdout
+    assert "--methods packed packed-fp8 --name fp8-encode" in proc.stdout
