@@ -5,6 +5,16 @@ Paths (same random-weight model, same inputs, bf16):
     default 16384), Triton varlen attention and varlen pooling.
   * ``reference`` -- what the official llm2vec runs: ``packed=False``, length-sorted batches of 64,
     Hugging Face SDPA attention with a 4-D padding mask.
+  * ``packed-fp8`` (``--methods``) -- the packed path with every decoder linear layer an FP8 W8A8
+    ``torch._scaled_mm`` (``quantization="fp8"``, sm_89+; random weights, so no calibration:
+    every layer FP8); with ``--cpu-smoke`` its CPU simulation.
+
+Model FLOPs utilisation: the same run measures the card's GEMM ceiling (``torch.mm`` of two bf16
+8192 x 8192 matrices and, where supported, the row-wise scaled FP8 ``torch._scaled_mm`` of that
+size; median of 10 timed calls after warm-up) and reports next to tokens/s the model's matmul
+FLOPs per second (``llm2vec_fast.profiling.encode_flops``: 2 x decoder linear weights per real
+token + bidirectional attention, no LM head, padding never credited) and their fraction of the
+ceiling of the path's precision (``mfu``).
 
 Models: random weights with Llama-3.2-1B and Llama-3-8B shapes (``llm2vec_fast.synthetic``), built on
 the GPU (no download). Workload: lognormal token lengths, median 96, clipped to 8..512.
@@ -38,7 +48,11 @@ except ImportError:  # run as a script
 #: Minimum speed-up of the packed path over the reference, per shape (issue 3).
 TARGETS = {"llama-8b": 2.0, "llama-1b": 3.0}
 MIN_COSINE = 0.99
+#: FP8 against bf16 on random weights: a wrong scale or layout gives ~0; the fidelity floor is 0.95
+FP8_MIN_COSINE = 0.95
 REFERENCE_BATCH_SIZE = 64
+METHODS = ("reference", "packed", "packed-fp8")
+GEMM_REPEATS = 10
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results-dir", default=None, help="where the JSON and PNG go (default benchmarks/results)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--name", default="encode", help="results file stem (default: encode)")
+    p.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=["reference", "packed"], help="paths to time (default: reference packed)"
+    )
+    p.add_argument("--gemm-size", type=int, default=None, help="square GEMM side for the ceiling (default 8192; 256 with --cpu-smoke)")
     return p.parse_args(argv)
 
 
@@ -73,6 +91,7 @@ def settings(args) -> dict:
             max_len=64,
             batch_size=min(args.batch_size, 4),
             max_tokens=args.max_tokens_per_batch or 128,
+            gemm_size=args.gemm_size or 256,
         )
     from llm2vec_fast.packing import DEFAULT_MAX_TOKENS_PER_BATCH
 
@@ -88,12 +107,53 @@ def settings(args) -> dict:
         max_len=512,
         batch_size=args.batch_size,
         max_tokens=args.max_tokens_per_batch or DEFAULT_MAX_TOKENS_PER_BATCH,
+        gemm_size=args.gemm_size or 8192,
     )
 
 
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def _median_seconds(fn, device: str, repeats: int = GEMM_REPEATS, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_ceilings(device: str, dtype: torch.dtype, size: int) -> dict:
+    """TFLOP/s of one ``size``-cubed GEMM in ``dtype`` (``torch.mm``) and, where the device runs FP8
+    tensor cores, of the row-wise scaled FP8 product the fp8 path uses (``torch._scaled_mm``,
+    per-row / per-column float32 scales, bf16 out); ``{"tflops": None, "unavailable": why}`` else."""
+    from llm2vec_fast.fp8 import FP8_DTYPE, fp8_unsupported_reason
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    flops = 2.0 * size**3
+    name = str(dtype).replace("torch.", "")
+    out = {name: {"tflops": flops / _median_seconds(lambda: torch.mm(a, b), device) / 1e12, "size": size}}
+    reason = fp8_unsupported_reason(device)
+    if reason is None:
+        a8, b8 = a.to(FP8_DTYPE), b.to(FP8_DTYPE)
+        scale_a = torch.ones(size, 1, device=device)
+        scale_b = torch.ones(1, size, device=device)
+
+        def fp8_mm():
+            return torch._scaled_mm(a8, b8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+
+        out["fp8_rowwise"] = {"tflops": flops / _median_seconds(fp8_mm, device) / 1e12, "size": size}
+    else:
+        out["fp8_rowwise"] = {"tflops": None, "unavailable": reason}
+    return out
 
 
 def padding_tokens(encoder, items, batch_size: int) -> int:
@@ -123,6 +183,8 @@ def time_path(encoder, items, batch_size: int, repeats: int, device: str) -> dic
 
 
 def bench_shape(shape: str, n_texts: int, cfg: dict, seed: int = 0) -> tuple[list[dict], dict]:
+    from llm2vec_fast.fp8 import apply_fp8, fp8_unsupported_reason
+    from llm2vec_fast.profiling import encode_flops
     from llm2vec_fast.synthetic import RANDOM_SHAPES, random_encoder, random_items, sample_lengths
 
     device = cfg["device"]
@@ -138,14 +200,22 @@ def bench_shape(shape: str, n_texts: int, cfg: dict, seed: int = 0) -> tuple[lis
     items = random_items(lengths, RANDOM_SHAPES[shape]["vocab_size"], seed=seed)
     tokens = sum(lengths)
 
-    runs = {}
-    for method, packed in (("reference", False), ("packed", True)):
-        encoder.packed = packed
-        runs[method] = time_path(encoder, items, cfg["batch_size"], cfg["repeats"], device)
-    ref, fast = runs["reference"]["out"], runs["packed"]["out"]
-    cosine = torch.nn.functional.cosine_similarity(ref, fast, dim=-1)
-    finite = bool(torch.isfinite(ref).all() and torch.isfinite(fast).all())
-    pad = padding_tokens(encoder, items, cfg["batch_size"])
+    flops = encode_flops(encoder.config, lengths)
+    methods = cfg["methods"]
+    runs, notes = {}, {}
+    for method in ("reference", "packed"):
+        if method in methods:
+            encoder.packed = method == "packed"
+            runs[method] = time_path(encoder, items, cfg["batch_size"], cfg["repeats"], device)
+    if "packed-fp8" in methods:  # last: quantizing replaces the bf16 weights
+        reason = fp8_unsupported_reason(device) if device == "cuda" else None
+        if reason is None:
+            apply_fp8(encoder, "fp8" if device == "cuda" else "fp8-simulated", high_precision_layers=[])
+            encoder.packed = True
+            runs["packed-fp8"] = time_path(encoder, items, cfg["batch_size"], cfg["repeats"], device)
+        else:
+            notes["packed-fp8"] = f"not run: {reason}"
+    pad = padding_tokens(encoder, items, cfg["batch_size"]) if "reference" in runs else None
 
     rows = []
     for method, r in runs.items():
@@ -159,13 +229,15 @@ def bench_shape(shape: str, n_texts: int, cfg: dict, seed: int = 0) -> tuple[lis
                 "batching": f"{cfg['batch_size']} inputs, length-sorted, padded"
                 if method == "reference"
                 else f"token budget {cfg['max_tokens']}, packed",
+                "precision": precision_of(method, cfg["dtype"]),
                 "seconds": r["seconds"],
                 "tokens_per_s": tokens / r["seconds"],
+                "model_tflops_per_s": flops / r["seconds"] / 1e12,
+                "mfu": mfu(flops / r["seconds"] / 1e12, cfg["ceilings"], precision_of(method, cfg["dtype"])),
                 "peak_mem_gib": r["peak_mem_gib"],
                 "all_seconds": r["all_seconds"],
             }
         )
-    speedup = rows[0]["seconds"] / rows[1]["seconds"]
     target = TARGETS.get(shape)
     summary = {
         "shape": shape,
@@ -173,22 +245,49 @@ def bench_shape(shape: str, n_texts: int, cfg: dict, seed: int = 0) -> tuple[lis
         "tokens": tokens,
         "mean_length": tokens / n_texts,
         "max_length": max(lengths),
-        "reference_padding_fraction": pad / (tokens + pad),
+        "model_gflop_per_token": flops / tokens / 1e9,
         "weights_gib": weights_gib,
         "build_s": build,
-        "speedup": speedup,
-        "target": target,
-        "meets_target": None if target is None else speedup >= target,
-        "min_cosine": cosine.min().item(),
-        "mean_cosine": cosine.mean().item(),
-        "finite": finite,
-        "agree": finite and cosine.min().item() >= MIN_COSINE,
+        "notes": notes,
     }
+    if "reference" in runs and "packed" in runs:
+        ref, fast = runs["reference"]["out"], runs["packed"]["out"]
+        summary.update(
+            reference_padding_fraction=pad / (tokens + pad),
+            speedup=runs["reference"]["seconds"] / runs["packed"]["seconds"],
+            target=target,
+            **agreement(ref, fast, MIN_COSINE),
+        )
+        summary["meets_target"] = None if target is None else summary["speedup"] >= target
+    if "packed-fp8" in runs and "packed" in runs:
+        fp8 = agreement(runs["packed"]["out"], runs["packed-fp8"]["out"], FP8_MIN_COSINE)
+        summary["fp8"] = {"speedup_vs_packed": runs["packed"]["seconds"] / runs["packed-fp8"]["seconds"], **fp8}
     del encoder, runs
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows, summary
+
+
+def precision_of(method: str, dtype: torch.dtype) -> str:
+    return "fp8_rowwise" if method == "packed-fp8" else str(dtype).replace("torch.", "")
+
+
+def mfu(model_tflops: float, ceilings: dict, precision: str) -> float:
+    """``model_tflops`` as a fraction of the measured GEMM ceiling of ``precision`` (NaN without one)."""
+    ceiling = ceilings.get(precision, {}).get("tflops")
+    return model_tflops / ceiling if ceiling else math.nan
+
+
+def agreement(reference: torch.Tensor, other: torch.Tensor, min_cosine: float) -> dict:
+    cosine = torch.nn.functional.cosine_similarity(reference.float(), other.float(), dim=-1)
+    finite = bool(torch.isfinite(reference).all() and torch.isfinite(other).all())
+    return {
+        "min_cosine": cosine.min().item(),
+        "mean_cosine": cosine.mean().item(),
+        "finite": finite,
+        "agree": finite and cosine.min().item() >= min_cosine,
+    }
 
 
 def report(args, cfg, rows, summaries) -> None:
@@ -202,8 +301,9 @@ def report(args, cfg, rows, summaries) -> None:
         device=cfg["device"],
     )
     payload = {
+        "gemm_ceilings": cfg["ceilings"],
         "config": config,
-        "timed": __doc__.split("\n\n")[3].replace("\n", " "),
+        "timed": next(p for p in __doc__.split("\n\n") if p.startswith("What is timed")).replace("\n", " "),
         "tokenisation_timed": False,
         "targets": TARGETS,
         "results": rows,
@@ -214,8 +314,8 @@ def report(args, cfg, rows, summaries) -> None:
     if not args.no_plot:
         groups = [s["shape"] for s in summaries]
         series = {
-            m: [next(r["tokens_per_s"] for r in rows if r["shape"] == g and r["method"] == m) for g in groups]
-            for m in ("reference", "packed")
+            m: [next((r["tokens_per_s"] for r in rows if r["shape"] == g and r["method"] == m), math.nan) for g in groups]
+            for m in cfg["methods"]
         }
         png = common.plot_grouped_bars(
             args.name, "LLM2Vec encode, real tokens/s", "tokens/s", groups, {"throughput (higher is better)": series}, args.results_dir
@@ -232,28 +332,51 @@ def main(argv=None) -> int:
     cfg = settings(args)
     if len(cfg["counts"]) != len(cfg["shapes"]):
         raise SystemExit("--num-texts needs one value per shape")
+    cfg["methods"] = [m for m in METHODS if m in args.methods]
+    cfg["ceilings"] = gemm_ceilings(cfg["device"], cfg["dtype"], cfg["gemm_size"])
+    print(
+        "GEMM ceilings: "
+        + ", ".join(
+            f"{k} {v['tflops']:.1f} TFLOP/s" if v["tflops"] else f"{k} n/a ({v['unavailable']})" for k, v in cfg["ceilings"].items()
+        )
+    )
     rows, summaries = [], []
     for shape, n_texts in zip(cfg["shapes"], cfg["counts"]):
         print(f"\n== {shape}: {n_texts} inputs, {cfg['repeats']} timed passes per path", flush=True)
         shape_rows, summary = bench_shape(shape, n_texts, cfg)
         rows += shape_rows
         summaries.append(summary)
-        common.print_table(shape_rows, ["method", "batches", "seconds", "tokens_per_s", "peak_mem_gib", "batching"], "{:.3f}")
-        target = (
-            "" if summary["target"] is None else f" (target >= {summary['target']:.1f}x: {'met' if summary['meets_target'] else 'MISSED'})"
+        common.print_table(
+            shape_rows, ["method", "batches", "seconds", "tokens_per_s", "model_tflops_per_s", "mfu", "peak_mem_gib", "batching"], "{:.3f}"
         )
-        print(
-            f"speed-up {summary['speedup']:.2f}x{target}; cosine min {summary['min_cosine']:.4f}; "
-            f"reference padding {100 * summary['reference_padding_fraction']:.1f}%; weights {summary['weights_gib']:.1f} GiB, "
-            f"built in {summary['build_s']:.1f} s",
-            flush=True,
-        )
+        print_summary(summary)
         report(args, cfg, rows, summaries)  # after every shape: a later timeout keeps what was measured
-    bad = [s["shape"] for s in summaries if not s["agree"]]
+    bad = [s["shape"] for s in summaries if not s.get("agree", True)]
     if bad:
         print(f"ERROR: the two paths disagree (min cosine < {MIN_COSINE} or non-finite) for {bad}")
-        return 1
-    return 0
+    bad_fp8 = [s["shape"] for s in summaries if not s.get("fp8", {}).get("agree", True)]
+    if bad_fp8:
+        print(f"ERROR: fp8 disagrees with bf16 (min cosine < {FP8_MIN_COSINE} or non-finite) for {bad_fp8}")
+    return 1 if bad or bad_fp8 else 0
+
+
+def print_summary(summary: dict) -> None:
+    parts = []
+    if "speedup" in summary:
+        target = summary["target"]
+        met = "" if target is None else f" (target >= {target:.1f}x: {'met' if summary['meets_target'] else 'MISSED'})"
+        parts.append(
+            f"speed-up {summary['speedup']:.2f}x{met}; cosine min {summary['min_cosine']:.4f}; "
+            f"reference padding {100 * summary['reference_padding_fraction']:.1f}%"
+        )
+    if "fp8" in summary:
+        fp8 = summary["fp8"]
+        parts.append(f"fp8 vs packed {fp8['speedup_vs_packed']:.2f}x, cosine min {fp8['min_cosine']:.4f}")
+    parts += [f"{m}: {note}" for m, note in summary["notes"].items()]
+    parts.append(
+        f"{summary['model_gflop_per_token']:.3f} GFLOP/token; weights {summary['weights_gib']:.1f} GiB, built in {summary['build_s']:.1f} s"
+    )
+    print("; ".join(parts), flush=True)
 
 
 if __name__ == "__main__":

@@ -262,7 +262,7 @@ def main(argv=None) -> int:
             "threads": threads,
             "ranks": ranks,
             "repeats": repeats,
-            "model": model,
+            "model": common.portable_path(model),
             "quick": args.quick,
             "load_average_before": load,
             "load_average_after": os.getloadavg()[0],

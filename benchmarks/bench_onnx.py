@@ -7,7 +7,7 @@ Spearman, size on disk and export time.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py                      # default model
     OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py --peft MNTP --peft SIMCSE --precisions int8
-    python benchmarks/bench_onnx.py --readme                               # README tables from the JSON
+    python benchmarks/bench_onnx.py --docs                                 # docs tables from the JSON
     python benchmarks/bench_onnx.py --quick --force                        # smoke test, writes nothing
 
 The torch baseline is measured the way users run it (``LLM2Vec.encode``, same threads, same
@@ -16,8 +16,8 @@ batches; the script refuses to write results when the two differ by more than 1.
 machine is busy (1-minute load average above ``cpus - threads + 0.5`` before the run, or above
 ``cpus + 0.5`` during it). ``--force`` runs anyway for smoke tests and writes nothing under
 ``benchmarks/results``. Results: ``benchmarks/results/onnx-cpu.json`` (``onnx-cpu-trained.json``
-with ``--peft``) + ``.png``; the README tables between the ``bench_onnx`` markers are regenerated
-from those files.
+with ``--peft``) + ``.png``; the tables between the ``bench_onnx`` markers of ``docs/benchmarks.md``
+are regenerated from those files.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (tests)
+from portable_paths import portable_argv, portable_path  # noqa: E402
 from readme_results import replace_between_markers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-README = Path(__file__).resolve().parent.parent / "README.md"
+BENCHMARKS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 MAX_BASELINE_RATIO = 1.5
 TABLES = {"onnx-cpu.json": "bench_onnx", "onnx-cpu-trained.json": "bench_onnx_trained"}
 INSTRUCTIONS = (
@@ -146,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="run on a busy machine / odd baseline; smoke test: writes nothing to benchmarks/results"
     )
-    parser.add_argument("--readme", action="store_true", help="only regenerate the README tables from the JSON files")
+    parser.add_argument("--docs", action="store_true", help="only regenerate the docs tables (docs/benchmarks.md) from the JSON files")
     args = parser.parse_args(argv)
-    if args.readme:
-        update_readme()
+    if args.docs:
+        update_docs()
         return 0
     if args.quick:
         args.sentences, args.rounds, args.stsb_pairs = 64, 2, 100
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     if not args.force and out.parent.resolve() == RESULTS.resolve():
-        update_readme()
+        update_docs()
     print(render_table(result))
     return 0
 
@@ -266,8 +267,8 @@ def run(args) -> dict:
     import onnxruntime
 
     return {
-        "model": (args.model or "SmolLM2-135M-Instruct (embedded default)")
-        + (f" + merged adapters {args.peft}" if args.peft else " (no LLM2Vec training)"),
+        "model": (portable_path(args.model) or "SmolLM2-135M-Instruct (embedded default)")
+        + (f" + merged adapters {[portable_path(p) for p in args.peft]}" if args.peft else " (no LLM2Vec training)"),
         "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
         "cpus": os.cpu_count(),
@@ -285,7 +286,7 @@ def run(args) -> dict:
             "ok": baseline_ok,
         },
         "forced": bool(args.force),
-        "argv": sys.argv[1:] if argv_is_cli() else None,
+        "argv": portable_argv(sys.argv[1:]) if argv_is_cli() else None,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "results": rows,
@@ -298,7 +299,7 @@ def argv_is_cli() -> bool:
 
 # ------------------------------------------------------------------------------------ reporting
 def render_table(result: dict) -> str:
-    """The README table of one results JSON."""
+    """The docs table of one results JSON."""
     lines = [
         f"{result['model']}; {result['cpu']} ({', '.join(result.get('cpu_flags', [])) or 'no AVX2'}), "
         f"{result['threads']} threads, batch {result['batch_size']}, {result['sentences']} STS-B dev sentences, "
@@ -329,10 +330,10 @@ def render_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path = README, results: Path = RESULTS) -> None:
-    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in the README
+def update_docs(page: Path = BENCHMARKS_PAGE, results: Path = RESULTS) -> None:
+    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in the docs page
     with the table rendered from each results JSON (a missing JSON leaves a note)."""
-    text = readme.read_text()
+    text = page.read_text()
     for file, marker in TABLES.items():
         path = results / file
         body = (
@@ -341,7 +342,7 @@ def update_readme(readme: Path = README, results: Path = RESULTS) -> None:
             else f"(no `{path.relative_to(results.parent.parent)}` yet: run the command above)"
         )
         text = replace_between_markers(text, marker, body)
-    readme.write_text(text)
+    page.write_text(text)
 
 
 def plot(result: dict, path: Path) -> None:

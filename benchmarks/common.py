@@ -16,6 +16,9 @@ import torch
 from llm2vec_fast.profiling import format_table
 from llm2vec_fast.synthetic import lognormal_lengths  # noqa: F401  (re-exported for the benchmarks)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (tests)
+from portable_paths import portable_argv, portable_path  # noqa: E402,F401  (portable_path re-exported)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -51,7 +54,7 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv,
+        "argv": portable_argv(sys.argv),
     }
 
 

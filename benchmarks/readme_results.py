@@ -1,11 +1,13 @@
-"""Regenerate the README's result tables from the benchmarks' JSON: the CPU int8 GEMM, serve,
-dataset and recipe Matryoshka tables, and the GPU suite's tables (encode, attention, pooling, first embedding)
-of every card that has results.
+"""Regenerate the result tables of the docs from the benchmarks' JSON: the headline summary (in
+``README.md`` and ``docs/benchmarks.md``), and on the benchmarks page the CPU int8 GEMM, serve, dataset,
+recipe and recipe Matryoshka tables and the GPU suite's tables (encode, attention, pooling, first
+embedding) of every card that has results.
 
-    python benchmarks/readme_results.py          # rewrites the text between the README markers
+    python benchmarks/readme_results.py          # rewrites the text between the markers of both pages
 
-Each table sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; a missing JSON leaves a
-note instead, so the README never shows a number that no results file holds.
+Each table sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; a page without a marker is
+left alone there; a missing JSON leaves a note instead, so no page shows a number that no results
+file holds. (``bench_onnx.py --docs`` writes the ONNX tables the same way.)
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
+BENCHMARKS_PAGE = ROOT / "docs" / "benchmarks.md"
+PAGES = (README, BENCHMARKS_PAGE)
 
 
 def replace_between_markers(text: str, marker: str, body: str) -> str:
@@ -249,24 +253,154 @@ def int8_gemm_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def recipe_sts_table(result: dict) -> str:
+    """STS-B dev Spearman of the default model before and after the recipe (``recipe_sts.py``)."""
+    c, s = result["config"], result["stsb_dev_spearman"]
+    mntp, simcse = c["mntp"], c["simcse"]
+    lines = [
+        f"{result['model']}, STS-B dev ({c['eval']['pairs']} pairs), CPU, {result['torch_threads']} threads, "
+        f"{result['minutes']:.1f} minutes in all, {result.get('date', 'date not recorded')[:10]}. Training text: {c['training_text']}; "
+        f"MNTP {mntp['max_steps']} steps, batch {mntp['batch_size']}, lr {mntp['lr']:g}; "
+        f"SimCSE {simcse['max_steps']} steps, batch {simcse['batch_size']}, lr {simcse['lr']:g}; max length "
+        f"{simcse['max_length']}, seed {simcse['seed']}.",
+        "",
+        "| encoder | STS-B dev Spearman x 100 |",
+        "|---|---|",
+    ]
+    names = {
+        "causal_mean": "causal, mean pooling",
+        "causal_weighted_mean": "causal, weighted-mean pooling",
+        "bidir_untrained": "bidirectional, untrained",
+        "mntp": "bidirectional + MNTP",
+        "mntp_simcse": "bidirectional + MNTP + SimCSE",
+    }
+    lines += [f"| {names.get(k, k)} | {v:.2f} |" for k, v in s.items()]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ headline summary
+def _cpu_label(result: dict) -> str:
+    env = result.get("environment") or {}
+    threads = result.get("threads") or (result.get("config") or {}).get("threads") or (result.get("settings") or {}).get("threads")
+    name = result.get("cpu") or "CPU"
+    flags = f" ({', '.join(result['cpu_flags'])})" if result.get("cpu_flags") else ""
+    date = (env.get("date") or result.get("date") or "date not recorded")[:10]
+    return f"{name}{flags}, {threads} threads, {date}"
+
+
+def _gpu_label(result: dict) -> str:
+    env = result["environment"]
+    return f"{env['card']}, {env['date'][:10]}"
+
+
+def _summary_rows(results: Path) -> list[tuple[str, str, str]]:
+    """``(result, value, measured on)`` for every headline whose JSON exists."""
+    rows = []
+    for slug in _card_slugs(results):
+        encode = _load(results / f"encode-{slug}.json")
+        if encode:
+            by = {s["shape"]: s for s in encode["summary"]}
+            rows.append(
+                (
+                    "packed encode vs the padded, length-sorted SDPA path (" + " / ".join(by) + " shapes, bf16)",
+                    " / ".join(f"{s['speedup']:.2f}x" for s in by.values()),
+                    _gpu_label(encode),
+                )
+            )
+        attention = _load(results / f"attention-{slug}.json")
+        mixed = [r for r in (attention or {}).get("ratios", []) if r["shape"].startswith("mix")]
+        if mixed:
+            rows.append(
+                (
+                    f"varlen attention forward+backward vs SDPA flash on a padded batch, mixed lengths {mixed[0]['shape'][len('mix ') :]}",
+                    f"{mixed[0]['fwd_bwd_vs_flash']:.1f}x",
+                    _gpu_label(attention),
+                )
+            )
+        first = _load(results / f"first-embedding-{slug}.json")
+        if first:
+            cold, warm = first["runs"]["cold"], first["runs"]["warm"]
+            rows.append(
+                (
+                    f"first embedding of a fresh process ({first['shape']} shapes), warm / cold Triton cache",
+                    f"{warm['first_embedding_s']:.1f} s / {cold['first_embedding_s']:.1f} s",
+                    _gpu_label(first),
+                )
+            )
+    recipe = _load(results / "recipe_sts.json")
+    if recipe:
+        s = recipe["stsb_dev_spearman"]
+        rows.append(
+            (
+                "STS-B dev Spearman, default model: untrained bidirectional -> MNTP + SimCSE (best causal pooling)",
+                f"{s['bidir_untrained']:.1f} -> **{s['mntp_simcse']:.1f}** ({max(s['causal_mean'], s['causal_weighted_mean']):.1f})",
+                f"CPU, {recipe['torch_threads']} threads, {recipe.get('date', 'date not recorded')[:10]}",
+            )
+        )
+    onnx = _load(results / "onnx-cpu.json")
+    if onnx:
+        int8 = next((r for r in onnx["results"] if r["engine"] == "onnx-int8"), None)
+        if int8:
+            rows.append(
+                (
+                    "ONNX Runtime int8 vs torch fp32 `encode()`, default model (min cosine plain / instructions)",
+                    f"{int8['speedup_vs_torch_fp32']:.2f}x ({int8['min_cos']:.3f} / {int8['min_cos_instructions']:.3f})",
+                    _cpu_label(onnx),
+                )
+            )
+    serve = _load(results / "serve-cpu.json")
+    if serve:
+        rows.append(
+            (
+                f"server throughput, {serve['summary']['speedup_of']} (dynamic batching)",
+                f"{serve['summary']['speedup']:.2f}x",
+                _cpu_label(serve),
+            )
+        )
+    dataset = _load(results / "encode_dataset-cpu.json")
+    if dataset:
+        rows.append(
+            (
+                "`encode_dataset` (Parquet shards, resumable) time over `encode()` of the same texts",
+                f"{dataset['summary']['overhead_ratio']:.2f}x",
+                _cpu_label(dataset),
+            )
+        )
+    return rows
+
+
+def summary_table(results: Path) -> str:
+    """The headline results, one row per results file, each naming where and when it was measured."""
+    rows = _summary_rows(results)
+    if not rows:
+        return "(no results yet: run the benchmarks, see docs/benchmarks.md)"
+    lines = ["| result | value | measured on |", "|---|---|---|"]
+    lines += [f"| {what} | {value} | {where} |" for what, value, where in rows]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "int8-gemm-cpu": ("int8-gemm-cpu.json", int8_gemm_table),
     "serve-cpu": ("serve-cpu.json", serve_table),
     "encode_dataset-cpu": ("encode_dataset-cpu.json", dataset_table),
+    "recipe-sts": ("recipe_sts.json", recipe_sts_table),
     "recipe-matryoshka": ("recipe_matryoshka.json", matryoshka_table),
 }
 
 
-def update_readme(readme: Path = README, results: Path = RESULTS) -> None:
-    text = readme.read_text()
+def update_page(page: Path, results: Path = RESULTS) -> None:
+    """Rewrite every generated block of ``page`` (markers it does not have are skipped)."""
+    text = page.read_text()
     for marker, (file, render) in TABLES.items():
         path = results / file
         body = render(json.loads(path.read_text())) if path.is_file() else f"(no `benchmarks/results/{file}` yet: run the command above)"
         text = replace_between_markers(text, marker, body)
     text = replace_between_markers(text, "gpu-results", gpu_results(results))
-    readme.write_text(text)
+    text = replace_between_markers(text, "summary", summary_table(results))
+    page.write_text(text)
 
 
 if __name__ == "__main__":
-    update_readme()
-    print(f"updated {README}")
+    for page in PAGES:
+        update_page(page)
+        print(f"updated {page.relative_to(ROOT)}")

@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from portable_paths import portable_path  # noqa: E402
 from recipe_sts import recipe_stage_configs  # noqa: E402
 
 DEFAULT_DIMS = (64, 128, 256)
@@ -242,12 +243,12 @@ def main(argv=None) -> int:
         "model": f"HuggingFaceTB/{DEFAULT_MODEL_NAME}",
         "hidden_size": hidden,
         "training": {
-            "mntp": mntp,
+            "mntp": portable_path(mntp),
             "simcse": {k: v for k, v in recipe["simcse"].items() if k != "output_dir"},
             # what the Matryoshka adapter was trained with (a reused one may differ from --dims)
             "matryoshka_dims": (trained_with.get("matryoshka") or {}).get("matryoshka_dims") or matryoshka_dims,
             "matryoshka_weights": "1 each (sum of the InfoNCE losses of each prefix)",
-            "adapters": adapters,
+            "adapters": {name: portable_path(a) for name, a in adapters.items()},
             "trained_with": trained_with,
         },
         "eval": {"split": "dev", "pairs": args.dev_limit or 1500, "pooling": "mean", "metric": "Spearman x 100 of cosine"},

@@ -10,7 +10,9 @@ Adapters go to ``runs/recipe_sts/`` (git-ignored); a fixed seed reproduces them 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from portable_paths import portable_path  # noqa: E402
 
 
 def embed_all_modes(encoder, sentences: list[str], modes: list[str], batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -116,9 +120,11 @@ def main(argv=None) -> int:
 
     skip = set(filter(None, args.skip.split(",")))
     run = Path(args.run_dir)
+    stages = stage_configs(args, run)  # what training uses
     config = {
         "training_text": "unique sentences of STS-B train (labels unused)",
-        **stage_configs(args, run),
+        # output folders as the results file records them (repo-relative; never this machine's paths)
+        **{stage: dict(c, output_dir=portable_path(c["output_dir"])) for stage, c in stages.items()},
         "eval": {"split": "dev", "pairs": args.dev_limit or 1500, "pooling": "mean (trained models)"},
     }
     results: dict[str, float] = {}
@@ -128,6 +134,7 @@ def main(argv=None) -> int:
     def write(complete: bool) -> dict:
         out = {
             "model": f"HuggingFaceTB/{DEFAULT_MODEL_NAME}",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": config,
             "minutes": (time.perf_counter() - start) / 60,
             "complete": complete,
@@ -155,14 +162,14 @@ def main(argv=None) -> int:
     chain = []
     if "mntp" not in skip:
         t = time.perf_counter()
-        mntp = train("mntp", make_config("mntp", config["mntp"]), resume=args.resume)
+        mntp = train("mntp", make_config("mntp", stages["mntp"]), resume=args.resume)
         timings["mntp_train_min"] = (time.perf_counter() - t) / 60
         chain.append(str(mntp))
         enc = LLM2Vec.from_pretrained(None, peft_model_name_or_path=chain, device="cpu")
         results["mntp"] = dev_scores(enc, ["mean"], args.dev_limit)["mean"]
         log(f"mntp: {results['mntp']:.2f}")
     t = time.perf_counter()
-    simcse = train("simcse", make_config("simcse", dict(config["simcse"], peft=chain)), resume=args.resume)
+    simcse = train("simcse", make_config("simcse", dict(stages["simcse"], peft=chain)), resume=args.resume)
     timings["simcse_train_min"] = (time.perf_counter() - t) / 60
     enc = LLM2Vec.from_pretrained(None, peft_model_name_or_path=chain + [str(simcse)], device="cpu")
     key = "mntp_simcse" if chain else "simcse"

@@ -1,6 +1,6 @@
 """Compact summary of the GPU suite's results: each headline ratio against its target.
 
-Reads ``attention-*.json``, ``pooling-*.json``, ``encode-*.json`` and ``train-*.json`` from a results folder (default
+Reads ``attention-*.json``, ``pooling-*.json``, ``encode-*.json``, ``fp8-encode-*.json`` and ``train-*.json`` from a results folder (default
 ``benchmarks/results``); needs neither torch nor a GPU. Prints one line per ratio and exits 0; with
 ``--strict`` it exits 1 when a ratio with a target misses it.
 """
@@ -46,11 +46,31 @@ def _line(label: str, value, target) -> tuple[str, bool | None]:
 def summarize_encode(data: dict) -> list[tuple[str, bool | None]]:
     lines = []
     for s in data.get("summary", []):
-        lines.append(_line(f"encode {s['shape']} packed vs reference", s.get("speedup"), s.get("target")))
-        agree = "ok" if s.get("agree") else "DISAGREE"
-        lines.append(
-            (f"  {'encode ' + s['shape'] + ' min cosine':<48} {s.get('min_cosine', math.nan):.4f}  >= 0.99  {agree}", bool(s.get("agree")))
-        )
+        if "speedup" in s:  # a run of only some methods (--methods) has no packed-vs-reference ratio
+            lines.append(_line(f"encode {s['shape']} packed vs reference", s.get("speedup"), s.get("target")))
+            agree = "ok" if s.get("agree") else "DISAGREE"
+            lines.append(
+                (
+                    f"  {'encode ' + s['shape'] + ' min cosine':<48} {s.get('min_cosine', math.nan):.4f}  >= 0.99  {agree}",
+                    bool(s.get("agree")),
+                )
+            )
+        if "fp8" in s:
+            fp8 = s["fp8"]
+            lines.append(_line(f"encode {s['shape']} fp8 vs bf16 packed", fp8.get("speedup_vs_packed"), None))
+            agree = "ok" if fp8.get("agree") else "DISAGREE"
+            lines.append(
+                (
+                    f"  {'encode ' + s['shape'] + ' fp8 min cosine':<48} {fp8.get('min_cosine', math.nan):.4f}  >= 0.95  {agree}",
+                    bool(fp8.get("agree")),
+                )
+            )
+        for method, note in s.get("notes", {}).items():
+            lines.append((f"  encode {s['shape']} {method}: {note}", None))
+    for r in data.get("results", []):  # model FLOPs utilisation: reported, no target
+        if r.get("mfu") is not None and r["shape"] in {s["shape"] for s in data.get("summary", [])}:
+            label = f"encode {r['shape']} {r['method']} model FLOPs / {r.get('precision', 'gemm')} ceiling"
+            lines.append((f"  {label:<48} {100 * r['mfu']:6.1f}%  (no target)", None))
     return lines
 
 
@@ -126,7 +146,13 @@ def summarize_train(data: dict) -> list[tuple[str, bool | None]]:
     return lines
 
 
-SECTIONS = {"attention": summarize_attention, "pooling": summarize_pooling, "encode": summarize_encode, "train": summarize_train}
+SECTIONS = {
+    "attention": summarize_attention,
+    "pooling": summarize_pooling,
+    "encode": summarize_encode,
+    "fp8-encode": summarize_encode,  # bench_encode.py --methods packed packed-fp8 --name fp8-encode
+    "train": summarize_train,
+}
 
 
 def main(argv=None) -> int:

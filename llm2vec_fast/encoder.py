@@ -19,6 +19,7 @@ from torch import nn
 from .bidirectional import enable_bidirectional as make_bidirectional
 from .bidirectional import is_bidirectional
 from .encoding import CONFIG_KEYS, KERNEL_POOLING_MODE, EncodeMixin, check_encoder_settings
+from .fp8 import apply_fp8, check_fp8_device, check_quantization
 from .kernels import masked_pool, masked_pool_varlen
 from .loading import apply_adapters, load_base_model, resolve_model_path
 from .packing import DEFAULT_MAX_TOKENS_PER_BATCH, pack, token_budget_batches
@@ -72,6 +73,9 @@ class LLM2Vec(EncodeMixin, nn.Module):
         self.model_id = model_id
         self.packed = packed
         self.max_tokens_per_batch = int(max_tokens_per_batch)
+        # set by llm2vec_fast.fp8.apply_fp8: the scheme ("fp8", "fp8-simulated") and what it chose
+        self.quantization: str | None = None
+        self.quantization_report: dict | None = None
 
     @property
     def max_length(self) -> int:
@@ -109,6 +113,8 @@ class LLM2Vec(EncodeMixin, nn.Module):
         device: str | torch.device | None = None,
         packed: bool | None = None,
         max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+        quantization: str | None = None,
+        high_precision_layers: Sequence[int] | str = "calibrate",
         **hf_kwargs,
     ) -> LLM2Vec:
         """Load an encoder.
@@ -120,6 +126,11 @@ class LLM2Vec(EncodeMixin, nn.Module):
         ``llm2vec_config.json`` (in the adapter folder if given, else the model folder), then from
         the defaults (mean, 512, 400, True). ``dtype=None`` picks bf16 on CUDA and fp32 on CPU.
         ``packed`` / ``max_tokens_per_batch``: see :class:`LLM2Vec`.
+        ``quantization="fp8"``: the decoder's linear layers as FP8 W8A8 GEMMs (``torch._scaled_mm``,
+        CUDA GPUs of compute capability 8.9+; adapters are merged first), except the decoder layers
+        ``high_precision_layers`` (indices, or ``"calibrate"``: chosen at load by measuring each
+        layer's effect on STS-B train embeddings); ``"fp8-simulated"``: the same numerics on any
+        device, for fidelity measurements (see :mod:`llm2vec_fast.fp8`).
         Extra keyword arguments go to ``transformers.AutoModel.from_pretrained``.
         """
         from transformers import AutoTokenizer
@@ -131,12 +142,16 @@ class LLM2Vec(EncodeMixin, nn.Module):
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
+        check_quantization(quantization)
+        if quantization == "fp8":
+            check_fp8_device(device)  # before the weights load
         path, model_id = resolve_model_path(model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = load_base_model(path, dtype, hf_kwargs)
         adapters = _as_list(peft_model_name_or_path)
         if adapters:
-            model = apply_adapters(model, adapters, merge_last=merge_peft)
+            # quantized weights cannot carry a LoRA delta: merged
+            model = apply_adapters(model, adapters, merge_last=merge_peft or quantization is not None)
         if enable_bidirectional:
             make_bidirectional(model)
 
@@ -151,7 +166,10 @@ class LLM2Vec(EncodeMixin, nn.Module):
         overrides = dict(pooling_mode=pooling_mode, max_length=max_length, doc_max_length=doc_max_length, skip_instruction=skip_instruction)
         settings.update({k: v for k, v in overrides.items() if v is not None})
         encoder = cls(model, tokenizer, model_id=model_id, packed=packed, max_tokens_per_batch=max_tokens_per_batch, **settings)
-        return encoder.to(device).eval()
+        encoder = encoder.to(device).eval()
+        if quantization is not None:
+            apply_fp8(encoder, quantization, high_precision_layers)
+        return encoder
 
     # ------------------------------------------------------------------ batches
     @property
@@ -246,6 +264,11 @@ class LLM2Vec(EncodeMixin, nn.Module):
         """
         if format not in SAVE_FORMATS:
             raise ValueError(f"unknown save format {format!r}; expected one of {SAVE_FORMATS}")
+        if self.quantization is not None:
+            raise ValueError(
+                f"a {self.quantization}-quantized encoder cannot be saved (its FP8 weights are a runtime format): save the "
+                "encoder loaded without quantization, and pass quantization= when loading it"
+            )
         if format == "sentence-transformers":
             if not is_bidirectional(self.model):
                 raise ValueError("a sentence-transformers folder loads the encoder bidirectional; this encoder is causal")

@@ -3,6 +3,9 @@ per-kernel table that ``llm2vec-fast profile`` prints from ``torch.profiler`` ev
 
 * Attention FLOPs (flash-attention convention, useful work only): ``4 * sum(L_i^2) * Hq * D`` per
   layer call (``Q K^T`` and ``P V``, two FLOPs per multiply-add). Padding is never credited.
+* Encoder FLOPs (:func:`encode_flops`, for model FLOPs utilisation): the matmuls of a forward pass
+  counted from the config, ``2 x`` the decoder layers' linear weights per token plus the attention
+  above; no LM head (encoders have none), embedding lookups, norms and activations not counted.
 * Pooling bytes (forward): the hidden states read (every token for ``mean``/``weighted_mean``, one
   row per sequence for ``last``/``first``), the one-byte-per-token mask, and the ``[B, D]`` output.
 * Kernels are put in the ``attention`` / ``pooling`` category by name (Triton ``_attn_fwd_kernel`` /
@@ -29,6 +32,29 @@ CATEGORIES = {"attention": ATTENTION_PATTERN, "pooling": POOLING_PATTERN}
 def attention_flops(lengths: Iterable[int], num_heads: int, head_dim: int, num_layers: int = 1) -> float:
     """Useful forward FLOPs of bidirectional attention over sequences of ``lengths``."""
     return 4.0 * sum(int(n) * int(n) for n in lengths) * num_heads * head_dim * num_layers
+
+
+def decoder_linear_params(config) -> int:
+    """Weights in the linear layers of one decoder layer (attention projections and gated MLP) of a
+    Hugging Face decoder ``config``; biases are not matmul work and are left out."""
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q and o: heads; k and v: kv_heads
+    mlp = 3 * hidden * int(config.intermediate_size)  # gate, up, down (phi3's fused gate_up is the same count)
+    return attention + mlp
+
+
+def encode_flops(config, lengths: Iterable[int]) -> float:
+    """Matmul FLOPs of one encoder forward over sequences of ``lengths`` (real tokens only):
+    ``2 * decoder_linear_params * tokens * layers`` plus :func:`attention_flops` (``4 * L * Hq * D``
+    per token per layer, bidirectional). No LM head: an encoder has none."""
+    lengths = [int(n) for n in lengths]
+    layers = int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
+    return 2.0 * decoder_linear_params(config) * sum(lengths) * layers + attention_flops(lengths, heads, head_dim, layers)
 
 
 def pooling_bytes(n_tokens: int, n_seqs: int, hidden: int, element_size: int, mode: str) -> int:

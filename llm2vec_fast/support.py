@@ -1,6 +1,6 @@
 """Which model families run bidirectionally on which attention path: the one definition that the
-family-matrix tests (``tests/test_family_matrix.py``) iterate over and that generates the README's
-support table (``python -m llm2vec_fast.support --write-readme``), so the two cannot drift.
+family-matrix tests (``tests/test_family_matrix.py``) iterate over and that generates the support table of
+the docs (``python -m llm2vec_fast.support --write-docs``, into ``docs/models.md``), so the two cannot drift.
 
 Paths:
 
@@ -93,7 +93,7 @@ def tested_cells() -> list[Cell]:
 
 
 def support_table() -> str:
-    """The README's markdown support table."""
+    """The markdown support table of the docs (``docs/models.md``)."""
     head = "| family | " + " | ".join(f"`{p.name}`" for p in PATHS) + " |"
     rows = [head, "|---" * (len(PATHS) + 1) + "|"]
     notes: dict[str, int] = {}
@@ -111,14 +111,14 @@ def support_table() -> str:
     return "\n".join(rows) + "\n\n" + "<br>\n".join(legend) + "\n"
 
 
-BEGIN, END = "<!-- support-table:begin (python -m llm2vec_fast.support --write-readme) -->", "<!-- support-table:end -->"
+BEGIN, END = "<!-- support-table:begin (python -m llm2vec_fast.support --write-docs) -->", "<!-- support-table:end -->"
 
 
-def readme_with_table(readme: str) -> str:
-    """``readme`` with the text between the support-table markers replaced by :func:`support_table`."""
-    if BEGIN not in readme or END not in readme:
-        raise ValueError(f"README has no support-table markers {BEGIN!r} ... {END!r}")
-    before, rest = readme.split(BEGIN, 1)
+def page_with_table(page: str) -> str:
+    """``page`` with the text between the support-table markers replaced by :func:`support_table`."""
+    if BEGIN not in page or END not in page:
+        raise ValueError(f"the page has no support-table markers {BEGIN!r} ... {END!r}")
+    before, rest = page.split(BEGIN, 1)
     _, after = rest.split(END, 1)
     return f"{before}{BEGIN}\n{support_table()}{END}{after}"
 
@@ -126,16 +126,16 @@ def readme_with_table(readme: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--write-readme",
+        "--write-docs",
         metavar="PATH",
         nargs="?",
-        const="README.md",
-        help="rewrite the table between the markers in this README (default README.md)",
+        const="docs/models.md",
+        help="rewrite the table between the markers of this page (default docs/models.md)",
     )
     args = parser.parse_args(argv)
-    if args.write_readme:
-        path = Path(args.write_readme)
-        path.write_text(readme_with_table(path.read_text(encoding="utf-8")), encoding="utf-8")
+    if args.write_docs:
+        path = Path(args.write_docs)
+        path.write_text(page_with_table(path.read_text(encoding="utf-8")), encoding="utf-8")
         print(f"wrote the support table into {path}")
     else:
         sys.stdout.write(support_table())

@@ -31,7 +31,8 @@ def test_help(script):
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("bench-results")
-    return out, _run(BENCH_DIR / "bench_encode.py", "--cpu-smoke", "--no-plot", "--results-dir", out)
+    methods = ("--methods", "reference", "packed", "packed-fp8")
+    return out, _run(BENCH_DIR / "bench_encode.py", "--cpu-smoke", "--no-plot", "--results-dir", out, *methods)
 
 
 def test_bench_encode_cpu_smoke(smoke_results):
@@ -40,11 +41,35 @@ def test_bench_encode_cpu_smoke(smoke_results):
     data = json.loads((out / "encode-cpu.json").read_text())
     assert data["tokenisation_timed"] is False and "embed_items" in data["timed"]
     rows = data["results"]
-    assert [r["method"] for r in rows] == ["reference", "packed"]
+    assert [r["method"] for r in rows] == ["reference", "packed", "packed-fp8"]
     assert all(r["tokens_per_s"] > 0 and r["tokens"] == rows[0]["tokens"] for r in rows)
     (summary,) = data["summary"]
     assert summary["agree"] and summary["min_cosine"] > 0.999
     assert summary["speedup"] == pytest.approx(rows[0]["seconds"] / rows[1]["seconds"])
+    # the fp8 path (simulated on CPU) against the packed one
+    assert summary["fp8"]["agree"] and summary["fp8"]["speedup_vs_packed"] == pytest.approx(rows[1]["seconds"] / rows[2]["seconds"])
+
+
+def test_bench_encode_reports_model_flops_utilisation(smoke_results):
+    """Model FLOPs per second from the config's FLOP count, as a fraction of the GEMM ceiling measured in the same run."""
+    from llm2vec_fast.profiling import encode_flops
+    from llm2vec_fast.synthetic import random_config
+
+    out, _ = smoke_results
+    data = json.loads((out / "encode-cpu.json").read_text())
+    ceiling = data["gemm_ceilings"]["float32"]
+    assert ceiling["tflops"] > 0 and ceiling["size"] == 256
+    assert data["gemm_ceilings"]["fp8_rowwise"] == {"tflops": None, "unavailable": "the device is cpu, not a CUDA GPU"}
+    (summary,) = data["summary"]
+    per_token = encode_flops(random_config("tiny"), [summary["tokens"]]) / summary["tokens"] / 1e9
+    assert summary["model_gflop_per_token"] < per_token  # several short sequences attend less than one long one
+    for r in data["results"]:
+        flops = summary["model_gflop_per_token"] * 1e9 * r["tokens"]
+        assert r["model_tflops_per_s"] == pytest.approx(flops / r["seconds"] / 1e12)
+        if r["method"] == "packed-fp8":
+            assert r["precision"] == "fp8_rowwise" and r["mfu"] is None  # no FP8 ceiling on a CPU
+        else:
+            assert r["precision"] == "float32" and r["mfu"] == pytest.approx(r["model_tflops_per_s"] / ceiling["tflops"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
@@ -95,6 +120,8 @@ def test_suite_summary(smoke_results, tmp_path):
     assert "attention L=512 fwd_vs_flash" in proc.stdout and "1.20x" in proc.stdout
     assert "pooling varlen mean fwd_vs_torch_ref" in proc.stdout and "4.00x" in proc.stdout
     assert "encode tiny packed vs reference" in proc.stdout and "min cosine" in proc.stdout
+    assert "encode tiny fp8 vs bf16 packed" in proc.stdout and "fp8 min cosine" in proc.stdout
+    assert "encode tiny packed model FLOPs / float32 ceiling" in proc.stdout
     assert "fwd_vs_cudnn" in proc.stdout and "n/a" in proc.stdout
     # one row per sequence: compared with a plain gather, never judged by copy bandwidth
     assert "pooling varlen last fwd_vs_copy" not in proc.stdout
@@ -111,21 +138,83 @@ def test_bench_first_embedding_cpu_smoke():
     assert '"cold_over_warm"' in proc.stdout and '"first_embedding_s"' in proc.stdout
 
 
-def test_readme_result_tables_match_their_json(tmp_path):
-    """The README's serve / dataset CPU tables are exactly what ``readme_results.py`` renders from the JSON."""
+def _readme_results():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("readme_results", BENCH_DIR / "readme_results.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    copy = tmp_path / "README.md"
-    copy.write_text(module.README.read_text())
-    module.update_readme(copy, module.RESULTS)
-    assert copy.read_text() == module.README.read_text(), "README result tables drifted: run python benchmarks/readme_results.py"
-    # a missing JSON gives a note, never numbers
+    return module
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
+def test_generated_result_tables_match_their_json(tmp_path, page):
+    """Every generated block of the page (README: the summary; docs/benchmarks.md: the summary, GPU,
+    serve, dataset, int8 GEMM and recipe tables) is exactly what ``readme_results.py`` renders from the JSON."""
+    module = _readme_results()
+    path = module.ROOT / page
+    assert path in module.PAGES
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text())
+    module.update_page(copy, module.RESULTS)
+    assert copy.read_text() == path.read_text(), f"{page}: result tables drifted: run python benchmarks/readme_results.py"
+
+
+def test_pages_hold_every_generated_block():
+    """The markers the generator fills are on the pages (a deleted marker would silently stop the drift check)."""
+    module = _readme_results()
+    readme, bench = module.README.read_text(), module.BENCHMARKS_PAGE.read_text()
+    assert "<!-- summary:start -->" in readme
+    for marker in [*module.TABLES, "gpu-results", "summary"]:
+        assert f"<!-- {marker}:start -->" in bench and f"<!-- {marker}:end -->" in bench, marker
+    # the README's summary names where and when each row was measured
+    summary = readme.split("<!-- summary:start -->")[1].split("<!-- summary:end -->")[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| result ")]
+    assert len(rows) >= 5 and all(line.rstrip(" |").split("| ")[-1].strip() for line in rows)
+
+
+def test_missing_results_give_notes_never_numbers(tmp_path):
+    module = _readme_results()
     text = module.replace_between_markers("a\n<!-- x:start -->\nold\n<!-- x:end -->\nb", "x", "new")
     assert text == "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb"
+    assert module.replace_between_markers("no markers", "x", "new") == "no markers"
+    copy = tmp_path / "benchmarks.md"
+    copy.write_text(module.BENCHMARKS_PAGE.read_text())
     empty = tmp_path / "results"
     empty.mkdir()
-    module.update_readme(copy, empty)
-    assert "no `benchmarks/results/serve-cpu.json` yet" in copy.read_text()
+    module.update_page(copy, empty)
+    text = copy.read_text()
+    assert "no `benchmarks/results/serve-cpu.json` yet" in text and "no `benchmarks/results/recipe_sts.json` yet" in text
+    assert "(no results yet" in text.split("<!-- summary:start -->")[1]
+
+
+def test_onnx_tables_match_their_json(tmp_path):
+    """The ONNX Runtime tables of docs/benchmarks.md are exactly what ``bench_onnx.py --docs`` renders."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_onnx", BENCH_DIR / "bench_onnx.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    page = bench.BENCHMARKS_PAGE.read_text()
+    for marker in bench.TABLES.values():
+        assert f"<!-- {marker}:start -->" in page, marker
+    copy = tmp_path / "benchmarks.md"
+    copy.write_text(page)
+    bench.update_docs(copy, bench.RESULTS)
+    assert copy.read_text() == page, "docs/benchmarks.md ONNX tables drifted: run python benchmarks/bench_onnx.py --docs"
+
+
+def test_gpu_suite_skips_the_fp8_step_without_its_minimum_budget(tmp_path):
+    """Budget-aware: with less than FP8_MIN_S seconds of the suite budget left the FP8 encode step is
+    skipped (and reported), the other steps still start. Every command is `true` (no GPU needed)."""
+    env = {**os.environ, "PYTHON": "true", "SUITE_BUDGET_S": "50", "FP8_MIN_S": "60", "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1  # a skipped step is a failed suite
+    assert "bench-encode-fp8: skipped (" in proc.stdout and "needs 60s)" in proc.stdout
+    for name in ("install", "bench-encode", "bench-attention", "kernel-tests"):
+        assert f"{name}: ok (" in proc.stdout, name
+    assert "=== bench-encode-fp8" not in proc.stdout
+    env["SUITE_BUDGET_S"], env["OUT"] = "480", str(tmp_path / "second")
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], capture_output=True, text=True, timeout=120, env=env)
+    assert "bench-encode-fp8: ok (" in proc.stdout
+    assert "--methods packed packed-fp8 --name fp8-encode" in proc.stdout

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from llm2vec_fast.kernels import _dispatch, cu_seqlens_from_lengths, flash_attn_varlen, masked_pool_varlen
+from tolerances import rounding_tolerance
 from transformers import AutoModel
 
 from llm2vec_fast.bidirectional import decoder_of, enable_bidirectional
@@ -119,7 +120,7 @@ def test_torch_backend_gradients_through_the_op_match_the_reference_with_dropout
     ref = flash_attn_varlen_reference(q, k, v, cu, 12, 0.2, 0.4, dropout_generator=gen)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     for g, r in zip(got, torch.autograd.grad(ref, (q, k, v), grad)):
-        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(g, r, **rounding_tolerance(torch.float32, 32))  # sums over d = 32 or 12 keys
     plain = flash_attn_varlen_reference(q, k, v, cu, 12, 0.2)
     assert (out - plain).abs().max() > 1e-2  # dropout really was on
 
@@ -145,7 +146,7 @@ def test_torch_backend_pooling_gradient_matches_autograd_through_the_reference(m
     (grad,) = torch.autograd.grad(out, h, grad_out)
     (grad_ref,) = torch.autograd.grad(ref, h_ref, grad_out)
     assert grad.dtype == dtype
-    torch.testing.assert_close(grad, grad_ref, atol=1e-6 if dtype == torch.float32 else 1e-3, rtol=1e-3)
+    torch.testing.assert_close(grad, grad_ref, **rounding_tolerance(dtype, 6))  # no sequence is longer than 6
     assert grad.abs().sum() > 0
 
 

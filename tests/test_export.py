@@ -518,23 +518,23 @@ def _fake_result(speedup: float) -> dict:
     }
 
 
-def test_bench_onnx_readme_table_is_generated_from_json(tmp_path):
+def test_bench_onnx_docs_table_is_generated_from_json(tmp_path):
     bench = _bench_module()
     results = tmp_path / "results"
     results.mkdir()
-    readme = tmp_path / "README.md"
-    readme.write_text(
+    page = tmp_path / "benchmarks.md"
+    page.write_text(
         "intro\n<!-- bench_onnx:start -->\nold hand-typed numbers\n<!-- bench_onnx:end -->\n"
         "<!-- bench_onnx_trained:start -->\n<!-- bench_onnx_trained:end -->\ntail\n"
     )
     (results / "onnx-cpu.json").write_text(json.dumps(_fake_result(2.34)))
-    bench.update_readme(readme, results)
-    text = readme.read_text()
+    bench.update_docs(page, results)
+    text = page.read_text()
     assert "old hand-typed" not in text and text.startswith("intro\n") and text.endswith("tail\n")
     assert "| onnx-int8 | 93.6 | 2.34x (2.24-2.44) | 0.9950 | 0.9850 / 0.9900 | 70.00 (+0.30) | 221 MB | 80 s |" in text
     assert "no `" in text.split("bench_onnx_trained:start")[1]  # missing trained JSON: a note, no numbers
-    bench.update_readme(readme, results)
-    assert readme.read_text() == text  # idempotent
+    bench.update_docs(page, results)
+    assert page.read_text() == text  # idempotent
 
 
 def test_bench_onnx_refuses_a_busy_machine(monkeypatch, tmp_path):

@@ -38,32 +38,48 @@ def test_sum_over_prefixes_matches_hand_computation(n, dim):
     torch.testing.assert_close(default_weights.double(), _reference(q, d, dims, [1.0] * len(dims)), rtol=1e-5, atol=1e-6)
 
 
-def test_equals_sentence_transformers_matryoshka_loss_over_mnrl():
-    """sentence-transformers' own ``MatryoshkaLoss(MultipleNegativesRankingLoss)`` on the same
-    embeddings (anchor, positive, hard negative): same weights, same prefixes, each normalised after
-    truncation; loss and gradients equal ours."""
-    st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+def _tiny_sentence_transformer(dim: int):
+    """A real ``SentenceTransformer`` built offline through public API only: a word-level
+    tokenizer over a few words and a ``StaticEmbedding`` (mean of per-token vectors) of random float64
+    weights, so both losses see identical, differentiable embeddings."""
+    tokenizers = pytest.importorskip("tokenizers")
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
 
-    class Embeddings(torch.nn.Module):  # a "model" whose forward returns the given embeddings
-        def forward(self, features):
-            return {"sentence_embedding": features["emb"]}
-
-        def get_embedding_dimension(self):
-            return 40
-
+    words = "cats dogs rain music tea code sun sea".split()
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     torch.manual_seed(0)
-    cols = [torch.randn(6, 40, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    module = StaticEmbedding(tokenizer, embedding_weights=torch.randn(len(words) + 1, dim, dtype=torch.float64))
+    return st.SentenceTransformer(modules=[module], device="cpu"), words
+
+
+def test_equals_sentence_transformers_matryoshka_loss_over_mnrl():
+    """sentence-transformers' own ``MatryoshkaLoss(MultipleNegativesRankingLoss)``, driven through a
+    real tiny ``SentenceTransformer`` on (anchor, positive, hard negative) columns: same weights, same
+    prefixes, each normalised after truncation; the loss and its gradients on the model's weights equal
+    ours computed from the same model's embeddings."""
+    from sentence_transformers.sentence_transformer import losses as st_losses
+
+    model, words = _tiny_sentence_transformer(40)
+    rng = torch.Generator().manual_seed(1)
+    columns = [[" ".join(words[j] for j in torch.randint(len(words), (3,), generator=rng)) for _ in range(6)] for _ in range(3)]
+    features = [model.preprocess(column) for column in columns]
+    weights_param = next(p for p in model.parameters() if p.requires_grad)
     dims, weights = [8, 16, 40], [1.0, 0.5, 2.0]
-    model = Embeddings()
-    st = st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model, scale=20.0), dims, matryoshka_weights=weights)
-    theirs = st([{"emb": c} for c in cols], None)
-    their_grads = torch.autograd.grad(theirs, cols)
-    reps = torch.cat(cols)
+
+    loss = st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model, scale=20.0), dims, matryoshka_weights=weights)
+    theirs = loss([dict(f) for f in features], None)
+    (their_grad,) = torch.autograd.grad(theirs, weights_param)
+
+    reps = torch.cat([model(dict(f))["sentence_embedding"] for f in features])
+    assert reps.dtype == torch.float64 and reps.shape == (18, 40)
     ours = matryoshka_loss(lambda r: info_nce(r[:6], r[6:], 20.0), reps, dims, weights)
-    our_grads = torch.autograd.grad(ours, cols)
+    (our_grad,) = torch.autograd.grad(ours, weights_param)
+    assert their_grad.abs().sum() > 0
+    # our InfoNCE scores in float32 whatever the embedding dtype: float32 tolerances
     torch.testing.assert_close(ours.double(), theirs, rtol=1e-6, atol=1e-6)
-    for g_ours, g_theirs in zip(our_grads, their_grads):
-        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_reaches_only_the_trained_prefixes():

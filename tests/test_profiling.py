@@ -14,6 +14,8 @@ from llm2vec_fast.profiling import (
     attention_flops,
     card_peak,
     category_rates,
+    decoder_linear_params,
+    encode_flops,
     kernel_rows,
     pooling_bytes,
     render_kernel_table,
@@ -23,6 +25,34 @@ from llm2vec_fast.profiling import (
 def test_attention_flops_counts_useful_pairs_only():
     assert attention_flops([3, 5], num_heads=2, head_dim=4) == 4 * (9 + 25) * 2 * 4
     assert attention_flops([3, 5], 2, 4, num_layers=10) == 10 * attention_flops([3, 5], 2, 4)
+
+
+def test_encode_flops_by_hand_on_a_tiny_config():
+    # hidden 8, 2 query heads and 1 KV head of dim 4, MLP 16, 3 layers
+    config = SimpleNamespace(
+        hidden_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=4, intermediate_size=16, num_hidden_layers=3
+    )
+    # q 8x8, k 8x4, v 8x4, o 8x8 = 192; gate, up, down 8x16 each = 384
+    assert decoder_linear_params(config) == 192 + 384
+    # 2 FLOPs per weight per token per layer (5 tokens, 3 layers) + attention 4 * L^2 * 2 heads * 4 per layer
+    gemm = 2 * 576 * 5 * 3
+    attention = 4 * (2 * 2 + 3 * 3) * 2 * 4 * 3
+    assert encode_flops(config, [2, 3]) == gemm + attention
+    # head_dim absent from the config: hidden / heads; no num_key_value_heads: multi-head attention
+    plain = SimpleNamespace(hidden_size=8, num_attention_heads=2, intermediate_size=16, num_hidden_layers=1)
+    assert decoder_linear_params(plain) == 4 * 64 + 384
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "phi3"])
+def test_decoder_linear_params_match_the_model(family):
+    """The count from the config equals the weights of the nn.Linear modules of a real decoder layer."""
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    config = tiny_config(family)
+    layer = AutoModel.from_config(config).layers[0]
+    weights = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    assert decoder_linear_params(config) == weights
 
 
 @pytest.mark.parametrize("mode, rows_read", [("mean", 100), ("weighted_mean", 100), ("last", 4), ("first", 4)])

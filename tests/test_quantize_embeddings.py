@@ -227,7 +227,12 @@ def test_cli_precision_and_truncation(tiny_llama_dir, tmp_path, capsys):
         == 0
     )
     line = json.loads(capsys.readouterr().out.strip())
-    np.testing.assert_array_equal(line["embedding"], codes[0])
+    single = encoder.encode(["A man is playing a guitar."], truncate_dim=16, normalize_embeddings=True).numpy()
+    saved = np.load(ranges_file)
+    np.testing.assert_array_equal(line["embedding"], st_quantization.quantize_embeddings(single, "int8", ranges=saved)[0])
+    # alone or in a batch of six, the floats may differ in their last bits (padding changes the
+    # summation order on some CPUs), so a value on a bucket edge may move by one code, never more
+    assert np.abs(np.asarray(line["embedding"], dtype=np.int32) - codes[0].astype(np.int32)).max() <= 1
     assert main(args + ["--output", str(out), "--precision", "ubinary"]) == 0
     assert np.load(out).shape == (6, 8) and np.load(out).dtype == np.uint8
     assert main(args + ["--precision", "float32", "--ranges", str(ranges_file)]) == 2

@@ -111,7 +111,7 @@ def test_batch_request_metrics():
     assert samples[("llm2vec_batch_requests_count", None)] == 2
     assert samples[("llm2vec_batch_requests_bucket", "1.0")] == 1  # the other batch merged 3 requests
     assert samples[("llm2vec_batch_requests_sum", None)] == 4
-    assert metrics.tokens._value.get() == 5 + 3 * 3
+    assert metrics.registry.get_sample_value("llm2vec_embedded_tokens_total") == 5 + 3 * 3
 
 
 def test_cancelled_request_leaves_the_queue_and_is_never_computed():
@@ -188,7 +188,7 @@ def test_model_error_fails_only_that_batch():
     assert model.batches == [[1], [2, 7], [9], [5]]  # b's remaining text 8 was dropped with it
     torch.testing.assert_close(out_c, expected([item(9, 3)]))
     torch.testing.assert_close(after, expected([item(5, 2)]))
-    assert batcher.queued_tokens == 0 and batcher.metrics.batch_failures._value.get() == 1
+    assert batcher.queued_tokens == 0 and batcher.metrics.registry.get_sample_value("llm2vec_batch_failures_total") == 1
 
 
 def test_stop_fails_waiting_requests_and_refuses_new_ones():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from llm2vec_fast.kernels import _dispatch, cu_seqlens_from_lengths
+from tolerances import accumulation_eps
 from torch import nn
 
 from llm2vec_fast.varlen_attention import kernel_backend, varlen_attention_forward
@@ -66,7 +67,8 @@ def test_gemma2_softcap_reaches_the_kernel(backend, softcap):
             max_length_k=30,
         )
     want = _eager_block_diagonal(module, q, k, v, cu, scaling, softcap)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    # both sides sum in float32, each in its own order: twice the worst case of one
+    torch.testing.assert_close(got, want, atol=2 * accumulation_eps(want, d, max(lengths)), rtol=0)
     if softcap is not None:  # the cap changes the result, so this test can fail
         assert (want - _eager_block_diagonal(module, q, k, v, cu, scaling, None)).abs().max() > 1e-2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..encoding import POOLING_MODES
+from ..fp8 import QUANTIZATIONS
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +18,30 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--no-bidirectional", action="store_true", help="keep the causal mask (plain decoder)")
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="fp8: the decoder's linear layers as FP8 W8A8 GEMMs (CUDA GPUs of compute capability 8.9+), layers that "
+        "calibration finds sensitive kept in high precision; fp8-simulated: the same numerics on any device (slow; "
+        "for fidelity checks)",
+    )
+    parser.add_argument(
+        "--high-precision-layers",
+        type=_layer_indices,
+        default="calibrate",
+        metavar="I,J,...",
+        help='with --quantization: decoder layers kept in high precision ("" for none; default: chosen by calibration at load)',
+    )
+
+
+def _layer_indices(value: str):
+    if value == "calibrate":
+        return value
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated decoder layer indices, got {value!r}") from None
 
 
 def encoder_kwargs(args: argparse.Namespace) -> dict:
@@ -28,6 +53,8 @@ def encoder_kwargs(args: argparse.Namespace) -> dict:
         enable_bidirectional=not args.no_bidirectional,
         dtype=args.dtype,
         device=args.device,
+        quantization=args.quantization,
+        high_precision_layers=args.high_precision_layers,
     )
 
 

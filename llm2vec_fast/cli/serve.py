@@ -86,6 +86,7 @@ def load_serving_encoder(args: argparse.Namespace):
             ("--pooling", args.pooling),
             ("--max-length", args.max_length),
             ("--dtype", args.dtype),
+            ("--quantization", args.quantization),
         )
         if value
     ]

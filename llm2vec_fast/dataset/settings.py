@@ -31,6 +31,13 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 def encoder_settings(encoder) -> dict:
     """What about the encoder changes the embeddings."""
     model = encoder.model
+    # FP8 changes the embeddings; recorded only when used, so manifests of unquantized jobs still resume
+    quantization = getattr(encoder, "quantization", None)
+    fp8 = (
+        {"quantization": quantization, "high_precision_layers": encoder.quantization_report["high_precision_layers"]}
+        if quantization
+        else {}
+    )
     return {
         "weights": weights_fingerprint(model),
         "dimension": int(encoder.hidden_size),
@@ -41,6 +48,7 @@ def encoder_settings(encoder) -> dict:
         "skip_instruction": encoder.skip_instruction,
         "model_id": encoder.model_id,
         "bidirectional": bool(is_bidirectional(model)),
+        **fp8,
     }
 
 
