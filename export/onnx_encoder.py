@@ -56,6 +56,23 @@ def resolve_providers(providers: str | Sequence | None, available: Sequence[str]
     return out
 
 
+def _check_int8_weights(config: dict, providers: list, folder: Path) -> None:
+    """8-bit int8 weights saturate in ONNX Runtime's CPU GEMM on x86 without VNNI/AMX (see
+    ``cpu_int8``): say so instead of returning quietly wrong embeddings."""
+    import platform
+
+    from .cpu_int8 import has_int8_dot
+
+    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    on_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    if config.get("onnx", {}).get("int8_weight_bits") == 8 and first == "CPUExecutionProvider" and on_x86 and not has_int8_dot():
+        logger.warning(
+            "%s holds 8-bit int8 weights, which need a CPU with VNNI or AMX; this CPU has neither, so ONNX Runtime's "
+            "int8 GEMM saturates and the embeddings are wrong. Re-export on this machine (or with --int8-weights 7bit).",
+            folder,
+        )
+
+
 class OnnxEncoder(EncodeMixin):
     """An exported LLM2Vec encoder run by ONNX Runtime; ``encode()`` behaves as ``LLM2Vec.encode``
     (same tokenisation, instruction handling, batching and output types)."""
@@ -107,6 +124,7 @@ class OnnxEncoder(EncodeMixin):
         if report.is_file() and json.loads(report.read_text()).get("status") == "failed":
             logger.warning("%s failed validation at export time (see export_report.json)", folder)
         providers = resolve_providers(providers, ort.get_available_providers())
+        _check_int8_weights(config, providers, folder)
         if session_options is None:
             session_options = ort.SessionOptions()
             session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -102,8 +102,10 @@ def test_int_precisions_use_matmulnbits_and_shrink(tiny_exports):
 
 def test_int8_runs_calibrated_matmuls_in_int8(tiny_exports):
     """The tiny random Llama is well-behaved: calibration puts every decoder MatMul in int8, and
-    the graph holds exactly the reported MatMulIntegerToFloat nodes with 7-bit int8 weights, fed by one
-    per-token quantization per distinct input (q/k/v and gate/up share theirs)."""
+    the graph holds exactly the reported MatMulIntegerToFloat nodes with GPTQ-rounded int8 weights
+    of the bits this CPU multiplies without saturation, fed by one per-token quantization per
+    distinct input (q/k/v and gate/up share theirs)."""
+    from llm2vec_fast.export.cpu_int8 import WEIGHT_LEVELS, int8_weight_bits
     from onnx import numpy_helper
 
     folder = tiny_exports["int8"]
@@ -114,11 +116,16 @@ def test_int8_runs_calibrated_matmuls_in_int8(tiny_exports):
     assert q["int8_layers"] == [0, 1] and q["fp32_layers"] == q["fp32_layers_alone"] == [] and len(q["layer_sensitivity"]) == 2
     assert "per token" in q["activations"]
     assert q["calibration_min_cos"] >= q["calibration_thresholds"]["min_cos"]
+    # the worst-sentence bar follows bf16 on the same texts: max(0.95, min(0.98, bf16's worst))
+    assert q["calibration_thresholds"]["min_cos"] == max(0.95, min(0.98, q["calibration_bf16_min_cos"]))
+    assert q["weight_bits"] == int8_weight_bits() and q["weight_rounding"].startswith("GPTQ")
     # all-int8 tried first (torch simulation), then confirmed on the real graph
     assert [(t["int8_layers"], t["engine"]) for t in q["calibration_trials"]] == [(2, "torch"), (2, "onnxruntime")]
     inits = {t.name: t for t in model.graph.initializer}
     w = numpy_helper.to_array(inits[int8[0].input[1]])
-    assert w.dtype == np.int8 and np.abs(w).max() <= 63  # no vpmaddubsw saturation on AVX2
+    assert w.dtype == np.int8 and np.abs(w).max() == WEIGHT_LEVELS[q["weight_bits"]]  # 7-bit: no vpmaddubsw saturation on AVX2
+    config = json.loads((folder / "llm2vec_config.json").read_text())
+    assert config["onnx"]["int8_weight_bits"] == q["weight_bits"]
     assert numpy_helper.to_array(inits[int8[0].input[4]]).tolist() == 128  # u8 codes, zero point 128
     # q/k/v share one quantized input, gate/up another, o_proj and down_proj their own: 4 per layer
     assert sum(n.op_type == "ReduceMax" for n in model.graph.node) == 2 * 4
