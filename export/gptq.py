@@ -155,11 +155,13 @@ def gptq_decoder_weights(
     act_order: bool = True,
     damp: float = DEFAULT_DAMP,
     batch_size: int = 32,
+    sequential: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ-rounded int8 weights of every decoder ``nn.Linear`` of ``encoder`` (an fp32 LLM2Vec),
-    keyed by its ONNX MatMul name, calibrated sequentially on ``inputs`` (see the module docstring).
-    The encoder is unchanged afterwards."""
+    keyed by its ONNX MatMul name, calibrated sequentially on ``inputs`` (see the module docstring;
+    ``sequential=False``: every Linear on the fp32 model's inputs, one pass). The encoder is
+    unchanged afterwards."""
     from ..bidirectional import decoder_of
     from .calibrate import _fake_int8_rows, decoder_layer_linears
 
@@ -223,6 +225,8 @@ def gptq_decoder_weights(
                     module = linears[name]
                     q, scale = gptq_quantize(module.weight.data.float().cpu(), acc.h, levels, damp=damp, act_order=act_order)
                     result[name] = to_graph_layout(q, scale)
+                    if not sequential:
+                        continue
                     simulated = (q.float() * scale[:, None]).to(module.weight.device, module.weight.dtype)
                     installed.append((module, module.weight.data, module.register_forward_pre_hook(_round_input)))
                     module.weight.data = simulated

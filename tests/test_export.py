@@ -449,6 +449,28 @@ def test_cli_export(tiny_llama_dir, tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 0
 
 
+def test_cli_eval_scores_an_onnx_folder(tiny_encoder, tiny_exports, tmp_path, capsys):
+    """``eval sts --onnx DIR`` (or the folder as ``--model``) scores the export through OnnxEncoder:
+    the same Spearman as stsb_spearman on that OnnxEncoder, not the torch encoder's."""
+    import re
+
+    from llm2vec_fast.cli import main
+    from llm2vec_fast.stsb import stsb_spearman
+
+    folder = tiny_exports["int8"]
+    expected = stsb_spearman(OnnxEncoder.from_pretrained(folder, num_threads=1), "dev", limit=40)
+    assert abs(expected - stsb_spearman(tiny_encoder, "dev", limit=40)) > 1e-4  # int8 scores differently
+    for args in (["--onnx", str(folder)], ["--model", str(folder)]):
+        assert main(["eval", "sts", "--limit", "40", "--threads", "1", *args]) == 0
+        printed = float(re.search(r"Spearman x100: ([-\d.]+)", capsys.readouterr().out).group(1))
+        assert abs(printed - expected) < 0.01
+    assert main(["eval", "sts", "--onnx", str(folder), "--peft", "adapter"]) == 2
+    assert "--peft cannot change an ONNX export" in capsys.readouterr().err
+    assert main(["eval", "sts", "--onnx", str(tmp_path)]) == 2
+    assert "holds no model.onnx" in capsys.readouterr().err
+    assert main(["eval", "mteb", "--tasks", "NoSuchTask", "--onnx", str(folder)]) == 2
+
+
 def test_nothing_imports_a_top_level_export_module():
     """``export/`` installs as ``llm2vec_fast.export`` only; nothing may import ``export`` itself."""
     import re
