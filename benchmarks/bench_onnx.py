@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (tests)
+from llm2vec_fast.export.cpu_int8 import cpu_flags, cpu_name  # noqa: E402,F401  (bench_int8_gemm imports them from here)
 from portable_paths import portable_argv, portable_path  # noqa: E402
 from readme_results import replace_between_markers  # noqa: E402
 
@@ -51,27 +51,6 @@ INSTRUCTIONS = (
 
 class BusyMachineError(RuntimeError):
     pass
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags)
-    except OSError:
-        pass
-    return []
 
 
 def check_load(threads: int, running: bool) -> float:
@@ -107,6 +86,31 @@ def export_seconds(folder: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return round(report.get("export_s", 0) + report.get("convert_s", 0), 1)
+
+
+def export_facts(folder: Path) -> dict:
+    """What an int8 export chose: weight bits and rounding, layers in int8 (from its report)."""
+    try:
+        q = json.loads((folder / "export_report.json").read_text()).get("quantization") or {}
+    except (OSError, ValueError):
+        return {}
+    keys = {"weight_bits": "int8_weight_bits", "weight_rounding": "int8_weight_rounding", "int8_layers": "int8_layers"}
+    out = {new: q[old] for old, new in keys.items() if old in q}
+    if "int8_layers" in out:
+        out["int8_layers"] = len(out["int8_layers"])
+        out["layers"] = len(q.get("layer_sensitivity", [])) or None
+    return out
+
+
+def int8_gemm_ceiling(cpu: str) -> dict | None:
+    """bench_int8_gemm.py's int8-vs-fp32 GEMM speed-ups on this CPU, when its JSON is from this CPU."""
+    try:
+        gemm = json.loads((RESULTS / "int8-gemm-cpu.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if gemm.get("cpu") != cpu:
+        return None
+    return {"file": "benchmarks/results/int8-gemm-cpu.json", "threads": gemm.get("threads"), "rows": gemm.get("rows")}
 
 
 def plain_forward(encoder):
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="run on a busy machine / odd baseline; smoke test: writes nothing to benchmarks/results"
     )
+    parser.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 row (int8's fidelity bar)")
     parser.add_argument("--docs", action="store_true", help="only regenerate the docs tables (docs/benchmarks.md) from the JSON files")
     args = parser.parse_args(argv)
     if args.docs:
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> dict:
     import torch
     from llm2vec_fast.export import OnnxEncoder, ValidationConfig, export_onnx
-    from llm2vec_fast.export.calibrate import cosine_rows
+    from llm2vec_fast.export.calibrate import bf16_copy, cosine_rows
     from llm2vec_fast.export.precisions import check_precision
 
     from llm2vec_fast import LLM2Vec
@@ -199,6 +204,9 @@ def run(args) -> dict:
     engines = {"torch-fp32": lambda t, bs: encoder.encode(t, batch_size=bs, convert_to_numpy=True)}
     plain = plain_forward(encoder)
     engines["torch-plain-forward"] = lambda t, bs: plain(t, bs).numpy()
+    if not args.no_bf16:  # the fidelity bar of int8 (precisions.int8_min_cos), timed alongside
+        bf16_encoder = bf16_copy(encoder)
+        engines["torch-bf16"] = lambda t, bs: bf16_encoder.encode(t, batch_size=bs, convert_to_numpy=True)
     folders = {}
     for p in precisions:
         folder = folders[p] = export_root / p
@@ -245,6 +253,17 @@ def run(args) -> dict:
         }
         if name == "torch-fp32":
             row.update(mean_cos=1.0, min_cos=1.0, min_cos_instructions=1.0, stsb_dev_spearman=round(stsb_reference, 2))
+        elif name == "torch-bf16":
+            cos = cosine_rows(engines[name](texts, args.batch_size), reference)
+            cos_pairs = cosine_rows(engines[name](pairs, args.batch_size), reference_pairs)
+            spearman = stsb_spearman(bf16_encoder, "dev", args.stsb_pairs, batch_size=args.batch_size)
+            row.update(
+                mean_cos=round(float(np.concatenate([cos, cos_pairs]).mean()), 6),
+                min_cos=round(float(cos.min()), 6),
+                min_cos_instructions=round(float(cos_pairs.min()), 6),
+                stsb_dev_spearman=round(spearman, 2),
+                stsb_drop=round(stsb_reference - spearman, 2),
+            )
         else:
             p = name.removeprefix("onnx-")
             onnx_encoder = OnnxEncoder.from_pretrained(folders[p], num_threads=args.threads)
@@ -261,6 +280,7 @@ def run(args) -> dict:
                 stsb_drop=round(stsb_reference - spearman, 2),
                 size_mb=round(size / 1e6, 1),
                 export_s=export_seconds(folders[p]),
+                **export_facts(folders[p]),
             )
         rows.append(row)
 
@@ -271,6 +291,7 @@ def run(args) -> dict:
         + (f" + merged adapters {[portable_path(p) for p in args.peft]}" if args.peft else " (no LLM2Vec training)"),
         "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
+        "int8_gemm_ceiling": int8_gemm_ceiling(cpu_name()),
         "cpus": os.cpu_count(),
         "threads": args.threads,
         "batch_size": args.batch_size,
@@ -312,6 +333,7 @@ def render_table(result: dict) -> str:
     ]
     for r in result["results"]:
         torch_row = r["engine"] == "torch-fp32"
+        no_file = r["engine"].startswith("torch-")
         lines.append(
             "| {engine} | {sps:.1f} | {sp:.2f}x ({lo:.2f}-{hi:.2f}) | {mean} | {mins} | {stsb}{drop} | {size} | {exp} |".format(
                 engine=r["engine"],
@@ -323,10 +345,21 @@ def render_table(result: dict) -> str:
                 mins="1" if torch_row else f"{r['min_cos']:.4f} / {r['min_cos_instructions']:.4f}",
                 stsb=f"{r['stsb_dev_spearman']:.2f}",
                 drop="" if torch_row else f" ({r['stsb_drop']:+.2f})",
-                size="-" if torch_row else f"{r['size_mb']:.0f} MB",
-                exp="-" if torch_row or r.get("export_s") is None else f"{r['export_s']:.0f} s",
+                size="-" if no_file else f"{r['size_mb']:.0f} MB",
+                exp="-" if no_file or r.get("export_s") is None else f"{r['export_s']:.0f} s",
             )
         )
+    for r in result["results"]:
+        if r.get("int8_layers") is not None:
+            lines.append(
+                f"\n{r['engine']}: {r['int8_layers']} of {r.get('layers') or '?'} decoder layers in int8, "
+                f"{r.get('int8_weight_bits', 7)}-bit weights ({r.get('int8_weight_rounding', 'nearest')} rounding)."
+            )
+    ceiling = result.get("int8_gemm_ceiling")
+    if ceiling and ceiling.get("rows"):
+        best = max(x.get("MatMulIntegerToFloat_speedup", 0) for x in ceiling["rows"])
+        worst = min(x.get("MatMulIntegerToFloat_speedup", 0) for x in ceiling["rows"])
+        lines.append(f"\nint8 GEMM ceiling on this CPU (bench_int8_gemm.py, MatMulIntegerToFloat vs fp32 MatMul): {worst:.1f}-{best:.1f}x.")
     return "\n".join(lines)
 
 

@@ -531,7 +531,12 @@ def _fake_result(speedup: float) -> dict:
         stsb_drop=0.3,
         size_mb=221.0,
         export_s=80.0,
+        int8_layers=30,
+        layers=30,
+        int8_weight_bits=8,
+        int8_weight_rounding="GPTQ (sequential, act-order)",
     )
+    bf16_row = dict(row, engine="torch-bf16", mean_cos=0.997, min_cos=0.93, min_cos_instructions=0.95, stsb_drop=0.1)
     return {
         "model": "m",
         "cpu": "c",
@@ -543,7 +548,8 @@ def _fake_result(speedup: float) -> dict:
         "load_average_per_round": [0.1, 2.2],
         "baseline_check": {"encode_s_over_plain_forward_s": 1.02},
         "date": "d",
-        "results": [dict(row, engine="torch-fp32"), onnx_row],
+        "results": [dict(row, engine="torch-fp32"), bf16_row, onnx_row],
+        "int8_gemm_ceiling": {"rows": [{"MatMulIntegerToFloat_speedup": 1.5}, {"MatMulIntegerToFloat_speedup": 6.25}]},
     }
 
 
@@ -561,9 +567,30 @@ def test_bench_onnx_docs_table_is_generated_from_json(tmp_path):
     text = page.read_text()
     assert "old hand-typed" not in text and text.startswith("intro\n") and text.endswith("tail\n")
     assert "| onnx-int8 | 93.6 | 2.34x (2.24-2.44) | 0.9950 | 0.9850 / 0.9900 | 70.00 (+0.30) | 221 MB | 80 s |" in text
+    assert "| torch-bf16 | 40.0 | 1.00x (1.00-1.00) | 0.9970 | 0.9300 / 0.9500 | 70.00 (+0.10) | - | - |" in text
+    assert "onnx-int8: 30 of 30 decoder layers in int8, 8-bit weights (GPTQ (sequential, act-order) rounding)." in text
+    assert "MatMulIntegerToFloat vs fp32 MatMul): 1.5-6.2x" in text
     assert "no `" in text.split("bench_onnx_trained:start")[1]  # missing trained JSON: a note, no numbers
     bench.update_docs(page, results)
     assert page.read_text() == text  # idempotent
+
+
+def test_bench_onnx_smoke_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
+    """--force on a tiny model: torch fp32, bf16 and int8 rows, with the CPU, its int8 flags and
+    what the int8 export chose in the JSON (written outside benchmarks/results)."""
+    import re
+
+    bench = _bench_module()
+    argv = ["--model", tiny_llama_dir, "--quick", "--force", "--sentences", "12", "--stsb-pairs", "20", "--threads", "1"]
+    assert bench.main([*argv, "--export-dir", str(tmp_path / "exports")]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(Path(re.search(r"see (\S+onnx-cpu\.json)", captured.err).group(1)).read_text())
+    assert [r["engine"] for r in result["results"]] == ["torch-fp32", "torch-bf16", "onnx-int8"]
+    assert result["cpu"] and isinstance(result["cpu_flags"], list)
+    bf16, int8 = result["results"][1:]
+    assert 0.5 < bf16["min_cos"] <= bf16["mean_cos"] <= 1 and "size_mb" not in bf16
+    assert int8["int8_layers"] == int8["layers"] == 2 and int8["int8_weight_bits"] in (7, 8)
+    assert "| torch-bf16 |" in captured.out
 
 
 def test_bench_onnx_refuses_a_busy_machine(monkeypatch, tmp_path):
