@@ -1,6 +1,8 @@
 """CPU benchmark of the ONNX exports against torch fp32 ``LLM2Vec.encode``, with a checked baseline.
 
-For torch fp32 and each ONNX precision: sentences/s (``--threads`` threads, batch 32, STS-B dev
+For torch fp32, torch bf16 (int8's fidelity bar), each ONNX precision under ONNX Runtime and,
+when ``openvino`` is installed, the same folders under OpenVINO (f32 inference, plus the fp32
+graph with bf16 inference on a CPU with bf16 instructions): sentences/s (``--threads`` threads, batch 32, STS-B dev
 sentences), the median of interleaved rounds and the spread of the per-round speed-up, mean / min
 cosine to torch fp32 on held-out plain sentences and on ``[instruction, text]`` pairs, STS-B dev
 Spearman, size on disk and export time.
@@ -23,6 +25,7 @@ are regenerated from those files.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -41,6 +44,7 @@ from readme_results import replace_between_markers  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 MAX_BASELINE_RATIO = 1.5
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 TABLES = {"onnx-cpu.json": "bench_onnx", "onnx-cpu-trained.json": "bench_onnx_trained"}
 INSTRUCTIONS = (
     "Retrieve semantically similar text:",
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="run on a busy machine / odd baseline; smoke test: writes nothing to benchmarks/results"
     )
     parser.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 row (int8's fidelity bar)")
+    parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO rows (run when openvino is installed)")
     parser.add_argument("--docs", action="store_true", help="only regenerate the docs tables (docs/benchmarks.md) from the JSON files")
     args = parser.parse_args(argv)
     if args.docs:
@@ -207,14 +212,25 @@ def run(args) -> dict:
     if not args.no_bf16:  # the fidelity bar of int8 (precisions.int8_min_cos), timed alongside
         bf16_encoder = bf16_copy(encoder)
         engines["torch-bf16"] = lambda t, bs: bf16_encoder.encode(t, batch_size=bs, convert_to_numpy=True)
-    folders = {}
+    folders: dict = {}
+    runners: dict = {}  # engine name -> (OnnxEncoder, export precision)
+    openvino = not args.no_openvino and importlib.util.find_spec("openvino") is not None
     for p in precisions:
         folder = folders[p] = export_root / p
         if not (folder / "model.onnx").is_file():
             print(f"exporting {p} -> {folder}", file=sys.stderr)
             export_onnx(encoder, folder, precision=p, validate=ValidationConfig(stsb_pairs=0), overwrite=True)
-        onnx_encoder = OnnxEncoder.from_pretrained(folder, num_threads=args.threads)
-        engines[f"onnx-{p}"] = lambda t, bs, e=onnx_encoder: e.encode(t, batch_size=bs, convert_to_numpy=True)
+        runners[f"onnx-{p}"] = (OnnxEncoder.from_pretrained(folder, num_threads=args.threads), p)
+    if openvino:  # the same folders under OpenVINO (f32 inference: the graph's precision)
+        for p in precisions:
+            runners[f"openvino-{p}"] = (OnnxEncoder.from_pretrained(folders[p], num_threads=args.threads, runtime="openvino"), p)
+        if "fp32" in precisions and BF16_FLAGS & set(cpu_flags()):  # its CPU default where the CPU has bf16
+            bf16_runtime = OnnxEncoder.from_pretrained(
+                folders["fp32"], num_threads=args.threads, runtime="openvino", inference_precision="bf16"
+            )
+            runners["openvino-fp32-bf16-inference"] = (bf16_runtime, "fp32")
+    for name, (runner, _) in runners.items():
+        engines[name] = lambda t, bs, e=runner: e.encode(t, batch_size=bs, convert_to_numpy=True)
 
     for fn in engines.values():  # warm-up
         fn(texts[: args.batch_size], args.batch_size)
@@ -265,8 +281,7 @@ def run(args) -> dict:
                 stsb_drop=round(stsb_reference - spearman, 2),
             )
         else:
-            p = name.removeprefix("onnx-")
-            onnx_encoder = OnnxEncoder.from_pretrained(folders[p], num_threads=args.threads)
+            onnx_encoder, p = runners[name]
             cos = cosine_rows(onnx_encoder.encode(texts, batch_size=args.batch_size, convert_to_numpy=True), reference)
             cos_pairs = cosine_rows(onnx_encoder.encode(pairs, batch_size=args.batch_size, convert_to_numpy=True), reference_pairs)
             both = np.concatenate([cos, cos_pairs])
@@ -309,9 +324,17 @@ def run(args) -> dict:
         "forced": bool(args.force),
         "argv": portable_argv(sys.argv[1:]) if argv_is_cli() else None,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino_version()},
         "results": rows,
     }
+
+
+def openvino_version() -> str | None:
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    import openvino
+
+    return openvino.__version__
 
 
 def argv_is_cli() -> bool:
