@@ -133,17 +133,17 @@ def _block_output(out) -> torch.Tensor:
 def _input_groups(block: nn.Module, linears: dict[str, nn.Linear], run: Callable[[], None]) -> list[list[str]]:
     """``linears`` of ``block`` grouped by the tensor they read (q/k/v, o, gate/up, down), in the
     order the block runs them (one call of ``run``)."""
-    seen: list[tuple[int, str]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.append((id(args[0]), name))) for name, m in linears.items()]
+    seen: list[tuple[torch.Tensor, str]] = []  # the inputs stay referenced, so no two share an id()
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.append((args[0], name))) for name, m in linears.items()]
     try:
         run()
     finally:
         for hook in hooks:
             hook.remove()
     groups: dict[int, list[str]] = {}
-    for key, name in seen:
-        if name not in groups.setdefault(key, []):
-            groups[key].append(name)
+    for tensor, name in seen:
+        if name not in groups.setdefault(id(tensor), []):
+            groups[id(tensor)].append(name)
     return list(groups.values())
 
 

@@ -90,6 +90,23 @@ def tiny_encoder(tiny_llama_dir):
     return LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
 
 
+def test_projections_are_grouped_by_their_shared_input(tiny_encoder):
+    """q/k/v read one tensor, o_proj another, gate/up a third, down_proj a fourth: GPTQ calibrates
+    each group after the previous ones are int8."""
+    from llm2vec_fast.export.calibrate import decoder_layer_linears
+    from llm2vec_fast.export.gptq import _input_groups
+
+    from llm2vec_fast.bidirectional import decoder_of
+
+    block = decoder_of(tiny_encoder.model).layers[0]
+    linears = decoder_layer_linears(tiny_encoder)[0]
+    batch = tiny_encoder.collate(tiny_encoder.tokenize(["A man plays guitar.", "Dogs run."]))
+    with torch.no_grad():
+        groups = _input_groups(block, linears, lambda: tiny_encoder(batch))
+    short = [[n.split("/")[-2] for n in g] for g in groups]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
 def test_sequential_gptq_over_a_decoder(tiny_encoder):
     """Every decoder MatMul gets GPTQ integers on the export's grid; the encoder is unchanged;
     the simulated int8 encoder is closer to fp32 with them than with round-to-nearest."""
