@@ -89,7 +89,8 @@ def export_onnx(
     Args:
         precision: ``fp32``; ``fp16`` (for GPUs; exported from an fp16 copy of the decoder, whose
             modelling code keeps RMSNorm, softmax and rotary tables in fp32; pooling is fp32); ``int8`` (CPU; int8 GEMMs with one activation
-            scale per token in the decoder layers calibration allows, fp32 elsewhere, fp16 embedding);
+            scale per token in the decoder layers calibration allows, fp32 elsewhere, fp16 embedding;
+            GPTQ-rounded weights, 8-bit on a CPU with VNNI/AMX, 7-bit otherwise: see ``int8``);
             ``int4`` (weight-only 4-bit MatMulNBits, block 32; fp16 embedding).
         opset: ONNX opset (default 17).
         validate: compare with the torch encoder and write ``export_report.json``; ``True`` uses

@@ -5,6 +5,10 @@ report ``status: "failed"``). Cosines are between ONNX and torch embeddings of t
 the Spearman drop is in points (x100) on the STS-B dev pairs used for validation, and is only
 checked when the torch encoder itself scores at least ``MIN_MEANINGFUL_SPEARMAN`` (a random
 or untrained encoder's Spearman is noise).
+
+int8's minimum cosine is relative to bf16: ``int8_min_cos(bf16 minimum cosine on the same
+inputs)`` = ``max(0.95, min(0.98, bf16))``; the exporter measures a bf16 copy of the encoder on the
+validation inputs and writes the bar it used into the report (``thresholds``, ``bf16``).
 """
 
 from __future__ import annotations

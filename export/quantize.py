@@ -4,9 +4,10 @@
   scale per token** (:func:`rowwise_int8_matmuls`): ``MatMulIntegerToFloat`` (the MLAS u8 x s8
   GEMM, per-column rescale in its epilogue) between the activations, quantized at run time to
   symmetric int8 with a per-row scale and stored as uint8 + 128 (one ``QuantizeLinear``), and
-  int8 weights with one scale per output column, symmetric, 7-bit range (AVX2 without VNNI
-  multiplies u8 x s8 with ``vpmaddubsw``, whose int16 pair sums saturate with full-range weights
-  -- measured: cosine 0.16 with 8-bit per-column weights); one ``Mul`` applies the row scale.
+  int8 weights with one scale per output column, symmetric, 7-bit range on CPUs without VNNI/AMX
+  (AVX2 multiplies u8 x s8 with ``vpmaddubsw``, whose int16 pair sums saturate with full-range
+  weights -- measured: cosine 0.16 with 8-bit per-column weights), 8-bit with them (``cpu_int8``);
+  the integers are GPTQ's when calibration gives them (``gptq``); one ``Mul`` applies the row scale.
   ONNX Runtime's fused dynamic int8 ops (``DynamicQuantizeMatMul``, :func:`dynamic_int8_matmuls`,
   and ``MatMulIntegerToFloat``'s own activation scale) take a single activation scale per tensor,
   so one attention-sink token (residual values ~13,000 in the untrained bidirectional SmolLM2)
