@@ -131,3 +131,25 @@ def test_sequential_gptq_over_a_decoder(tiny_encoder):
     cos_rtn = cosine_rows(rtn.embed(everything, inputs), reference)
     cos_gptq = cosine_rows(gptq.embed(everything, inputs), reference)
     assert 1 - cos_gptq.mean() < 0.8 * (1 - cos_rtn.mean())
+
+
+def test_int8_levers_script_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
+    """benchmarks/int8_levers.py scores every lever on held-out text and renders its table."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "int8_levers.py"
+    spec = importlib.util.spec_from_file_location("int8_levers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "levers.json"
+    assert module.main(["--model", tiny_llama_dir, "--quick", "--texts", "16", "--calibration", "24", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    configs = [r["config"] for r in result["rows"]]
+    assert configs[:2] == ["bf16 (torch)", "int8 activations (per token) only"]
+    assert "8-bit weights, gptq, sequential: weights + activations" in configs and len(configs) == 10
+    for r in result["rows"]:
+        for kind in ("plain", "instructions"):
+            assert 0 < r[kind]["min_cos"] <= r[kind]["mean_cos"] <= 1 + 1e-6
+    assert "| 7-bit weights, nearest: weights only |" in capsys.readouterr().out
