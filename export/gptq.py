@@ -66,8 +66,9 @@ def gptq_quantize(
     if not 1 <= levels <= 127:
         raise ValueError(f"levels must be in 1..127, got {levels}")
     scale = symmetric_scales(weight, levels)
-    step = scale.double()[:, None]
-    w = weight.detach().double().clone()
+    step = scale[:, None]
+    # the factorisation in float64, the column updates in float32 (as GPTQ's reference code)
+    w = weight.detach().float().clone()
     h = hessian.detach().double().clone()
     n = w.shape[1]
     dead = torch.diagonal(h) <= 0  # inputs never seen: plain rounding, no error moved through them
@@ -78,7 +79,7 @@ def gptq_quantize(
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.diagonal(h).mean() * torch.eye(n, dtype=h.dtype)
     # upper Cholesky factor of H^-1: row i holds the update of columns i.. after rounding column i
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     q = torch.zeros_like(w)
     for start in range(0, n, block_columns):
         stop = min(start + block_columns, n)
@@ -117,8 +118,8 @@ class HessianAccumulator:
             x = self.transform(x)
         if self.token_mask is not None and x.ndim == 3:
             x = x[self.token_mask]
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.h += x.T @ x
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.h += (x.T @ x).double()  # float32 products per batch, float64 sum over batches
         self.rows += x.shape[0]
 
 
@@ -221,9 +222,13 @@ def gptq_decoder_weights(
                     run_block(i, [acc])
                 finally:
                     hook.remove()
-                for name in group:
-                    module = linears[name]
-                    q, scale = gptq_quantize(module.weight.data.float().cpu(), acc.h, levels, damp=damp, act_order=act_order)
+                # the rows of one output never mix in GPTQ: the projections of a group (one H)
+                # are rounded as one stacked matrix, one factorisation and one column loop
+                modules = [linears[name] for name in group]
+                stacked = torch.cat([m.weight.data.float().cpu() for m in modules])
+                q_all, scale_all = gptq_quantize(stacked, acc.h, levels, damp=damp, act_order=act_order)
+                sizes = [m.out_features for m in modules]
+                for name, module, q, scale in zip(group, modules, q_all.split(sizes), scale_all.split(sizes)):
                     result[name] = to_graph_layout(q, scale)
                     if not sequential:
                         continue
