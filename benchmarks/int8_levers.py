@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts", type=int, default=512, help="held-out STS-B dev sentences (half of them also as pairs)")
     parser.add_argument("--calibration", type=int, default=96, help="STS-B train calibration inputs (as the export)")
     parser.add_argument("--quick", action="store_true", help="128 texts, the main rows only")
+    parser.add_argument("--bits", default="7,8", help="weight bits to try (comma-separated: 7, 8)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     import torch
@@ -83,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = bf16_copy(encoder)
     add("bf16 (torch)", lambda x: np.asarray(bf16.encode(x, convert_to_numpy=True, show_progress_bar=False)))
     add("int8 activations (per token) only", lambda x: base.embed(everything, x, weights=False))
-    variants = [(bits, rounding, seq) for bits in (7, 8) for rounding, seq in (("nearest", True), ("gptq", True), ("gptq", False))]
+    bit_choices = [int(b) for b in args.bits.split(",")]
+    if not set(bit_choices) <= set(WEIGHT_LEVELS):
+        raise SystemExit(f"--bits takes 7 and/or 8, got {args.bits!r}")
+    variants = [(bits, rounding, seq) for bits in bit_choices for rounding, seq in (("nearest", True), ("gptq", True), ("gptq", False))]
     if args.quick:
-        variants = [(bits, rounding, True) for bits in (7, 8) for rounding in ("nearest", "gptq")]
+        variants = [(bits, rounding, True) for bits in bit_choices for rounding in ("nearest", "gptq")]
     for bits, rounding, sequential in variants:
         start = time.perf_counter()
         weights = None
