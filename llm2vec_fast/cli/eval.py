@@ -67,6 +67,7 @@ _BAKED_IN = {
     "max_length": "--max-length",
     "dtype": "--dtype",
     "no_bidirectional": "--no-bidirectional",
+    "quantization": "--quantization",
 }
 
 
