@@ -41,9 +41,15 @@ DATA_FILE = "model.onnx.data"
 REPORT_FILE = "export_report.json"
 EXTERNAL_DATA_BYTES = 2_000_000_000  # protobuf's limit is 2 GiB; stay under it
 _EXPORT_MARKERS = (MODEL_FILE, "llm2vec_config.json", REPORT_FILE)
-# the all-inputs mean a calibration choice must keep; above validation's 0.99 because calibration
-# scores the very texts it chose on
-CALIBRATION_MEAN_COS = 0.995
+# Calibration keeps a margin above what validation will ask: it scores the short texts it chose
+# on, and the minimum over them underestimates the tail on new (and longer) text. Measured on the
+# untrained default model with 8-bit weights: a choice at the bf16-relative bar itself (0.95 there,
+# bf16's worst calibration text being 0.925) kept 17 layers at calibration worst 0.995 and failed
+# validation at 0.940; the bar is therefore the stricter of the calibration and validation texts'
+# bf16-relative bars, plus the margin, at most 0.99.
+CALIBRATION_MIN_COS_MARGIN = 0.01
+CALIBRATION_MAX_MIN_COS = 0.99
+CALIBRATION_MEAN_COS = 0.997
 ROUNDINGS = ("gptq", "nearest")
 
 
@@ -55,13 +61,17 @@ class Int8Options:
         weights: ``"auto"`` (8-bit weights on a CPU with VNNI or AMX, 7-bit otherwise: see
             ``cpu_int8``), ``"8bit"`` or ``"7bit"``. An 8-bit export gives wrong results on an
             x86 CPU without VNNI/AMX (int16 saturation); ``OnnxEncoder`` warns there.
-        rounding: ``"gptq"`` (error-compensating, calibrated layer by layer: see ``gptq``) or
-            ``"nearest"``.
+        rounding: ``"nearest"`` (default) or ``"gptq"`` (error-compensating, calibrated layer by
+            layer: see ``gptq``). GPTQ is not the default yet: it calibrates on the same inputs the
+            layer selection scores, which then looks better than it is on new text (untrained
+            default model: 18 layers passed calibration at worst cosine 0.986 and validation
+            measured 0.922), and on held-out text it did not beat nearest rounding once the
+            activations are int8 too.
         act_order: GPTQ rounds the inputs with the largest activations first.
     """
 
     weights: str = "auto"
-    rounding: str = "gptq"
+    rounding: str = "nearest"
     act_order: bool = True
 
     def __post_init__(self):
@@ -232,7 +242,10 @@ def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say, 
     simulator = Int8Simulator(encoder, weight_levels=levels, weights=weights)
     reference = simulator.embed(set(), inputs)  # nothing int8: the fp32 embeddings
     bf16_cos = cosine_rows(bf16_embeddings(encoder, inputs), reference)
-    min_cos = int8_min_cos(bf16_cos.min())
+    bf16_validation = bf16_fidelity(encoder)  # the texts validation will score
+    min_cos = min(
+        CALIBRATION_MAX_MIN_COS, max(int8_min_cos(bf16_cos.min()), int8_min_cos(bf16_validation["min_cos"])) + CALIBRATION_MIN_COS_MARGIN
+    )
     probe = inputs[:SENSITIVITY_INPUTS]
     say(f"calibration: int8 sensitivity of each decoder layer on {len(probe)} inputs (torch)")
     sensitivity = simulator.layer_sensitivity(probe, reference[: len(probe)], progress=lambda m: say(f"calibration: {m}"))
@@ -276,6 +289,7 @@ def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say, 
         "sensitivity_inputs": len(probe),
         "calibration_bf16_min_cos": round(float(bf16_cos.min()), 6),
         "calibration_bf16_mean_cos": round(float(bf16_cos.mean()), 6),
+        "validation_bf16_min_cos": bf16_validation["min_cos"],
         "fp32_matmuls": sorted(graph_matmuls - chosen),
         **summary,
     }

@@ -34,7 +34,10 @@ def add_parser(sub) -> None:
         help="int8: 8-bit weights need a CPU with VNNI or AMX where the export runs; auto = 8-bit if this CPU has them",
     )
     p.add_argument(
-        "--int8-rounding", choices=("gptq", "nearest"), default="gptq", help="int8 weight rounding (default gptq: error-compensating)"
+        "--int8-rounding",
+        choices=("nearest", "gptq"),
+        default="nearest",
+        help="int8 weight rounding (default nearest; gptq: error-compensating, calibrated on the calibration inputs)",
     )
     p.add_argument(
         "--format",
