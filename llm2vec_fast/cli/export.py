@@ -29,9 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--stsb-pairs", type=int, default=200, help="STS-B dev pairs scored during validation (0 = skip)")
     p.add_argument(
         "--int8-weights",
-        choices=("auto", "7bit", "8bit"),
-        default="auto",
-        help="int8: 8-bit weights need a CPU with VNNI or AMX where the export runs; auto = 8-bit if this CPU has them",
+        choices=("7bit", "auto", "8bit"),
+        default="7bit",
+        help="int8 weights (default 7bit: right on every CPU); 8bit needs VNNI or AMX where the export runs; auto = 8bit if this CPU has them",
     )
     p.add_argument(
         "--int8-rounding",
