@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="run on a busy machine / odd baseline; smoke test: writes nothing to benchmarks/results"
     )
+    parser.add_argument(
+        "--int8-weights", choices=("7bit", "auto", "8bit"), default="7bit", help="int8 export weights (as llm2vec-fast export)"
+    )
+    parser.add_argument("--int8-rounding", choices=("nearest", "gptq"), default="nearest", help="int8 export weight rounding")
     parser.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 row (int8's fidelity bar)")
     parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO rows (run when openvino is installed)")
     parser.add_argument("--docs", action="store_true", help="only regenerate the docs tables (docs/benchmarks.md) from the JSON files")
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> dict:
     import torch
-    from llm2vec_fast.export import OnnxEncoder, ValidationConfig, export_onnx
+    from llm2vec_fast.export import Int8Options, OnnxEncoder, ValidationConfig, export_onnx
     from llm2vec_fast.export.calibrate import bf16_copy, cosine_rows
     from llm2vec_fast.export.precisions import check_precision
 
@@ -219,7 +223,8 @@ def run(args) -> dict:
         folder = folders[p] = export_root / p
         if not (folder / "model.onnx").is_file():
             print(f"exporting {p} -> {folder}", file=sys.stderr)
-            export_onnx(encoder, folder, precision=p, validate=ValidationConfig(stsb_pairs=0), overwrite=True)
+            int8 = Int8Options(weights=args.int8_weights, rounding=args.int8_rounding)
+            export_onnx(encoder, folder, precision=p, validate=ValidationConfig(stsb_pairs=0), overwrite=True, int8=int8)
         runners[f"onnx-{p}"] = (OnnxEncoder.from_pretrained(folder, num_threads=args.threads), p)
     if openvino:  # the same folders under OpenVINO (f32 inference: the graph's precision)
         for p in precisions:
