@@ -1,6 +1,8 @@
 """CPU benchmark of the ONNX exports against torch fp32 ``LLM2Vec.encode``, with a checked baseline.
 
-For torch fp32 and each ONNX precision: sentences/s (``--threads`` threads, batch 32, STS-B dev
+For torch fp32, torch bf16 (int8's fidelity bar), each ONNX precision under ONNX Runtime and,
+when ``openvino`` is installed, the same folders under OpenVINO (f32 inference, plus the fp32
+graph with bf16 inference on a CPU with bf16 instructions): sentences/s (``--threads`` threads, batch 32, STS-B dev
 sentences), the median of interleaved rounds and the spread of the per-round speed-up, mean / min
 cosine to torch fp32 on held-out plain sentences and on ``[instruction, text]`` pairs, STS-B dev
 Spearman, size on disk and export time.
@@ -23,9 +25,9 @@ are regenerated from those files.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,12 +37,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (tests)
+from llm2vec_fast.export.cpu_int8 import cpu_flags, cpu_name  # noqa: E402,F401  (bench_int8_gemm imports them from here)
 from portable_paths import portable_argv, portable_path  # noqa: E402
 from readme_results import replace_between_markers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 MAX_BASELINE_RATIO = 1.5
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 TABLES = {"onnx-cpu.json": "bench_onnx", "onnx-cpu-trained.json": "bench_onnx_trained"}
 INSTRUCTIONS = (
     "Retrieve semantically similar text:",
@@ -51,27 +55,6 @@ INSTRUCTIONS = (
 
 class BusyMachineError(RuntimeError):
     pass
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags)
-    except OSError:
-        pass
-    return []
 
 
 def check_load(threads: int, running: bool) -> float:
@@ -107,6 +90,31 @@ def export_seconds(folder: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return round(report.get("export_s", 0) + report.get("convert_s", 0), 1)
+
+
+def export_facts(folder: Path) -> dict:
+    """What an int8 export chose: weight bits and rounding, layers in int8 (from its report)."""
+    try:
+        q = json.loads((folder / "export_report.json").read_text()).get("quantization") or {}
+    except (OSError, ValueError):
+        return {}
+    keys = {"weight_bits": "int8_weight_bits", "weight_rounding": "int8_weight_rounding", "int8_layers": "int8_layers"}
+    out = {new: q[old] for old, new in keys.items() if old in q}
+    if "int8_layers" in out:
+        out["int8_layers"] = len(out["int8_layers"])
+        out["layers"] = len(q.get("layer_sensitivity", [])) or None
+    return out
+
+
+def int8_gemm_ceiling(cpu: str) -> dict | None:
+    """bench_int8_gemm.py's int8-vs-fp32 GEMM speed-ups on this CPU, when its JSON is from this CPU."""
+    try:
+        gemm = json.loads((RESULTS / "int8-gemm-cpu.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if gemm.get("cpu") != cpu:
+        return None
+    return {"file": "benchmarks/results/int8-gemm-cpu.json", "threads": gemm.get("threads"), "rows": gemm.get("rows")}
 
 
 def plain_forward(encoder):
@@ -147,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="run on a busy machine / odd baseline; smoke test: writes nothing to benchmarks/results"
     )
+    parser.add_argument(
+        "--int8-weights", choices=("7bit", "auto", "8bit"), default="7bit", help="int8 export weights (as llm2vec-fast export)"
+    )
+    parser.add_argument("--int8-rounding", choices=("nearest", "gptq"), default="nearest", help="int8 export weight rounding")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 row (int8's fidelity bar)")
+    parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO rows (run when openvino is installed)")
     parser.add_argument("--docs", action="store_true", help="only regenerate the docs tables (docs/benchmarks.md) from the JSON files")
     args = parser.parse_args(argv)
     if args.docs:
@@ -178,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> dict:
     import torch
-    from llm2vec_fast.export import OnnxEncoder, ValidationConfig, export_onnx
-    from llm2vec_fast.export.calibrate import cosine_rows
+    from llm2vec_fast.export import Int8Options, OnnxEncoder, ValidationConfig, export_onnx
+    from llm2vec_fast.export.calibrate import bf16_copy, cosine_rows
     from llm2vec_fast.export.precisions import check_precision
 
     from llm2vec_fast import LLM2Vec
@@ -199,14 +213,29 @@ def run(args) -> dict:
     engines = {"torch-fp32": lambda t, bs: encoder.encode(t, batch_size=bs, convert_to_numpy=True)}
     plain = plain_forward(encoder)
     engines["torch-plain-forward"] = lambda t, bs: plain(t, bs).numpy()
-    folders = {}
+    if not args.no_bf16:  # the fidelity bar of int8 (precisions.int8_min_cos), timed alongside
+        bf16_encoder = bf16_copy(encoder)
+        engines["torch-bf16"] = lambda t, bs: bf16_encoder.encode(t, batch_size=bs, convert_to_numpy=True)
+    folders: dict = {}
+    runners: dict = {}  # engine name -> (OnnxEncoder, export precision)
+    openvino = not args.no_openvino and importlib.util.find_spec("openvino") is not None
     for p in precisions:
         folder = folders[p] = export_root / p
         if not (folder / "model.onnx").is_file():
             print(f"exporting {p} -> {folder}", file=sys.stderr)
-            export_onnx(encoder, folder, precision=p, validate=ValidationConfig(stsb_pairs=0), overwrite=True)
-        onnx_encoder = OnnxEncoder.from_pretrained(folder, num_threads=args.threads)
-        engines[f"onnx-{p}"] = lambda t, bs, e=onnx_encoder: e.encode(t, batch_size=bs, convert_to_numpy=True)
+            int8 = Int8Options(weights=args.int8_weights, rounding=args.int8_rounding)
+            export_onnx(encoder, folder, precision=p, validate=ValidationConfig(stsb_pairs=0), overwrite=True, int8=int8)
+        runners[f"onnx-{p}"] = (OnnxEncoder.from_pretrained(folder, num_threads=args.threads), p)
+    if openvino:  # the same folders under OpenVINO (f32 inference: the graph's precision)
+        for p in precisions:
+            runners[f"openvino-{p}"] = (OnnxEncoder.from_pretrained(folders[p], num_threads=args.threads, runtime="openvino"), p)
+        if "fp32" in precisions and BF16_FLAGS & set(cpu_flags()):  # its CPU default where the CPU has bf16
+            bf16_runtime = OnnxEncoder.from_pretrained(
+                folders["fp32"], num_threads=args.threads, runtime="openvino", inference_precision="bf16"
+            )
+            runners["openvino-fp32-bf16-inference"] = (bf16_runtime, "fp32")
+    for name, (runner, _) in runners.items():
+        engines[name] = lambda t, bs, e=runner: e.encode(t, batch_size=bs, convert_to_numpy=True)
 
     for fn in engines.values():  # warm-up
         fn(texts[: args.batch_size], args.batch_size)
@@ -245,9 +274,19 @@ def run(args) -> dict:
         }
         if name == "torch-fp32":
             row.update(mean_cos=1.0, min_cos=1.0, min_cos_instructions=1.0, stsb_dev_spearman=round(stsb_reference, 2))
+        elif name == "torch-bf16":
+            cos = cosine_rows(engines[name](texts, args.batch_size), reference)
+            cos_pairs = cosine_rows(engines[name](pairs, args.batch_size), reference_pairs)
+            spearman = stsb_spearman(bf16_encoder, "dev", args.stsb_pairs, batch_size=args.batch_size)
+            row.update(
+                mean_cos=round(float(np.concatenate([cos, cos_pairs]).mean()), 6),
+                min_cos=round(float(cos.min()), 6),
+                min_cos_instructions=round(float(cos_pairs.min()), 6),
+                stsb_dev_spearman=round(spearman, 2),
+                stsb_drop=round(stsb_reference - spearman, 2),
+            )
         else:
-            p = name.removeprefix("onnx-")
-            onnx_encoder = OnnxEncoder.from_pretrained(folders[p], num_threads=args.threads)
+            onnx_encoder, p = runners[name]
             cos = cosine_rows(onnx_encoder.encode(texts, batch_size=args.batch_size, convert_to_numpy=True), reference)
             cos_pairs = cosine_rows(onnx_encoder.encode(pairs, batch_size=args.batch_size, convert_to_numpy=True), reference_pairs)
             both = np.concatenate([cos, cos_pairs])
@@ -261,6 +300,7 @@ def run(args) -> dict:
                 stsb_drop=round(stsb_reference - spearman, 2),
                 size_mb=round(size / 1e6, 1),
                 export_s=export_seconds(folders[p]),
+                **export_facts(folders[p]),
             )
         rows.append(row)
 
@@ -271,6 +311,7 @@ def run(args) -> dict:
         + (f" + merged adapters {[portable_path(p) for p in args.peft]}" if args.peft else " (no LLM2Vec training)"),
         "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
+        "int8_gemm_ceiling": int8_gemm_ceiling(cpu_name()),
         "cpus": os.cpu_count(),
         "threads": args.threads,
         "batch_size": args.batch_size,
@@ -288,9 +329,17 @@ def run(args) -> dict:
         "forced": bool(args.force),
         "argv": portable_argv(sys.argv[1:]) if argv_is_cli() else None,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino_version()},
         "results": rows,
     }
+
+
+def openvino_version() -> str | None:
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    import openvino
+
+    return openvino.__version__
 
 
 def argv_is_cli() -> bool:
@@ -312,6 +361,7 @@ def render_table(result: dict) -> str:
     ]
     for r in result["results"]:
         torch_row = r["engine"] == "torch-fp32"
+        no_file = r["engine"].startswith("torch-")
         lines.append(
             "| {engine} | {sps:.1f} | {sp:.2f}x ({lo:.2f}-{hi:.2f}) | {mean} | {mins} | {stsb}{drop} | {size} | {exp} |".format(
                 engine=r["engine"],
@@ -323,10 +373,21 @@ def render_table(result: dict) -> str:
                 mins="1" if torch_row else f"{r['min_cos']:.4f} / {r['min_cos_instructions']:.4f}",
                 stsb=f"{r['stsb_dev_spearman']:.2f}",
                 drop="" if torch_row else f" ({r['stsb_drop']:+.2f})",
-                size="-" if torch_row else f"{r['size_mb']:.0f} MB",
-                exp="-" if torch_row or r.get("export_s") is None else f"{r['export_s']:.0f} s",
+                size="-" if no_file else f"{r['size_mb']:.0f} MB",
+                exp="-" if no_file or r.get("export_s") is None else f"{r['export_s']:.0f} s",
             )
         )
+    for r in result["results"]:
+        if r.get("int8_layers") is not None:
+            lines.append(
+                f"\n{r['engine']}: {r['int8_layers']} of {r.get('layers') or '?'} decoder layers in int8, "
+                f"{r.get('int8_weight_bits', 7)}-bit weights ({r.get('int8_weight_rounding', 'nearest')} rounding)."
+            )
+    ceiling = result.get("int8_gemm_ceiling")
+    if ceiling and ceiling.get("rows"):
+        best = max(x.get("MatMulIntegerToFloat_speedup", 0) for x in ceiling["rows"])
+        worst = min(x.get("MatMulIntegerToFloat_speedup", 0) for x in ceiling["rows"])
+        lines.append(f"\nint8 GEMM ceiling on this CPU (bench_int8_gemm.py, MatMulIntegerToFloat vs fp32 MatMul): {worst:.1f}-{best:.1f}x.")
     return "\n".join(lines)
 
 

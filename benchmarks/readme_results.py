@@ -237,6 +237,16 @@ def matryoshka_table(result: dict) -> str:
     return markdown_table(result)
 
 
+def int8_levers_table(result: dict) -> str:
+    """int8_levers.py owns its table."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from int8_levers import render_table
+
+    return render_table(result)
+
+
 def int8_gemm_table(result: dict) -> str:
     lines = [
         f"{result['cpu']} ({', '.join(result['cpu_flags'])}), {result['threads']} threads, M = {result['rows'][0]['m']} rows, "
@@ -381,6 +391,8 @@ def summary_table(results: Path) -> str:
 
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "int8-gemm-cpu": ("int8-gemm-cpu.json", int8_gemm_table),
+    "int8-levers": ("int8-levers.json", int8_levers_table),
+    "int8-levers-trained": ("int8-levers-trained.json", int8_levers_table),
     "serve-cpu": ("serve-cpu.json", serve_table),
     "encode_dataset-cpu": ("encode_dataset-cpu.json", dataset_table),
     "recipe-sts": ("recipe_sts.json", recipe_sts_table),

@@ -4,9 +4,18 @@
 it with the same ``encode()`` API as :class:`~llm2vec_fast.LLM2Vec`.
 """
 
-from .exporter import ExportValidationError, ValidationConfig, export_onnx
+from .exporter import ExportValidationError, Int8Options, ValidationConfig, export_onnx
 from .onnx_encoder import OnnxEncoder
 from .precisions import PRECISIONS, THRESHOLDS
 from .wrapper import NotExportableError
 
-__all__ = ["export_onnx", "OnnxEncoder", "PRECISIONS", "THRESHOLDS", "ExportValidationError", "ValidationConfig", "NotExportableError"]
+__all__ = [
+    "export_onnx",
+    "Int8Options",
+    "OnnxEncoder",
+    "PRECISIONS",
+    "THRESHOLDS",
+    "ExportValidationError",
+    "ValidationConfig",
+    "NotExportableError",
+]

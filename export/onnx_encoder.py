@@ -26,6 +26,8 @@ MODEL_FILE = "model.onnx"
 CONFIG_FILE = "llm2vec_config.json"
 GPU_INSTALL_HINT = "pip install llm2vec-fast[onnx-gpu]"
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+RUNTIMES = ("onnxruntime", "openvino")
+OPENVINO_PROVIDER = "OpenVINO:CPU"  # openvino_runtime.PROVIDER_NAME (not imported: openvino is optional)
 
 
 def _import_onnxruntime():
@@ -56,6 +58,23 @@ def resolve_providers(providers: str | Sequence | None, available: Sequence[str]
     return out
 
 
+def _check_int8_weights(config: dict, providers: list, folder: Path) -> None:
+    """8-bit int8 weights saturate in ONNX Runtime's CPU GEMM on x86 without VNNI/AMX (see
+    ``cpu_int8``): say so instead of returning quietly wrong embeddings."""
+    import platform
+
+    from .cpu_int8 import has_int8_dot
+
+    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    on_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    if config.get("onnx", {}).get("int8_weight_bits") == 8 and first == "CPUExecutionProvider" and on_x86 and not has_int8_dot():
+        logger.warning(
+            "%s holds 8-bit int8 weights, which need a CPU with VNNI or AMX; this CPU has neither, so ONNX Runtime's "
+            "int8 GEMM saturates and the embeddings are wrong. Re-export on this machine (or with --int8-weights 7bit).",
+            folder,
+        )
+
+
 class OnnxEncoder(EncodeMixin):
     """An exported LLM2Vec encoder run by ONNX Runtime; ``encode()`` behaves as ``LLM2Vec.encode``
     (same tokenisation, instruction handling, batching and output types)."""
@@ -72,7 +91,8 @@ class OnnxEncoder(EncodeMixin):
         self.hidden_size = int(hidden_size)
         self.path = path
         self.providers = session.get_providers()
-        self._use_io_binding = self.providers[0] != "CPUExecutionProvider"
+        self.runtime = "openvino" if self.providers[0] == OPENVINO_PROVIDER else "onnxruntime"
+        self._use_io_binding = self.runtime == "onnxruntime" and self.providers[0] != "CPUExecutionProvider"
 
     @classmethod
     def from_pretrained(
@@ -81,6 +101,8 @@ class OnnxEncoder(EncodeMixin):
         providers: str | Sequence | None = None,
         num_threads: int | None = None,
         session_options=None,
+        runtime: str = "onnxruntime",
+        inference_precision: str = "f32",
     ) -> OnnxEncoder:
         """Load an exported folder.
 
@@ -92,8 +114,15 @@ class OnnxEncoder(EncodeMixin):
             num_threads: intra-op threads on CPU (default: ``$OMP_NUM_THREADS`` if set, else
                 ONNX Runtime's choice, one per physical core).
             session_options: an ``onnxruntime.SessionOptions`` to use as is (overrides ``num_threads``).
+            runtime: ``"onnxruntime"``, or ``"openvino"`` (CPU; ``pip install llm2vec-fast[openvino]``;
+                see :mod:`.openvino_runtime`), which runs the same graph with the same ``encode()``.
+            inference_precision: OpenVINO only: ``"f32"`` (default, the graph's precision) or
+                ``"bf16"``/``"f16"`` (faster where the CPU has them, less faithful).
         """
-        ort = _import_onnxruntime()
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if runtime == "onnxruntime" and inference_precision != "f32":
+            raise ValueError("inference_precision applies to runtime='openvino' only")
         from transformers import AutoTokenizer
 
         folder = Path(path).expanduser()
@@ -106,13 +135,23 @@ class OnnxEncoder(EncodeMixin):
         report = folder / "export_report.json"
         if report.is_file() and json.loads(report.read_text()).get("status") == "failed":
             logger.warning("%s failed validation at export time (see export_report.json)", folder)
+        threads = num_threads if num_threads is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {threads}")
+        if runtime == "openvino":
+            from .openvino_runtime import OpenVINOSession
+
+            if providers not in (None, "cpu", "CPUExecutionProvider") or session_options is not None:
+                raise ValueError("runtime='openvino' runs on the CPU; providers and session_options are ONNX Runtime settings")
+            _check_int8_weights(config, ["CPUExecutionProvider"], folder)
+            session = OpenVINOSession(model_file, threads, inference_precision)
+            return cls(session, AutoTokenizer.from_pretrained(folder), settings, config.get("model_id"), config["hidden_size"], str(folder))
+        ort = _import_onnxruntime()
         providers = resolve_providers(providers, ort.get_available_providers())
+        _check_int8_weights(config, providers, folder)
         if session_options is None:
             session_options = ort.SessionOptions()
             session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            threads = num_threads if num_threads is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-            if threads < 0:
-                raise ValueError(f"num_threads must be >= 0, got {threads}")
             session_options.intra_op_num_threads = threads
             session_options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(model_file), sess_options=session_options, providers=providers)

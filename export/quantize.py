@@ -4,9 +4,10 @@
   scale per token** (:func:`rowwise_int8_matmuls`): ``MatMulIntegerToFloat`` (the MLAS u8 x s8
   GEMM, per-column rescale in its epilogue) between the activations, quantized at run time to
   symmetric int8 with a per-row scale and stored as uint8 + 128 (one ``QuantizeLinear``), and
-  int8 weights with one scale per output column, symmetric, 7-bit range (AVX2 without VNNI
-  multiplies u8 x s8 with ``vpmaddubsw``, whose int16 pair sums saturate with full-range weights
-  -- measured: cosine 0.16 with 8-bit per-column weights); one ``Mul`` applies the row scale.
+  int8 weights with one scale per output column, symmetric, 7-bit range on CPUs without VNNI/AMX
+  (AVX2 multiplies u8 x s8 with ``vpmaddubsw``, whose int16 pair sums saturate with full-range
+  weights -- measured: cosine 0.16 with 8-bit per-column weights), 8-bit with them (``cpu_int8``);
+  the integers are GPTQ's when calibration gives them (``gptq``); one ``Mul`` applies the row scale.
   ONNX Runtime's fused dynamic int8 ops (``DynamicQuantizeMatMul``, :func:`dynamic_int8_matmuls`,
   and ``MatMulIntegerToFloat``'s own activation scale) take a single activation scale per tensor,
   so one attention-sink token (residual values ~13,000 in the untrained bidirectional SmolLM2)
@@ -260,7 +261,12 @@ def dynamic_int8_matmuls(model: onnx.ModelProto, names: set[str]) -> onnx.ModelP
 ROW_ACTIVATION_LEVELS = 127  # symmetric int8 activations, stored as uint8 with zero point 128
 
 
-def rowwise_int8_matmuls(model: onnx.ModelProto, names: set[str], weight_levels: int = INT8_WEIGHT_LEVELS) -> onnx.ModelProto:
+def rowwise_int8_matmuls(
+    model: onnx.ModelProto,
+    names: set[str],
+    weight_levels: int = INT8_WEIGHT_LEVELS,
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> onnx.ModelProto:
     """Replace the MatMul nodes in ``names`` by an int8 product with one activation scale per row
     (token): ``m = max|x|`` over the last axis, ``q = round(x * 127 / m) + 128`` as uint8 (zero
     point 128 keeps the u8 x s8 MLAS kernel), symmetric per-column int8 weights,
@@ -270,7 +276,9 @@ def rowwise_int8_matmuls(model: onnx.ModelProto, names: set[str], weight_levels:
     each token gets its own. Few full passes over the activations: ``Abs`` + ``ReduceMax``, one
     ``Mul`` by the per-row inverse step and one ``QuantizeLinear`` (round half to even, +128,
     saturate, cast) in; ``MatMulIntegerToFloat`` (int8 GEMM with the per-column rescale in its
-    epilogue) and one per-row ``Mul`` out. Modifies ``model``."""
+    epilogue) and one per-row ``Mul`` out. ``weights`` (MatMul name -> int8 ``[in, out]`` and
+    float32 scale ``[out]``, e.g. GPTQ's) are stored as given; other weights are rounded to
+    nearest with ``weight_levels``. Modifies ``model``."""
     ed = _GraphEditor(model)
     nodes: list = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
@@ -301,7 +309,9 @@ def rowwise_int8_matmuls(model: onnx.ModelProto, names: set[str], weight_levels:
             ]
             quantized[x] = (f"{t}/codes", f"{t}/step")
         codes, row_step = quantized[x]
-        q, col_scale = quantize_columns(w, weight_levels)
+        q, col_scale = weights[base] if weights and base in weights else quantize_columns(w, weight_levels)
+        if q.shape != w.shape or q.dtype != np.int8:
+            raise ValueError(f"int8 weight for {base} must be int8 {w.shape}, got {q.dtype} {q.shape}")
         nodes += [
             helper.make_node(
                 "MatMulIntegerToFloat",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .calibrate import cosine_rows
-from .precisions import MIN_MEANINGFUL_SPEARMAN, THRESHOLDS
+from .precisions import MIN_MEANINGFUL_SPEARMAN, THRESHOLDS, Thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,20 @@ def compare(torch_encoder, onnx_encoder) -> dict:
     return {"shapes": shapes, "min_cos": float(c.min()), "mean_cos": float(c.mean()), "max_abs_err": max_abs}
 
 
+def bf16_fidelity(torch_encoder) -> dict:
+    """Minimum / mean cosine of a bf16 copy of the encoder to itself in fp32 over ``VALIDATION_CASES``
+    (the int8 bar follows it: ``precisions.int8_min_cos``)."""
+    from .calibrate import bf16_copy
+
+    bf16 = bf16_copy(torch_encoder)
+    cosines = []
+    for batch_size, inputs in VALIDATION_CASES:
+        ref = np.asarray(torch_encoder.encode(inputs, batch_size=batch_size, convert_to_numpy=True))
+        cosines.append(cosine_rows(np.asarray(bf16.encode(inputs, batch_size=batch_size, convert_to_numpy=True)), ref))
+    c = np.concatenate(cosines)
+    return {"min_cos": round(float(c.min()), 6), "mean_cos": round(float(c.mean()), 6)}
+
+
 def stsb_scores(torch_encoder, onnx_encoder, config: ValidationConfig) -> dict:
     if config.stsb_pairs <= 0:
         return {"stsb": None}
@@ -91,8 +105,8 @@ def stsb_scores(torch_encoder, onnx_encoder, config: ValidationConfig) -> dict:
 
 
 def check_report(report: dict) -> list[str]:
-    """Reasons the report misses its precision's thresholds (empty = OK)."""
-    t = THRESHOLDS[report["precision"]]
+    """Reasons the report misses its thresholds (its own ``thresholds``, else the precision's; empty = OK)."""
+    t = Thresholds(**report["thresholds"]) if "thresholds" in report else THRESHOLDS[report["precision"]]
     failures = []
     if not report["min_cos"] >= t.min_cos:
         failures.append(f"min cosine {report['min_cos']:.5f} < {t.min_cos}")

@@ -137,13 +137,15 @@ class QuantSimulator:
         return rounded
 
     @contextlib.contextmanager
-    def applied(self, names: set[str]) -> Iterator[None]:
+    def applied(self, names: set[str], weights: bool = True, activations: bool = True) -> Iterator[None]:
+        """Within the block, the linear layers ``names`` run the scheme (or only its weight or only
+        its activation rounding, to study each alone)."""
         chosen = [(n, self.modules[n]) for n in sorted(names) if n in self.modules]
         saved = [(m, m.weight.data) for _, m in chosen]
         fake = self.fake_activation
-        hooks = [m.register_forward_pre_hook(lambda mod, args: (fake(args[0]), *args[1:])) for _, m in chosen]
+        hooks = [m.register_forward_pre_hook(lambda mod, args: (fake(args[0]), *args[1:])) for _, m in chosen if activations]
         try:
-            for name, m in chosen:
+            for name, m in chosen if weights else []:
                 m.weight.data = self._rounded_weight(name, m.weight.data)
             yield
         finally:
@@ -153,9 +155,9 @@ class QuantSimulator:
                 m.weight.data = w
 
     @torch.no_grad()
-    def embed(self, names: set[str], inputs: Sequence) -> np.ndarray:
-        """Embeddings of ``inputs`` with the scheme simulated on the linear layers ``names``."""
-        with self.applied(names):
+    def embed(self, names: set[str], inputs: Sequence, weights: bool = True, activations: bool = True) -> np.ndarray:
+        """Embeddings of ``inputs`` with the scheme simulated on the linear layers ``names`` (see :meth:`applied`)."""
+        with self.applied(names, weights, activations):
             return _embed(self.encoder, inputs, self.batch_size)
 
     def layer_sensitivity(

@@ -102,8 +102,10 @@ def test_int_precisions_use_matmulnbits_and_shrink(tiny_exports):
 
 def test_int8_runs_calibrated_matmuls_in_int8(tiny_exports):
     """The tiny random Llama is well-behaved: calibration puts every decoder MatMul in int8, and
-    the graph holds exactly the reported MatMulIntegerToFloat nodes with 7-bit int8 weights, fed by one
-    per-token quantization per distinct input (q/k/v and gate/up share theirs)."""
+    the graph holds exactly the reported MatMulIntegerToFloat nodes with GPTQ-rounded int8 weights
+    of the bits this CPU multiplies without saturation, fed by one per-token quantization per
+    distinct input (q/k/v and gate/up share theirs)."""
+    from llm2vec_fast.export.cpu_int8 import WEIGHT_LEVELS
     from onnx import numpy_helper
 
     folder = tiny_exports["int8"]
@@ -114,15 +116,47 @@ def test_int8_runs_calibrated_matmuls_in_int8(tiny_exports):
     assert q["int8_layers"] == [0, 1] and q["fp32_layers"] == q["fp32_layers_alone"] == [] and len(q["layer_sensitivity"]) == 2
     assert "per token" in q["activations"]
     assert q["calibration_min_cos"] >= q["calibration_thresholds"]["min_cos"]
+    # the worst-sentence bar follows bf16: max(0.95, min(0.98, bf16's worst)) on the calibration and
+    # on the validation texts, the stricter of the two, plus a 0.01 margin, at most 0.99
+    bars = [max(0.95, min(0.98, q[k])) for k in ("calibration_bf16_min_cos", "validation_bf16_min_cos")]
+    assert q["calibration_thresholds"]["min_cos"] == pytest.approx(min(0.99, max(bars) + 0.01))
+    assert q["weight_bits"] == 7 and q["weight_rounding"] == "nearest"  # the defaults
     # all-int8 tried first (torch simulation), then confirmed on the real graph
     assert [(t["int8_layers"], t["engine"]) for t in q["calibration_trials"]] == [(2, "torch"), (2, "onnxruntime")]
     inits = {t.name: t for t in model.graph.initializer}
     w = numpy_helper.to_array(inits[int8[0].input[1]])
-    assert w.dtype == np.int8 and np.abs(w).max() <= 63  # no vpmaddubsw saturation on AVX2
+    assert w.dtype == np.int8 and np.abs(w).max() == WEIGHT_LEVELS[q["weight_bits"]]  # 7-bit: no vpmaddubsw saturation on AVX2
+    config = json.loads((folder / "llm2vec_config.json").read_text())
+    assert config["onnx"]["int8_weight_bits"] == q["weight_bits"]
     assert numpy_helper.to_array(inits[int8[0].input[4]]).tolist() == 128  # u8 codes, zero point 128
     # q/k/v share one quantized input, gate/up another, o_proj and down_proj their own: 4 per layer
     assert sum(n.op_type == "ReduceMax" for n in model.graph.node) == 2 * 4
     assert not any(n.op_type == "MatMul" and n.input[1] in inits and "/layers." in n.name for n in model.graph.node)
+
+
+def test_int8_gptq_export_stores_gptq_integers(tiny_encoder, tmp_path):
+    """With rounding="gptq" the graph's int8 weights are exactly GPTQ's integers (the ones the
+    calibration simulated), not a re-rounding of the fp32 weights."""
+    from llm2vec_fast.export import Int8Options
+    from llm2vec_fast.export.calibrate import calibration_inputs
+    from llm2vec_fast.export.cpu_int8 import WEIGHT_LEVELS
+    from llm2vec_fast.export.gptq import gptq_decoder_weights
+    from onnx import numpy_helper
+
+    folder = export_onnx(
+        tiny_encoder, tmp_path / "gptq", precision="int8", validate=False, int8=Int8Options(weights="7bit", rounding="gptq")
+    )
+    q = json.loads((folder / "export_report.json").read_text())["quantization"]
+    assert q["weight_rounding"].startswith("GPTQ") and q["weight_bits"] == 7
+    expected = gptq_decoder_weights(tiny_encoder, calibration_inputs(96), WEIGHT_LEVELS[7])
+    model = onnx.load(str(folder / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(nodes) == len(expected) == 14
+    for node in nodes:
+        name = node.name.removesuffix("_int8")
+        np.testing.assert_array_equal(inits[node.input[1]], expected[name][0])
+        np.testing.assert_array_equal(inits[node.input[3]], expected[name][1])
 
 
 def test_int8_fidelity_on_held_out_text(tiny_encoder, tiny_exports):
@@ -442,6 +476,28 @@ def test_cli_export(tiny_llama_dir, tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 0
 
 
+def test_cli_eval_scores_an_onnx_folder(tiny_encoder, tiny_exports, tmp_path, capsys):
+    """``eval sts --onnx DIR`` (or the folder as ``--model``) scores the export through OnnxEncoder:
+    the same Spearman as stsb_spearman on that OnnxEncoder, not the torch encoder's."""
+    import re
+
+    from llm2vec_fast.cli import main
+    from llm2vec_fast.stsb import stsb_spearman
+
+    folder = tiny_exports["int8"]
+    expected = stsb_spearman(OnnxEncoder.from_pretrained(folder, num_threads=1), "dev", limit=40)
+    assert abs(expected - stsb_spearman(tiny_encoder, "dev", limit=40)) > 1e-4  # int8 scores differently
+    for args in (["--onnx", str(folder)], ["--model", str(folder)]):
+        assert main(["eval", "sts", "--limit", "40", "--threads", "1", *args]) == 0
+        printed = float(re.search(r"Spearman x100: ([-\d.]+)", capsys.readouterr().out).group(1))
+        assert abs(printed - expected) < 0.01
+    assert main(["eval", "sts", "--onnx", str(folder), "--peft", "adapter"]) == 2
+    assert "--peft cannot change an ONNX export" in capsys.readouterr().err
+    assert main(["eval", "sts", "--onnx", str(tmp_path)]) == 2
+    assert "holds no model.onnx" in capsys.readouterr().err
+    assert main(["eval", "mteb", "--tasks", "NoSuchTask", "--onnx", str(folder)]) == 2
+
+
 def test_nothing_imports_a_top_level_export_module():
     """``export/`` installs as ``llm2vec_fast.export`` only; nothing may import ``export`` itself."""
     import re
@@ -502,7 +558,12 @@ def _fake_result(speedup: float) -> dict:
         stsb_drop=0.3,
         size_mb=221.0,
         export_s=80.0,
+        int8_layers=30,
+        layers=30,
+        int8_weight_bits=8,
+        int8_weight_rounding="GPTQ (sequential, act-order)",
     )
+    bf16_row = dict(row, engine="torch-bf16", mean_cos=0.997, min_cos=0.93, min_cos_instructions=0.95, stsb_drop=0.1)
     return {
         "model": "m",
         "cpu": "c",
@@ -514,7 +575,8 @@ def _fake_result(speedup: float) -> dict:
         "load_average_per_round": [0.1, 2.2],
         "baseline_check": {"encode_s_over_plain_forward_s": 1.02},
         "date": "d",
-        "results": [dict(row, engine="torch-fp32"), onnx_row],
+        "results": [dict(row, engine="torch-fp32"), bf16_row, onnx_row],
+        "int8_gemm_ceiling": {"rows": [{"MatMulIntegerToFloat_speedup": 1.5}, {"MatMulIntegerToFloat_speedup": 6.25}]},
     }
 
 
@@ -532,9 +594,32 @@ def test_bench_onnx_docs_table_is_generated_from_json(tmp_path):
     text = page.read_text()
     assert "old hand-typed" not in text and text.startswith("intro\n") and text.endswith("tail\n")
     assert "| onnx-int8 | 93.6 | 2.34x (2.24-2.44) | 0.9950 | 0.9850 / 0.9900 | 70.00 (+0.30) | 221 MB | 80 s |" in text
+    assert "| torch-bf16 | 40.0 | 1.00x (1.00-1.00) | 0.9970 | 0.9300 / 0.9500 | 70.00 (+0.10) | - | - |" in text
+    assert "onnx-int8: 30 of 30 decoder layers in int8, 8-bit weights (GPTQ (sequential, act-order) rounding)." in text
+    assert "MatMulIntegerToFloat vs fp32 MatMul): 1.5-6.2x" in text
     assert "no `" in text.split("bench_onnx_trained:start")[1]  # missing trained JSON: a note, no numbers
     bench.update_docs(page, results)
     assert page.read_text() == text  # idempotent
+
+
+def test_bench_onnx_smoke_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
+    """--force on a tiny model: torch fp32, bf16 and int8 rows, with the CPU, its int8 flags and
+    what the int8 export chose in the JSON (written outside benchmarks/results)."""
+    import re
+
+    bench = _bench_module()
+    argv = ["--model", tiny_llama_dir, "--quick", "--force", "--sentences", "12", "--stsb-pairs", "20", "--threads", "1"]
+    assert bench.main([*argv, "--export-dir", str(tmp_path / "exports")]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(Path(re.search(r"see (\S+onnx-cpu\.json)", captured.err).group(1)).read_text())
+    engines = [r["engine"] for r in result["results"]]
+    assert engines[:3] == ["torch-fp32", "torch-bf16", "onnx-int8"]
+    assert engines[3:] == (["openvino-int8"] if result["versions"]["openvino"] else [])
+    assert result["cpu"] and isinstance(result["cpu_flags"], list)
+    bf16, int8 = result["results"][1:3]
+    assert 0.5 < bf16["min_cos"] <= bf16["mean_cos"] <= 1 and "size_mb" not in bf16
+    assert int8["int8_layers"] == int8["layers"] == 2 and int8["int8_weight_bits"] in (7, 8)
+    assert "| torch-bf16 |" in captured.out
 
 
 def test_bench_onnx_refuses_a_busy_machine(monkeypatch, tmp_path):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .common import add_model_options, load_encoder
 
+ONNX_MODEL_FILE = "model.onnx"
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate an encoder (STS-B, MTEB)")
@@ -20,6 +22,7 @@ def add_parser(sub) -> None:
     sts.add_argument("--truncate-dim", type=int, default=None, metavar="D", help="score the first D dimensions only (Matryoshka)")
     sts.add_argument("--instruction", default="", help="instruction given to every sentence (default none)")
     add_model_options(sts)
+    add_onnx_option(sts)
     sts.set_defaults(run=run_sts)
 
     mt = tasks.add_parser(
@@ -42,14 +45,68 @@ def add_parser(sub) -> None:
     )
     mt.add_argument("--no-default-instructions", action="store_true", help="no instruction unless --instructions names the task")
     add_model_options(mt)
+    add_onnx_option(mt)
     mt.set_defaults(run=run_mteb)
+
+
+def add_onnx_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="score an exported ONNX folder (llm2vec-fast export) with OnnxEncoder; a --model folder holding model.onnx is one too",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: $OMP_NUM_THREADS or all cores)")
+
+
+# settings an ONNX export fixed when it was written
+_BAKED_IN = {
+    "peft": "--peft",
+    "pooling": "--pooling",
+    "max_length": "--max-length",
+    "dtype": "--dtype",
+    "no_bidirectional": "--no-bidirectional",
+    "quantization": "--quantization",
+}
+
+
+def onnx_folder(args: argparse.Namespace) -> Path | None:
+    """The ONNX export to score: ``--onnx``, or ``--model`` when it is an export folder."""
+    if args.onnx is not None:
+        if args.model is not None:
+            raise ValueError("give either --onnx DIR or --model, not both")
+        if not (args.onnx / ONNX_MODEL_FILE).is_file():
+            raise FileNotFoundError(f"--onnx {str(args.onnx)!r} holds no {ONNX_MODEL_FILE}; export one with `llm2vec-fast export`")
+        return args.onnx
+    if args.model is not None and (Path(args.model) / ONNX_MODEL_FILE).is_file():
+        return Path(args.model)
+    return None
+
+
+def load_eval_encoder(args: argparse.Namespace):
+    """An :class:`~llm2vec_fast.export.OnnxEncoder` for an ONNX export folder, else an LLM2Vec."""
+    folder = onnx_folder(args)
+    if folder is None:
+        if args.threads is not None:
+            raise ValueError("--threads applies to ONNX exports (--onnx DIR); use OMP_NUM_THREADS for torch")
+        return load_encoder(args)
+    fixed = [flag for attr, flag in _BAKED_IN.items() if getattr(args, attr)]
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)} cannot change an ONNX export (fixed when it was exported); drop it or re-export")
+    from ..export import OnnxEncoder
+
+    device = (args.device or "cpu").split(":")[0]
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r}: an ONNX export runs on cpu or cuda")
+    return OnnxEncoder.from_pretrained(folder, providers=device, num_threads=args.threads)
 
 
 def run_sts(args: argparse.Namespace) -> int:
     from ..stsb import load_stsb, stsb_spearman
 
     load_stsb(args.split, args.data_dir)  # a missing file fails before the model loads
-    encoder = load_encoder(args)
+    encoder = load_eval_encoder(args)
     score = stsb_spearman(
         encoder,
         args.split,
@@ -79,10 +136,10 @@ def run_mteb(args: argparse.Namespace) -> int:
     for task in tasks:  # a task without local data fails before the model loads
         load_task_data(task)
     model = MTEBEncoder(
-        load_encoder(args),
+        load_eval_encoder(args),
         instructions=instructions,
         use_default_instructions=not args.no_default_instructions,
-        model_name=args.model,
+        model_name=args.model if args.onnx is None else None,
         batch_size=args.batch_size,
         truncate_dim=args.truncate_dim,
     )

@@ -28,6 +28,18 @@ def add_parser(sub) -> None:
     p.add_argument("--no-validate", action="store_true", help="skip the comparison with the torch encoder")
     p.add_argument("--stsb-pairs", type=int, default=200, help="STS-B dev pairs scored during validation (0 = skip)")
     p.add_argument(
+        "--int8-weights",
+        choices=("7bit", "auto", "8bit"),
+        default="7bit",
+        help="int8 weights (default 7bit: right on every CPU); 8bit needs VNNI or AMX where the export runs; auto = 8bit if this CPU has them",
+    )
+    p.add_argument(
+        "--int8-rounding",
+        choices=("nearest", "gptq"),
+        default="nearest",
+        help="int8 weight rounding (default nearest; gptq: error-compensating, calibrated on the calibration inputs)",
+    )
+    p.add_argument(
         "--format",
         choices=("onnx", "sentence-transformers"),
         default="onnx",
@@ -45,7 +57,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..encoder import LLM2Vec
-    from ..export import ValidationConfig, export_onnx
+    from ..export import Int8Options, ValidationConfig, export_onnx
 
     if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"output folder {str(args.output)!r} is not empty; pass --overwrite")
@@ -57,7 +69,14 @@ def run(args: argparse.Namespace) -> int:
     encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=True, dtype="float32", device="cpu")
     validate = False if args.no_validate else ValidationConfig(stsb_pairs=args.stsb_pairs)
     out = export_onnx(
-        encoder, args.output, precision=args.precision, opset=args.opset, validate=validate, overwrite=args.overwrite, progress=True
+        encoder,
+        args.output,
+        precision=args.precision,
+        opset=args.opset,
+        validate=validate,
+        overwrite=args.overwrite,
+        progress=True,
+        int8=Int8Options(weights=args.int8_weights, rounding=args.int8_rounding),
     )
     report = json.loads((out / "export_report.json").read_text())
     summary = {k: report.get(k) for k in ("precision", "status", "file_size_bytes", "min_cos", "mean_cos", "max_abs_err")}
