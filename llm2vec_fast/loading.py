@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
+from .default_model import DEFAULT_BASE_NAME, DEFAULT_MODEL_NAME, default_model_path, is_default_model
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -31,8 +31,8 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> tuple[str, str
     if _HUB_ID.match(name) and not name.startswith((".", "~")):
         return name, name
     raise FileNotFoundError(
-        f"model path {name!r} does not exist. Pass a local Hugging Face checkpoint folder, or None / 'default' for "
-        f"the embedded {DEFAULT_MODEL_NAME}."
+        f"model path {name!r} does not exist. Pass a local Hugging Face checkpoint folder, None / 'default' for the "
+        f"default encoder, or {DEFAULT_BASE_NAME!r} for the untrained embedded {DEFAULT_MODEL_NAME}."
     )
 
 
@@ -45,6 +45,18 @@ def _model_id_from_folder(folder: Path) -> str | None:
         if value:
             return value
     return None
+
+
+def read_encoder_settings(folder: str | os.PathLike) -> tuple[dict, str | None]:
+    """``(settings, model_id)`` stored in ``folder/llm2vec_config.json`` (``({}, None)`` without one):
+    the encoder settings (pooling, lengths, instruction handling) and the original model name."""
+    from .encoding import CONFIG_KEYS
+
+    path = os.path.join(os.fspath(folder), "llm2vec_config.json")
+    if not os.path.isfile(path):
+        return {}, None
+    stored = read_json(path)
+    return {k: v for k, v in stored.items() if k in CONFIG_KEYS}, stored.get("model_id")
 
 
 def has_weights(folder: str) -> bool:
