@@ -28,7 +28,7 @@ from .encoding import (
     check_encoder_settings,
 )
 from .kernels import masked_pool, masked_pool_varlen
-from .loading import apply_adapters, load_base_model, read_encoder_settings, resolve_model_path
+from .loading import apply_adapters, load_base_model, merge_lora, read_encoder_settings, resolve_model_path
 from .packing import DEFAULT_MAX_TOKENS_PER_BATCH, pack, token_budget_batches
 from .prompting import EncodingInput
 from .tokenization import padding_tokenizer
@@ -148,8 +148,10 @@ class LLM2Vec(EncodeMixin, nn.Module):
         adapters = _as_list(peft_model_name_or_path)
         if not adapters and is_default_encoder(model_name_or_path):
             # the default encoder: the shipped adapters, merged (plain weights, no LoRA at inference)
-            adapters, merge_peft = [os.fspath(p) for p in default_adapter_paths()], True
-        if adapters:
+            adapters = [os.fspath(p) for p in default_adapter_paths()]
+            for adapter in adapters:
+                model = merge_lora(model, adapter)
+        elif adapters:
             model = apply_adapters(model, adapters, merge_last=merge_peft)
         if enable_bidirectional:
             make_bidirectional(model)
