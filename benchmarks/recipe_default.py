@@ -200,7 +200,8 @@ def main(argv=None) -> int:
             "stsb_dev_spearman": results,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        text = json.dumps(out, indent=2).replace(f"{ROOT}/", "")  # repository-relative paths only
+        Path(args.out).write_text(text + "\n")
         return out
 
     def log(msg: str) -> None:
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
     if args.ship_step is not None:
         shipped = next((r for r in results["curve"] if r["simcse_step"] == args.ship_step), None)
         provenance = {
-            "command": out["command"],
+            "command": out["command"].replace(f"{ROOT}/", ""),
             "simcse_step": args.ship_step,
             "stsb_dev_spearman": shipped,
             "versions": out["versions"],

@@ -134,6 +134,9 @@ def merge_lora(model: nn.Module, adapter: str | os.PathLike) -> nn.Module:
                 raise ValueError(f"adapter {adapter!r} has weights for {name!r}, which the model does not have")
             layer = modules[name]
             b = weights[key[: -len("lora_A.weight")] + "lora_B.weight"]
-            delta = (b.to(torch.float32) @ a.to(torch.float32)) * scale
-            layer.weight += delta.to(layer.weight.dtype, copy=False)
+            w = layer.weight
+            if w.dtype == torch.float32:  # in place, no [out, in] temporary
+                w.addmm_(b.to(w.dtype), a.to(w.dtype), alpha=scale)
+            else:  # half-precision weights: the delta in fp32, rounded once
+                w += ((b.float() @ a.float()) * scale).to(w.dtype)
     return model
