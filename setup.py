@@ -24,4 +24,13 @@ def _packages() -> tuple[list[str], dict[str, str]]:
 
 
 packages, package_dir = _packages()
-setup(packages=packages, package_dir=package_dir, package_data={"llm2vec_fast": ["py.typed"]})  # PEP 561: covers the sub-packages
+package_data = {
+    "llm2vec_fast": [
+        "py.typed",  # PEP 561: covers the sub-packages
+        # the default encoder's LoRA adapters (data folders, not packages)
+        "default_adapters/*.json",
+        "default_adapters/*/*.json",
+        "default_adapters/*/*.safetensors",
+    ]
+}
+setup(packages=packages, package_dir=package_dir, package_data=package_data)

@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     dims = sorted(int(d) for d in args.dims.split(",") if d)
     run = Path(args.run_dir)
     start = time.perf_counter()
-    hidden = LLM2Vec.from_pretrained(None, device="cpu").hidden_size
+    hidden = LLM2Vec.from_pretrained("default-base", device="cpu").hidden_size
     if any(d >= hidden for d in dims):
         raise SystemExit(f"--dims must be below the hidden size {hidden}")
     matryoshka_dims = dims + [hidden]
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     for name, adapter in adapters.items():
         if name in scores or (args.only and name != args.only):
             continue
-        encoder = LLM2Vec.from_pretrained(None, peft_model_name_or_path=[mntp, adapter], device="cpu")
+        encoder = LLM2Vec.from_pretrained("default-base", peft_model_name_or_path=[mntp, adapter], device="cpu")
         emb, pairs, index = encode_dev(encoder, args.dev_limit, run / f"dev_embeddings_{name}.npy")
         scores[name] = {k: round(v, 2) for k, v in dev_scores_by_dim(emb, pairs, index, dims + [None]).items()}
         random_dims[name] = {k: round(v, 2) for k, v in random_dims_scores(emb, pairs, index, dims).items()}

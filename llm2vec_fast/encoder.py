@@ -18,10 +18,18 @@ from torch import nn
 
 from .bidirectional import enable_bidirectional as make_bidirectional
 from .bidirectional import is_bidirectional
-from .encoding import CONFIG_KEYS, KERNEL_POOLING_MODE, EncodeMixin, check_encoder_settings
+from .default_model import default_adapter_paths, is_default_encoder
+from .encoding import (
+    CONFIG_KEYS,
+    DEFAULT_DOC_MAX_LENGTH,
+    DEFAULT_MAX_LENGTH,
+    KERNEL_POOLING_MODE,
+    EncodeMixin,
+    check_encoder_settings,
+)
 from .fp8 import apply_fp8, check_fp8_device, check_quantization
 from .kernels import masked_pool, masked_pool_varlen
-from .loading import apply_adapters, load_base_model, resolve_model_path
+from .loading import apply_adapters, load_base_model, merge_lora, read_encoder_settings, resolve_model_path
 from .packing import DEFAULT_MAX_TOKENS_PER_BATCH, pack, token_budget_batches
 from .prompting import EncodingInput
 from .tokenization import padding_tokenizer
@@ -53,8 +61,8 @@ class LLM2Vec(EncodeMixin, nn.Module):
         model: nn.Module,
         tokenizer,
         pooling_mode: str = "mean",
-        max_length: int = 512,
-        doc_max_length: int = 400,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        doc_max_length: int = DEFAULT_DOC_MAX_LENGTH,
         skip_instruction: bool = True,
         model_id: str | None = None,
         packed: bool | None = None,
@@ -119,10 +127,13 @@ class LLM2Vec(EncodeMixin, nn.Module):
     ) -> LLM2Vec:
         """Load an encoder.
 
-        ``model_name_or_path``: ``None`` / ``"default"`` for the embedded SmolLM2-135M-Instruct, or a
-        local checkpoint folder (an official "mntp" folder with a LoRA adapter and no weights works
-        too). ``peft_model_name_or_path``: a LoRA adapter folder, or a list of folders applied in
-        order (all but the last merged). Encoder settings left as ``None`` come from
+        ``model_name_or_path``: ``None`` / ``"default"`` for the default encoder (the embedded
+        SmolLM2-135M-Instruct with the shipped LLM2Vec adapters, merged), ``"default-base"`` for the
+        untrained base model, or a local checkpoint folder (an official "mntp" folder with a LoRA
+        adapter and no weights works too). ``peft_model_name_or_path``: a LoRA adapter folder, or a
+        list of folders applied in order (all but the last merged); with the default name they go on
+        the untrained base model (which is what ``llm2vec-fast train`` starts from), in place of the
+        shipped adapters. Encoder settings left as ``None`` come from
         ``llm2vec_config.json`` (in the adapter folder if given, else the model folder), then from
         the defaults (mean, 512, 400, True). ``dtype=None`` picks bf16 on CUDA and fp32 on CPU.
         ``packed`` / ``max_tokens_per_batch``: see :class:`LLM2Vec`.
@@ -149,20 +160,19 @@ class LLM2Vec(EncodeMixin, nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = load_base_model(path, dtype, hf_kwargs)
         adapters = _as_list(peft_model_name_or_path)
-        if adapters:
+        if not adapters and is_default_encoder(model_name_or_path):
+            # the default encoder: the shipped adapters, merged (plain weights, no LoRA at inference)
+            adapters = [os.fspath(p) for p in default_adapter_paths()]
+            for adapter in adapters:
+                model = merge_lora(model, adapter)
+        elif adapters:
             # quantized weights cannot carry a LoRA delta: merged
             model = apply_adapters(model, adapters, merge_last=merge_peft or quantization is not None)
         if enable_bidirectional:
             make_bidirectional(model)
 
-        settings: dict = {}
-        config_dir = os.fspath(adapters[-1]) if adapters else path
-        config_file = os.path.join(config_dir, "llm2vec_config.json")
-        if os.path.isfile(config_file):
-            with open(config_file) as f:
-                stored = json.load(f)
-            settings.update({k: v for k, v in stored.items() if k in CONFIG_KEYS})
-            model_id = stored.get("model_id", model_id)
+        settings, stored_id = read_encoder_settings(adapters[-1] if adapters else path)
+        model_id = stored_id or model_id
         overrides = dict(pooling_mode=pooling_mode, max_length=max_length, doc_max_length=doc_max_length, skip_instruction=skip_instruction)
         settings.update({k: v for k, v in overrides.items() if v is not None})
         encoder = cls(model, tokenizer, model_id=model_id, packed=packed, max_tokens_per_batch=max_tokens_per_batch, **settings)

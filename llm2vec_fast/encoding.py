@@ -19,6 +19,8 @@ POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token"
 # encoder pooling mode -> kernels.masked_pool mode
 KERNEL_POOLING_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "last", "last_token": "last", "bos_token": "first"}
 CONFIG_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
+# the official llm2vec's inference limits: tokens per input, and text tokens kept by dropping words
+DEFAULT_MAX_LENGTH, DEFAULT_DOC_MAX_LENGTH = 512, 400
 PROGRESS_BAR_MIN_BATCHES = 10
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
+from .default_model import DEFAULT_BASE_NAME, DEFAULT_MODEL_NAME, default_model_path, is_default_model
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -31,8 +31,8 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> tuple[str, str
     if _HUB_ID.match(name) and not name.startswith((".", "~")):
         return name, name
     raise FileNotFoundError(
-        f"model path {name!r} does not exist. Pass a local Hugging Face checkpoint folder, or None / 'default' for "
-        f"the embedded {DEFAULT_MODEL_NAME}."
+        f"model path {name!r} does not exist. Pass a local Hugging Face checkpoint folder, None / 'default' for the "
+        f"default encoder, or {DEFAULT_BASE_NAME!r} for the untrained embedded {DEFAULT_MODEL_NAME}."
     )
 
 
@@ -45,6 +45,18 @@ def _model_id_from_folder(folder: Path) -> str | None:
         if value:
             return value
     return None
+
+
+def read_encoder_settings(folder: str | os.PathLike) -> tuple[dict, str | None]:
+    """``(settings, model_id)`` stored in ``folder/llm2vec_config.json`` (``({}, None)`` without one):
+    the encoder settings (pooling, lengths, instruction handling) and the original model name."""
+    from .encoding import CONFIG_KEYS
+
+    path = os.path.join(os.fspath(folder), "llm2vec_config.json")
+    if not os.path.isfile(path):
+        return {}, None
+    stored = read_json(path)
+    return {k: v for k, v in stored.items() if k in CONFIG_KEYS}, stored.get("model_id")
 
 
 def has_weights(folder: str) -> bool:
@@ -86,4 +98,45 @@ def apply_adapters(model: nn.Module, adapter_paths: list[str], merge_last: bool)
         model = PeftModel.from_pretrained(model, adapter)
         if i < len(adapter_paths) - 1 or merge_last:
             model = model.merge_and_unload()
+    return model
+
+
+# adapter_config.json options that change what a LoRA delta is: merge_lora handles none of them
+_LORA_VARIANTS = ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication")
+
+
+def merge_lora(model: nn.Module, adapter: str | os.PathLike) -> nn.Module:
+    """Merge a plain LoRA adapter into ``model``'s weights in place (``W += lora_alpha / r * B @ A``):
+    what peft's ``merge_and_unload`` gives, without building and unloading 200+ LoRA modules first
+    (several seconds per adapter on a CPU). Adapters using other LoRA options go through peft."""
+    from safetensors.torch import load_file
+
+    adapter = os.fspath(adapter)
+    config = read_json(os.path.join(adapter, "adapter_config.json"))
+    weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    plain = (
+        config.get("peft_type") == "LORA"
+        and config.get("bias", "none") == "none"
+        and not any(config.get(k) for k in _LORA_VARIANTS)
+        and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights)
+    )
+    if not plain:
+        return apply_adapters(model, [adapter], merge_last=True)
+    scale = config["lora_alpha"] / config["r"]
+    modules = dict(model.named_modules())
+    prefix = "base_model.model."
+    with torch.no_grad():
+        for key, a in weights.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            name = key[: -len(".lora_A.weight")].removeprefix(prefix)
+            if name not in modules:
+                raise ValueError(f"adapter {adapter!r} has weights for {name!r}, which the model does not have")
+            layer = modules[name]
+            b = weights[key[: -len("lora_A.weight")] + "lora_B.weight"]
+            w = layer.weight
+            if w.dtype == torch.float32:  # in place, no [out, in] temporary
+                w.addmm_(b.to(w.dtype), a.to(w.dtype), alpha=scale)
+            else:  # half-precision weights: the delta in fp32, rounded once
+                w += ((b.float() @ a.float()) * scale).to(w.dtype)
     return model

@@ -51,9 +51,11 @@ def smollm_tokenizer(default_model_dir):
 
 @pytest.fixture(scope="session")
 def default_encoder(default_model_dir):
+    """The untrained base model made bidirectional (``"default-base"``), as the official llm2vec
+    loads SmolLM2: the parity tests compare against it."""
     from llm2vec_fast import LLM2Vec
 
-    return LLM2Vec.from_pretrained(default_model_dir, device="cpu")
+    return LLM2Vec.from_pretrained("default-base", device="cpu")
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 49152, **overrides):

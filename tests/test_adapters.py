@@ -88,3 +88,50 @@ def test_save_merges_adapter(tiny_llama_dir, adapters, tmp_path):
     enc.save(tmp_path / "merged")
     reloaded = LLM2Vec.from_pretrained(str(tmp_path / "merged"))
     torch.testing.assert_close(reloaded.encode(TEXTS), enc.encode(TEXTS), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merge_lora_equals_peft_merge(tiny_llama_dir, tmp_path, rslora, monkeypatch):
+    """The direct merge (used to load the default encoder fast) gives peft's merged weights; an
+    adapter with another LoRA option (rsLoRA scaling) goes through peft itself."""
+    from peft import PeftModel
+
+    from llm2vec_fast.loading import merge_lora
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(
+        AutoModel.from_pretrained(tiny_llama_dir),
+        LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["q_proj", "k_proj", "gate_proj", "down_proj"]),
+    )
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    peft_model.save_pretrained(tmp_path / "a")
+    expected = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_llama_dir), str(tmp_path / "a")).merge_and_unload()
+    from llm2vec_fast import loading
+
+    through_peft = []
+    real = loading.apply_adapters
+    monkeypatch.setattr(loading, "apply_adapters", lambda *a, **kw: through_peft.append(1) or real(*a, **kw))
+    merged = merge_lora(AutoModel.from_pretrained(tiny_llama_dir), tmp_path / "a")
+    assert bool(through_peft) == rslora  # plain LoRA: merged directly, without peft
+    want = expected.state_dict()
+    got = merged.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(
+        got["layers.0.self_attn.q_proj.weight"], AutoModel.from_pretrained(tiny_llama_dir).state_dict()["layers.0.self_attn.q_proj.weight"]
+    )
+
+
+def test_merge_lora_rejects_an_adapter_for_another_model(tiny_llama_dir, adapters, tmp_path):
+    from llm2vec_fast.loading import merge_lora
+
+    shutil.copytree(adapters[0], tmp_path / "a")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    save_file({k.replace("layers.0.", "layers.99."): v for k, v in weights.items()}, tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="layers.99"):
+        merge_lora(AutoModel.from_pretrained(tiny_llama_dir), tmp_path / "a")

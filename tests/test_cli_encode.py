@@ -53,4 +53,20 @@ def test_encode_errors_exit_2(argv, message, capsys):
 def test_demo_prints_similarity_matrix(default_model_dir, capsys):
     assert main(["demo", "--model", default_model_dir]) == 0
     out = capsys.readouterr().out
-    assert "cosine similarity" in out and "1.000" in out
+    assert "cosine similarity" in out and "1.000" in out and "nearest neighbour" in out
+
+
+def test_demo_default_pairs_each_sentence_with_its_paraphrase(capsys):
+    """The shipped default encoder: each example's nearest neighbour is its paraphrase (0-1, 2-3, 4-5)."""
+    from llm2vec_fast.cli.demo import EXAMPLES
+
+    assert main(["demo", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    pairs = [line.split()[:3] for line in out.split("nearest neighbour")[1].strip().splitlines()[: len(EXAMPLES)]]
+    assert [(int(a.strip("[]")), int(b.strip("[]"))) for a, _, b in pairs] == [(i, i ^ 1) for i in range(len(EXAMPLES))]
+    assert "note:" not in out
+
+
+def test_demo_base_model_says_it_is_untrained(capsys):
+    assert main(["demo", "--model", "default-base", "--device", "cpu"]) == 0
+    assert "without LLM2Vec training" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Packaging: one import package; kernels/ and export/ install under llm2vec_fast only; the built
-wheel works on its own (console script, every sub-package, encoding with the default model)."""
+wheel works on its own (console script, every sub-package, encoding with the default encoder's
+shipped adapters)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ def test_wheel_ships_every_package_and_only_llm2vec_fast(wheel):
             rel = src.relative_to(ROOT / folder)
             assert "/".join([*name.split("."), *rel.parts]) in modules, f"{src} is not in the wheel"
     assert "llm2vec_fast/py.typed" in names
+    for stage in ("mntp", "simcse"):  # the default encoder's adapters
+        for file in ("adapter_model.safetensors", "adapter_config.json", "train_config.json"):
+            assert f"llm2vec_fast/default_adapters/{stage}/{file}" in names
+    assert "llm2vec_fast/default_adapters/simcse/llm2vec_config.json" in names
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     for line in ("Name: llm2vec-fast", "Requires-Python: >=3.10", "Classifier: Typing :: Typed", "Requires-Dist: transformers"):
         assert line in meta
@@ -106,12 +111,16 @@ def test_wheel_installs_and_works_in_a_fresh_venv(wheel, tmp_path, default_model
         "    mod = importlib.import_module(name)\n"
         "    assert mod.__file__.startswith(sys.prefix), (name, mod.__file__)\n"
         "from llm2vec_fast import LLM2Vec\n"
-        "enc = LLM2Vec.from_pretrained(device='cpu')  # the embedded default model\n"
-        "emb = enc.encode(['A man is playing a guitar.', 'Someone plays the guitar.'], normalize_embeddings=True)\n"
-        "print(llm2vec_fast.__file__, tuple(emb.shape), float(emb[0] @ emb[1]))\n"
+        "from llm2vec_fast.default_model import default_adapter_paths\n"
+        "enc = LLM2Vec.from_pretrained(device='cpu')  # the default encoder: shipped adapters, merged\n"
+        "texts = ['A man is playing a guitar.', 'Someone plays the guitar.', 'The stock market fell sharply.']\n"
+        "emb = enc.encode(texts, normalize_embeddings=True)\n"
+        "print(llm2vec_fast.__file__, default_adapter_paths()[0], tuple(emb.shape), float(emb[0] @ emb[1]), float(emb[0] @ emb[2]))\n"
     )
     r = run(str(python), "-c", code)
     assert r.returncode == 0, r.stderr
-    where, shape, cos = r.stdout.split()[0], r.stdout.split()[1:3], float(r.stdout.split()[-1])
+    where, adapters, shape = r.stdout.split()[0], r.stdout.split()[1], r.stdout.split()[2:4]
+    paraphrase, unrelated = (float(x) for x in r.stdout.split()[-2:])
     assert where.startswith(str(fresh_site)), f"llm2vec_fast imported from {where}, not from the fresh venv"
-    assert "".join(shape) == "(2,576)" and 0.0 < cos <= 1.0 + 1e-6
+    assert adapters.startswith(str(fresh_site)), f"adapters read from {adapters}, not from the installed wheel"
+    assert "".join(shape) == "(3,576)" and unrelated + 0.1 < paraphrase <= 1.0 + 1e-6

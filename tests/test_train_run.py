@@ -140,6 +140,37 @@ def test_chained_adapters_mntp_then_simcse(tiny_causal_lm_dir, text_file, tmp_pa
     assert a.shape == (2, 64) and not torch.allclose(a, b, atol=1e-6)
 
 
+def test_training_length_is_not_the_encoders_length(tiny_causal_lm_dir, text_file, tmp_path):
+    """A stage trained at ``max_length: 24`` records 24 in ``train_config.json`` only: the saved
+    adapters keep the inference limits (512 / 400), so later encodes do not cut documents at 24."""
+    mntp = train("mntp", _cfg("mntp", tiny_causal_lm_dir, text_file, tmp_path / "mntp", max_steps=2))
+    simcse = train("simcse", _cfg("simcse", tiny_causal_lm_dir, text_file, tmp_path / "simcse", max_steps=2, peft=[str(mntp)]))
+    for adapter in (mntp, simcse):
+        settings = json.loads((adapter / "llm2vec_config.json").read_text())
+        assert (settings["max_length"], settings["doc_max_length"]) == (512, 400), adapter
+        assert json.loads((adapter.parent / "train_config.json").read_text())["max_length"] == 24
+    enc = LLM2Vec.from_pretrained(tiny_causal_lm_dir, peft_model_name_or_path=[str(mntp), str(simcse)], device="cpu")
+    assert (enc.max_length, enc.doc_max_length) == (512, 400)
+    long_text = " ".join(["word"] * 60)
+    assert len(enc.tokenize([long_text])[0].input_ids) > 24
+    saved = tmp_path / "saved"
+    enc.save(saved)
+    stored = json.loads((saved / "llm2vec_config.json").read_text())
+    assert (stored["max_length"], stored["doc_max_length"]) == (512, 400)
+
+
+def test_lengths_set_by_the_user_survive_training(tiny_causal_lm_dir, text_file, tmp_path):
+    """Limits stored with the model (here: an encoder saved with max_length 64 / doc 50) stay the
+    limits of every stage trained on it, whatever the training length."""
+    base = tmp_path / "base"
+    LLM2Vec.from_pretrained(tiny_causal_lm_dir, max_length=64, doc_max_length=50, device="cpu").save(base)
+    mntp = train("mntp", _cfg("mntp", str(base), text_file, tmp_path / "mntp", max_steps=1))
+    simcse = train("simcse", _cfg("simcse", str(base), text_file, tmp_path / "simcse", max_steps=1, peft=[str(mntp)]))
+    for adapter in (mntp, simcse):
+        settings = json.loads((adapter / "llm2vec_config.json").read_text())
+        assert (settings["max_length"], settings["doc_max_length"]) == (64, 50), adapter
+
+
 def _adapter_weights(path):
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
@@ -160,6 +191,22 @@ def test_resume_is_bit_for_bit(stage, tiny_causal_lm_dir, text_file, tmp_path):
     log_cut = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_cut] == list(range(1, 7))
     assert [r["loss"] for r in log_cut] == [r["loss"] for r in log_full]
+
+
+@pytest.mark.parametrize("stage", ["mntp", "simcse"])
+def test_two_runs_of_one_seed_give_identical_adapters(stage, tiny_causal_lm_dir, text_file, tmp_path):
+    """Same seed, settings, threads and versions: bit-identical adapters (what makes the shipped
+    default encoder rebuildable), whatever the global RNG state before the run."""
+    torch.manual_seed(1)
+    a = train(stage, _cfg(stage, tiny_causal_lm_dir, text_file, tmp_path / "a", max_steps=3))
+    torch.manual_seed(2)
+    b = train(stage, _cfg(stage, tiny_causal_lm_dir, text_file, tmp_path / "b", max_steps=3))
+    wa, wb = _adapter_weights(a), _adapter_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    other = train(stage, _cfg(stage, tiny_causal_lm_dir, text_file, tmp_path / "c", max_steps=3, seed=7))
+    assert any(not torch.equal(wa[k], w) for k, w in _adapter_weights(other).items())
 
 
 def test_checkpoints_rotate_and_leave_no_temp_dirs(tiny_llama_dir, text_file, tmp_path):

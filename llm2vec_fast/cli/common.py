@@ -9,7 +9,11 @@ from ..fp8 import QUANTIZATIONS
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder (default: the default encoder, SmolLM2-135M-Instruct with LLM2Vec adapters; default-base: the untrained base)",
+    )
     parser.add_argument("--peft", action="append", default=None, metavar="ADAPTER", help="LoRA adapter folder (repeat to chain)")
     parser.add_argument(
         "--pooling", choices=POOLING_MODES, default=None, help="pooling mode (default: from llm2vec_config.json, else mean)"

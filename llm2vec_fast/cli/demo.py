@@ -24,13 +24,16 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..default_model import is_default_encoder, is_default_model
+
     start = time.perf_counter()
     encoder = load_encoder(args)
     loaded = time.perf_counter()
     emb = encoder.encode(EXAMPLES, normalize_embeddings=True)
     done = time.perf_counter()
     sim = (emb @ emb.T).numpy()
-    name = encoder.model_id or args.model or "default model"
+    trained_default = is_default_encoder(args.model) and not args.peft
+    name = "default (SmolLM2-135M-Instruct + LLM2Vec adapters)" if trained_default else (args.model or encoder.model_id)
     print(f"model: {name} | pooling: {encoder.pooling_mode} | dim: {emb.shape[1]} | device: {encoder.device}")
     print(f"load {loaded - start:.1f} s, encode {len(EXAMPLES)} sentences {1000 * (done - loaded):.0f} ms\n")
     for i, text in enumerate(EXAMPLES):
@@ -39,9 +42,21 @@ def run(args: argparse.Namespace) -> int:
     print("     " + "".join(f"{j:>7}" for j in range(len(EXAMPLES))))
     for i, row in enumerate(sim):
         print(f"[{i}]  " + "".join(f"{v:7.3f}" for v in row))
-    if not args.peft:
+    print("\nnearest neighbour")
+    for i, j in enumerate(nearest_neighbours(sim)):
+        print(f"[{i}] -> [{j}] {EXAMPLES[j]}  ({sim[i, j]:.3f})")
+    if is_default_model(args.model) and not trained_default and not args.peft:
         print(
-            "\nnote: this base model has no LLM2Vec training yet (bidirectional attention alone lowers quality);"
-            "\ntrain adapters with `llm2vec-fast train mntp|simcse` and pass them with --peft."
+            f"\nnote: {args.model!r} is the base model without LLM2Vec training (bidirectional attention alone lowers"
+            "\nquality); the default encoder (no --model) carries trained adapters."
         )
     return 0
+
+
+def nearest_neighbours(sim) -> list[int]:
+    """Index of each row's most similar other row."""
+    import numpy as np
+
+    sim = np.array(sim, dtype=np.float64, copy=True)
+    np.fill_diagonal(sim, -np.inf)
+    return [int(j) for j in sim.argmax(1)]

@@ -17,7 +17,11 @@ def add_parser(sub) -> None:
         description="Export an encoder to a self-contained ONNX folder (model, tokenizer, llm2vec_config.json, "
         "export_report.json), validated against the torch encoder.",
     )
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder (default: the default encoder, SmolLM2-135M-Instruct with LLM2Vec adapters; default-base: the untrained base)",
+    )
     p.add_argument(
         "--peft", action="append", default=None, metavar="ADAPTER", help="LoRA adapter folder (repeat to chain); merged before export"
     )

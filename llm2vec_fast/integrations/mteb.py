@@ -7,7 +7,7 @@ or :class:`~llm2vec_fast.export.OnnxEncoder`::
     from llm2vec_fast import LLM2Vec
     from llm2vec_fast.integrations.mteb import MTEBEncoder
 
-    model = MTEBEncoder(LLM2Vec.from_pretrained("default", peft_model_name_or_path=["runs/mntp/adapter", "runs/simcse/adapter"]))
+    model = MTEBEncoder(LLM2Vec.from_pretrained("default"))  # or a base model with your adapters (peft_model_name_or_path)
     results = mteb.evaluate(model, mteb.get_tasks(tasks=["STSBenchmark"]))
 
 Instructions follow the LLM2Vec convention: each text is encoded as ``[instruction, text]``

@@ -27,7 +27,7 @@ class TrainConfig:
 
     data: str | list[str] | None = None
     output_dir: str = "runs/train"
-    model: str | None = None  # None: the embedded default model
+    model: str | None = None  # None / "default": the embedded base model, untrained ("default-base")
     peft: list[str] = field(default_factory=list)  # earlier adapters, merged before training (MNTP -> SimCSE)
     seed: int = 42
     lr: float = 5e-5
@@ -81,7 +81,9 @@ class TrainConfig:
             for adapter in self.peft:
                 if not (Path(adapter) / "adapter_config.json").is_file():
                     raise ConfigError(f"peft adapter {adapter!r} has no adapter_config.json")
-            if self.model not in (None, "default") and not Path(self.model).is_dir():
+            from ..default_model import is_default_model
+
+            if not is_default_model(self.model) and not Path(self.model).is_dir():
                 raise ConfigError(f"model folder {self.model!r} does not exist")
 
     def data_files(self) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from ..prompting import EncodingInput
 from .config import ContrastiveConfig
 from .losses import distributed_info_nce, matryoshka_loss
-from .trainer import Stage, add_lora, autocast, enable_checkpointing, packed_forward, pick_layout, train_dtype
+from .trainer import Stage, add_lora, autocast, base_model_name, enable_checkpointing, packed_forward, pick_layout, train_dtype
 
 
 def _get_rng(device: torch.device):
@@ -80,7 +80,7 @@ class ContrastiveStage(Stage):
 
         cfg = self.config
         self.encoder = LLM2Vec.from_pretrained(
-            cfg.model,
+            base_model_name(cfg),
             peft_model_name_or_path=list(cfg.peft) or None,
             merge_peft=True,
             pooling_mode=cfg.pooling_mode,
@@ -171,8 +171,7 @@ class ContrastiveStage(Stage):
     def llm2vec_config(self) -> dict:
         return {
             "pooling_mode": self.config.pooling_mode,
-            "max_length": self.encoder.max_length,
-            "doc_max_length": self.encoder.doc_max_length,
+            **self.inference_lengths(),  # not the training length: see Stage.inference_lengths
             "skip_instruction": True,
             "model_id": self.encoder.model_id,
         }

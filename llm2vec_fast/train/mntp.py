@@ -250,7 +250,7 @@ class MNTPStage(Stage):
         return loss.detach().float()
 
     def llm2vec_config(self) -> dict:
-        return {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True}
+        return {"pooling_mode": "mean", **self.inference_lengths(), "skip_instruction": True}
 
 
 def _replace_decoder(lm, old, new) -> None:

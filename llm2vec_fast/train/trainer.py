@@ -116,10 +116,18 @@ def packed_forward(net: nn.Module, model: nn.Module, features: dict, device: tor
         return packed_hidden_states(net, model, features)
 
 
+def base_model_name(config: TrainConfig) -> str | None:
+    """The model a stage trains: the untrained base (``default-base``) when ``model`` names the
+    default, since the recipe starts from the base model, not from the shipped default encoder."""
+    from ..default_model import DEFAULT_BASE_NAME, is_default_encoder
+
+    return DEFAULT_BASE_NAME if is_default_encoder(config.model) else config.model
+
+
 def resolve_base(config: TrainConfig) -> str:
     from ..loading import resolve_model_path
 
-    return resolve_model_path(config.model)[0]
+    return resolve_model_path(base_model_name(config))[0]
 
 
 class Stage:
@@ -147,6 +155,20 @@ class Stage:
     def llm2vec_config(self) -> dict | None:
         """``llm2vec_config.json`` written next to the adapter."""
         return None
+
+    def inference_lengths(self) -> dict[str, int]:
+        """``max_length`` / ``doc_max_length`` the trained encoder keeps: those stored with the model
+        (its last earlier adapter, else its folder), else the defaults (512 / 400). The training
+        length (``config.max_length``) is a training setting: it goes to ``train_config.json``, and
+        does not cut the documents of every later ``encode()``."""
+        from ..encoding import DEFAULT_DOC_MAX_LENGTH, DEFAULT_MAX_LENGTH
+        from ..loading import read_encoder_settings
+
+        stored, _ = read_encoder_settings(self.config.peft[-1] if self.config.peft else resolve_base(self.config))
+        return {
+            "max_length": int(stored.get("max_length", DEFAULT_MAX_LENGTH)),
+            "doc_max_length": int(stored.get("doc_max_length", DEFAULT_DOC_MAX_LENGTH)),
+        }
 
     def save_adapter(self, path: str | os.PathLike) -> None:
         self.peft_model.save_pretrained(path, safe_serialization=True)
