@@ -290,12 +290,16 @@ def recipe_sts_table(result: dict) -> str:
 
 # ------------------------------------------------------------------------------ headline summary
 def _cpu_label(result: dict) -> str:
-    env = result.get("environment") or {}
     threads = result.get("threads") or (result.get("config") or {}).get("threads") or (result.get("settings") or {}).get("threads")
     name = result.get("cpu") or "CPU"
     flags = f" ({', '.join(result['cpu_flags'])})" if result.get("cpu_flags") else ""
-    date = (env.get("date") or result.get("date") or "date not recorded")[:10]
-    return f"{name}{flags}, {threads} threads, {date}"
+    return f"{name}{flags}, {threads} threads, {_date(result)}"
+
+
+def _date(result: dict) -> str:
+    """The day a result was measured (``environment.date`` or ``date``), or says it was not recorded."""
+    date = (result.get("environment") or {}).get("date") or result.get("date")
+    return date[:10] if date else "date not recorded"
 
 
 def _gpu_label(result: dict) -> str:
@@ -344,7 +348,17 @@ def _summary_rows(results: Path) -> list[tuple[str, str, str]]:
             (
                 "STS-B dev Spearman, default model: untrained bidirectional -> MNTP + SimCSE (best causal pooling)",
                 f"{s['bidir_untrained']:.1f} -> **{s['mntp_simcse']:.1f}** ({max(s['causal_mean'], s['causal_weighted_mean']):.1f})",
-                f"CPU, {recipe['torch_threads']} threads, {recipe.get('date', 'date not recorded')[:10]}",
+                f"CPU, {recipe['torch_threads']} threads, {_date(recipe)}",
+            )
+        )
+    shipped = _load(results / "recipe_default.json")
+    if shipped and shipped.get("complete"):
+        best = shipped["stsb_dev_spearman"]["best_by_dev"]
+        rows.append(
+            (
+                f"STS-B dev Spearman of the shipped default encoder (`from_pretrained()`, SimCSE step {best['simcse_step']})",
+                f"**{best['dev_1500_pairs']:.2f}**",
+                f"CPU, {shipped['torch_threads']} thread(s), {_date(shipped)}",
             )
         )
     onnx = _load(results / "onnx-cpu.json")

@@ -21,6 +21,7 @@ dev points); all are recorded in the JSON and in ``default_adapters/provenance.j
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -190,6 +191,7 @@ def main(argv=None) -> int:
         out = {
             "model": f"HuggingFaceTB/{DEFAULT_MODEL_NAME}",
             "command": "python benchmarks/recipe_default.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": datetime.date.today().isoformat(),
             "config": config,
             "versions": software_versions(),
             "torch_threads": torch.get_num_threads(),
