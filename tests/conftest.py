@@ -51,11 +51,13 @@ def smollm_tokenizer(default_model_dir):
 
 @pytest.fixture(scope="session")
 def default_encoder(default_model_dir):
-    """The untrained base model made bidirectional (``"default-base"``), as the official llm2vec
-    loads SmolLM2: the parity tests compare against it."""
+    """The untrained base model made bidirectional (a checkpoint folder, not the name ``"default"``,
+    loads without the shipped adapters: the same model as ``"default-base"``), as the official
+    llm2vec loads SmolLM2: the parity tests compare against it. Loaded from ``default_model_dir``
+    so that jobs which reload the model by that folder (Ray, torchrun) see the same model id."""
     from llm2vec_fast import LLM2Vec
 
-    return LLM2Vec.from_pretrained("default-base", device="cpu")
+    return LLM2Vec.from_pretrained(default_model_dir, device="cpu")
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 49152, **overrides):

@@ -243,7 +243,21 @@ def test_stsb_spearman_equals_eval_sts(default_encoder, stsb_folder):
     assert abs(ours_instructed - ours) > 0.01  # the instruction changes the embeddings
     # the CLI prints the same number
     r = subprocess.run(
-        [sys.executable, "-c", CLI, "eval", "sts", "--data-dir", stsb_folder, "--device", "cpu", "--instruction", instruction],
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            "eval",
+            "sts",
+            "--model",
+            "default-base",
+            "--data-dir",
+            stsb_folder,
+            "--device",
+            "cpu",
+            "--instruction",
+            instruction,
+        ],
         capture_output=True,
         text=True,
         timeout=600,
