@@ -217,3 +217,68 @@ def test_stop_fails_waiting_requests_and_refuses_new_ones():
 def test_bad_settings():
     with pytest.raises(ValueError, match="positive"):
         Batcher(FakeModel(), HIDDEN, max_batch_tokens=0, max_queue_tokens=10)
+    with pytest.raises(ValueError, match="regroup_s"):
+        Batcher(FakeModel(), HIDDEN, max_batch_tokens=4, max_queue_tokens=10, regroup_s=-1)
+
+
+class SlowModel(FakeModel):
+    """A fake model whose every batch takes ``seconds`` (as a CPU forward does)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def __call__(self, items):
+        threading.Event().wait(self.seconds)
+        return super().__call__(items)
+
+
+def closed_loop_batches(clients: int, rounds: int, regroup_s: float, model_s: float = 0.04) -> list[int]:
+    """Requests per batch when ``clients`` clients each send ``rounds`` requests one after another,
+    coming back after a staggered think time (as HTTP clients do: the answers go out one by one)."""
+    model = SlowModel(model_s)
+
+    async def client(batcher, c):
+        for _ in range(rounds):
+            job = batcher.submit([item(c, 2)])
+            assert torch.equal(await job.future, expected([item(c, 2)]))
+            await asyncio.sleep(0.001 * (c % 8))
+
+    async def main():
+        batcher = Batcher(model, HIDDEN, max_batch_tokens=1000, max_queue_tokens=10_000, regroup_s=regroup_s)
+        await batcher.start()
+        await asyncio.gather(*(client(batcher, c) for c in range(clients)))
+        await batcher.stop()
+
+    run(main())
+    assert sorted(tag for batch in model.batches for tag in batch) == sorted(list(range(clients)) * rounds)
+    return [len(batch) for batch in model.batches]
+
+
+def test_regrouping_keeps_concurrent_clients_in_one_batch():
+    # without regrouping the first request runs alone and the rest take turns in cohorts
+    assert min(closed_loop_batches(8, 5, regroup_s=0.0, model_s=0.2)[1:]) < 8
+    sizes = closed_loop_batches(8, 5, regroup_s=0.5, model_s=0.4)  # waits up to 100 ms for returns within 7 ms
+    assert sum(n < 8 for n in sizes[2:]) <= 1, sizes
+
+
+def test_regrouping_never_delays_a_single_client_and_is_bounded():
+    import time
+
+    start = time.perf_counter()
+    assert closed_loop_batches(1, 5, regroup_s=5.0, model_s=0.01) == [1] * 5
+    assert time.perf_counter() - start < 4.0  # one client: nothing to wait for (waiting would take 25 s)
+    # two clients, one of them gone after its first request: the other waits at most a quarter of a batch
+    start = time.perf_counter()
+    model = SlowModel(0.04)
+
+    async def main():
+        batcher = Batcher(model, HIDDEN, max_batch_tokens=1000, max_queue_tokens=100, regroup_s=5.0)
+        await batcher.start()
+        await asyncio.gather(batcher.submit([item(0, 2)]).future, batcher.submit([item(1, 2)]).future)
+        for _ in range(4):
+            await batcher.submit([item(0, 2)]).future
+        await batcher.stop()
+
+    run(main())
+    assert time.perf_counter() - start < 4.0  # 4 x 10 ms of waiting, not 4 x 5 s

@@ -46,6 +46,13 @@ def add_parser(sub) -> None:
         default=None,
         help="tokens waiting for the model at most; more gets 429 with Retry-After (default 8 x --max-batch-tokens)",
     )
+    p.add_argument(
+        "--regroup-ms",
+        type=float,
+        default=50.0,
+        help="after a batch, wait up to this long (and at most a quarter of the batch's time) for the clients just "
+        "answered to send their next request, so concurrent clients share one batch (default 50; 0 disables)",
+    )
     p.add_argument("--max-concurrent-requests", type=int, default=512, help="requests handled at once; more gets 429 (default 512)")
     p.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="request body size limit (default 32 MiB)")
     p.add_argument(
@@ -145,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
         batch_size=args.batch_size,
         packed=False if args.no_packed else None,
+        regroup_ms=args.regroup_ms,
         api_key=api_key,
     )
     app = create_app(encoder, settings, calibration)

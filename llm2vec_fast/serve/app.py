@@ -74,6 +74,7 @@ class ServeSettings:
     max_request_bytes: int = 32 * 2**20
     batch_size: int = 32  # texts per padded forward (ONNX Runtime, causal models); the packed path uses the token budget
     packed: bool | None = None  # one padding-free forward per batch; None: whenever the torch encoder is bidirectional
+    regroup_ms: float = 50.0  # after a batch, wait this long at most for the clients just answered (see Batcher)
     api_key: str | None = None
     model_path: str | None = None
 
@@ -90,6 +91,8 @@ class ServeSettings:
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.regroup_ms >= 0:
+            raise ValueError(f"regroup_ms must be >= 0, got {self.regroup_ms!r}")
 
 
 class ServeError(Exception):
@@ -351,7 +354,7 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
     def embed(items):
         return encoder.embed_items(items, batch_size=settings.batch_size, show_progress_bar=False)
 
-    batcher = Batcher(embed, hidden, settings.max_batch_tokens, settings.max_queue_tokens, metrics)
+    batcher = Batcher(embed, hidden, settings.max_batch_tokens, settings.max_queue_tokens, metrics, regroup_s=settings.regroup_ms / 1000)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

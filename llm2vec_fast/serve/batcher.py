@@ -5,7 +5,14 @@ model worker thread.
 * Requests are served first come, first served; a request larger than the budget is split over
   several batches, and its embeddings are put back together in input order.
 * While the worker runs a batch, new requests queue up, so the next batch is as large as the load
-  allows: no timer, no waiting when idle.
+  allows: no waiting when idle.
+* Regrouping: after a batch, the clients just answered are given a moment (``regroup_s``, and at
+  most a quarter of that batch's time) to send their next request before the next batch starts, so
+  concurrent clients stay in one batch. Without it, a steady load splits into cohorts that take
+  turns (32 clients settled into two alternating batches of 16), and small CPU batches run the
+  GEMMs well below their speed (packed batches of 16 texts took 1.2x the time of 32 per text).
+  The wait ends as soon as as many requests are queued as were just answered, so a single client
+  never waits.
 * The queue is bounded (``max_queue_tokens``): :meth:`Batcher.submit` raises :class:`QueueFull`
   rather than let memory grow.
 * A request whose client went away is taken out of the queue (:meth:`Batcher.cancel`); texts of it
@@ -37,6 +44,7 @@ from .metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER_S = 60
+REGROUP_FRACTION = 0.25  # regrouping waits at most this share of the last batch's time
 
 
 class QueueFull(Exception):
@@ -83,6 +91,7 @@ class Batcher:
         max_queue_tokens: tokens waiting in the queue at most; :meth:`submit` beyond it raises
             :class:`QueueFull`.
         metrics: where batch sizes, queue depth and throughput are recorded.
+        regroup_s: longest wait, after a batch, for the clients just answered to come back (0: none).
     """
 
     def __init__(
@@ -92,9 +101,13 @@ class Batcher:
         max_batch_tokens: int,
         max_queue_tokens: int,
         metrics: ServerMetrics | None = None,
+        regroup_s: float = 0.05,
     ):
         if max_batch_tokens < 1 or max_queue_tokens < 1:
             raise ValueError("max_batch_tokens and max_queue_tokens must be positive")
+        if not regroup_s >= 0:
+            raise ValueError(f"regroup_s must be >= 0, got {regroup_s!r}")
+        self.regroup_s = float(regroup_s)
         self._embed = embed
         self.hidden_size = int(hidden_size)
         self.max_batch_tokens = int(max_batch_tokens)
@@ -206,9 +219,29 @@ class Batcher:
         self._set_queue_gauges()
         return parts
 
+    async def _regroup(self, answered: int, last_batch_s: float) -> None:
+        """Wait (bounded) until the ``answered`` clients of the last batch have queued their next
+        request on top of what is already queued, or the queue fills a batch."""
+        limit = min(self.regroup_s, REGROUP_FRACTION * last_batch_s)
+        if answered < 2 or limit <= 0:
+            return
+        target = len(self._queue) + answered
+        deadline = time.perf_counter() + limit
+        while len(self._queue) < target and self.queued_tokens < self.max_batch_tokens:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        answered, last_batch_s = 0, 0.0
         while True:
+            await self._regroup(answered, last_batch_s)
             while not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
@@ -229,11 +262,13 @@ class Batcher:
                 self.metrics.batch_failures.inc()
                 for job, _, _ in parts:
                     self._fail(job, err)
+                answered = 0
                 continue
             finally:
                 self._running = []
-            self.metrics.observe_batch(len(items), _tokens(items), len({id(p[0]) for p in parts}), time.perf_counter() - started)
-            offset = 0
+            last_batch_s = time.perf_counter() - started
+            self.metrics.observe_batch(len(items), _tokens(items), len({id(p[0]) for p in parts}), last_batch_s)
+            answered, offset = 0, 0
             for job, a, b in parts:
                 n = b - a
                 if job.active:
@@ -241,6 +276,7 @@ class Batcher:
                     job.finished += n
                     if job.finished == len(job.items):
                         job.future.set_result(job.out)
+                        answered += 1
                 offset += n
 
     def _fail(self, job: Job, err: BaseException) -> None:
