@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,3 +242,19 @@ def test_bad_options_are_config_errors():
     )
     assert config.quantization_aware_weight_bits == 7
     assert make_config("simcse", base, check_files=False).quantization_aware is None
+
+
+def test_recipe_scripts_take_the_option():
+    """``--quantization-aware`` of the recipe scripts (``benchmarks/recipe_sts.py``, ``recipe_default.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from recipe_sts import recipe_stage_configs
+
+    plain = recipe_stage_configs([])
+    assert not any(k.startswith("quantization_aware") for stage in plain.values() for k in stage)  # plain runs record what they did
+    both = recipe_stage_configs(["--quantization-aware", "mntp+simcse", "--quantization-aware-weight-bits", "7"])
+    simcse_only = recipe_stage_configs(["--quantization-aware", "simcse"])
+    assert both["mntp"]["quantization_aware"] == both["simcse"]["quantization_aware"] == "int8"
+    assert both["simcse"]["quantization_aware_weight_bits"] == 7
+    assert "quantization_aware" not in simcse_only["mntp"]
+    assert simcse_only["simcse"]["quantization_aware_weight_bits"] == int8_weight_bits("auto")
+    assert make_config("simcse", simcse_only["simcse"], check_files=False).quantization_aware == "int8"
