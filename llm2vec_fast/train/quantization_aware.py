@@ -12,10 +12,11 @@ exported graph will compute (:mod:`llm2vec_fast.export.int8_rounding`, the expor
 Linear layers without a LoRA adapter (``lora_layers``, ``lora_target_modules``) are rounded too:
 the export quantizes them all the same. The backward is the straight-through estimator: both
 roundings count as the identity, so the LoRA ``A`` / ``B`` weights receive the gradient of the
-rounded forward's linear map (``dL/dW = g^T x_rounded``, ``dL/dx = g W_rounded``); the base
-weights stay frozen. LoRA dropout keeps its effect: in training mode the dropped part of the
-adapter's input is added as ``B(A(dropout(x) - x)) * scaling`` (zero in eval mode, where the
-forward is exactly the export's).
+rounded forward's linear map (``dL/dW = g^T x_rounded``, taken through the low-rank path, so no
+``[out, in]`` weight gradient is formed) and the input that of the rounded weight
+(``dL/dx = g W_rounded``); the base weights stay frozen. LoRA dropout keeps its effect: in
+training mode the dropped part of the adapter's input is added as
+``B(A(dropout(x) - x)) * scaling`` (zero in eval mode, where the forward is exactly the export's).
 
 Mechanism: each such module gets an instance ``forward`` (its class is untouched) and
 :meth:`QuantizationAwareInt8.remove` deletes it again. No parameter, buffer or module is added, so
@@ -182,20 +183,34 @@ class QuantizationAwareInt8:
             return out
 
         weight = self._rounded_weight(module, base.weight, delta)
-        if adapters and torch.is_grad_enabled():
-            weight = _straight_through(weight, delta())  # the gradient reaches A and B through the delta
         x_rounded = self._rounded_input(x)
         bias = None if base.bias is None else base.bias.to(x.dtype)
         y = F.linear(x_rounded, weight.to(x.dtype), bias)
-        if module.training:
-            for adapter in adapters:
-                dropout = module.lora_dropout[adapter]
-                if isinstance(dropout, nn.Identity):
-                    continue
-                a, b = module.lora_A[adapter], module.lora_B[adapter]
-                dropped = dropout(x_rounded) - x_rounded
-                y = y + (b(a(dropped.to(a.weight.dtype))) * module.scaling[adapter]).to(y.dtype)
+        for adapter in adapters:
+            term = self._adapter_term(module, adapter, x_rounded.detach())
+            if term is not None:
+                y = y + term.to(y.dtype)
         return y
+
+    @staticmethod
+    def _adapter_term(module: nn.Module, adapter: str, x_rounded: torch.Tensor) -> torch.Tensor | None:
+        """What one adapter adds to the rounded forward (``None``: nothing). Its value is 0, or in
+        training mode with LoRA dropout ``B(A(dropout(x) - x)) * scaling`` (peft's dropout; the rest
+        of the adapter is in the rounded weight). Its gradient is the straight-through one,
+        ``dL/d(B @ A * scaling) = g^T x``, taken through the low-rank path (no ``[out, in]`` weight
+        gradient is formed). It gives the input no gradient: that goes through the rounded weight."""
+        a, b, scaling = module.lora_A[adapter], module.lora_B[adapter], module.scaling[adapter]
+        dropout = module.lora_dropout[adapter]
+        dropping = module.training and not isinstance(dropout, nn.Identity)
+        if not (dropping or torch.is_grad_enabled()):
+            return None
+        x_rounded = x_rounded.to(a.weight.dtype)
+        if not dropping:  # exactly 0 in the forward, the adapter's gradient in the backward
+            value = b(a(x_rounded)) * scaling
+            return value - value.detach()
+        with torch.no_grad():
+            undropped = b(a(x_rounded)) * scaling
+        return b(a(dropout(x_rounded))) * scaling - undropped
 
 
 def _active_adapters(module: nn.Module) -> list[str]:
