@@ -70,13 +70,26 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--simcse-lora-layers", type=int, default=0, help="SimCSE: LoRA on the last N layers only (0: all); no backward below them"
     )
+    p.add_argument(
+        "--quantization-aware",
+        choices=("off", "simcse", "mntp+simcse"),
+        default="off",
+        help="train these stages through the int8 export's rounding (quantization_aware: int8; docs/training.md)",
+    )
+    p.add_argument(
+        "--quantization-aware-weight-bits",
+        type=int,
+        choices=(7, 8),
+        default=None,
+        help="int8 weight bits simulated (default: what the export picks on this CPU; match the export's --int8-weights)",
+    )
 
 
 def stage_configs(args: argparse.Namespace, run: Path | None = None) -> dict[str, dict]:
     """``{"mntp": ..., "simcse": ...}`` training options of the recipe (``output_dir`` under ``run``)."""
     run = Path(run or ".")
     common = dict(data="stsb:train", seed=args.seed, max_length=args.max_length, save_steps=10, progress=True)
-    return {
+    stages = {
         "mntp": dict(
             common,
             max_steps=args.mntp_steps,
@@ -94,6 +107,13 @@ def stage_configs(args: argparse.Namespace, run: Path | None = None) -> dict[str
             output_dir=str(run / "simcse"),
         ),
     }
+    if args.quantization_aware != "off":  # keys only when on: the recorded configs of plain runs stay as they were
+        from llm2vec_fast.export.cpu_int8 import int8_weight_bits
+
+        bits = args.quantization_aware_weight_bits or int8_weight_bits("auto")  # recorded resolved
+        for name in args.quantization_aware.split("+"):
+            stages[name].update(quantization_aware="int8", quantization_aware_weight_bits=bits)
+    return stages
 
 
 def recipe_stage_configs(argv: list[str] | None = None) -> dict[str, dict]:

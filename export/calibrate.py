@@ -8,7 +8,7 @@ values again: int8 on layer 0 *alone* drops the worst sentence to cos 0.35, whil
 of layers 12-26 keeps it above 0.998. How much error a MatMul makes locally says nothing about
 this, so the embeddings are measured, with the machinery of :mod:`llm2vec_fast.layer_sensitivity`
 (shared with FP8 encoding): per-layer sensitivity simulated in torch (:class:`Int8Simulator`: the same
-per-token activation and per-column weight rounding as the graph), then the longest least-sensitive
+per-token activation and per-column weight rounding as the graph, :mod:`.int8_rounding`), then the longest least-sensitive
 prefix that keeps the thresholds (:func:`select_int8_layers`), confirmed with ONNX Runtime on the
 real graph (a prefix the graph misses is shortened until it passes).
 
@@ -40,6 +40,7 @@ from ..layer_sensitivity import (  # noqa: F401  (calibration_inputs, cosine_row
     select_quantized_layers,
 )
 from ..layer_sensitivity import decoder_layer_linears as shared_layer_linears
+from .int8_rounding import INT8_WEIGHT_LEVELS, fake_int8_rows, round_to_levels
 
 
 def onnx_matmul_name(module_name: str) -> str:
@@ -52,15 +53,6 @@ def onnx_matmul_name(module_name: str) -> str:
 def decoder_layer_linears(encoder) -> list[dict[str, nn.Linear]]:
     """Per decoder layer, its ``nn.Linear`` modules keyed by their ONNX MatMul node name."""
     return shared_layer_linears(encoder, onnx_matmul_name)
-
-
-def _fake_int8_rows(x: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 quantize-dequantize with one scale per row (token), as
-    :func:`~.quantize.rowwise_int8_matmuls` does in the graph."""
-    from .quantize import ROW_ACTIVATION_LEVELS
-
-    peak = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
-    return torch.round(x * (ROW_ACTIVATION_LEVELS / peak)) * (peak / ROW_ACTIVATION_LEVELS)
 
 
 def _dequantized(quantized: tuple[np.ndarray, np.ndarray], like: torch.Tensor) -> torch.Tensor:
@@ -86,18 +78,16 @@ class Int8Simulator(QuantSimulator):
         weight_levels: int | None = None,
         weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     ):
-        from .quantize import INT8_WEIGHT_LEVELS
-
-        super().__init__(encoder, _fake_int8_rows, None, layers=decoder_layer_linears(encoder), batch_size=batch_size)
+        super().__init__(encoder, fake_int8_rows, None, layers=decoder_layer_linears(encoder), batch_size=batch_size)
         self.weight_levels = INT8_WEIGHT_LEVELS if weight_levels is None else weight_levels
         self.weights = dict(weights or {})
 
     def quantized(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """MatMul ``name``'s int8 weight and scale in graph layout (given, or rounded to nearest)."""
-        from .quantize import quantize_columns
+        from .gptq import to_graph_layout
 
-        if name not in self.weights:
-            self.weights[name] = quantize_columns(self.modules[name].weight.detach().float().cpu().numpy().T, self.weight_levels)
+        if name not in self.weights:  # the integers of quantize.quantize_columns, without going through numpy
+            self.weights[name] = to_graph_layout(*round_to_levels(self.modules[name].weight.detach().float().cpu(), self.weight_levels))
         return self.weights[name]
 
     def _rounded_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:

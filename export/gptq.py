@@ -30,16 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .int8_rounding import fake_int8_rows, symmetric_scales
+
 QuantizedWeight = tuple[np.ndarray, np.ndarray]  # graph layout: int8 q [in, out], float32 scale [out]
 DEFAULT_DAMP = 0.01  # fraction of the mean diagonal of H added to it (GPTQ's default)
 BLOCK_COLUMNS = 128  # columns updated together (lazy batch updates); the result does not depend on it
-
-
-def symmetric_scales(weight: torch.Tensor, levels: int) -> torch.Tensor:
-    """One scale per output row of ``weight`` ``[out, in]``: ``max|w| / levels`` as float32 (1 for a
-    zero row), computed as :func:`~.quantize.quantize_columns` computes it."""
-    scale = weight.detach().double().abs().amax(dim=1) / levels
-    return torch.where(scale > 0, scale, torch.ones_like(scale)).float()
 
 
 def gptq_quantize(
@@ -164,7 +159,7 @@ def gptq_decoder_weights(
     ``sequential=False``: every Linear on the fp32 model's inputs, one pass). The encoder is
     unchanged afterwards."""
     from ..bidirectional import decoder_of
-    from .calibrate import _fake_int8_rows, decoder_layer_linears
+    from .calibrate import decoder_layer_linears
 
     blocks = list(decoder_of(encoder.model).layers)
     per_block = decoder_layer_linears(encoder)
@@ -216,7 +211,7 @@ def gptq_decoder_weights(
         for i, block in enumerate(blocks):
             linears = per_block[i]
             for group in _input_groups(block, linears, lambda i=i: run_block(i, first_only=True)):
-                acc = HessianAccumulator(linears[group[0]].in_features, transform=_fake_int8_rows)
+                acc = HessianAccumulator(linears[group[0]].in_features, transform=fake_int8_rows)
                 hook = linears[group[0]].register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0]))
                 try:
                     run_block(i, [acc])
@@ -247,6 +242,4 @@ def gptq_decoder_weights(
 
 
 def _round_input(module, args):
-    from .calibrate import _fake_int8_rows
-
-    return (_fake_int8_rows(args[0]), *args[1:])
+    return (fake_int8_rows(args[0]), *args[1:])

@@ -33,7 +33,10 @@ import logging
 
 import numpy as np
 import onnx
+import torch
 from onnx import helper, numpy_helper
+
+from .int8_rounding import INT8_WEIGHT_LEVELS, ROW_ACTIVATION_LEVELS, round_to_levels
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +210,6 @@ def _ensure_ms_opset(model: onnx.ModelProto) -> None:
 
 
 # --------------------------------------------------------------------- int8 dynamic quantization
-INT8_WEIGHT_LEVELS = 63  # symmetric 7-bit weights: no vpmaddubsw saturation on AVX2
-
-
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:
     """Names of the MatMul nodes with a constant 2-D fp32 weight (the ones int8 can quantize)."""
     ed = _GraphEditor(model)
@@ -223,12 +223,11 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
 
 
 def quantize_columns(w: np.ndarray, levels: int = INT8_WEIGHT_LEVELS) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-column quantization of ``w`` ``[K, N]``: int8 ``q`` and ``scale`` ``[N]``
-    with ``w ~= q * scale``."""
-    scale = np.abs(w).max(axis=0).astype(np.float64) / levels
-    scale = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.rint(w / scale), -levels, levels).astype(np.int8)
-    return q, scale.astype(np.float32)
+    """Symmetric per-column quantization of ``w`` ``[K, N]`` (graph layout: one column per output):
+    int8 ``q`` ``[K, N]`` and float32 ``scale`` ``[N]`` with ``w ~= q * scale``
+    (:func:`~.int8_rounding.round_to_levels`)."""
+    q, scale = round_to_levels(torch.from_numpy(np.array(w)).T, levels)
+    return np.ascontiguousarray(q.numpy().T), scale.numpy()
 
 
 def dynamic_int8_matmuls(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
@@ -258,7 +257,6 @@ def dynamic_int8_matmuls(model: onnx.ModelProto, names: set[str]) -> onnx.ModelP
 
 
 # ------------------------------------------------------------ int8 with per-row activation scales
-ROW_ACTIVATION_LEVELS = 127  # symmetric int8 activations, stored as uint8 with zero point 128
 
 
 def rowwise_int8_matmuls(

@@ -50,8 +50,19 @@ class TrainConfig:
     batch_layout: str = "auto"  # auto: packed on CUDA (varlen kernels), padded on CPU
     progress: bool = True
     micro_batch_size: int = 16  # padded layout, one process: rows per length-sorted forward (0: one forward per batch)
+    # "int8": train through the int8 export's rounding (docs/training.md, train/quantization_aware.py)
+    quantization_aware: str | None = None
+    # 7 or 8; null: what the export chooses on this CPU (export/cpu_int8.py), filled in when the config is made
+    quantization_aware_weight_bits: int | None = None
 
     stage = "base"
+
+    def __post_init__(self) -> None:
+        # resolved here so that train_config.json records the bits the run used
+        if self.quantization_aware == "int8" and self.quantization_aware_weight_bits is None:
+            from ..export.cpu_int8 import int8_weight_bits
+
+            self.quantization_aware_weight_bits = int8_weight_bits("auto")
 
     def validate(self, check_files: bool = True) -> None:
         for name in ("lr", "max_steps", "batch_size", "max_length", "lora_r", "lora_alpha", "save_steps"):
@@ -70,6 +81,7 @@ class TrainConfig:
             raise ConfigError("lora_target_modules is empty")
         if self.batch_layout not in BATCH_LAYOUTS:
             raise ConfigError(f"batch_layout must be one of {BATCH_LAYOUTS}, got {self.batch_layout!r}")
+        self._validate_quantization_aware()
         if self.data is None or self.data == [] or self.data == "":
             raise ConfigError(f"no training data: set `data` (a file, or a list of files) for the {self.stage} stage")
         if check_files:
@@ -85,6 +97,23 @@ class TrainConfig:
 
             if not is_default_model(self.model) and not Path(self.model).is_dir():
                 raise ConfigError(f"model folder {self.model!r} does not exist")
+
+    def _validate_quantization_aware(self) -> None:
+        from ..export.cpu_int8 import WEIGHT_LEVELS
+        from .quantization_aware import SCHEMES
+
+        if self.quantization_aware is not None and self.quantization_aware not in SCHEMES:
+            raise ConfigError(
+                f"quantization_aware must be one of {SCHEMES} (the ONNX int8 export's scheme) or null, got {self.quantization_aware!r}"
+            )
+        bits = self.quantization_aware_weight_bits
+        if bits is not None and bits not in WEIGHT_LEVELS:
+            raise ConfigError(
+                f"quantization_aware_weight_bits must be one of {tuple(WEIGHT_LEVELS)} (the int8 export's weights: 7-bit on CPUs "
+                f"without VNNI/AMX, 8-bit with them) or null for this CPU's choice, got {bits!r}"
+            )
+        if bits is not None and self.quantization_aware is None:
+            raise ConfigError("quantization_aware_weight_bits is set but quantization_aware is not: add quantization_aware: int8")
 
     def data_files(self) -> list[str]:
         return [self.data] if isinstance(self.data, str) else list(self.data or [])
@@ -221,6 +250,8 @@ def parse_overrides(items: list[str] | None) -> dict:
     return out
 
 
+# integer options whose default is null
+OPTIONAL_INT_KEYS = {"lora_layers", "quantization_aware_weight_bits"}
 # list options holding numbers (the other list options hold strings)
 NUMBER_LIST_KEYS = {"matryoshka_dims": int, "matryoshka_weights": float}
 
@@ -249,7 +280,7 @@ def _coerce(cls, key: str, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
-    if isinstance(default, int) or key == "lora_layers":
+    if isinstance(default, int) or key in OPTIONAL_INT_KEYS:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value

@@ -13,7 +13,17 @@ import torch
 from ..prompting import EncodingInput
 from .config import ContrastiveConfig
 from .losses import distributed_info_nce, matryoshka_loss
-from .trainer import Stage, add_lora, autocast, base_model_name, enable_checkpointing, packed_forward, pick_layout, train_dtype
+from .trainer import (
+    Stage,
+    add_lora,
+    add_quantization_aware,
+    autocast,
+    base_model_name,
+    enable_checkpointing,
+    packed_forward,
+    pick_layout,
+    train_dtype,
+)
 
 
 def _get_rng(device: torch.device):
@@ -100,6 +110,7 @@ class ContrastiveStage(Stage):
         for p in self.peft_model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        self.quantization_aware = add_quantization_aware(self.peft_model, cfg)
         self.encoder.model = self.peft_model
         # packed on CUDA also with attention dropout (SimCSE): the varlen kernel applies it itself
         self.layout = pick_layout(self.config.batch_layout, self.device)

@@ -23,7 +23,17 @@ from ..tokenization import padding_tokenizer
 from .config import MNTPConfig
 from .data import BatchSchedule, read_text_lines
 from .losses import linear_cross_entropy
-from .trainer import Stage, add_lora, autocast, enable_checkpointing, packed_forward, pick_layout, resolve_base, train_dtype
+from .trainer import (
+    Stage,
+    add_lora,
+    add_quantization_aware,
+    autocast,
+    enable_checkpointing,
+    packed_forward,
+    pick_layout,
+    resolve_base,
+    train_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +208,7 @@ class MNTPStage(Stage):
         for p in self.peft_model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        self.quantization_aware = add_quantization_aware(self.peft_model, self.config)
         self.layout = pick_layout(self.config.batch_layout, self.device)
         self.mask_id = mask_token_id(self.tokenizer)
         self.special_ids = sorted(set(self.tokenizer.all_special_ids))

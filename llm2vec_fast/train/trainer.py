@@ -84,6 +84,16 @@ def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     return get_peft_model(model, lora)
 
 
+def add_quantization_aware(peft_model: nn.Module, config: TrainConfig):
+    """With ``quantization_aware: int8``, the int8 export's rounding in every decoder linear layer of
+    ``peft_model`` (:class:`~.quantization_aware.QuantizationAwareInt8`, returned); else ``None``."""
+    if config.quantization_aware is None:
+        return None
+    from .quantization_aware import QuantizationAwareInt8
+
+    return QuantizationAwareInt8(peft_model, config.quantization_aware_weight_bits)
+
+
 def enable_checkpointing(decoder: nn.Module) -> None:
     decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -140,6 +150,7 @@ class Stage:
         self.config, self.device = config, device
         self.peft_model: nn.Module | None = None
         self.net: nn.Module | None = None
+        self.quantization_aware = None  # set by build() with quantization_aware: int8
 
     # data: called before any model is loaded, so bad data fails fast
     def load_data(self) -> BatchSchedule:
