@@ -13,9 +13,8 @@ import triton.language as tl
 
 from ._dispatch import new_output, next_power_of_2
 
-#: ``BLOCK_T * BLOCK_D`` elements per program: 16 KB of fp32 registers across the warps.
+#: ``BLOCK_T * BLOCK_D`` elements per program (one row when a row is longer).
 TILE_ELEMENTS = 4096
-NUM_WARPS = 4
 #: Widest row the kernel holds in registers (Llama-70B: 8192; every supported model is below).
 MAX_BLOCK_D = 16384
 
@@ -65,12 +64,15 @@ def _rms_norm_fwd_kernel(
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def block_sizes(d: int) -> tuple[int, int]:
-    """``(BLOCK_T, BLOCK_D)`` for rows of ``d`` columns (powers of two)."""
+def launch_config(d: int) -> tuple[int, int, int]:
+    """``(BLOCK_T, BLOCK_D, num_warps)`` for rows of ``d`` columns: powers of two, 16 fp32 elements
+    of the tile per thread at most (8 warps up to 4096-element tiles, 16 above; checked spill-free by
+    ``compile_check``)."""
     block_d = max(16, next_power_of_2(d))
     if block_d > MAX_BLOCK_D:
         raise ValueError(f"RMSNorm over {d} columns exceeds the kernel's {MAX_BLOCK_D}-column rows")
-    return max(1, min(64, TILE_ELEMENTS // block_d)), block_d
+    block_t = max(1, min(64, TILE_ELEMENTS // block_d))
+    return block_t, block_d, 8 if block_t * block_d <= TILE_ELEMENTS else 16
 
 
 def rms_norm_forward(
@@ -80,7 +82,7 @@ def rms_norm_forward(
     n_rows, d = x.shape
     y = new_output((n_rows, d), x.dtype, x.device)
     total = new_output((n_rows, d), x.dtype, x.device) if residual is not None else None
-    block_t, block_d = block_sizes(d)
+    block_t, block_d, num_warps = launch_config(d)
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_t),)](
         x,
         residual if residual is not None else x,
@@ -99,6 +101,6 @@ def rms_norm_forward(
         GEMMA=gemma,
         BLOCK_T=block_t,
         BLOCK_D=block_d,
-        num_warps=NUM_WARPS,
+        num_warps=num_warps,
     )
     return y, total
