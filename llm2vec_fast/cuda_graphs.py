@@ -18,6 +18,7 @@ the tests check the padding; graphs need CUDA).
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from .kernels._dispatch import next_power_of_2
+
+logger = logging.getLogger(__name__)
 
 #: Smallest default bucket: below it a batch is all launch overhead anyway.
 MIN_BUCKET_TOKENS = 64
@@ -136,7 +139,12 @@ class PackedCudaGraphs:
             return self.encoder.forward_packed(padded)[:n_sequences]
         with self._lock:
             if key not in self._graphs:
-                self._graphs[key] = self._capture(padded)
+                try:
+                    self._graphs[key] = self._capture(padded)
+                except RuntimeError as err:  # e.g. an op that syncs with the host cannot be captured
+                    logger.warning("CUDA graph capture failed (%s); packed batches run eagerly from now on", err)
+                    self.max_graphs = len(self._graphs)
+                    return self.encoder.forward_packed(features)
             graph, static, out = self._graphs[key]
             for name in ("input_ids", "position_ids", "cu_seqlens", "pool_mask"):
                 static[name].copy_(padded[name])

@@ -92,3 +92,22 @@ def test_encoder_use_cuda_graphs(tiny_encoder):
         torch.testing.assert_close(tiny_encoder.encode(texts, convert_to_tensor=True), plain, atol=1e-6, rtol=1e-6)
     finally:
         tiny_encoder.cuda_graphs = None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_gpu_graph_replay_matches_eager(smollm_tokenizer):
+    """Captured once per padded shape, replayed for the next batch of that shape: the same embeddings
+    as the eager packed forward (bf16, fused layers)."""
+    from llm2vec_fast.fused_layers import fuse_decoder
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", vocab_size=49152, hidden_size=128, head_dim=32)
+    model = enable_bidirectional(AutoModel.from_config(config).eval()).to("cuda", torch.bfloat16)
+    fuse_decoder(model)
+    encoder = LLM2Vec(model, smollm_tokenizer, packed=True)
+    graphs = encoder.use_cuda_graphs([64, 128, 256])
+    with torch.inference_mode():
+        for seed, lengths in enumerate(([7, 1, 20, 13], [9, 2, 18, 11], [100, 5])):  # 2nd: same key as the 1st
+            features = pack(_items(lengths, seed), "cuda")
+            torch.testing.assert_close(graphs(features), encoder.forward_packed(features), atol=2e-2, rtol=2e-2)
+    assert len(graphs.captured) == 2
