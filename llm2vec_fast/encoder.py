@@ -149,7 +149,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
         ``high_precision_layers`` (indices, or ``"calibrate"``: chosen at load by measuring each
         layer's effect on STS-B train embeddings); ``"fp8-simulated"``: the same numerics on any
         device, for fidelity measurements (see :mod:`llm2vec_fast.fp8`).
-        ``fused=True``: fused decoder layers (Llama, Mistral, Qwen2, Qwen3; see
+        ``fused=True``: fused decoder layers (Llama, Mistral, Qwen2, Qwen3, Gemma; see
         :mod:`llm2vec_fast.fused_layers`): fused residual-add + RMSNorm, Liger-Kernel RoPE and SwiGLU
         on CUDA (the torch reference, the same numbers as unfused, on CPU), and stacked QKV / gate-up
         GEMMs (adapters are merged first; with ``quantization`` the stacked GEMMs are the ones in FP8).

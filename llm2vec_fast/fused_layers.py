@@ -1,9 +1,9 @@
-"""Fused decoder layers for Llama, Mistral, Qwen2 and Qwen3 models (``LLM2Vec.from_pretrained(..., fused=True)``).
+"""Fused decoder layers for Llama, Mistral, Qwen2, Qwen3 and Gemma models (``LLM2Vec.from_pretrained(..., fused=True)``).
 
 :func:`fuse_decoder` rewrites a loaded decoder in place:
 
 * every RMSNorm becomes :class:`FusedRMSNorm` (our Triton kernel, :func:`llm2vec_fast.kernels.rms_norm`),
-  Qwen3's per-head ``q_norm``/``k_norm`` included;
+  Qwen3's per-head ``q_norm``/``k_norm`` included (Gemma's with its float32 casts and ``1 + w``);
 * each decoder layer forms ``residual + attention output`` and its ``post_attention_layernorm`` in one
   kernel (fused residual-add + RMSNorm), returning the new residual stream with the normalised input;
 * rotary embeddings run Liger-Kernel's Triton RoPE (``liger_kernel.ops.rope``; one program per token
@@ -11,7 +11,7 @@
   sequence -- works as is);
 * QKV and gate/up become single GEMMs (:mod:`llm2vec_fast.fused_projections`) where the weights allow,
   and SwiGLU runs Liger's kernel on the fused gate/up output (``LigerFusedGateUpSiLUMulFunction``:
-  reads both halves of one buffer, no split copies).
+  reads both halves of one buffer, no split copies; Gemma's GeGLU stays in torch).
 
 The kernels run where the packed path's kernels run: Triton on CUDA tensors, the torch reference on
 CPU (or wherever :func:`llm2vec_fast.varlen_attention.kernel_backend` says ``torch``). The references
@@ -43,11 +43,19 @@ SUPPORTED_ATTENTION = {
     "MistralAttention": (False, "config"),
     "Qwen2Attention": (False, "module"),
     "Qwen3Attention": (True, "module"),
+    "GemmaAttention": (False, None),
 }
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
-_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
-_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+#: RMSNorm classes -> (casting mode, weight offset) of :func:`llm2vec_fast.kernels.rms_norm`.
+_NORMS = {
+    "LlamaRMSNorm": ("llama", 0.0),
+    "MistralRMSNorm": ("llama", 0.0),
+    "Qwen2RMSNorm": ("llama", 0.0),
+    "Qwen3RMSNorm": ("llama", 0.0),
+    "GemmaRMSNorm": ("gemma", 1.0),  # float32 throughout, scaled by 1 + weight
+}
+_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP"}
+_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "GemmaDecoderLayer"}
 _SILU = ("silu", "swish")
 #: Set on fused attention / MLP modules: whether they run the Triton kernels (else torch only).
 KERNELS_ATTRIBUTE = "llm2vec_fast_fused_kernels"
@@ -85,28 +93,38 @@ class FusedRMSNorm(nn.Module):
     """RMSNorm through :func:`llm2vec_fast.kernels.rms_norm` (keeps the replaced norm's ``weight``
     parameter, so the ``state_dict`` is unchanged); :meth:`add_and_norm` fuses the residual add."""
 
-    def __init__(self, weight: nn.Parameter, eps: float):
+    def __init__(self, weight: nn.Parameter, eps: float, casting: str = "llama", offset: float = 0.0):
         super().__init__()
         self.weight = weight
         self.variance_epsilon = float(eps)
+        self.casting, self.offset = casting, float(offset)
         setattr(self, KERNELS_ATTRIBUTE, True)
 
     @classmethod
     def replacing(cls, norm: nn.Module) -> FusedRMSNorm:
+        """The fused norm for ``norm`` (a class of :data:`_NORMS`), sharing its weight."""
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if eps is None or not isinstance(getattr(norm, "weight", None), nn.Parameter):
             raise UnsupportedFusionError(f"{type(norm).__name__} has no weight / epsilon to fuse")
-        return cls(norm.weight, eps)
+        return cls(norm.weight, eps, *_NORMS[type(norm).__name__])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=_backend(self))
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, casting=self.casting, offset=self.offset, backend=_backend(self))
 
     def add_and_norm(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm(residual + hidden_states), residual + hidden_states)`` in one kernel."""
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon, residual=residual, backend=_backend(self))
+        return rms_norm(
+            hidden_states,
+            self.weight,
+            self.variance_epsilon,
+            residual=residual,
+            casting=self.casting,
+            offset=self.offset,
+            backend=_backend(self),
+        )
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, casting={self.casting}"
 
 
 # ------------------------------------------------------------------------------------ rotary

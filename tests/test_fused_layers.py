@@ -26,7 +26,7 @@ from llm2vec_fast.prompting import EncodingInput
 from llm2vec_fast.varlen_attention import kernel_backend, packed_hidden_states
 
 DEVICE = _dispatch.triton_device() or "cpu"
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
 # head_dim 32: the smallest the packed attention kernel takes
 SIZES = dict(vocab_size=512, hidden_size=128, intermediate_size=96, head_dim=32)
 
@@ -183,9 +183,9 @@ def test_triton_backend_without_triton_errors_clearly(monkeypatch):
 
 def test_unsupported_family_is_refused_and_left_unchanged():
     torch.manual_seed(0)
-    model = AutoModel.from_config(tiny_config("gemma", **SIZES))
+    model = AutoModel.from_config(tiny_config("gemma2", **SIZES))  # pre/post feed-forward norms: another layer
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedFusionError, match="llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UnsupportedFusionError, match="llama, mistral, qwen2, qwen3, gemma"):
         fuse_decoder(model)
     assert model.state_dict().keys() == before.keys() and not is_fused(model)
 

@@ -33,7 +33,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fused",
         action="store_true",
-        help="fused decoder layers (Llama, Mistral, Qwen2, Qwen3): fused residual-add + RMSNorm, Liger-Kernel RoPE and SwiGLU "
+        help="fused decoder layers (Llama, Mistral, Qwen2, Qwen3, Gemma): fused residual-add + RMSNorm, Liger-Kernel RoPE and SwiGLU "
         "on CUDA, stacked QKV and gate/up GEMMs (needs liger-kernel on the GPU; adapters are merged)",
     )
     parser.add_argument(
