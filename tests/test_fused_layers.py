@@ -237,6 +237,15 @@ def test_encoder_fused_option(tmp_path, smollm_tokenizer):
     assert torch.equal(fused.encode(texts, convert_to_tensor=True), plain.encode(texts, convert_to_tensor=True))
     with pytest.raises(ValueError, match="fused projections"):
         fused.save(tmp_path / "out")
+    # FP8 after fusing: the stacked projections are the quantized layers (4 per decoder layer, not 7)
+    kwargs = dict(device="cpu", packed=True, quantization="fp8-simulated", high_precision_layers=[])
+    fp8_fused = LLM2Vec.from_pretrained(str(path), fused=True, **kwargs)
+    fp8_plain = LLM2Vec.from_pretrained(str(path), **kwargs)
+    assert fp8_fused.quantization_report["fp8_linears"] == 2 * 4 and fp8_plain.quantization_report["fp8_linears"] == 2 * 7
+    cosine = torch.nn.functional.cosine_similarity(
+        fp8_fused.encode(texts, convert_to_tensor=True), fp8_plain.encode(texts, convert_to_tensor=True), dim=-1
+    )
+    assert cosine.min().item() > 0.99999
 
 
 def test_cli_fused_flag():
