@@ -257,3 +257,17 @@ def test_cli_fused_flag():
     add_model_options(parser)
     assert encoder_kwargs(parser.parse_args(["--fused"]))["fused"] is True
     assert encoder_kwargs(parser.parse_args([]))["fused"] is False
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_op_passes_opcheck(with_residual):
+    """Schema, fake implementation and autograd registration of ``llm2vec_fast::rms_norm_fwd``
+    (what ``torch.compile`` relies on), on the torch backend."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 32, generator=g, requires_grad=True)
+    residual = torch.randn(6, 32, generator=g, requires_grad=True) if with_residual else None
+    weight = (torch.rand(32, generator=g) + 0.5).requires_grad_()
+    args = (x, residual, weight, 1e-6, "llama", 0.0, "torch")
+    torch.library.opcheck(
+        torch.ops.llm2vec_fast.rms_norm_fwd.default, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+    )
