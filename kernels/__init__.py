@@ -7,6 +7,7 @@ the torch reference on CPU; triton is imported lazily, so this package imports w
   attention dropout (Triton fwd + bwd); :func:`flash_attn_dropout_mask` returns its dropout mask.
 * :func:`masked_pool`, :func:`masked_pool_varlen` -- mean / weighted_mean / last / first pooling
   over masked tokens, padded or packed (Triton fwd + fused bwd).
+* :func:`rms_norm` -- RMSNorm with an optional fused residual add (Triton fwd, torch bwd).
 
 Both packed ops run as ``torch.library`` custom ops (``torch.ops.llm2vec_fast.flash_attn_varlen_fwd``,
 ``..._bwd``, ``masked_pool_varlen_fwd``, ``..._bwd``) with fake implementations and registered
@@ -29,6 +30,8 @@ from .pooling_reference import (
     masked_pool_reference,
     masked_pool_varlen_reference,
 )
+from .rms_norm import rms_norm
+from .rms_norm_reference import add_rms_norm_reference, rms_norm_reference
 
 __all__ = [
     "POOLING_MODES",
@@ -44,4 +47,7 @@ __all__ = [
     "masked_pool_reference",
     "masked_pool_varlen",
     "masked_pool_varlen_reference",
+    "add_rms_norm_reference",
+    "rms_norm",
+    "rms_norm_reference",
 ]

@@ -6,7 +6,8 @@ case this module records the shared memory the kernel needs (checked against the
 163 KB on sm_80, 227 KB on sm_90) and the register spills ``ptxas -v`` reports (must be 0).
 
 Cases: every autotune config of every kernel (attention forward, dK/dV, dQ, the backward
-preprocess and the dropout-mask kernel; pooling chunk, combine, last/first and backward kernels),
+preprocess and the dropout-mask kernel; pooling chunk, combine, last/first and backward kernels;
+the RMSNorm / residual-add + RMSNorm kernel at each row width of :data:`RMS_NORM_WIDTHS`),
 for head dims 64/80/128/256 (attention) or every pooling mode, fp16 and bf16, sm_80 and sm_90, with
 attention dropout and logit soft-capping on and off, the chunked pooling forward with and without its
 combine pass.
@@ -171,13 +172,40 @@ def _pooling_cases(pt) -> list[dict]:
     return cases
 
 
+#: RMSNorm row widths: Qwen3's per-head q/k norms (64, 128), then hidden sizes of 135M, 1B, 8B and
+#: 70B-class models; the launch config follows from the width (``rms_norm_triton.launch_config``).
+RMS_NORM_WIDTHS = (64, 128, 576, 2048, 4096, 8192)
+
+
+def _rms_norm_cases(rt) -> list[dict]:
+    """The norm kernel at each width, plain and with the fused residual add, Llama and Gemma casts."""
+    cases = []
+    for d, dtype, arch, residual, gemma in itertools.product(RMS_NORM_WIDTHS, DTYPES, SMEM_LIMITS, (False, True), (False, True)):
+        block_t, block_d, warps = rt.launch_config(d)
+        cases.append(
+            dict(
+                module="rms_norm_triton",
+                kernel="_rms_norm_fwd_kernel",
+                arch=arch,
+                dtype=dtype,
+                D=d,
+                config=f"{block_t}x{block_d}w{warps}",
+                constexprs=dict(HAS_RESIDUAL=residual, GEMMA=gemma, BLOCK_T=block_t, BLOCK_D=block_d),
+                num_warps=warps,
+                num_stages=1,
+                variant=f"residual={int(residual)},gemma={int(gemma)}",
+            )
+        )
+    return cases
+
+
 def all_cases() -> list[dict]:
     """The full cartesian product of cases (see the module docstring)."""
-    from . import flash_attn_triton, pooling_triton
+    from . import flash_attn_triton, pooling_triton, rms_norm_triton
 
     if flash_attn_triton.INTERPRETED:
         raise RuntimeError("compile_check needs the GPU autotune tables: run it without TRITON_INTERPRET")
-    return _attention_cases(flash_attn_triton) + _pooling_cases(pooling_triton)
+    return _attention_cases(flash_attn_triton) + _pooling_cases(pooling_triton) + _rms_norm_cases(rms_norm_triton)
 
 
 def _factors(case: dict) -> dict:
@@ -235,13 +263,18 @@ _ARG_TYPES = {
     "drop_scale": "fp32",
     "seed": "i64",
     "offset": "i64",
+    "eps": "fp32",
 }
-_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "H", "OUT", "GOUT", "GH"}
+_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "H", "OUT", "GOUT", "GH", "X", "R", "W", "Y", "S"}
+#: Per-kernel overrides of :data:`_ARG_TYPES` (a name that means something else there).
+_KERNEL_ARG_TYPES = {"_rms_norm_fwd_kernel": {"offset": "fp32"}}
 #: Strides that are not multiples of 16 in general: ``stride_lh`` is the token count (the kernels do
 #: not specialise on it) and the preprocess kernel's ``stride_dh`` and the dropout-mask kernel's strides are token counts too.
 _UNALIGNED_STRIDES = {"stride_lh", "stride_dh", "stride_mh", "stride_mt"}
 #: Other integer arguments Triton specialises as divisible by 16 in real launches: the hidden size.
-_ALIGNED_INTS = {k: ("D",) for k in ("_pool_chunk_kernel", "_pool_combine_kernel", "_pool_select_kernel", "_pool_bwd_kernel")}
+_ALIGNED_INTS = {
+    k: ("D",) for k in ("_pool_chunk_kernel", "_pool_combine_kernel", "_pool_select_kernel", "_pool_bwd_kernel", "_rms_norm_fwd_kernel")
+}
 #: The specialisation every case is compiled with (part of the cache key), see :func:`_signature`.
 ALIGNED_ARGS = "16-byte aligned pointers, strides % 16 == 0"
 
@@ -263,7 +296,7 @@ def _signature(fn, case: dict) -> tuple[dict, dict, dict]:
         elif case["kernel"] == "_dropout_mask_kernel" and name == "MASK":
             signature[name] = "*i8"
         else:
-            signature[name] = _ARG_TYPES.get(name, "i32")
+            signature[name] = _KERNEL_ARG_TYPES.get(case["kernel"], {}).get(name) or _ARG_TYPES.get(name, "i32")
         if (
             signature[name].startswith("*")
             or name.startswith("stride_")

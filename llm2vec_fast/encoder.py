@@ -18,6 +18,7 @@ from torch import nn
 
 from .bidirectional import enable_bidirectional as make_bidirectional
 from .bidirectional import is_bidirectional
+from .cuda_graphs import DEFAULT_MAX_GRAPHS, PackedCudaGraphs
 from .default_model import default_adapter_paths, is_default_encoder
 from .encoding import (
     CONFIG_KEYS,
@@ -28,6 +29,7 @@ from .encoding import (
     check_encoder_settings,
 )
 from .fp8 import apply_fp8, check_fp8_device, check_quantization
+from .fused_layers import fuse_decoder, has_fused_projections
 from .kernels import masked_pool, masked_pool_varlen
 from .loading import apply_adapters, load_base_model, merge_lora, read_encoder_settings, resolve_model_path
 from .packing import DEFAULT_MAX_TOKENS_PER_BATCH, pack, token_budget_batches
@@ -84,6 +86,9 @@ class LLM2Vec(EncodeMixin, nn.Module):
         # set by llm2vec_fast.fp8.apply_fp8: the scheme ("fp8", "fp8-simulated") and what it chose
         self.quantization: str | None = None
         self.quantization_report: dict | None = None
+        # set by from_pretrained(fused=True): what llm2vec_fast.fused_layers.fuse_decoder changed
+        self.fused_report: dict | None = None
+        self.cuda_graphs: PackedCudaGraphs | None = None
 
     @property
     def max_length(self) -> int:
@@ -123,6 +128,8 @@ class LLM2Vec(EncodeMixin, nn.Module):
         max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
         quantization: str | None = None,
         high_precision_layers: Sequence[int] | str = "calibrate",
+        fused: bool = False,
+        cuda_graphs: bool | Sequence[int] = False,
         **hf_kwargs,
     ) -> LLM2Vec:
         """Load an encoder.
@@ -142,6 +149,13 @@ class LLM2Vec(EncodeMixin, nn.Module):
         ``high_precision_layers`` (indices, or ``"calibrate"``: chosen at load by measuring each
         layer's effect on STS-B train embeddings); ``"fp8-simulated"``: the same numerics on any
         device, for fidelity measurements (see :mod:`llm2vec_fast.fp8`).
+        ``fused=True``: fused decoder layers (Llama, Mistral, Qwen2, Qwen3, Gemma; see
+        :mod:`llm2vec_fast.fused_layers`): fused residual-add + RMSNorm, Liger-Kernel RoPE and SwiGLU
+        on CUDA (the torch reference, the same numbers as unfused, on CPU), and stacked QKV / gate-up
+        GEMMs (adapters are merged first; with ``quantization`` the stacked GEMMs are the ones in FP8).
+        Off by default until measured on a GPU.
+        ``cuda_graphs``: replay the packed forward from CUDA graphs captured per token-count bucket
+        (``True``: powers of two; or a list of bucket sizes), see :meth:`use_cuda_graphs`.
         Extra keyword arguments go to ``transformers.AutoModel.from_pretrained``.
         """
         from transformers import AutoTokenizer
@@ -166,19 +180,23 @@ class LLM2Vec(EncodeMixin, nn.Module):
             for adapter in adapters:
                 model = merge_lora(model, adapter)
         elif adapters:
-            # quantized weights cannot carry a LoRA delta: merged
-            model = apply_adapters(model, adapters, merge_last=merge_peft or quantization is not None)
+            # quantized weights and stacked projections cannot carry a LoRA delta: merged
+            model = apply_adapters(model, adapters, merge_last=merge_peft or quantization is not None or fused)
         if enable_bidirectional:
             make_bidirectional(model)
+        fused_report = fuse_decoder(model) if fused else None
 
         settings, stored_id = read_encoder_settings(adapters[-1] if adapters else path)
         model_id = stored_id or model_id
         overrides = dict(pooling_mode=pooling_mode, max_length=max_length, doc_max_length=doc_max_length, skip_instruction=skip_instruction)
         settings.update({k: v for k, v in overrides.items() if v is not None})
         encoder = cls(model, tokenizer, model_id=model_id, packed=packed, max_tokens_per_batch=max_tokens_per_batch, **settings)
+        encoder.fused_report = fused_report
         encoder = encoder.to(device).eval()
         if quantization is not None:
             apply_fp8(encoder, quantization, high_precision_layers)
+        if cuda_graphs is not False:
+            encoder.use_cuda_graphs(None if cuda_graphs is True else cuda_graphs)
         return encoder
 
     # ------------------------------------------------------------------ batches
@@ -221,6 +239,16 @@ class LLM2Vec(EncodeMixin, nn.Module):
         """Embeddings ``[B, hidden]`` of a packed batch: varlen attention, varlen pooling (differentiable)."""
         return self.pool_packed(packed_hidden_states(self.model, self.model, features), features)
 
+    def use_cuda_graphs(self, buckets: Sequence[int] | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS) -> PackedCudaGraphs:
+        """Run packed batches through CUDA graphs captured per padded shape (see
+        :mod:`llm2vec_fast.cuda_graphs`): ``buckets`` of token counts (default: powers of two up to
+        ``max_tokens_per_batch``). For small models, whose packed forward is launch-bound. Needs the
+        packed path; on a CPU the padded batches run eagerly (same results)."""
+        if self.packed is False:
+            raise ValueError("CUDA graphs replay the packed forward: this encoder has packed=False")
+        self.cuda_graphs = PackedCudaGraphs(self, buckets, max_graphs)
+        return self.cuda_graphs
+
     def pool_packed(self, hidden: torch.Tensor, features: dict) -> torch.Tensor:
         """Pool packed hidden states ``[T, D]`` of a :meth:`collate_packed` batch into ``[B, D]``
         (sync-free: ``max_seqlen`` comes from the batch)."""
@@ -250,7 +278,8 @@ class LLM2Vec(EncodeMixin, nn.Module):
     @torch.inference_mode()
     def _embed_batch(self, items: Sequence[EncodingInput]) -> torch.Tensor:
         if self.use_packed:
-            return self.forward_packed(self.collate_packed(items))
+            features = self.collate_packed(items)
+            return self.cuda_graphs(features) if self.cuda_graphs is not None else self.forward_packed(features)
         return self(self.collate(items))
 
     encode = torch.inference_mode()(EncodeMixin.encode)
@@ -278,6 +307,11 @@ class LLM2Vec(EncodeMixin, nn.Module):
             raise ValueError(
                 f"a {self.quantization}-quantized encoder cannot be saved (its FP8 weights are a runtime format): save the "
                 "encoder loaded without quantization, and pass quantization= when loading it"
+            )
+        if has_fused_projections(self.model):
+            raise ValueError(
+                "an encoder with fused projections (fused=True) cannot be saved: its qkv_proj / gate_up_proj weights are a "
+                "runtime layout that transformers does not load; save the encoder loaded without fused=True"
             )
         if format == "sentence-transformers":
             if not is_bidirectional(self.model):

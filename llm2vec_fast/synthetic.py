@@ -39,6 +39,16 @@ RANDOM_SHAPES: dict[str, dict] = {
         max_position_embeddings=8192,
         tie_word_embeddings=True,
     ),
+    "smollm2-135m": dict(  # SmolLM2-135M (the default model): small enough to be launch-bound on a GPU
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
     "tiny": dict(  # seconds on a CPU; head_dim 32 is a Triton-supported head size
         hidden_size=128,
         num_hidden_layers=2,

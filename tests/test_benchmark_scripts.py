@@ -31,7 +31,7 @@ def test_help(script):
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("bench-results")
-    methods = ("--methods", "reference", "packed", "packed-fp8")
+    methods = ("--methods", "reference", "packed", "packed-fused", "packed-fused-graphs", "packed-fp8")
     return out, _run(BENCH_DIR / "bench_encode.py", "--cpu-smoke", "--no-plot", "--results-dir", out, *methods)
 
 
@@ -41,13 +41,16 @@ def test_bench_encode_cpu_smoke(smoke_results):
     data = json.loads((out / "encode-cpu.json").read_text())
     assert data["tokenisation_timed"] is False and "embed_items" in data["timed"]
     rows = data["results"]
-    assert [r["method"] for r in rows] == ["reference", "packed", "packed-fp8"]
+    assert [r["method"] for r in rows] == ["reference", "packed", "packed-fused", "packed-fused-graphs", "packed-fp8"]
     assert all(r["tokens_per_s"] > 0 and r["tokens"] == rows[0]["tokens"] for r in rows)
     (summary,) = data["summary"]
     assert summary["agree"] and summary["min_cosine"] > 0.999
     assert summary["speedup"] == pytest.approx(rows[0]["seconds"] / rows[1]["seconds"])
-    # the fp8 path (simulated on CPU) against the packed one
-    assert summary["fp8"]["agree"] and summary["fp8"]["speedup_vs_packed"] == pytest.approx(rows[1]["seconds"] / rows[2]["seconds"])
+    # fused layers (the torch references on CPU) and their padded CUDA-graph buckets (eager on CPU)
+    assert summary["fused"]["agree"] and summary["fused"]["min_cosine"] > 0.999999
+    assert summary["fused_graphs"]["agree"] and summary["fused_graphs"]["min_cosine"] > 0.999999
+    # the fp8 path (simulated on CPU, on the fused model) against the packed one
+    assert summary["fp8"]["agree"] and summary["fp8"]["speedup_vs_packed"] == pytest.approx(rows[1]["seconds"] / rows[4]["seconds"])
 
 
 def test_bench_encode_reports_model_flops_utilisation(smoke_results):

@@ -31,6 +31,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "for fidelity checks)",
     )
     parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="fused decoder layers (Llama, Mistral, Qwen2, Qwen3, Gemma): fused residual-add + RMSNorm, Liger-Kernel RoPE and SwiGLU "
+        "on CUDA, stacked QKV and gate/up GEMMs (needs liger-kernel on the GPU; adapters are merged)",
+    )
+    parser.add_argument(
         "--high-precision-layers",
         type=_layer_indices,
         default="calibrate",
@@ -59,6 +65,7 @@ def encoder_kwargs(args: argparse.Namespace) -> dict:
         device=args.device,
         quantization=args.quantization,
         high_precision_layers=args.high_precision_layers,
+        fused=args.fused,
     )
 
 

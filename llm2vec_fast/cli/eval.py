@@ -68,6 +68,7 @@ _BAKED_IN = {
     "dtype": "--dtype",
     "no_bidirectional": "--no-bidirectional",
     "quantization": "--quantization",
+    "fused": "--fused",
 }
 
 

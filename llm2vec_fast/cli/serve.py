@@ -94,6 +94,7 @@ def load_serving_encoder(args: argparse.Namespace):
             ("--max-length", args.max_length),
             ("--dtype", args.dtype),
             ("--quantization", args.quantization),
+            ("--fused", args.fused),
         )
         if value
     ]

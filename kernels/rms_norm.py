@@ -1,0 +1,136 @@
+"""RMSNorm and fused residual-add + RMSNorm: public entry point, custom op and autograd.
+
+``rms_norm(x, weight, eps)`` normalises the last dim of ``x``; with ``residual=`` it first forms
+``residual + x`` (the decoder layer's residual add) and returns ``(normed, residual + x)`` from one
+kernel launch: the sum is read and written once instead of an add kernel and a norm kernel each
+reading it. Semantics (the casts of the Hugging Face models) are defined by
+:mod:`.rms_norm_reference`, the ground truth and CPU path.
+
+Backend rule as for attention and pooling: ``"auto"`` runs the Triton kernel (:mod:`.rms_norm_triton`)
+on CUDA tensors and the reference otherwise; ``"triton"`` forces the kernel (CPU only under
+``TRITON_INTERPRET=1``); ``"torch"`` forces the reference. The kernel needs ``x``, ``residual`` and
+``weight`` in one dtype (as a model's norms are); ``auto`` takes the reference otherwise.
+
+Runs as ``torch.ops.llm2vec_fast.rms_norm_fwd`` with a fake implementation, so ``torch.compile``
+traces it without a graph break. The backward recomputes the reference in torch (the encode path
+needs none; training does not use this op yet).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import resolve_backend
+from .rms_norm_reference import add_rms_norm_reference, check_casting_mode, rms_norm_reference
+
+__all__ = ["rms_norm"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_ops():
+    from . import rms_norm_triton  # lazy: triton is optional
+
+    return rms_norm_triton
+
+
+@torch.library.custom_op("llm2vec_fast::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, casting: str, offset: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(normed [N, D], residual + x [N, D])`` for 2-D ``x``; the second output is empty ``[0]``
+    without ``residual``."""
+    if backend == "triton":
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        residual = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
+        y, total = _triton_ops().rms_norm_forward(x, residual, weight.contiguous(), eps, casting == "gemma", offset)
+    elif residual is not None:
+        y, total = add_rms_norm_reference(x, residual, weight, eps, casting, offset)
+    else:
+        y, total = rms_norm_reference(x, weight, eps, casting, offset), None
+    return y, (total if total is not None else x.new_empty((0,)))
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, residual, weight, eps, casting, offset, backend):
+    return torch.empty_like(x), (torch.empty_like(x) if residual is not None else x.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, eps, casting, offset, backend = inputs
+    ctx.save_for_backward(x, residual, weight)
+    ctx.args = (eps, casting, offset)
+
+
+def _backward(ctx, grad_y, grad_total):
+    x, residual, weight = ctx.saved_tensors
+    eps, casting, offset = ctx.args
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (x, residual, weight) if t is not None]
+        if residual is None:
+            outputs, grads = [rms_norm_reference(inputs[0], inputs[1], eps, casting, offset)], [grad_y]
+        else:
+            outputs, grads = list(add_rms_norm_reference(*inputs, eps, casting, offset)), [grad_y, grad_total]
+        found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+    if residual is None:
+        return found[0], None, found[1], None, None, None, None
+    return found[0], found[1], found[2], None, None, None, None
+
+
+_rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    residual: torch.Tensor | None = None,
+    casting: str = "llama",
+    offset: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x`` ``[..., D]`` with ``weight`` ``[D]``.
+
+    Args:
+        x: fp16/bf16/fp32 activations.
+        weight: the norm's weight ``[D]``.
+        eps: added to the mean square.
+        residual: optional, same shape and dtype as ``x``: normalise ``residual + x`` and return the
+            sum too (the new residual stream).
+        casting: ``"llama"`` (Llama, Mistral, Qwen2, Qwen3) or ``"gemma"`` (see :mod:`.rms_norm_reference`).
+        offset: added to the weight (``"gemma"`` only: Gemma's ``1 + w``).
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring).
+
+    Returns:
+        the normalised tensor in ``x``'s shape and dtype, or ``(normalised, residual + x)`` with
+        ``residual``. Differentiable.
+
+    Raises:
+        ValueError: bad shapes, dtypes, casting mode or backend.
+    """
+    check_casting_mode(casting)
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise ValueError("x and weight must be torch.Tensors")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x dtype {x.dtype} is not supported; expected one of {_FLOAT_DTYPES}")
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    if casting != "gemma" and offset != 0.0:
+        raise ValueError('offset applies to the "gemma" casting mode only')
+    tensors = (x, weight) if residual is None else (x, residual, weight)
+    resolved = resolve_backend(backend, tensors)
+    if resolved == "triton" and weight.dtype != x.dtype:
+        if backend == "triton":
+            raise ValueError(f"the Triton RMSNorm needs weight ({weight.dtype}) in x's dtype ({x.dtype})")
+        resolved = "torch"
+    shape = x.shape
+    flat_residual = residual.reshape(-1, shape[-1]) if residual is not None else None
+    y, total = torch.ops.llm2vec_fast.rms_norm_fwd(
+        x.reshape(-1, shape[-1]), flat_residual, weight, float(eps), casting, float(offset), resolved
+    )
+    if residual is None:
+        return y.reshape(shape)
+    return y.reshape(shape), total.reshape(shape)

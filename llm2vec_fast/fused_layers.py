@@ -1,0 +1,337 @@
+"""Fused decoder layers for Llama, Mistral, Qwen2, Qwen3 and Gemma models (``LLM2Vec.from_pretrained(..., fused=True)``).
+
+:func:`fuse_decoder` rewrites a loaded decoder in place:
+
+* every RMSNorm becomes :class:`FusedRMSNorm` (our Triton kernel, :func:`llm2vec_fast.kernels.rms_norm`),
+  Qwen3's per-head ``q_norm``/``k_norm`` included (Gemma's with its float32 casts and ``1 + w``);
+* each decoder layer forms ``residual + attention output`` and its ``post_attention_layernorm`` in one
+  kernel (fused residual-add + RMSNorm), returning the new residual stream with the normalised input;
+* rotary embeddings run Liger-Kernel's Triton RoPE (``liger_kernel.ops.rope``; one program per token
+  reads that token's cos/sin row, so the packed layout -- ``[1, T, ...]``, positions restarting per
+  sequence -- works as is);
+* QKV and gate/up become single GEMMs (:mod:`llm2vec_fast.fused_projections`) where the weights allow,
+  and SwiGLU runs Liger's kernel on the fused gate/up output (``LigerFusedGateUpSiLUMulFunction``:
+  reads both halves of one buffer, no split copies; Gemma's GeGLU stays in torch).
+
+The kernels run where the packed path's kernels run: Triton on CUDA tensors, the torch reference on
+CPU (or wherever :func:`llm2vec_fast.varlen_attention.kernel_backend` says ``torch``). The references
+are the Hugging Face models' own arithmetic, so on CPU a fused model gives the unfused model's bits.
+Modules keep their parameter names (``input_layernorm.weight``, ...) except the fused projections.
+
+Other families raise :class:`UnsupportedFusionError` (nothing is changed). Adapters must be merged
+(or the projections stay separate and LoRA keeps working: see :func:`fuse_decoder`); FP8 composes:
+quantize after fusing and the fused projections become FP8 GEMMs of the same numerics.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+from torch import nn
+
+from .fused_projections import GATE_UP, GATE_UP_FUSED, QKV, QKV_FUSED, fuse_module_projections, split_sizes
+from .kernels import rms_norm
+from .kernels._dispatch import resolve_backend
+
+logger = logging.getLogger(__name__)
+
+#: Decoder families with fused layers: attention class -> (has per-head q/k norms, sliding window source).
+SUPPORTED_ATTENTION = {
+    "LlamaAttention": (False, None),
+    "MistralAttention": (False, "config"),
+    "Qwen2Attention": (False, "module"),
+    "Qwen3Attention": (True, "module"),
+    "GemmaAttention": (False, None),
+}
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+#: RMSNorm classes -> (casting mode, weight offset) of :func:`llm2vec_fast.kernels.rms_norm`.
+_NORMS = {
+    "LlamaRMSNorm": ("llama", 0.0),
+    "MistralRMSNorm": ("llama", 0.0),
+    "Qwen2RMSNorm": ("llama", 0.0),
+    "Qwen3RMSNorm": ("llama", 0.0),
+    "GemmaRMSNorm": ("gemma", 1.0),  # float32 throughout, scaled by 1 + weight
+}
+_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP"}
+_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "GemmaDecoderLayer"}
+_SILU = ("silu", "swish")
+#: Set on fused attention / MLP modules: whether they run the Triton kernels (else torch only).
+KERNELS_ATTRIBUTE = "llm2vec_fast_fused_kernels"
+
+
+class UnsupportedFusionError(ValueError):
+    """The model's architecture has no fused layers."""
+
+
+def _backend(module: nn.Module) -> str:
+    """The kernel backend of this call: ``torch`` for a module fused without kernels, else the
+    context-local choice of :func:`~llm2vec_fast.varlen_attention.kernel_backend`."""
+    from .varlen_attention import current_backend
+
+    return current_backend() if getattr(module, KERNELS_ATTRIBUTE, False) else "torch"
+
+
+def _liger(name: str):
+    try:
+        if name == "rope":
+            from liger_kernel.ops.rope import LigerRopeFunction
+
+            return LigerRopeFunction
+        from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
+
+        return LigerFusedGateUpSiLUMulFunction
+    except ImportError as err:
+        raise ImportError(
+            "fused layers run Liger-Kernel's Triton RoPE and SwiGLU on the GPU: pip install liger-kernel (or load without fused=True)"
+        ) from err
+
+
+# ------------------------------------------------------------------------------------ norms
+class FusedRMSNorm(nn.Module):
+    """RMSNorm through :func:`llm2vec_fast.kernels.rms_norm` (keeps the replaced norm's ``weight``
+    parameter, so the ``state_dict`` is unchanged); :meth:`add_and_norm` fuses the residual add."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, casting: str = "llama", offset: float = 0.0):
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = float(eps)
+        self.casting, self.offset = casting, float(offset)
+        setattr(self, KERNELS_ATTRIBUTE, True)
+
+    @classmethod
+    def replacing(cls, norm: nn.Module) -> FusedRMSNorm:
+        """The fused norm for ``norm`` (a class of :data:`_NORMS`), sharing its weight."""
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if eps is None or not isinstance(getattr(norm, "weight", None), nn.Parameter):
+            raise UnsupportedFusionError(f"{type(norm).__name__} has no weight / epsilon to fuse")
+        return cls(norm.weight, eps, *_NORMS[type(norm).__name__])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, casting=self.casting, offset=self.offset, backend=_backend(self))
+
+    def add_and_norm(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(residual + hidden_states), residual + hidden_states)`` in one kernel."""
+        return rms_norm(
+            hidden_states,
+            self.weight,
+            self.variance_epsilon,
+            residual=residual,
+            casting=self.casting,
+            offset=self.offset,
+            backend=_backend(self),
+        )
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, casting={self.casting}"
+
+
+# ------------------------------------------------------------------------------------ rotary
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of ``q`` ``[B, Hq, T, D]`` and ``k`` ``[B, Hkv, T, D]`` with ``cos``/``sin``
+    ``[B or 1, T, D]`` (the model's rotary output, one row per token): Liger's Triton kernel, or the
+    Hugging Face formula (``q * cos + rotate_half(q) * sin``) in torch."""
+    if resolve_backend(backend, (q, k, cos, sin)) == "triton":
+        return _liger("rope").apply(q, k, cos, sin)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+# ------------------------------------------------------------------------------------ attention
+class FusedAttention:
+    """Mixin over a supported attention class: stacked QKV when present, fused norms, Liger RoPE."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        cache = cache if cache is not None else past_key_values
+        qk_norm, sliding = SUPPORTED_ATTENTION[self.llm2vec_fast_base.__name__]
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        if hasattr(self, QKV_FUSED):
+            q, k, v = self.qkv_proj(hidden_states).split(split_sizes(self), dim=-1)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
+        if qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, k, cos, sin, _backend(self))
+        if cache is not None:  # transformers passes one when config.use_cache is on; as in the original forward
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        extra = {}
+        if sliding == "module":
+            extra["sliding_window"] = self.sliding_window
+        elif sliding == "config":
+            extra["sliding_window"] = getattr(self.config, "sliding_window", None)
+        eager = sys.modules[self.llm2vec_fast_base.__module__].eager_attention_forward
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+        out, weights = attention(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+# ------------------------------------------------------------------------------------ MLP
+class FusedMLP:
+    """Mixin over a supported MLP class: stacked gate/up when present, Liger SwiGLU on it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, GATE_UP_FUSED):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        silu = getattr(self.config, "hidden_act", None) in _SILU
+        if silu and resolve_backend(_backend(self), (gate_up,)) == "triton":
+            return self.down_proj(_liger("swiglu").apply(gate_up))
+        gate, up = gate_up.split(split_sizes(self), dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+# ------------------------------------------------------------------------------------ layer
+class FusedDecoderLayer:
+    """Mixin over a supported decoder layer: residual add + ``post_attention_layernorm`` fused."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        norm = self.post_attention_layernorm
+        if isinstance(norm, FusedRMSNorm):
+            hidden_states, residual = norm.add_and_norm(hidden_states, residual)
+        else:
+            hidden_states = residual + hidden_states
+            residual = hidden_states
+            hidden_states = norm(hidden_states)
+        return residual + self.mlp(hidden_states)
+
+
+_fused_classes: dict[tuple[type, type], type] = {}
+
+
+def _swap_class(module: nn.Module, mixin: type) -> None:
+    """Give ``module`` a subclass of its class with ``mixin``'s forward (parameters, buffers and
+    names untouched)."""
+    base = type(module)
+    if issubclass(base, mixin):
+        return
+    key = (mixin, base)
+    if key not in _fused_classes:
+        _fused_classes[key] = type(f"Fused{base.__name__}", (mixin, base), {"llm2vec_fast_base": base, "__module__": base.__module__})
+    module.__class__ = _fused_classes[key]
+
+
+def _base_name(module: nn.Module) -> str:
+    return getattr(type(module), "llm2vec_fast_base", type(module)).__name__
+
+
+def check_fusable(decoder: nn.Module) -> None:
+    """Raise :class:`UnsupportedFusionError` unless ``decoder`` (a bare ``AutoModel`` of a supported
+    family, possibly peft-wrapped) has the layer structure the fused forwards expect."""
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not len(layers):
+        raise UnsupportedFusionError(f"{type(decoder).__name__} has no decoder layers to fuse")
+    for layer in layers:
+        parts = {
+            "layer": (_base_name(layer), _LAYERS),
+            "attention": (_base_name(getattr(layer, "self_attn", None)), set(SUPPORTED_ATTENTION)),
+            "mlp": (_base_name(getattr(layer, "mlp", None)), _MLPS),
+        }
+        for what, (name, known) in parts.items():
+            if name not in known:
+                raise UnsupportedFusionError(
+                    f"fused layers support the {', '.join(SUPPORTED_FAMILIES)} families; this model's {what} is {name} "
+                    "(load without fused=True)"
+                )
+
+
+def fuse_decoder(model: nn.Module, kernels: bool = True, projections: bool = True) -> dict:
+    """Fuse ``model``'s decoder (``AutoModel``, or a peft / encoder wrapper of it) in place.
+
+    ``kernels``: fused norms (residual add included), Liger RoPE and SwiGLU on the Triton backend;
+    ``projections``: stacked QKV and gate/up GEMMs where :func:`~llm2vec_fast.fused_projections.why_not_fusable`
+    allows (LoRA layers that are not merged and FP8 layers stay separate). Idempotent. Returns a
+    report: ``{"kernels", "norms", "qkv_fused", "gate_up_fused", "kept_separate": {reason: count}}``.
+
+    Raises:
+        UnsupportedFusionError: another architecture (the model is left unchanged).
+    """
+    from .bidirectional import decoder_of
+
+    decoder = decoder_of(model)
+    check_fusable(decoder)
+    report = {"kernels": bool(kernels), "norms": 0, "qkv_fused": 0, "gate_up_fused": 0, "kept_separate": {}}
+
+    def kept(reason: str | None) -> bool:
+        if reason is not None:
+            report["kept_separate"][reason] = report["kept_separate"].get(reason, 0) + 1
+        return reason is None
+
+    for layer in decoder.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        if projections:
+            report["qkv_fused"] += kept(fuse_module_projections(attention, QKV, QKV_FUSED))
+            report["gate_up_fused"] += kept(fuse_module_projections(mlp, GATE_UP, GATE_UP_FUSED))
+        for module, mixin in ((attention, FusedAttention), (mlp, FusedMLP), (layer, FusedDecoderLayer)):
+            _swap_class(module, mixin)
+            setattr(module, KERNELS_ATTRIBUTE, bool(kernels) or getattr(module, KERNELS_ATTRIBUTE, False))
+    if kernels:
+        for parent in list(decoder.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child).__name__ in _NORMS:
+                    setattr(parent, name, FusedRMSNorm.replacing(child))
+                    report["norms"] += 1
+    if report["kept_separate"]:
+        logger.info("fused layers: projections kept separate: %s", report["kept_separate"])
+    return report
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether :func:`fuse_decoder` has rewritten ``model``'s decoder."""
+    from .bidirectional import decoder_of
+
+    layers = getattr(decoder_of(model), "layers", None) or []
+    return any(isinstance(layer, FusedDecoderLayer) for layer in layers)
+
+
+def has_fused_projections(model: nn.Module) -> bool:
+    return any(hasattr(m, QKV_FUSED) or hasattr(m, GATE_UP_FUSED) for m in model.modules())
