@@ -106,13 +106,14 @@ def export_facts(folder: Path) -> dict:
     return out
 
 
-def int8_gemm_ceiling(cpu: str) -> dict | None:
-    """bench_int8_gemm.py's int8-vs-fp32 GEMM speed-ups on this CPU, when its JSON is from this CPU."""
+def int8_gemm_ceiling(cpu: str, flags: list[str] | None = None) -> dict | None:
+    """bench_int8_gemm.py's int8-vs-fp32 GEMM speed-ups on this CPU, when its JSON is from a CPU of
+    this name and these int8 flags (one name covers AVX2-only and VNNI EPYCs)."""
     try:
         gemm = json.loads((RESULTS / "int8-gemm-cpu.json").read_text())
     except (OSError, ValueError):
         return None
-    if gemm.get("cpu") != cpu:
+    if gemm.get("cpu") != cpu or (flags is not None and sorted(gemm.get("cpu_flags") or []) != sorted(flags)):
         return None
     return {"file": "benchmarks/results/int8-gemm-cpu.json", "threads": gemm.get("threads"), "rows": gemm.get("rows")}
 
@@ -307,11 +308,10 @@ def run(args) -> dict:
     import onnxruntime
 
     return {
-        "model": (portable_path(args.model) or "SmolLM2-135M-Instruct (embedded default)")
-        + (f" + merged adapters {[portable_path(p) for p in args.peft]}" if args.peft else " (no LLM2Vec training)"),
+        "model": model_description(args.model, args.peft),
         "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
-        "int8_gemm_ceiling": int8_gemm_ceiling(cpu_name()),
+        "int8_gemm_ceiling": int8_gemm_ceiling(cpu_name(), cpu_flags()),
         "cpus": os.cpu_count(),
         "threads": args.threads,
         "batch_size": args.batch_size,
@@ -340,6 +340,17 @@ def openvino_version() -> str | None:
     import openvino
 
     return openvino.__version__
+
+
+def model_description(model: str | None, peft: list[str] | None) -> str:
+    """What was measured, for the JSON: the shipped default encoder, the untrained base, or a folder
+    (+ adapters)."""
+    from llm2vec_fast.default_model import is_default_encoder, is_default_model
+
+    if is_default_encoder(model) and not peft:
+        return "SmolLM2-135M-Instruct default encoder (shipped MNTP + SimCSE adapters, merged)"
+    name = "SmolLM2-135M-Instruct (embedded base)" if is_default_model(model) else portable_path(model)
+    return name + (f" + merged adapters {[portable_path(p) for p in peft]}" if peft else " (no LLM2Vec training)")
 
 
 def argv_is_cli() -> bool:

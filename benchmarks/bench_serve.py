@@ -550,7 +550,11 @@ def main(argv=None) -> int:
     summary = summarize(servers, baseline, args, load)
     config = {k: v for k, v in vars(args).items() if k not in ("no_plot", "venv_dir")}
     config.update(requests=n_requests, texts_source=source, forced_on_busy_machine=bool(args.force and busy))
+    from llm2vec_fast.export.cpu_int8 import cpu_flags, cpu_name
+
     payload = {
+        "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
         "config": config,
         "timed": "HTTP round trips of an aiohttp keep-alive load generator (base64 responses, bodies encoded before the clock) "
         "against each server as a subprocess with the same thread budget; baseline: one direct call over the same texts",
