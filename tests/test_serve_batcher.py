@@ -282,3 +282,13 @@ def test_regrouping_never_delays_a_single_client_and_is_bounded():
 
     run(main())
     assert time.perf_counter() - start < 4.0  # 4 x 10 ms of waiting, not 4 x 5 s
+
+
+def test_server_defaults_agree_on_the_regrouping_wait():
+    from llm2vec_fast.cli import build_parser
+    from llm2vec_fast.serve.app import ServeSettings
+    from llm2vec_fast.serve.batcher import DEFAULT_REGROUP_MS
+
+    args = build_parser().parse_args(["serve"])
+    assert args.regroup_ms == ServeSettings("m").regroup_ms == DEFAULT_REGROUP_MS
+    assert Batcher(FakeModel(), HIDDEN, max_batch_tokens=4, max_queue_tokens=10).regroup_s == DEFAULT_REGROUP_MS / 1000

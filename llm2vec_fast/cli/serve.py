@@ -49,9 +49,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--regroup-ms",
         type=float,
-        default=50.0,
+        default=50.0,  # serve.batcher.DEFAULT_REGROUP_MS (not imported here: the serve extra may be missing)
         help="after a batch, wait up to this long (and at most a quarter of the batch's time) for the clients just "
-        "answered to send their next request, so concurrent clients share one batch (default 50; 0 disables)",
+        "answered to send their next request, so concurrent clients share one batch (default %(default)s; 0 disables)",
     )
     p.add_argument("--max-concurrent-requests", type=int, default=512, help="requests handled at once; more gets 429 (default 512)")
     p.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="request body size limit (default 32 MiB)")

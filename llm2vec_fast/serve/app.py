@@ -38,7 +38,7 @@ from ..kernels.flash_attn import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from ..packing import DEFAULT_MAX_TOKENS_PER_BATCH
 from ..prompting import EncodingInput
 from ..quantization import PRECISION_DTYPES, PRECISIONS, SCALAR_PRECISIONS, CalibrationSet, quantize_embeddings, truncate_and_normalize
-from .batcher import Batcher, BatcherStopped, QueueFull
+from .batcher import DEFAULT_REGROUP_MS, Batcher, BatcherStopped, QueueFull
 from .metrics import ServerMetrics
 from .schemas import (
     GUARD_STATUSES,
@@ -74,7 +74,7 @@ class ServeSettings:
     max_request_bytes: int = 32 * 2**20
     batch_size: int = 32  # texts per padded forward (ONNX Runtime, causal models); the packed path uses the token budget
     packed: bool | None = None  # one padding-free forward per batch; None: whenever the torch encoder is bidirectional
-    regroup_ms: float = 50.0  # after a batch, wait this long at most for the clients just answered (see Batcher)
+    regroup_ms: float = DEFAULT_REGROUP_MS  # after a batch, wait this long at most for the clients just answered (see Batcher)
     api_key: str | None = None
     model_path: str | None = None
 

@@ -44,6 +44,7 @@ from .metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER_S = 60
+DEFAULT_REGROUP_MS = 50.0  # longest regrouping wait by default (the server option --regroup-ms)
 REGROUP_FRACTION = 0.25  # regrouping waits at most this share of the last batch's time
 
 
@@ -101,7 +102,7 @@ class Batcher:
         max_batch_tokens: int,
         max_queue_tokens: int,
         metrics: ServerMetrics | None = None,
-        regroup_s: float = 0.05,
+        regroup_s: float = DEFAULT_REGROUP_MS / 1000,
     ):
         if max_batch_tokens < 1 or max_queue_tokens < 1:
             raise ValueError("max_batch_tokens and max_queue_tokens must be positive")
