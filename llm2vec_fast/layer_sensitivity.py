@@ -234,6 +234,7 @@ def select_quantized_layers(
     summary = {
         f"{low}_matmuls": len(chosen),
         f"{low}_layers": sorted(order[:lo]),
+        f"{low}_layer_order": order[:lo],  # most robust first: a fallback drops from the end
         f"{high}_layers": sorted(order[lo:] + high_alone),
         f"{high}_layers_alone": high_alone,
         "layer_sensitivity": [{"layer": i, "min_cos": round(a, 6), "mean_cos": round(b, 6)} for i, (a, b) in enumerate(sensitivity)],

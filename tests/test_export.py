@@ -662,3 +662,60 @@ def test_default_model_exports(default_encoder, default_exports, precision):
     if precision == "int4":
         fp32_size = json.loads((default_exports["fp32"] / "export_report.json").read_text())["file_size_bytes"]
         assert report["file_size_bytes"] <= 0.35 * fp32_size
+
+
+def _failing_above(max_int8_matmuls: int):
+    """``check_report`` that also fails any int8 graph with more than ``max_int8_matmuls`` int8 MatMuls
+    (stands in for held-out text that calibration was too optimistic about)."""
+    real = exporter_module.check_report
+
+    def check(report):
+        extra = [] if report["quantization"]["int8_matmuls"] <= max_int8_matmuls else ["too many int8 layers for this text"]
+        return real(report) + extra
+
+    return check
+
+
+def test_int8_validation_fallback_puts_the_most_sensitive_layers_back_in_fp32(tiny_encoder, tmp_path, monkeypatch):
+    """A graph that misses validation is rebuilt with the calibration order's tail in fp32 and
+    validated again; the report, the config and the graph agree on what is int8."""
+    monkeypatch.setattr(exporter_module, "check_report", _failing_above(7))  # one layer (7 MatMuls) passes
+    folder = export_onnx(tiny_encoder, tmp_path / "fallback", precision="int8", validate=NO_STSB)
+    report = json.loads((folder / "export_report.json").read_text())
+    q = report["quantization"]
+    assert report["status"] == "ok" and report["failures"] == []
+    assert [t["int8_layers"] for t in q["validation_fallback"]] == [2]
+    assert q["validation_fallback"][0]["failures"] == ["too many int8 layers for this text"]
+    first = q["calibration_trials"][-1]  # calibration still chose both layers
+    assert first["int8_layers"] == 2 and len(q["layer_sensitivity"]) == 2
+    assert q["int8_matmuls"] == 7 and len(q["int8_layer_order"]) == 1 and q["int8_layers"] == q["int8_layer_order"]
+    assert q["fp32_layers"] == [1 - q["int8_layers"][0]] and len(q["fp32_matmuls"]) == 7
+    model = onnx.load(str(folder / "model.onnx"))
+    int8_nodes = {n.name.removesuffix("_int8") for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"}
+    assert len(int8_nodes) == 7 and all(f"layers.{q['int8_layers'][0]}/" in n for n in int8_nodes)
+    assert not int8_nodes & set(q["fp32_matmuls"])
+    # the final graph is what was validated
+    from llm2vec_fast.export.validate import compare
+
+    assert compare(tiny_encoder, OnnxEncoder.from_pretrained(folder, num_threads=2))["min_cos"] == pytest.approx(
+        report["min_cos"], abs=1e-6
+    )
+
+
+def test_int8_validation_fallback_gives_up_without_int8_layers(tiny_encoder, tmp_path, monkeypatch):
+    monkeypatch.setattr(exporter_module, "check_report", _failing_above(0))
+    with pytest.raises(ExportValidationError, match="too many int8 layers"):
+        export_onnx(tiny_encoder, tmp_path / "never", precision="int8", validate=NO_STSB)
+    report = json.loads((tmp_path / "never" / "export_report.json").read_text())
+    assert report["status"] == "failed"
+    assert [t["int8_layers"] for t in report["quantization"]["validation_fallback"]] == [2, 1]
+
+
+def test_int8_validation_fallback_can_be_turned_off(tiny_encoder, tmp_path, monkeypatch):
+    from llm2vec_fast.export import Int8Options
+
+    monkeypatch.setattr(exporter_module, "check_report", _failing_above(7))
+    with pytest.raises(ExportValidationError):
+        export_onnx(tiny_encoder, tmp_path / "strict", precision="int8", validate=NO_STSB, int8=Int8Options(validation_fallback=False))
+    q = json.loads((tmp_path / "strict" / "export_report.json").read_text())["quantization"]
+    assert "validation_fallback" not in q and q["int8_matmuls"] == 14

@@ -44,6 +44,11 @@ def add_parser(sub) -> None:
         help="int8 weight rounding (default nearest; gptq: error-compensating, calibrated on the calibration inputs)",
     )
     p.add_argument(
+        "--no-int8-fallback",
+        action="store_true",
+        help="fail at once when the int8 graph misses validation (default: put its most sensitive int8 layers back in fp32 and validate again)",
+    )
+    p.add_argument(
         "--format",
         choices=("onnx", "sentence-transformers"),
         default="onnx",
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         validate=validate,
         overwrite=args.overwrite,
         progress=True,
-        int8=Int8Options(weights=args.int8_weights, rounding=args.int8_rounding),
+        int8=Int8Options(weights=args.int8_weights, rounding=args.int8_rounding, validation_fallback=not args.no_int8_fallback),
     )
     report = json.loads((out / "export_report.json").read_text())
     summary = {k: report.get(k) for k in ("precision", "status", "file_size_bytes", "min_cos", "mean_cos", "max_abs_err")}
