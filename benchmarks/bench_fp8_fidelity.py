@@ -43,7 +43,9 @@ INSTRUCTION = "Retrieve semantically similar text."
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint folder (default: the default encoder, trained; default-base: the untrained base)"
+    )
     p.add_argument("--peft", action="append", default=None, metavar="ADAPTER", help="LoRA adapter (repeat to chain; merged)")
     p.add_argument("--pairs", type=int, default=150, help="STS-B dev pairs (their unique sentences are the inputs)")
     p.add_argument("--data-dir", default=None, help="STS-B folder (default: $LLM2VEC_FAST_STSB_DIR or ../shared/data/stsbenchmark)")
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
     for check, ok in checks.items():
         print(f"  {check:<32} {'ok' if ok else 'MISSED'}")
     payload = {
-        "model": args.model or "SmolLM2-135M-Instruct (embedded default)",
+        "model": common.model_description(args.model, args.peft),
         "adapters": [common.portable_path(p) for p in args.peft or []],
         "scheme": scheme,
         "device": str(device),

@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (tests)
+from common import model_description  # noqa: E402
 from llm2vec_fast.export.cpu_int8 import cpu_flags, cpu_name  # noqa: E402,F401  (bench_int8_gemm imports them from here)
-from portable_paths import portable_argv, portable_path  # noqa: E402
+from portable_paths import portable_argv  # noqa: E402
 from readme_results import replace_between_markers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -340,17 +341,6 @@ def openvino_version() -> str | None:
     import openvino
 
     return openvino.__version__
-
-
-def model_description(model: str | None, peft: list[str] | None) -> str:
-    """What was measured, for the JSON: the shipped default encoder, the untrained base, or a folder
-    (+ adapters)."""
-    from llm2vec_fast.default_model import is_default_encoder, is_default_model
-
-    if is_default_encoder(model) and not peft:
-        return "SmolLM2-135M-Instruct default encoder (shipped MNTP + SimCSE adapters, merged)"
-    name = "SmolLM2-135M-Instruct (embedded base)" if is_default_model(model) else portable_path(model)
-    return name + (f" + merged adapters {[portable_path(p) for p in peft]}" if peft else " (no LLM2Vec training)")
 
 
 def argv_is_cli() -> bool:

@@ -160,3 +160,14 @@ def plot_grouped_bars(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def model_description(model: str | None, peft: list[str] | None) -> str:
+    """What was measured, for the JSON: the shipped default encoder, the untrained base, or a folder
+    (+ adapters)."""
+    from llm2vec_fast.default_model import is_default_encoder, is_default_model
+
+    if is_default_encoder(model) and not peft:
+        return "SmolLM2-135M-Instruct default encoder (shipped MNTP + SimCSE adapters, merged)"
+    name = "SmolLM2-135M-Instruct (embedded base)" if is_default_model(model) else portable_path(model)
+    return name + (f" + merged adapters {[portable_path(p) for p in peft]}" if peft else " (no LLM2Vec training)")

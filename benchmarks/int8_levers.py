@@ -7,11 +7,12 @@ weights alone and both, with 7-bit and 8-bit weights, rounded to nearest or by G
 STS-B *dev* sentences (calibration reads *train*) and on ``[instruction, text]`` pairs. Accuracy
 only, no timing: any machine will do.
 
-    python benchmarks/int8_levers.py                                  # default model
+    python benchmarks/int8_levers.py                                  # the default (trained) encoder
+    python benchmarks/int8_levers.py --model default-base             # the untrained base
     python benchmarks/int8_levers.py --peft MNTP --peft SIMCSE        # a trained encoder
     python benchmarks/int8_levers.py --quick                          # fewer texts and rows
 
-Writes ``benchmarks/results/int8-levers[-trained].json`` (or ``--output``) and prints the table.
+Writes ``benchmarks/results/int8-levers-trained.json`` (a trained encoder) or ``int8-levers.json`` (or ``--output``) and prints the table.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (tests)
+from common import model_description  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INSTRUCTIONS = ("Retrieve semantically similar text:", "Given a question, retrieve passages that answer it")
@@ -49,7 +53,9 @@ def score(embed, reference: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model", default=None, help="checkpoint folder (default: the default encoder, trained; default-base: the untrained base)"
+    )
     parser.add_argument("--peft", action="append", default=None, metavar="ADAPTER", help="LoRA adapter (repeat to chain; merged)")
     parser.add_argument("--texts", type=int, default=512, help="held-out STS-B dev sentences (half of them also as pairs)")
     parser.add_argument("--calibration", type=int, default=96, help="STS-B train calibration inputs (as the export)")
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from llm2vec_fast.export.gptq import gptq_decoder_weights
 
     from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.default_model import is_default_encoder
 
     if args.quick:
         args.texts = 128
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         add(f"{label}: weights only", lambda x, s=sim: s.embed(everything, x, activations=False), time.perf_counter() - start)
         add(f"{label}: weights + activations", lambda x, s=sim: s.embed(everything, x))
     result = {
-        "model": (args.model or "SmolLM2-135M-Instruct (embedded default)") + (f" + merged adapters {args.peft}" if args.peft else ""),
+        "model": model_description(args.model, args.peft),
         "layers_int8": len(base.layers),
         "held_out": {"plain": len(texts), "instructions": len(pairs), "source": "STS-B dev sentences after the first 200 pairs"},
         "calibration_inputs": len(calibration),
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
     }
-    out = args.output or RESULTS / ("int8-levers-trained.json" if args.peft else "int8-levers.json")
+    out = args.output or RESULTS / ("int8-levers-trained.json" if args.peft or is_default_encoder(args.model) else "int8-levers.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(render_table(result))
