@@ -417,6 +417,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "int8-gemm-cpu": ("int8-gemm-cpu.json", int8_gemm_table),
     "int8-levers": ("int8-levers.json", int8_levers_table),
     "int8-levers-trained": ("int8-levers-trained.json", int8_levers_table),
+    "int8-levers-qat": ("int8-levers-qat.json", int8_levers_table),
     "serve-cpu": ("serve-cpu.json", serve_table),
     "encode_dataset-cpu": ("encode_dataset-cpu.json", dataset_table),
     "recipe-sts": ("recipe_sts.json", recipe_sts_table),
