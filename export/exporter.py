@@ -79,16 +79,23 @@ class Int8Options:
             try (``quantization.validation_fallback``). Calibration scores short training
             sentences and can be optimistic on new text; this trades a few int8 layers for an
             export that holds its thresholds.
+        smoothing: SmoothQuant's alpha (``smoothing.smoothed_copy``: activation outliers folded
+            into the weights, exact in fp32, no extra graph operation); ``"auto"`` (default) is
+            ``DEFAULT_SMOOTHING_ALPHA`` on the families it supports and off on the others; ``0``
+            is off; an alpha on an unsupported family raises ``SmoothingNotSupportedError``.
     """
 
     weights: str = "7bit"
     rounding: str = "nearest"
     act_order: bool = True
     validation_fallback: bool = True
+    smoothing: str | float = "auto"
 
     def __post_init__(self):
         from .cpu_int8 import WEIGHT_CHOICES
 
+        if self.smoothing != "auto" and not (isinstance(self.smoothing, (int, float)) and 0 <= self.smoothing < 1):
+            raise ValueError(f"int8 smoothing must be 'auto' or an alpha in [0, 1) (0 = off), got {self.smoothing!r}")
         if self.weights not in WEIGHT_CHOICES:
             raise ValueError(f"int8 weights must be one of {WEIGHT_CHOICES}, got {self.weights!r}")
         if self.rounding not in ROUNDINGS:
@@ -149,16 +156,21 @@ def export_onnx(
         if progress:
             print(f"[export {time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
 
+    int8 = int8 or Int8Options()
     try:
+        source, smoothing = model, None
+        if precision == "int8":
+            source, smoothing = _smoothed(model, calibration_sentences, int8, say)
         say(f"exporting the {precision} graph with torch.onnx")
-        graph = EncoderGraph(model, dtype=torch.float16 if precision == "fp16" else None)
+        graph = EncoderGraph(source, dtype=torch.float16 if precision == "fp16" else None)
         onnx_model = _export_graph(graph, opset, work / "fp32")
         del graph
         exported = time.perf_counter()
         info: dict = {}
-        int8 = int8 or Int8Options()
         if precision == "int8":
-            int8_graph = _int8(onnx_model, model, calibration_sentences, info, work, say, int8)
+            int8_graph = _int8(onnx_model, source, model, calibration_sentences, info, work, say, int8)
+            int8_graph.quantization["smoothing"] = smoothing
+            del source
             onnx_model = int8_graph.build(len(int8_graph.order))
         else:
             onnx_model = _convert(onnx_model, precision, info, say)
@@ -225,6 +237,24 @@ def _export_graph(graph: EncoderGraph, opset: int, folder: Path):
             dynamo=False,
         )
     return onnx.load(str(path))
+
+
+def _smoothed(model, n_calibration: int, options: Int8Options, say):
+    """The encoder the int8 graph is exported from (``model``, or a SmoothQuant copy of it) and
+    what the report says about smoothing."""
+    from .calibrate import calibration_inputs
+    from .smoothing import DEFAULT_SMOOTHING_ALPHA, smoothed_copy, smoothing_supported
+
+    alpha = options.smoothing
+    if alpha == "auto":
+        if not smoothing_supported(model):
+            return model, {"alpha": None, "skipped": f"not supported for {getattr(model.model.config, 'model_type', '?')}"}
+        alpha = DEFAULT_SMOOTHING_ALPHA
+    if not alpha:
+        return model, {"alpha": None}
+    inputs = calibration_inputs(n_calibration)
+    say(f"calibration: SmoothQuant scales (alpha {alpha}) from {len(inputs)} STS-B train inputs, folded into a copy of the weights")
+    return smoothed_copy(model, inputs, float(alpha)), {"alpha": float(alpha), "inputs": len(inputs)}
 
 
 def _convert(onnx_model, precision: str, info: dict, say):
@@ -309,10 +339,11 @@ def _int8_validation_fallback(graph: _Int8Graph, reference, work: Path, config: 
     return failures
 
 
-def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say, options: Int8Options) -> _Int8Graph:
+def _int8(fp32_model, encoder, original, n_calibration: int, info: dict, work: Path, say, options: Int8Options) -> _Int8Graph:
     """Per-token int8 ``MatMulIntegerToFloat`` in the decoder layers calibration allows, plain fp32
     MatMuls elsewhere, fp16 embedding table (see ``calibrate``, ``gptq`` and
-    ``quantize.rowwise_int8_matmuls``)."""
+    ``quantize.rowwise_int8_matmuls``). ``encoder`` is what the graph was exported from (smoothed
+    or not), ``original`` the user's encoder (bf16's bar is measured on it)."""
     import copy
 
     from . import quantize
@@ -333,8 +364,8 @@ def _int8(fp32_model, encoder, n_calibration: int, info: dict, work: Path, say, 
         weights = gptq_decoder_weights(encoder, inputs, levels, act_order=options.act_order, progress=lambda m: say(f"calibration: {m}"))
     simulator = Int8Simulator(encoder, weight_levels=levels, weights=weights)
     reference = simulator.embed(set(), inputs)  # nothing int8: the fp32 embeddings
-    bf16_cos = cosine_rows(bf16_embeddings(encoder, inputs), reference)
-    bf16_validation = bf16_fidelity(encoder)  # the texts validation will score
+    bf16_cos = cosine_rows(bf16_embeddings(original, inputs), reference)
+    bf16_validation = bf16_fidelity(original)  # the texts validation will score
     min_cos = min(
         CALIBRATION_MAX_MIN_COS, max(int8_min_cos(bf16_cos.min()), int8_min_cos(bf16_validation["min_cos"])) + CALIBRATION_MIN_COS_MARGIN
     )
