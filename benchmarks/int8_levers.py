@@ -3,7 +3,8 @@ decoder layers (``Int8Simulator``), one lever at a time, scored against torch fp
 
 Rows: bf16 (the bar: int8 must be at least as faithful), per-token int8 activations alone,
 weights alone and both, with 7-bit and 8-bit weights, rounded to nearest or by GPTQ
-(sequential, act-order; and one-pass from fp32 inputs). Columns: mean / worst cosine to fp32 on
+(sequential, act-order; and one-pass from fp32 inputs); then the same after SmoothQuant
+(``export/smoothing.py``, ``--smoothing`` alpha). Columns: mean / worst cosine to fp32 on
 STS-B *dev* sentences (calibration reads *train*) and on ``[instruction, text]`` pairs. Accuracy
 only, no timing: any machine will do.
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=96, help="STS-B train calibration inputs (as the export)")
     parser.add_argument("--quick", action="store_true", help="128 texts, the main rows only")
     parser.add_argument("--bits", default="7,8", help="weight bits to try (comma-separated: 7, 8)")
+    parser.add_argument("--smoothing", type=float, default=0.5, help="SmoothQuant alpha of the smoothed rows (0: no such rows)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     import torch
@@ -106,6 +108,23 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{bits}-bit weights, {rounding}" + ("" if rounding == "nearest" else (", sequential" if sequential else ", one pass"))
         add(f"{label}: weights only", lambda x, s=sim: s.embed(everything, x, activations=False), time.perf_counter() - start)
         add(f"{label}: weights + activations", lambda x, s=sim: s.embed(everything, x))
+    if args.smoothing:
+        from llm2vec_fast.export.smoothing import smoothed_copy
+
+        start = time.perf_counter()
+        smoothed = smoothed_copy(encoder, calibration, args.smoothing)
+        seconds = time.perf_counter() - start
+        tag = f"SmoothQuant {args.smoothing}"
+        sim = Int8Simulator(smoothed)
+        add(f"{tag}: int8 activations (per token) only", lambda x, s=sim: s.embed(everything, x, weights=False), seconds)
+        for bits, rounding in [(b, r) for b in bit_choices for r in ("nearest", "gptq")]:
+            start = time.perf_counter()
+            weights = None
+            if rounding == "gptq":
+                weights = gptq_decoder_weights(smoothed, calibration, WEIGHT_LEVELS[bits], sequential=False)
+            sim = Int8Simulator(smoothed, weight_levels=WEIGHT_LEVELS[bits], weights=weights)
+            label = f"{tag}, {bits}-bit weights, {rounding}" + ("" if rounding == "nearest" else ", one pass")
+            add(f"{label}: weights + activations", lambda x, s=sim: s.embed(everything, x), time.perf_counter() - start)
     result = {
         "model": model_description(args.model, args.peft),
         "layers_int8": len(base.layers),

@@ -148,7 +148,9 @@ def test_int8_levers_script_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     result = json.loads(out.read_text())
     configs = [r["config"] for r in result["rows"]]
     assert configs[:2] == ["bf16 (torch)", "int8 activations (per token) only"]
-    assert "8-bit weights, gptq, sequential: weights + activations" in configs and len(configs) == 10
+    assert "8-bit weights, gptq, sequential: weights + activations" in configs
+    assert "SmoothQuant 0.5: int8 activations (per token) only" in configs
+    assert "SmoothQuant 0.5, 8-bit weights, gptq, one pass: weights + activations" in configs and len(configs) == 15
     for r in result["rows"]:
         for kind in ("plain", "instructions"):
             assert 0 < r[kind]["min_cos"] <= r[kind]["mean_cos"] <= 1 + 1e-6
