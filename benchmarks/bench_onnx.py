@@ -45,6 +45,10 @@ from readme_results import replace_between_markers  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 MAX_BASELINE_RATIO = 1.5
+# Worker threads spin-wait after a run (torch's OpenMP, ONNX Runtime's pool, OpenVINO's): timed
+# right after another engine, an engine shares the cores with them. Measured on 2 cores, torch fp32
+# then ONNX int8 back to back: int8 1.5-1.6 s per 128 sentences, 1.0-1.1 s after a 1 s pause.
+ENGINE_PAUSE_S = 1.0
 BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 TABLES = {"onnx-cpu.json": "bench_onnx", "onnx-cpu-trained.json": "bench_onnx_trained"}
 INSTRUCTIONS = (
@@ -247,6 +251,7 @@ def run(args) -> dict:
     for r in range(args.rounds):  # interleaved, rotating the order: background load hits every engine alike
         loads.append(os.getloadavg()[0] if args.force else check_load(args.threads, running=True))
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(ENGINE_PAUSE_S)
             start = time.perf_counter()
             engines[name](texts, args.batch_size)
             seconds[name].append(time.perf_counter() - start)
@@ -320,7 +325,7 @@ def run(args) -> dict:
         "instruction_pairs": len(pairs),
         "stsb_pairs": args.stsb_pairs,
         "rounds": args.rounds,
-        "timing": "median of interleaved rounds (engine order rotated each round); speed-up = median of per-round ratios, min..max = spread",
+        "timing": f"median of interleaved rounds (engine order rotated each round, {ENGINE_PAUSE_S} s pause before each engine); speed-up = median of per-round ratios, min..max = spread",
         "load_average_per_round": [round(x, 2) for x in loads],
         "baseline_check": {
             "encode_s_over_plain_forward_s": round(baseline_ratio, 3),

@@ -361,14 +361,16 @@ def _summary_rows(results: Path) -> list[tuple[str, str, str]]:
                 f"CPU, {shipped['torch_threads']} thread(s), {_date(shipped)}",
             )
         )
-    onnx = _load(results / "onnx-cpu.json")
+    trained = _load(results / "onnx-cpu-trained.json")  # the shipped default encoder; else the untrained base
+    onnx, which = (trained, "shipped default encoder") if trained else (_load(results / "onnx-cpu.json"), "untrained base model")
     if onnx:
         int8 = next((r for r in onnx["results"] if r["engine"] == "onnx-int8"), None)
         if int8:
+            layers = f", {int8['int8_layers']}/{int8['layers']} layers int8" if "int8_layers" in int8 else ""
             rows.append(
                 (
-                    "ONNX Runtime int8 vs torch fp32 `encode()`, default model (min cosine plain / instructions)",
-                    f"{int8['speedup_vs_torch_fp32']:.2f}x ({int8['min_cos']:.3f} / {int8['min_cos_instructions']:.3f})",
+                    f"ONNX Runtime int8 vs torch fp32 `encode()`, {which} (min cosine plain / instructions)",
+                    f"{int8['speedup_vs_torch_fp32']:.2f}x ({int8['min_cos']:.3f} / {int8['min_cos_instructions']:.3f}{layers})",
                     _cpu_label(onnx),
                 )
             )
