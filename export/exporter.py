@@ -158,9 +158,12 @@ def export_onnx(
 
     int8 = int8 or Int8Options()
     try:
-        source, smoothing = model, None
+        source, smoothing, calibration = model, None, None
         if precision == "int8":
-            source, smoothing = _smoothed(model, calibration_sentences, int8, say)
+            from .calibrate import calibration_inputs
+
+            calibration = calibration_inputs(calibration_sentences)
+            source, smoothing = _smoothed(model, calibration, int8, say)
         say(f"exporting the {precision} graph with torch.onnx")
         graph = EncoderGraph(source, dtype=torch.float16 if precision == "fp16" else None)
         onnx_model = _export_graph(graph, opset, work / "fp32")
@@ -168,7 +171,7 @@ def export_onnx(
         exported = time.perf_counter()
         info: dict = {}
         if precision == "int8":
-            int8_graph = _int8(onnx_model, source, model, calibration_sentences, info, work, say, int8)
+            int8_graph = _int8(onnx_model, source, model, calibration, info, work, say, int8)
             int8_graph.quantization["smoothing"] = smoothing
             del source
             onnx_model = int8_graph.build(len(int8_graph.order))
@@ -187,7 +190,7 @@ def export_onnx(
             report.update(_validate(model, work, precision, config, reference))
             failures = check_report(report)
             if failures and precision == "int8" and int8.validation_fallback:
-                failures = _int8_validation_fallback(int8_graph, reference, work, config, report, failures, say)
+                failures = _int8_validation_fallback(int8_graph, model, reference, work, config, report, failures, say)
                 report["file_size_bytes"] = model_size(work)
             report["status"] = "failed" if failures else "ok"
             report["failures"] = failures
@@ -239,10 +242,9 @@ def _export_graph(graph: EncoderGraph, opset: int, folder: Path):
     return onnx.load(str(path))
 
 
-def _smoothed(model, n_calibration: int, options: Int8Options, say):
-    """The encoder the int8 graph is exported from (``model``, or a SmoothQuant copy of it) and
-    what the report says about smoothing."""
-    from .calibrate import calibration_inputs
+def _smoothed(model, inputs: list, options: Int8Options, say):
+    """The encoder the int8 graph is exported from (``model``, or a SmoothQuant copy of it, scaled
+    on the calibration ``inputs``) and what the report says about smoothing."""
     from .smoothing import DEFAULT_SMOOTHING_ALPHA, smoothed_copy, smoothing_supported
 
     alpha = options.smoothing
@@ -252,7 +254,6 @@ def _smoothed(model, n_calibration: int, options: Int8Options, say):
         alpha = DEFAULT_SMOOTHING_ALPHA
     if not alpha:
         return model, {"alpha": None}
-    inputs = calibration_inputs(n_calibration)
     say(f"calibration: SmoothQuant scales (alpha {alpha}) from {len(inputs)} STS-B train inputs, folded into a copy of the weights")
     return smoothed_copy(model, inputs, float(alpha)), {"alpha": float(alpha), "inputs": len(inputs)}
 
@@ -276,6 +277,7 @@ class _Int8Graph:
     fp32_model: object
     layers: list  # per decoder layer, its MatMul names in the graph
     order: list  # int8 layers chosen by calibration, most robust first
+    graph_matmuls: set  # every quantizable MatMul of the graph
     levels: int
     weights: dict
     quantization: dict
@@ -287,13 +289,11 @@ class _Int8Graph:
         from . import quantize
 
         names = {n for i in self.order[:k] for n in self.layers[i]}
-        all_names = {n for layer in self.layers for n in layer}
-        fp32_rest = set(self.quantization["fp32_matmuls"]) - all_names  # outside the decoder layers
         q = self.quantization
         q["int8_matmuls"] = len(names)
         q["int8_layers"], q["int8_layer_order"] = sorted(self.order[:k]), self.order[:k]
         q["fp32_layers"] = sorted(set(range(len(self.layers))) - set(self.order[:k]))
-        q["fp32_matmuls"] = sorted((all_names - names) | fp32_rest)
+        q["fp32_matmuls"] = sorted(self.graph_matmuls - names)
         model = copy.deepcopy(self.fp32_model) if self.rebuildable else self.fp32_model
         return quantize.embeddings_to_fp16(quantize.rowwise_int8_matmuls(model, names, self.levels, self.weights))
 
@@ -316,7 +316,9 @@ class _CachedEncodes:
         return getattr(self._encoder, name)
 
 
-def _int8_validation_fallback(graph: _Int8Graph, reference, work: Path, config: ValidationConfig, report: dict, failures, say) -> list[str]:
+def _int8_validation_fallback(
+    graph: _Int8Graph, encoder, reference, work: Path, config: ValidationConfig, report: dict, failures, say
+) -> list[str]:
     """Re-validate with the most sensitive fifth of the int8 layers back in fp32 until the graph
     passes (or ``MAX_VALIDATION_FALLBACKS`` tries, or no int8 layer is left); updates ``report``
     and the graph in ``work``; returns the last failures."""
@@ -332,14 +334,14 @@ def _int8_validation_fallback(graph: _Int8Graph, reference, work: Path, config: 
             break  # an int8 export without int8 layers is not what was asked for
         say(f"validation missed ({'; '.join(failures)}): {k} int8 layers, the most sensitive back in fp32")
         save_model(graph.build(k), work / MODEL_FILE)
-        report.update(_validate(reference._encoder, work, "int8", config, reference, bf16=report["bf16"]))
+        report.update(_validate(encoder, work, "int8", config, reference, bf16=report["bf16"]))
         failures = check_report(report)
     if not failures:
         say(f"validation passed with {k} of {len(graph.layers)} layers int8 ({len(tries)} fallbacks)")
     return failures
 
 
-def _int8(fp32_model, encoder, original, n_calibration: int, info: dict, work: Path, say, options: Int8Options) -> _Int8Graph:
+def _int8(fp32_model, encoder, original, inputs: list, info: dict, work: Path, say, options: Int8Options) -> _Int8Graph:
     """Per-token int8 ``MatMulIntegerToFloat`` in the decoder layers calibration allows, plain fp32
     MatMuls elsewhere, fp16 embedding table (see ``calibrate``, ``gptq`` and
     ``quantize.rowwise_int8_matmuls``). ``encoder`` is what the graph was exported from (smoothed
@@ -347,14 +349,13 @@ def _int8(fp32_model, encoder, original, n_calibration: int, info: dict, work: P
     import copy
 
     from . import quantize
-    from .calibrate import SENSITIVITY_INPUTS, Int8Simulator, bf16_embeddings, calibration_inputs, cosine_rows, select_int8_layers
+    from .calibrate import SENSITIVITY_INPUTS, Int8Simulator, bf16_embeddings, cosine_rows, select_int8_layers
     from .cpu_int8 import WEIGHT_LEVELS, cpu_flags, cpu_name, int8_weight_bits
     from .gptq import gptq_decoder_weights
     from .precisions import int8_min_cos
 
     bits = int8_weight_bits(options.weights)
     levels = WEIGHT_LEVELS[bits]
-    inputs = calibration_inputs(n_calibration)
     say(
         f"calibration: fp32 and bf16 embeddings of {len(inputs)} STS-B train inputs ({sum(isinstance(x, list) for x in inputs)} with instructions)"
     )
@@ -418,7 +419,14 @@ def _int8(fp32_model, encoder, original, n_calibration: int, info: dict, work: P
     }
     say(f"quantization: {len(chosen)} of {len(graph_matmuls)} MatMuls int8 ({len(summary['int8_layers'])} of {len(layers)} layers)")
     return _Int8Graph(
-        fp32_model, layers, list(summary["int8_layer_order"]), levels, simulator.weights, info["quantization"], options.validation_fallback
+        fp32_model,
+        layers,
+        list(summary["int8_layer_order"]),
+        graph_matmuls,
+        levels,
+        simulator.weights,
+        info["quantization"],
+        options.validation_fallback,
     )
 
 

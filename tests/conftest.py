@@ -19,6 +19,14 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The checked-in STS-B sample (tests/data/stsbenchmark/SAMPLE.md): tests never need ../shared.
 STSB_SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stsbenchmark")
+#: short, long, one-character and instruction inputs: what the export and runtime tests encode
+MIXED_TEXTS = [
+    "A man is playing a guitar.",
+    ["Retrieve a passage that answers the question", "How do plants make food?"],
+    "x",
+    "The committee met on Tuesday to review the proposal for the new public library on the main square.",
+    "Dogs run.",
+]
 os.environ["LLM2VEC_FAST_STSB_DIR"] = STSB_SAMPLE_DIR
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MIXED_TEXTS
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -30,13 +31,7 @@ from llm2vec_fast.export.calibrate import cosine_rows  # noqa: E402
 from llm2vec_fast import LLM2Vec  # noqa: E402
 
 NO_STSB = ValidationConfig(stsb_pairs=0)
-TEXTS = [
-    "A man is playing a guitar.",
-    ["Retrieve a passage that answers the question", "How do plants make food?"],
-    "x",
-    "The committee met on Tuesday to review the proposal for the new public library on the main square.",
-    "Dogs run.",
-]
+TEXTS = MIXED_TEXTS
 # fidelity of the tiny *random* model (random weights are harder to quantize than trained ones)
 TINY_MIN_COS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99, "int4": 0.95}
 

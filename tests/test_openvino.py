@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import MIXED_TEXTS
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -15,13 +16,7 @@ from llm2vec_fast.export.calibrate import cosine_rows  # noqa: E402
 
 from llm2vec_fast import LLM2Vec  # noqa: E402
 
-TEXTS = [
-    "A man is playing a guitar.",
-    ["Retrieve a passage that answers the question", "How do plants make food?"],
-    "x",
-    "The committee met on Tuesday to review the proposal for the new public library on the main square.",
-    "Dogs run.",
-]
+TEXTS = MIXED_TEXTS
 # OpenVINO vs ONNX Runtime on the same graph: fp32 differs by summation order only; int8 also by
 # a per-token code one step away where a value sits within float error of a half step
 MIN_COS = {"fp32": 0.99999, "int8": 0.9995, "int4": 0.9999}

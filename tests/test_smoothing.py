@@ -8,19 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import MIXED_TEXTS, tiny_config
 from llm2vec_fast.export.calibrate import Int8Simulator, cosine_rows
 from llm2vec_fast.export.smoothing import SmoothingNotSupportedError, input_channel_maxima, smoothed_copy
 
 from llm2vec_fast import LLM2Vec
 
-TEXTS = [
-    "A man is playing a guitar.",
-    ["Retrieve a passage that answers the question", "How do plants make food?"],
-    "x",
-    "The committee met on Tuesday to review the proposal for the new public library on the main square.",
-    "Dogs run.",
-]
+TEXTS = MIXED_TEXTS
 
 
 def _encoder(family: str, tokenizer, outliers: bool = True, **overrides) -> LLM2Vec:
