@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..encoding import CONFIG_KEYS
-from .precisions import THRESHOLDS, check_precision, int8_min_cos
+from .precisions import INT8_PRECISIONS, THRESHOLDS, check_precision, int8_min_cos, precision_runtime
 from .validate import ExportValidationError, ValidationConfig, bf16_fidelity, check_report, compare, stsb_scores
 from .wrapper import INPUT_NAMES, MASK_VALUE, OUTPUT_NAME, EncoderGraph, NotExportableError, eager_attention
 
@@ -59,8 +59,9 @@ class Int8Options:
     """How ``precision="int8"`` quantizes.
 
     Args:
-        weights: ``"7bit"`` (default, runs right on every CPU), ``"auto"`` (8-bit weights on a CPU
-            with VNNI or AMX, 7-bit otherwise: see ``cpu_int8``) or ``"8bit"``. An 8-bit export
+        weights: ``"7bit"`` (int8's default, runs right on every CPU), ``"auto"`` (8-bit weights on
+            a CPU with VNNI or AMX, 7-bit otherwise: see ``cpu_int8``; int8-openvino's default) or
+            ``"8bit"``; ``None`` is the precision's default. An 8-bit export
             gives wrong results on an x86 CPU without VNNI/AMX (int16 saturation); ``OnnxEncoder``
             warns there. 8-bit is not the default yet: on the untrained default model it let
             calibration keep 17 layers whose export then missed validation on very short inputs
@@ -78,14 +79,15 @@ class Int8Options:
             ``MAX_VALIDATION_FALLBACKS`` times, instead of failing at once. The report lists each
             try (``quantization.validation_fallback``). Calibration scores short training
             sentences and can be optimistic on new text; this trades a few int8 layers for an
-            export that holds its thresholds.
+            export that holds its thresholds. ``int8-openvino`` (every layer int8 at first) puts
+            back 1, then 3, 7, 15 layers, the most sensitive in a torch simulation of its scheme.
         smoothing: SmoothQuant's alpha (``smoothing.smoothed_copy``: activation outliers folded
             into the weights, exact in fp32, no extra graph operation); ``"auto"`` (default) is
             ``DEFAULT_SMOOTHING_ALPHA`` on the families it supports and off on the others; ``0``
             is off; an alpha on an unsupported family raises ``SmoothingNotSupportedError``.
     """
 
-    weights: str = "7bit"
+    weights: str | None = None
     rounding: str = "nearest"
     act_order: bool = True
     validation_fallback: bool = True
@@ -96,7 +98,7 @@ class Int8Options:
 
         if self.smoothing != "auto" and not (isinstance(self.smoothing, (int, float)) and 0 <= self.smoothing < 1):
             raise ValueError(f"int8 smoothing must be 'auto' or an alpha in [0, 1) (0 = off), got {self.smoothing!r}")
-        if self.weights not in WEIGHT_CHOICES:
+        if self.weights is not None and self.weights not in WEIGHT_CHOICES:
             raise ValueError(f"int8 weights must be one of {WEIGHT_CHOICES}, got {self.weights!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"int8 rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
@@ -120,7 +122,10 @@ def export_onnx(
             modelling code keeps RMSNorm, softmax and rotary tables in fp32; pooling is fp32); ``int8`` (CPU; int8 GEMMs with one activation
             scale per token in the decoder layers calibration allows, fp32 elsewhere, fp16 embedding;
             GPTQ-rounded weights, 8-bit on a CPU with VNNI/AMX, 7-bit otherwise: see ``int8``);
-            ``int4`` (weight-only 4-bit MatMulNBits, block 32; fp16 embedding).
+            ``int4`` (weight-only 4-bit MatMulNBits, block 32; fp16 embedding); ``int8-openvino``
+            (for OpenVINO: every decoder MatMul with int8 weights, its input quantized by OpenVINO
+            at run time per token and group of 32 channels; 8-bit weights on a CPU with VNNI/AMX;
+            validated under OpenVINO; needs ``pip install llm2vec-fast[openvino]``).
         opset: ONNX opset (default 17).
         validate: compare with the torch encoder and write ``export_report.json``; ``True`` uses
             :class:`ValidationConfig` defaults, or pass one. Fidelity below the precision's
@@ -138,6 +143,10 @@ def export_onnx(
         The output folder.
     """
     check_precision(precision)
+    if precision_runtime(precision) == "openvino":
+        from .openvino_runtime import import_openvino
+
+        import_openvino()  # fail before the work, with the install hint
     EncoderGraph(model)  # raises NotExportableError for anything but an LLM2Vec
     if model.model.dtype != torch.float32:
         raise ValueError(
@@ -159,7 +168,7 @@ def export_onnx(
     int8 = int8 or Int8Options()
     try:
         source, smoothing, calibration = model, None, None
-        if precision == "int8":
+        if precision in INT8_PRECISIONS:
             from .calibrate import calibration_inputs
 
             calibration = calibration_inputs(calibration_sentences)
@@ -175,6 +184,9 @@ def export_onnx(
             int8_graph.quantization["smoothing"] = smoothing
             del source
             onnx_model = int8_graph.build(len(int8_graph.order))
+        elif precision == "int8-openvino":
+            int8_graph = _int8_openvino(onnx_model, source, calibration, info, say, int8, smoothing)
+            onnx_model = int8_graph.build()
         else:
             onnx_model = _convert(onnx_model, precision, info, say)
         shutil.rmtree(work / "fp32", ignore_errors=True)
@@ -185,11 +197,12 @@ def export_onnx(
         report = {"precision": precision, "status": "not validated", "file_size_bytes": model_size(work), **timings, **info}
         failures: list[str] = []
         if validate:
-            say("validation: ONNX Runtime vs torch at several batch shapes" + (", STS-B dev" if config.stsb_pairs else ""))
+            runtime_name = "OpenVINO" if precision_runtime(precision) == "openvino" else "ONNX Runtime"
+            say(f"validation: {runtime_name} vs torch at several batch shapes" + (", STS-B dev" if config.stsb_pairs else ""))
             reference = _CachedEncodes(model)  # the torch side is scored once, however many graphs are validated
             report.update(_validate(model, work, precision, config, reference))
             failures = check_report(report)
-            if failures and precision == "int8" and int8.validation_fallback:
+            if failures and precision in INT8_PRECISIONS and int8.validation_fallback:
                 failures = _int8_validation_fallback(int8_graph, model, reference, work, config, report, failures, say)
                 report["file_size_bytes"] = model_size(work)
             report["status"] = "failed" if failures else "ok"
@@ -283,6 +296,10 @@ class _Int8Graph:
     quantization: dict
     rebuildable: bool  # keep fp32_model intact (quantize a copy) for later builds
 
+    def fewer_int8_layers(self, k: int, tries: int) -> int:
+        """The next try keeps the most sensitive fifth of the ``k`` int8 layers in fp32."""
+        return k - max(1, -(-k // 5))
+
     def build(self, k: int):
         import copy
 
@@ -316,25 +333,109 @@ class _CachedEncodes:
         return getattr(self._encoder, name)
 
 
+@dataclass
+class _OpenVINOInt8Graph:
+    """Builds the int8-openvino graph with the first ``k`` decoder layers of ``order`` int8 (all of
+    them by default). ``order`` (most robust first, from a torch simulation of OpenVINO's scheme
+    on ``inputs``) is only computed when validation asks for layers back in fp32."""
+
+    fp32_model: object
+    encoder: object  # what the graph was exported from (smoothed or not)
+    inputs: list
+    layers: list  # per decoder layer, its MatMul names in the graph
+    levels: int
+    quantization: dict
+    _order: list | None = None
+
+    @property
+    def order(self) -> list:
+        if self._order is None:
+            from ..layer_sensitivity import QuantSimulator
+            from .calibrate import SENSITIVITY_INPUTS, decoder_layer_linears
+            from .int8_rounding import fake_int8_groups, fake_int8_weight
+            from .openvino_runtime import DYNAMIC_QUANTIZATION_GROUP_SIZE
+
+            simulator = QuantSimulator(
+                self.encoder,
+                lambda x: fake_int8_groups(x, DYNAMIC_QUANTIZATION_GROUP_SIZE),
+                lambda w: fake_int8_weight(w, self.levels),
+                layers=decoder_layer_linears(self.encoder),
+            )
+            probe = self.inputs[:SENSITIVITY_INPUTS]
+            sensitivity = simulator.layer_sensitivity(probe, simulator.embed(set(), probe))
+            self._order = sorted(range(len(self.layers)), key=lambda i: sensitivity[i], reverse=True)
+            self.quantization["layer_sensitivity"] = [
+                {"layer": i, "min_cos": round(m, 6), "mean_cos": round(a, 6)} for i, (m, a) in enumerate(sensitivity)
+            ]
+        return self._order
+
+    def fewer_int8_layers(self, k: int, tries: int) -> int:
+        """The next try keeps 1, then 2, 4, ... fewer layers int8 (validation under OpenVINO is quick)."""
+        return k - 2 ** (tries - 1)
+
+    def build(self, k: int | None = None):
+        import copy
+
+        from . import quantize
+
+        int8_layers = list(range(len(self.layers))) if k is None else self.order[:k]
+        names = {n for i in int8_layers for n in self.layers[i]}
+        q = self.quantization
+        q["int8_matmuls"] = len(names)
+        q["int8_layers"] = sorted(int8_layers)
+        q["fp32_layers"] = sorted(set(range(len(self.layers))) - set(int8_layers))
+        model = quantize.weight_only_int8_matmuls(copy.deepcopy(self.fp32_model), names, self.levels)
+        return quantize.embeddings_to_fp16(model)
+
+
+def _int8_openvino(onnx_model, encoder, inputs: list, info: dict, say, options: Int8Options, smoothing: dict) -> _OpenVINOInt8Graph:
+    """Every decoder MatMul with int8 weights (``quantize.weight_only_int8_matmuls``), for
+    OpenVINO's run-time activation quantization (``openvino_runtime``); fp16 embedding table."""
+    from .calibrate import decoder_layer_linears
+    from .cpu_int8 import WEIGHT_LEVELS, cpu_flags, cpu_name, int8_weight_bits
+    from .openvino_runtime import DYNAMIC_QUANTIZATION_GROUP_SIZE
+
+    bits = int8_weight_bits(options.weights or "auto")
+    layers = [sorted(layer) for layer in decoder_layer_linears(encoder)]
+    say(f"quantization: {sum(map(len, layers))} MatMuls with {bits}-bit int8 weights for OpenVINO")
+    info["quantization"] = {
+        "method": (
+            "int8 weights behind DequantizeLinear in the decoder MatMuls; OpenVINO's CPU plugin quantizes each MatMul input at run "
+            f"time (int8, one scale per token and group of {DYNAMIC_QUANTIZATION_GROUP_SIZE} input channels) onto its int8 GEMMs"
+        ),
+        "weights": f"int8 symmetric per output column, {WEIGHT_LEVELS[bits]} levels each side ({bits}-bit), rounding: nearest",
+        "weight_bits": bits,
+        "weight_rounding": "nearest",
+        "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "activations": f"int8, dynamic, per token and group of {DYNAMIC_QUANTIZATION_GROUP_SIZE} input channels (OpenVINO)",
+        "embedding": "fp16",
+        "decoder_layers": len(layers),
+        "smoothing": smoothing,
+    }
+    return _OpenVINOInt8Graph(onnx_model, encoder, inputs, layers, WEIGHT_LEVELS[bits], info["quantization"])
+
+
 def _int8_validation_fallback(
-    graph: _Int8Graph, encoder, reference, work: Path, config: ValidationConfig, report: dict, failures, say
+    graph: _Int8Graph | _OpenVINOInt8Graph, encoder, reference, work: Path, config: ValidationConfig, report: dict, failures, say
 ) -> list[str]:
-    """Re-validate with the most sensitive fifth of the int8 layers back in fp32 until the graph
-    passes (or ``MAX_VALIDATION_FALLBACKS`` tries, or no int8 layer is left); updates ``report``
-    and the graph in ``work``; returns the last failures."""
+    """Re-validate with the most sensitive int8 layers back in fp32 (``graph.fewer_int8_layers``)
+    until the graph passes (or ``MAX_VALIDATION_FALLBACKS`` tries, or no int8 layer is left);
+    updates ``report`` and the graph in ``work``; returns the last failures."""
     q = report["quantization"]
+    precision = report["precision"]
     tries = q["validation_fallback"] = []
     k = len(graph.order)
     while failures and k > 0 and len(tries) < MAX_VALIDATION_FALLBACKS:
         tries.append(
             {"int8_layers": k, "min_cos": round(report["min_cos"], 6), "mean_cos": round(report["mean_cos"], 6), "failures": failures}
         )
-        k -= max(1, -(-k // 5))
-        if k == 0:
+        k = graph.fewer_int8_layers(k, len(tries))
+        if k <= 0:
             break  # an int8 export without int8 layers is not what was asked for
         say(f"validation missed ({'; '.join(failures)}): {k} int8 layers, the most sensitive back in fp32")
         save_model(graph.build(k), work / MODEL_FILE)
-        report.update(_validate(encoder, work, "int8", config, reference, bf16=report["bf16"]))
+        report.update(_validate(encoder, work, precision, config, reference, bf16=report["bf16"]))
         failures = check_report(report)
     if not failures:
         say(f"validation passed with {k} of {len(graph.layers)} layers int8 ({len(tries)} fallbacks)")
@@ -354,7 +455,7 @@ def _int8(fp32_model, encoder, original, inputs: list, info: dict, work: Path, s
     from .gptq import gptq_decoder_weights
     from .precisions import int8_min_cos
 
-    bits = int8_weight_bits(options.weights)
+    bits = int8_weight_bits(options.weights or "7bit")
     levels = WEIGHT_LEVELS[bits]
     say(
         f"calibration: fp32 and bf16 embeddings of {len(inputs)} STS-B train inputs ({sum(isinstance(x, list) for x in inputs)} with instructions)"
@@ -495,10 +596,12 @@ def _validate(encoder, folder: Path, precision: str, config: ValidationConfig, r
     from .onnx_encoder import OnnxEncoder
 
     reference = encoder if reference is None else reference
-    onnx_encoder = OnnxEncoder.from_pretrained(folder, providers=config.providers, num_threads=config.num_threads)
+    runtime = precision_runtime(precision)
+    providers = config.providers if runtime == "onnxruntime" else None
+    onnx_encoder = OnnxEncoder.from_pretrained(folder, providers=providers, num_threads=config.num_threads, runtime=runtime)
     thresholds = THRESHOLDS[precision].as_dict()
     result = {"providers": onnx_encoder.providers}
-    if precision == "int8":  # the worst-sentence bar is relative to bf16 on the same texts
+    if precision in INT8_PRECISIONS:  # the worst-sentence bar is relative to bf16 on the same texts
         bf16 = bf16 or bf16_fidelity(encoder)
         thresholds["min_cos"] = int8_min_cos(bf16["min_cos"])
         result["bf16"] = bf16

@@ -54,3 +54,13 @@ def fake_int8_weight(weight: torch.Tensor, levels: int) -> torch.Tensor:
     integers of :func:`round_to_levels` times their float32 scale (no gradient)."""
     q, scale = round_to_levels(weight, levels)
     return (q.float() * scale[:, None]).to(weight.dtype)
+
+
+def fake_int8_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Symmetric int8 quantize-dequantize of ``x`` with one scale per token and group of ``group``
+    consecutive channels (OpenVINO's run-time activation quantization, ``openvino_runtime``); one
+    scale per token where the channels do not split into whole groups."""
+    k = x.shape[-1]
+    if k % group:
+        return fake_int8_rows(x)
+    return fake_int8_rows(x.reshape(*x.shape[:-1], k // group, group)).reshape(x.shape)

@@ -101,7 +101,7 @@ class OnnxEncoder(EncodeMixin):
         providers: str | Sequence | None = None,
         num_threads: int | None = None,
         session_options=None,
-        runtime: str = "onnxruntime",
+        runtime: str | None = None,
         inference_precision: str = "f32",
     ) -> OnnxEncoder:
         """Load an exported folder.
@@ -116,14 +116,16 @@ class OnnxEncoder(EncodeMixin):
             session_options: an ``onnxruntime.SessionOptions`` to use as is (overrides ``num_threads``).
             runtime: ``"onnxruntime"``, or ``"openvino"`` (CPU; ``pip install llm2vec-fast[openvino]``;
                 see :mod:`.openvino_runtime`), which runs the same graph with the same ``encode()``.
+                Default: the runtime the folder's precision is made for (OpenVINO for
+                ``int8-openvino``, ONNX Runtime otherwise).
             inference_precision: OpenVINO only: ``"f32"`` (default, the graph's precision) or
                 ``"bf16"``/``"f16"`` (faster where the CPU has them, less faithful).
         """
-        if runtime not in RUNTIMES:
+        if runtime is not None and runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-        if runtime == "onnxruntime" and inference_precision != "f32":
-            raise ValueError("inference_precision applies to runtime='openvino' only")
         from transformers import AutoTokenizer
+
+        from .precisions import precision_runtime
 
         folder = Path(path).expanduser()
         model_file = folder / MODEL_FILE
@@ -131,6 +133,16 @@ class OnnxEncoder(EncodeMixin):
             raise FileNotFoundError(f"no {MODEL_FILE} in {str(folder)!r}; export one with `llm2vec-fast export`")
         with open(folder / CONFIG_FILE) as f:
             config = json.load(f)
+        precision = config.get("onnx", {}).get("precision")
+        made_for = precision_runtime(precision)
+        if runtime is None:
+            runtime = made_for
+        elif made_for == "openvino" and runtime != made_for:
+            logger.warning(
+                "%s is a %s export, made for %s; under %s it runs without its int8 speed-up", folder, precision, made_for, runtime
+            )
+        if runtime == "onnxruntime" and inference_precision != "f32":
+            raise ValueError("inference_precision applies to runtime='openvino' only")
         settings = {k: config[k] for k in CONFIG_KEYS}
         report = folder / "export_report.json"
         if report.is_file() and json.loads(report.read_text()).get("status") == "failed":

@@ -2,7 +2,9 @@
 
 OpenVINO's ONNX frontend reads the exported graphs as they are, the ONNX Runtime contrib ops of
 the int8 and int4 exports included (``MatMulIntegerToFloat``, ``MatMulNBits``), and its CPU plugin
-compiles them for this CPU. :class:`OpenVINOSession` offers the part of an
+compiles them for this CPU. The ``int8-openvino`` export is made for it: int8 weights in every
+MatMul, whose inputs OpenVINO quantizes at run time per token and group of
+``DYNAMIC_QUANTIZATION_GROUP_SIZE`` channels. :class:`OpenVINOSession` offers the part of an
 ``onnxruntime.InferenceSession`` that :class:`~.onnx_encoder.OnnxEncoder` uses, so
 ``OnnxEncoder.from_pretrained(folder, runtime="openvino")`` has the same ``encode()``.
 
@@ -20,6 +22,10 @@ import numpy as np
 
 PROVIDER_NAME = "OpenVINO:CPU"
 INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
+# MatMuls with int8 weights (the int8-openvino export) get their input quantized to int8 at run time
+# with one scale per token and group of this many input channels, and run on int8 GEMMs. Set here
+# rather than left to OpenVINO's default, so the export's validation holds whatever the version.
+DYNAMIC_QUANTIZATION_GROUP_SIZE = 32
 INSTALL_HINT = "pip install llm2vec-fast[openvino]"
 
 
@@ -42,7 +48,11 @@ class OpenVINOSession:
             raise ValueError(f"num_threads must be >= 0, got {num_threads}")
         ov = import_openvino()
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
+        config = {
+            "INFERENCE_PRECISION_HINT": inference_precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE": DYNAMIC_QUANTIZATION_GROUP_SIZE,
+        }
         if num_threads:
             config["INFERENCE_NUM_THREADS"] = int(num_threads)
         self.compiled = core.compile_model(core.read_model(str(model_file)), "CPU", config)

@@ -6,7 +6,7 @@ the Spearman drop is in points (x100) on the STS-B dev pairs used for validation
 checked when the torch encoder itself scores at least ``MIN_MEANINGFUL_SPEARMAN`` (a random
 or untrained encoder's Spearman is noise).
 
-int8's minimum cosine is relative to bf16: ``int8_min_cos(bf16 minimum cosine on the same
+int8's (and int8-openvino's) minimum cosine is relative to bf16: ``int8_min_cos(bf16 minimum cosine on the same
 inputs)`` = ``max(0.95, min(0.98, bf16))``; the exporter measures a bf16 copy of the encoder on the
 validation inputs and writes the bar it used into the report (``thresholds``, ``bf16``).
 """
@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "int8-openvino")
+INT8_PRECISIONS = ("int8", "int8-openvino")  # calibrated, SmoothQuant, bf16-relative worst-sentence bar
+# the runtime a precision is made for (OnnxEncoder's default for the folder, and the one that validates it)
+PRECISION_RUNTIME = {"int8-openvino": "openvino"}
 MIN_MEANINGFUL_SPEARMAN = 20.0
 
 
@@ -41,12 +44,18 @@ THRESHOLDS = {
     "fp16": Thresholds(min_cos=0.99, mean_cos=0.998, max_spearman_drop=0.5),
     "int8": Thresholds(min_cos=INT8_MIN_COS_CEILING, mean_cos=0.99, max_spearman_drop=0.5),  # min_cos: see int8_min_cos
     "int4": Thresholds(min_cos=0.95, mean_cos=0.99, max_spearman_drop=2.0),
+    "int8-openvino": Thresholds(min_cos=INT8_MIN_COS_CEILING, mean_cos=0.99, max_spearman_drop=0.5),  # as int8
 }
 
 
 def int8_min_cos(bf16_min_cos: float) -> float:
     """int8's minimum cosine to fp32, given bf16's minimum cosine to fp32 on the same texts."""
     return max(INT8_MIN_COS_FLOOR, min(INT8_MIN_COS_CEILING, float(bf16_min_cos)))
+
+
+def precision_runtime(precision: str | None) -> str:
+    """``"openvino"`` for a precision made for OpenVINO, else ``"onnxruntime"``."""
+    return PRECISION_RUNTIME.get(precision, "onnxruntime")
 
 
 def check_precision(precision: str) -> str:

@@ -18,7 +18,6 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from llm2vec_fast.export import (  # noqa: E402
-    PRECISIONS,
     ExportValidationError,
     NotExportableError,
     OnnxEncoder,
@@ -27,9 +26,13 @@ from llm2vec_fast.export import (  # noqa: E402
 )
 from llm2vec_fast.export import exporter as exporter_module  # noqa: E402
 from llm2vec_fast.export.calibrate import cosine_rows  # noqa: E402
+from llm2vec_fast.export.precisions import PRECISIONS as ALL_PRECISIONS  # noqa: E402
+from llm2vec_fast.export.precisions import precision_runtime  # noqa: E402
 
 from llm2vec_fast import LLM2Vec  # noqa: E402
 
+# the ONNX Runtime precisions; int8-openvino (made for OpenVINO) is tested in test_openvino.py
+PRECISIONS = tuple(p for p in ALL_PRECISIONS if precision_runtime(p) == "onnxruntime")
 NO_STSB = ValidationConfig(stsb_pairs=0)
 TEXTS = MIXED_TEXTS
 # fidelity of the tiny *random* model (random weights are harder to quantize than trained ones)

@@ -3,6 +3,9 @@ contrib ops, int4) give the embeddings ONNX Runtime gives, through the same ``en
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -72,3 +75,148 @@ def test_bad_runtime_settings_are_rejected(exports):
         OnnxEncoder.from_pretrained(folder, inference_precision="bf16")
     with pytest.raises(ValueError, match="inference_precision must be one of"):
         OnnxEncoder.from_pretrained(folder, runtime="openvino", inference_precision="int8")
+
+
+# ------------------------------------------------------------------------- int8-openvino export
+def test_weight_only_int8_graph_is_the_rounded_weights():
+    """``weight_only_int8_matmuls``: the chosen MatMul multiplies by the int8 weights times their
+    column scales (ONNX Runtime without graph fusion computes exactly that in fp32), other MatMuls are left alone, and OpenVINO's
+    run-time quantization of the input (per token, group of 32 channels) stays close to it even
+    with a token 1,000x larger than the others."""
+    import onnx
+    import onnxruntime as ort
+    from llm2vec_fast.export.openvino_runtime import OpenVINOSession
+    from llm2vec_fast.export.quantize import quantize_columns, weight_only_int8_matmuls
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(96, 64)).astype(np.float32)
+    v = rng.normal(size=(96, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/a/MatMul"), helper.make_node("MatMul", ["x", "v"], ["z"], name="/b/MatMul")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, None, 96])],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [None, None, k]) for n, k in (("y", 64), ("z", 32))],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v")],
+    )
+    model = weight_only_int8_matmuls(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"/a/MatMul"}, 127)
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul", "MatMul"]
+    assert {t.name for t in model.graph.initializer} == {"/a/MatMul/W_int8", "/a/MatMul/W_scale", "/a/MatMul/W_zero_point", "v"}
+    x = rng.normal(size=(2, 7, 96)).astype(np.float32)
+    x[0, 0] *= 1e3
+    q, scale = quantize_columns(w, 127)
+    rounded = q.astype(np.float32) * scale
+    basic = ort.SessionOptions()  # no fusion: exactly DequantizeLinear then an fp32 MatMul
+    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    y, z = ort.InferenceSession(model.SerializeToString(), basic, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ rounded, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(z, x @ v, rtol=1e-5, atol=1e-3)
+    path = Path(tempfile.mkdtemp()) / "m.onnx"
+    onnx.save(model, path)
+    y_ov, z_ov = OpenVINOSession(path, num_threads=1).run(None, {"x": x})
+    rel = np.linalg.norm(y_ov - x @ rounded, axis=-1) / np.linalg.norm(x @ rounded, axis=-1)
+    assert rel.max() < 0.02  # int8 activations per 32 channels; the huge token is no worse than the others
+    np.testing.assert_allclose(z_ov, x @ v, rtol=1e-4, atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def int8_openvino_export(tiny_llama_dir, tmp_path_factory):
+    encoder = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", dtype="float32")
+    folder = tmp_path_factory.mktemp("int8-openvino") / "export"
+    return encoder, export_onnx(encoder, folder, precision="int8-openvino", validate=False)
+
+
+def test_int8_openvino_export_runs_every_layer_in_int8_under_openvino(int8_openvino_export, caplog):
+    """Every decoder MatMul holds int8 weights; the folder opens under OpenVINO by default, close to
+    torch; under ONNX Runtime it still runs (fp32 GEMMs on the int8 weights), with a warning."""
+    import json
+    import logging
+
+    import onnx
+    from llm2vec_fast.export.cpu_int8 import int8_weight_bits
+
+    encoder, folder = int8_openvino_export
+    graph = onnx.load(folder / "model.onnx")
+    ops = [n.op_type for n in graph.graph.node]
+    layers = encoder.model.config.num_hidden_layers
+    assert ops.count("DequantizeLinear") == 7 * layers and "MatMulIntegerToFloat" not in ops
+    config = json.loads((folder / "llm2vec_config.json").read_text())
+    assert config["onnx"]["precision"] == "int8-openvino" and config["onnx"]["int8_weight_bits"] == int8_weight_bits("auto")
+    ov = OnnxEncoder.from_pretrained(folder, num_threads=1)
+    assert ov.runtime == "openvino"
+    ref = encoder.encode(TEXTS, convert_to_numpy=True)
+    assert cosine_rows(ov.encode(TEXTS, convert_to_numpy=True), ref).min() > 0.99
+    with caplog.at_level(logging.WARNING):
+        ort_encoder = OnnxEncoder.from_pretrained(folder, num_threads=1, runtime="onnxruntime")
+    assert ort_encoder.runtime == "onnxruntime" and "made for openvino" in caplog.text
+    assert cosine_rows(ort_encoder.encode(TEXTS, convert_to_numpy=True), ref).min() > 0.99
+
+
+def test_int8_openvino_export_is_validated_under_openvino(int8_openvino_export, tmp_path):
+    """Validation runs the folder under OpenVINO against int8's bf16-relative bar, and the report
+    says every decoder layer is int8 and how the activations are quantized."""
+    import json
+
+    from llm2vec_fast.export import ValidationConfig
+
+    encoder, _ = int8_openvino_export
+    folder = export_onnx(encoder, tmp_path / "validated", precision="int8-openvino", validate=ValidationConfig(stsb_pairs=0))
+    report = json.loads((folder / "export_report.json").read_text())
+    assert report["status"] == "ok" and report["providers"] == ["OpenVINO:CPU"]
+    assert "bf16" in report and 0.95 <= report["thresholds"]["min_cos"] <= 0.98
+    q = report["quantization"]
+    assert q["int8_layers"] == list(range(encoder.model.config.num_hidden_layers)) == list(range(q["decoder_layers"]))
+    assert "group of 32" in q["activations"] and q["weight_bits"] in (7, 8)
+
+
+def test_int8_openvino_validation_fallback_keeps_the_most_sensitive_layer_in_fp32(int8_openvino_export, tmp_path, monkeypatch):
+    """A graph that misses validation gets its most sensitive layer (a torch simulation of
+    OpenVINO's per-group scheme) back in fp32, then validates; report and graph agree."""
+    import json
+
+    import onnx
+    from llm2vec_fast.export import ValidationConfig
+    from llm2vec_fast.export import exporter as exporter_module
+
+    real = exporter_module.check_report
+
+    def check(report):  # stands in for text the all-int8 graph is not faithful enough on
+        return real(report) + (["too many int8 layers"] if report["quantization"]["int8_matmuls"] > 7 else [])
+
+    monkeypatch.setattr(exporter_module, "check_report", check)
+    encoder, _ = int8_openvino_export
+    folder = export_onnx(encoder, tmp_path / "fallback", precision="int8-openvino", validate=ValidationConfig(stsb_pairs=0))
+    report = json.loads((folder / "export_report.json").read_text())
+    q = report["quantization"]
+    assert report["status"] == "ok" and [t["int8_layers"] for t in q["validation_fallback"]] == [2]
+    sensitivity = q["layer_sensitivity"]
+    most_sensitive = min(sensitivity, key=lambda s: (s["min_cos"], s["mean_cos"]))["layer"]
+    assert len(sensitivity) == 2 and q["fp32_layers"] == [most_sensitive] and q["int8_layers"] == [1 - most_sensitive]
+    weights = [n.input[0] for n in onnx.load(folder / "model.onnx").graph.node if n.op_type == "DequantizeLinear"]
+    assert len(weights) == q["int8_matmuls"] == 7 and all(f"layers.{1 - most_sensitive}/" in w for w in weights)
+
+
+def test_fake_int8_groups_matches_per_group_rounding():
+    from llm2vec_fast.export.int8_rounding import fake_int8_groups, fake_int8_rows
+
+    x = torch.randn(3, 5, 64)
+    x[0, 0, :32] *= 1000  # a huge group leaves the token's other group as fine as before
+    grouped = fake_int8_groups(x, 32)
+    torch.testing.assert_close(grouped[..., 32:], fake_int8_rows(x[..., 32:]))
+    torch.testing.assert_close(grouped[..., :32], fake_int8_rows(x[..., :32]))
+    torch.testing.assert_close(fake_int8_groups(x[..., :48], 32), fake_int8_rows(x[..., :48]))  # no whole groups: per token
+
+
+def test_cli_eval_scores_an_int8_openvino_folder_under_openvino(int8_openvino_export, capsys):
+    """``eval sts --onnx DIR`` on an int8-openvino folder scores it through OpenVINO (its runtime)."""
+    import re
+
+    from llm2vec_fast.cli import main
+    from llm2vec_fast.stsb import stsb_spearman
+
+    _, folder = int8_openvino_export
+    expected = stsb_spearman(OnnxEncoder.from_pretrained(folder, num_threads=1, runtime="openvino"), "dev", limit=40)
+    assert main(["eval", "sts", "--limit", "40", "--threads", "1", "--onnx", str(folder)]) == 0
+    printed = float(re.search(r"Spearman x100: ([-\d.]+)", capsys.readouterr().out).group(1))
+    assert abs(printed - expected) < 0.01

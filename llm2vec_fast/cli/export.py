@@ -1,4 +1,4 @@
-"""``llm2vec-fast export``: write an encoder as a validated ONNX folder (fp32, fp16, int8, int4)."""
+"""``llm2vec-fast export``: write an encoder as a validated ONNX folder (fp32, fp16, int8, int4, int8-openvino)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--peft", action="append", default=None, metavar="ADAPTER", help="LoRA adapter folder (repeat to chain); merged before export"
     )
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, fp16 (GPU), int8 (CPU) or int4 (weight-only)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32, fp16 (GPU), int8 (CPU, ONNX Runtime), int4 (weight-only) or int8-openvino (CPU, OpenVINO: every layer int8)",
+    )
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
@@ -34,8 +39,11 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--int8-weights",
         choices=("7bit", "auto", "8bit"),
-        default="7bit",
-        help="int8 weights (default 7bit: right on every CPU); 8bit needs VNNI or AMX where the export runs; auto = 8bit if this CPU has them",
+        default=None,
+        help=(
+            "int8 weights (default: 7bit for int8, right on every CPU; auto for int8-openvino); "
+            "8bit needs VNNI or AMX where the export runs; auto = 8bit if this CPU has them"
+        ),
     )
     p.add_argument(
         "--int8-rounding",
