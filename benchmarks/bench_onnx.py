@@ -5,10 +5,14 @@ when ``openvino`` is installed, the same folders under OpenVINO (f32 inference, 
 graph with bf16 inference on a CPU with bf16 instructions): sentences/s (``--threads`` threads, batch 32, STS-B dev
 sentences), the median of interleaved rounds and the spread of the per-round speed-up, mean / min
 cosine to torch fp32 on held-out plain sentences and on ``[instruction, text]`` pairs, STS-B dev
-Spearman, size on disk and export time.
+Spearman, size on disk and export time. The ``int8-openvino`` precision runs under OpenVINO only
+(it is made for it). Each engine runs in its own process and the engines take turns batch by
+batch (``isolated_engines``), so neither another engine's spinning threads nor the machine's
+changing speed favours one of them.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py                      # default model
     OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py --peft MNTP --peft SIMCSE --precisions int8
+    OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py --precisions int8,int8-openvino --output benchmarks/results/onnx-cpu-trained.json
     python benchmarks/bench_onnx.py --docs                                 # docs tables from the JSON
     python benchmarks/bench_onnx.py --quick --force                        # smoke test, writes nothing
 
@@ -38,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (tests)
 from common import model_description  # noqa: E402
+from isolated_engines import EngineProcess, EngineSpec, plain_forward, time_in_turns  # noqa: E402,F401
 from llm2vec_fast.export.cpu_int8 import cpu_flags, cpu_name  # noqa: E402,F401  (bench_int8_gemm imports them from here)
 from portable_paths import portable_argv  # noqa: E402
 from readme_results import replace_between_markers  # noqa: E402
@@ -45,10 +50,9 @@ from readme_results import replace_between_markers  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 MAX_BASELINE_RATIO = 1.5
-# Worker threads spin-wait after a run (torch's OpenMP, ONNX Runtime's pool, OpenVINO's): timed
-# right after another engine, an engine shares the cores with them. Measured on 2 cores, torch fp32
-# then ONNX int8 back to back: int8 1.5-1.6 s per 128 sentences, 1.0-1.1 s after a 1 s pause.
-ENGINE_PAUSE_S = 1.0
+# Each engine runs in its own process (isolated_engines); the pause lets the previous engine's
+# threads stop spin-waiting before the next one starts.
+ENGINE_PAUSE_S = 0.25
 BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 TABLES = {"onnx-cpu.json": "bench_onnx", "onnx-cpu-trained.json": "bench_onnx_trained"}
 INSTRUCTIONS = (
@@ -107,7 +111,7 @@ def export_facts(folder: Path) -> dict:
     out = {new: q[old] for old, new in keys.items() if old in q}
     if "int8_layers" in out:
         out["int8_layers"] = len(out["int8_layers"])
-        out["layers"] = len(q.get("layer_sensitivity", [])) or None
+        out["layers"] = len(q.get("layer_sensitivity", [])) or q.get("decoder_layers")
     return out
 
 
@@ -121,27 +125,6 @@ def int8_gemm_ceiling(cpu: str, flags: list[str] | None = None) -> dict | None:
     if gemm.get("cpu") != cpu or (flags is not None and sorted(gemm.get("cpu_flags") or []) != sorted(flags)):
         return None
     return {"file": "benchmarks/results/int8-gemm-cpu.json", "threads": gemm.get("threads"), "rows": gemm.get("rows")}
-
-
-def plain_forward(encoder):
-    """``texts -> embeddings`` with the encoder's transformers model called directly on the same
-    padded batches as ``encode`` (mean pooling in plain torch): the sanity check of the baseline."""
-    import torch
-
-    def run(texts, batch_size):
-        items = encoder.tokenize(texts)
-        out = []
-        with torch.inference_mode():
-            for idx in encoder._batches(items, batch_size):
-                b = encoder.padded_batch([items[i] for i in idx])
-                hidden = encoder.model(
-                    input_ids=torch.from_numpy(b["input_ids"]), attention_mask=torch.from_numpy(b["attention_mask"])
-                ).last_hidden_state
-                m = torch.from_numpy(b["pool_mask"]).unsqueeze(-1).float()
-                out.append((hidden * m).sum(1) / m.sum(1).clamp(min=1))
-        return torch.cat(out)
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="run on a busy machine / odd baseline; smoke test: writes nothing to benchmarks/results"
     )
     parser.add_argument(
-        "--int8-weights", choices=("7bit", "auto", "8bit"), default="7bit", help="int8 export weights (as llm2vec-fast export)"
+        "--int8-weights", choices=("7bit", "auto", "8bit"), default=None, help="int8 export weights (as llm2vec-fast export)"
     )
     parser.add_argument("--int8-rounding", choices=("nearest", "gptq"), default="nearest", help="int8 export weight rounding")
     parser.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 row (int8's fidelity bar)")
@@ -200,7 +183,7 @@ def run(args) -> dict:
     import torch
     from llm2vec_fast.export import Int8Options, OnnxEncoder, ValidationConfig, export_onnx
     from llm2vec_fast.export.calibrate import bf16_copy, cosine_rows
-    from llm2vec_fast.export.precisions import check_precision
+    from llm2vec_fast.export.precisions import check_precision, precision_runtime
 
     from llm2vec_fast import LLM2Vec
     from llm2vec_fast.stsb import load_stsb, stsb_spearman
@@ -216,45 +199,52 @@ def run(args) -> dict:
     pairs = [[INSTRUCTIONS[i % len(INSTRUCTIONS)], s] for i, s in enumerate(texts[: max(args.sentences // 2, 8)])]
 
     export_root = args.export_dir or Path(tempfile.mkdtemp(prefix="bench-onnx-"))
-    engines = {"torch-fp32": lambda t, bs: encoder.encode(t, batch_size=bs, convert_to_numpy=True)}
-    plain = plain_forward(encoder)
-    engines["torch-plain-forward"] = lambda t, bs: plain(t, bs).numpy()
+    model = str(args.model) if args.model else None
+    peft = tuple(args.peft) if args.peft else None
+    specs = {
+        "torch-fp32": EngineSpec("torch", model, peft),
+        "torch-plain-forward": EngineSpec("torch-plain-forward", model, peft),
+    }
     if not args.no_bf16:  # the fidelity bar of int8 (precisions.int8_min_cos), timed alongside
-        bf16_encoder = bf16_copy(encoder)
-        engines["torch-bf16"] = lambda t, bs: bf16_encoder.encode(t, batch_size=bs, convert_to_numpy=True)
+        specs["torch-bf16"] = EngineSpec("torch-bf16", model, peft)
     folders: dict = {}
-    runners: dict = {}  # engine name -> (OnnxEncoder, export precision)
+    onnx_engines: dict = {}  # engine name -> (export precision, runtime, inference precision)
     openvino = not args.no_openvino and importlib.util.find_spec("openvino") is not None
+    if "int8-openvino" in precisions and not openvino:
+        raise SystemExit("bench_onnx: --precisions int8-openvino needs OpenVINO (pip install llm2vec-fast[openvino])")
     for p in precisions:
         folder = folders[p] = export_root / p
         if not (folder / "model.onnx").is_file():
             print(f"exporting {p} -> {folder}", file=sys.stderr)
             int8 = Int8Options(weights=args.int8_weights, rounding=args.int8_rounding)
             export_onnx(encoder, folder, precision=p, validate=ValidationConfig(stsb_pairs=0), overwrite=True, int8=int8)
-        runners[f"onnx-{p}"] = (OnnxEncoder.from_pretrained(folder, num_threads=args.threads), p)
+        if precision_runtime(p) == "onnxruntime":  # int8-openvino is made for OpenVINO only
+            onnx_engines[f"onnx-{p}"] = (p, "onnxruntime", None)
     if openvino:  # the same folders under OpenVINO (f32 inference: the graph's precision)
         for p in precisions:
-            runners[f"openvino-{p}"] = (OnnxEncoder.from_pretrained(folders[p], num_threads=args.threads, runtime="openvino"), p)
+            onnx_engines[f"openvino-{p}"] = (p, "openvino", None)
         if "fp32" in precisions and BF16_FLAGS & set(cpu_flags()):  # its CPU default where the CPU has bf16
-            bf16_runtime = OnnxEncoder.from_pretrained(
-                folders["fp32"], num_threads=args.threads, runtime="openvino", inference_precision="bf16"
-            )
-            runners["openvino-fp32-bf16-inference"] = (bf16_runtime, "fp32")
-    for name, (runner, _) in runners.items():
-        engines[name] = lambda t, bs, e=runner: e.encode(t, batch_size=bs, convert_to_numpy=True)
+            onnx_engines["openvino-fp32-bf16-inference"] = ("fp32", "openvino", "bf16")
+    for name, (p, runtime, inference) in onnx_engines.items():
+        specs[name] = EngineSpec("onnx", folder=str(folders[p]), runtime=runtime, inference_precision=inference)
 
-    for fn in engines.values():  # warm-up
-        fn(texts[: args.batch_size], args.batch_size)
-    seconds: dict[str, list[float]] = {k: [] for k in engines}
+    # every engine gets the same batches: the texts sorted by length, as encode() batches them
+    by_length = sorted(texts, key=lambda t: -len(encoder.tokenizer(t)["input_ids"]))
+    batches = [by_length[i : i + args.batch_size] for i in range(0, len(by_length), args.batch_size)]
+    processes: dict = {}
     loads = []
-    names = list(engines)
-    for r in range(args.rounds):  # interleaved, rotating the order: background load hits every engine alike
+
+    def check_round(r: int) -> None:
         loads.append(os.getloadavg()[0] if args.force else check_load(args.threads, running=True))
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            time.sleep(ENGINE_PAUSE_S)
-            start = time.perf_counter()
-            engines[name](texts, args.batch_size)
-            seconds[name].append(time.perf_counter() - start)
+
+    try:
+        for name, spec in specs.items():
+            processes[name] = EngineProcess(name, spec, args.threads, batches[0], args.batch_size)
+        seconds = time_in_turns(processes, batches, args.batch_size, args.rounds, ENGINE_PAUSE_S, check_round)
+    finally:
+        for process in processes.values():
+            process.close()
+    names = list(specs)
     baseline_ratio = statistics.median(seconds["torch-fp32"]) / statistics.median(seconds["torch-plain-forward"])
     baseline_ok = 1 / MAX_BASELINE_RATIO <= baseline_ratio <= MAX_BASELINE_RATIO
     if not baseline_ok and not args.force:
@@ -263,6 +253,15 @@ def run(args) -> dict:
             f"of the same model on the same batches (allowed 1/{MAX_BASELINE_RATIO}..{MAX_BASELINE_RATIO}x)"
         )
 
+    # fidelity, untimed, in this process
+    engines = {"torch-fp32": lambda t, bs: encoder.encode(t, batch_size=bs, convert_to_numpy=True)}
+    if not args.no_bf16:
+        bf16_encoder = bf16_copy(encoder)
+        engines["torch-bf16"] = lambda t, bs: bf16_encoder.encode(t, batch_size=bs, convert_to_numpy=True)
+    runners = {}
+    for name, (p, runtime, inference) in onnx_engines.items():
+        kwargs = {"inference_precision": inference} if inference else {}
+        runners[name] = (OnnxEncoder.from_pretrained(folders[p], num_threads=args.threads, runtime=runtime, **kwargs), p)
     reference = engines["torch-fp32"](texts, args.batch_size)
     reference_pairs = engines["torch-fp32"](pairs, args.batch_size)
     stsb_reference = stsb_spearman(encoder, "dev", args.stsb_pairs, batch_size=args.batch_size)
@@ -325,7 +324,11 @@ def run(args) -> dict:
         "instruction_pairs": len(pairs),
         "stsb_pairs": args.stsb_pairs,
         "rounds": args.rounds,
-        "timing": f"median of interleaved rounds (engine order rotated each round, {ENGINE_PAUSE_S} s pause before each engine); speed-up = median of per-round ratios, min..max = spread",
+        "timing": (
+            f"each engine in its own process; in each round every engine runs each batch in turn (order rotated per batch and round, "
+            f"{ENGINE_PAUSE_S} s pause before each call); a round's time is the sum over the batches; "
+            "sentences/s from the median round; speed-up = median of per-round ratios, min..max = spread"
+        ),
         "load_average_per_round": [round(x, 2) for x in loads],
         "baseline_check": {
             "encode_s_over_plain_forward_s": round(baseline_ratio, 3),
