@@ -147,6 +147,9 @@ def export_onnx(
         from .openvino_runtime import import_openvino
 
         import_openvino()  # fail before the work, with the install hint
+    int8 = int8 or Int8Options()
+    if precision == "int8-openvino" and int8.rounding != "nearest":
+        raise ValueError(f"int8-openvino rounds its weights to nearest; rounding={int8.rounding!r} is for precision='int8'")
     EncoderGraph(model)  # raises NotExportableError for anything but an LLM2Vec
     if model.model.dtype != torch.float32:
         raise ValueError(
@@ -165,7 +168,6 @@ def export_onnx(
         if progress:
             print(f"[export {time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
 
-    int8 = int8 or Int8Options()
     try:
         source, smoothing, calibration = model, None, None
         if precision in INT8_PRECISIONS:

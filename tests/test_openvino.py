@@ -220,3 +220,12 @@ def test_cli_eval_scores_an_int8_openvino_folder_under_openvino(int8_openvino_ex
     assert main(["eval", "sts", "--limit", "40", "--threads", "1", "--onnx", str(folder)]) == 0
     printed = float(re.search(r"Spearman x100: ([-\d.]+)", capsys.readouterr().out).group(1))
     assert abs(printed - expected) < 0.01
+
+
+def test_int8_openvino_refuses_gptq_rounding(int8_openvino_export, tmp_path):
+    from llm2vec_fast.export import Int8Options
+
+    encoder, _ = int8_openvino_export
+    with pytest.raises(ValueError, match="rounds its weights to nearest"):
+        export_onnx(encoder, tmp_path / "x", precision="int8-openvino", int8=Int8Options(rounding="gptq"))
+    assert not (tmp_path / "x").exists()
