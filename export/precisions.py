@@ -39,12 +39,14 @@ INT8_MIN_COS_FLOOR = 0.95
 INT8_MIN_COS_CEILING = 0.98
 
 
+INT8_THRESHOLDS = Thresholds(min_cos=INT8_MIN_COS_CEILING, mean_cos=0.99, max_spearman_drop=0.5)  # min_cos: see int8_min_cos
+
 THRESHOLDS = {
     "fp32": Thresholds(min_cos=0.9999, mean_cos=0.99999, max_spearman_drop=0.1),
     "fp16": Thresholds(min_cos=0.99, mean_cos=0.998, max_spearman_drop=0.5),
-    "int8": Thresholds(min_cos=INT8_MIN_COS_CEILING, mean_cos=0.99, max_spearman_drop=0.5),  # min_cos: see int8_min_cos
+    "int8": INT8_THRESHOLDS,
     "int4": Thresholds(min_cos=0.95, mean_cos=0.99, max_spearman_drop=2.0),
-    "int8-openvino": Thresholds(min_cos=INT8_MIN_COS_CEILING, mean_cos=0.99, max_spearman_drop=0.5),  # as int8
+    "int8-openvino": INT8_THRESHOLDS,
 }
 
 
