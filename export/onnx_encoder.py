@@ -27,6 +27,7 @@ CONFIG_FILE = "llm2vec_config.json"
 GPU_INSTALL_HINT = "pip install llm2vec-fast[onnx-gpu]"
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 RUNTIMES = ("onnxruntime", "openvino")
+UNRECORDED_OPENVINO_GROUP_SIZE = 32
 OPENVINO_PROVIDER = "OpenVINO:CPU"  # openvino_runtime.PROVIDER_NAME (not imported: openvino is optional)
 
 
@@ -151,12 +152,16 @@ class OnnxEncoder(EncodeMixin):
         if threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {threads}")
         if runtime == "openvino":
-            from .openvino_runtime import OpenVINOSession
+            from .openvino_runtime import DYNAMIC_QUANTIZATION_GROUP_SIZE, OpenVINOSession
 
             if providers not in (None, "cpu", "CPUExecutionProvider") or session_options is not None:
                 raise ValueError("runtime='openvino' runs on the CPU; providers and session_options are ONNX Runtime settings")
             _check_int8_weights(config, ["CPUExecutionProvider"], folder)
-            session = OpenVINOSession(model_file, threads, inference_precision)
+            # the group size the export was validated with; int8-openvino folders written before it was
+            # recorded were validated with 32
+            unrecorded = UNRECORDED_OPENVINO_GROUP_SIZE if precision == "int8-openvino" else DYNAMIC_QUANTIZATION_GROUP_SIZE
+            group = config["onnx"].get("activation_group_size", unrecorded)
+            session = OpenVINOSession(model_file, threads, inference_precision, activation_group_size=group)
             return cls(session, AutoTokenizer.from_pretrained(folder), settings, config.get("model_id"), config["hidden_size"], str(folder))
         ort = _import_onnxruntime()
         providers = resolve_providers(providers, ort.get_available_providers())

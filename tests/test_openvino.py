@@ -80,9 +80,9 @@ def test_bad_runtime_settings_are_rejected(exports):
 # ------------------------------------------------------------------------- int8-openvino export
 def test_weight_only_int8_graph_is_the_rounded_weights():
     """``weight_only_int8_matmuls``: the chosen MatMul multiplies by the int8 weights times their
-    column scales (ONNX Runtime without graph fusion computes exactly that in fp32), other MatMuls are left alone, and OpenVINO's
-    run-time quantization of the input (per token, group of 32 channels) stays close to it even
-    with a token 1,000x larger than the others."""
+    column scales (ONNX Runtime without graph fusion computes exactly that in fp32), other MatMuls
+    are left alone, and OpenVINO's run-time quantization of the input (per token and group of 32 or
+    64 channels, as asked) stays close to it even with a token 1,000x larger than the others."""
     import onnx
     import onnxruntime as ort
     from llm2vec_fast.export.openvino_runtime import OpenVINOSession
@@ -90,12 +90,12 @@ def test_weight_only_int8_graph_is_the_rounded_weights():
     from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    w = rng.normal(size=(96, 64)).astype(np.float32)
-    v = rng.normal(size=(96, 32)).astype(np.float32)
+    w = rng.normal(size=(128, 64)).astype(np.float32)
+    v = rng.normal(size=(128, 32)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="/a/MatMul"), helper.make_node("MatMul", ["x", "v"], ["z"], name="/b/MatMul")],
         "g",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, None, 96])],
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, None, 128])],
         [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [None, None, k]) for n, k in (("y", 64), ("z", 32))],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v")],
     )
@@ -103,7 +103,7 @@ def test_weight_only_int8_graph_is_the_rounded_weights():
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul", "MatMul"]
     assert {t.name for t in model.graph.initializer} == {"/a/MatMul/W_int8", "/a/MatMul/W_scale", "/a/MatMul/W_zero_point", "v"}
-    x = rng.normal(size=(2, 7, 96)).astype(np.float32)
+    x = rng.normal(size=(2, 7, 128)).astype(np.float32)
     x[0, 0] *= 1e3
     q, scale = quantize_columns(w, 127)
     rounded = q.astype(np.float32) * scale
@@ -114,10 +114,32 @@ def test_weight_only_int8_graph_is_the_rounded_weights():
     np.testing.assert_allclose(z, x @ v, rtol=1e-5, atol=1e-3)
     path = Path(tempfile.mkdtemp()) / "m.onnx"
     onnx.save(model, path)
-    y_ov, z_ov = OpenVINOSession(path, num_threads=1).run(None, {"x": x})
-    rel = np.linalg.norm(y_ov - x @ rounded, axis=-1) / np.linalg.norm(x @ rounded, axis=-1)
-    assert rel.max() < 0.02  # int8 activations per 32 channels; the huge token is no worse than the others
-    np.testing.assert_allclose(z_ov, x @ v, rtol=1e-4, atol=1e-2)
+    by_group = {}
+    for group in (32, 64):
+        y_ov, z_ov = by_group[group] = OpenVINOSession(path, num_threads=1, activation_group_size=group).run(None, {"x": x})
+        rel = np.linalg.norm(y_ov - x @ rounded, axis=-1) / np.linalg.norm(x @ rounded, axis=-1)
+        assert 1e-4 < rel.max() < 0.02  # int8 activations (not fp32); the huge token is no worse than the others
+        np.testing.assert_allclose(z_ov, x @ v, rtol=1e-4, atol=1e-2)
+    assert not np.array_equal(by_group[32][0], by_group[64][0])  # the group size reaches OpenVINO
+
+
+def test_activation_group_size_is_checked():
+    from llm2vec_fast.export import Int8Options
+    from llm2vec_fast.export.openvino_runtime import ACTIVATION_GROUP_SIZES, OpenVINOSession
+
+    for bad in (0, 48, 256, 32.0, True):
+        with pytest.raises(ValueError, match="activation group size must be one of"):
+            Int8Options(activation_group_size=bad)
+    with pytest.raises(ValueError, match="activation group size"):
+        OpenVINOSession("unused.onnx", activation_group_size=100)
+    from llm2vec_fast.cli import build_parser
+
+    parser = build_parser()  # the CLI keeps its own copy of the sizes (openvino is optional there)
+    for size in ACTIVATION_GROUP_SIZES:
+        assert parser.parse_args(["export", "-o", "x", "--openvino-group-size", str(size)]).openvino_group_size == size
+    for bad in ("48", "256"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["export", "-o", "x", "--openvino-group-size", bad])
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +165,9 @@ def test_int8_openvino_export_runs_every_layer_in_int8_under_openvino(int8_openv
     assert ops.count("DequantizeLinear") == 7 * layers and "MatMulIntegerToFloat" not in ops
     config = json.loads((folder / "llm2vec_config.json").read_text())
     assert config["onnx"]["precision"] == "int8-openvino" and config["onnx"]["int8_weight_bits"] == int8_weight_bits("auto")
+    assert config["onnx"]["activation_group_size"] == 32
     ov = OnnxEncoder.from_pretrained(folder, num_threads=1)
-    assert ov.runtime == "openvino"
+    assert ov.runtime == "openvino" and ov.session.activation_group_size == 32
     ref = encoder.encode(TEXTS, convert_to_numpy=True)
     assert cosine_rows(ov.encode(TEXTS, convert_to_numpy=True), ref).min() > 0.99
     with caplog.at_level(logging.WARNING):
@@ -167,7 +190,7 @@ def test_int8_openvino_export_is_validated_under_openvino(int8_openvino_export, 
     assert "bf16" in report and 0.95 <= report["thresholds"]["min_cos"] <= 0.98
     q = report["quantization"]
     assert q["int8_layers"] == list(range(encoder.model.config.num_hidden_layers)) == list(range(q["decoder_layers"]))
-    assert "group of 32" in q["activations"] and q["weight_bits"] in (7, 8)
+    assert "group of 32" in q["activations"] and q["activation_group_size"] == 32 and q["weight_bits"] in (7, 8)
 
 
 def test_int8_openvino_validation_fallback_keeps_the_most_sensitive_layer_in_fp32(int8_openvino_export, tmp_path, monkeypatch):
@@ -229,3 +252,38 @@ def test_int8_openvino_refuses_gptq_rounding(int8_openvino_export, tmp_path):
     with pytest.raises(ValueError, match="rounds its weights to nearest"):
         export_onnx(encoder, tmp_path / "x", precision="int8-openvino", int8=Int8Options(rounding="gptq"))
     assert not (tmp_path / "x").exists()
+
+
+def test_int8_openvino_group_size_is_recorded_and_used(int8_openvino_export, tmp_path):
+    """A folder runs with the activation group its validation ran with: the chosen size is written
+    to llm2vec_config.json and the report, and OnnxEncoder opens it with that size; a folder from
+    before the size was recorded runs with 32 (what it was validated with)."""
+    import json
+    import shutil
+
+    from llm2vec_fast.export import Int8Options, ValidationConfig
+
+    encoder, default_folder = int8_openvino_export
+    folder = export_onnx(
+        encoder,
+        tmp_path / "g64",
+        precision="int8-openvino",
+        validate=ValidationConfig(stsb_pairs=0),
+        int8=Int8Options(activation_group_size=64),
+    )
+    config = json.loads((folder / "llm2vec_config.json").read_text())
+    report = json.loads((folder / "export_report.json").read_text())
+    assert config["onnx"]["activation_group_size"] == 64 == report["quantization"]["activation_group_size"]
+    assert "group of 64" in report["quantization"]["activations"] and report["status"] == "ok"
+    g64 = OnnxEncoder.from_pretrained(folder, num_threads=1)
+    assert g64.session.activation_group_size == 64
+    g32 = OnnxEncoder.from_pretrained(default_folder, num_threads=1)
+    assert not np.array_equal(g32.encode(TEXTS, convert_to_numpy=True), g64.encode(TEXTS, convert_to_numpy=True))
+    legacy = tmp_path / "legacy"
+    shutil.copytree(folder, legacy)
+    config = json.loads((legacy / "llm2vec_config.json").read_text())
+    del config["onnx"]["activation_group_size"]
+    (legacy / "llm2vec_config.json").write_text(json.dumps(config))
+    assert OnnxEncoder.from_pretrained(legacy, num_threads=1).session.activation_group_size == 32
+    with pytest.raises(ValueError, match="int8-openvino setting"):
+        export_onnx(encoder, tmp_path / "int8", precision="int8", int8=Int8Options(activation_group_size=32))

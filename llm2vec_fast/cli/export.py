@@ -59,6 +59,13 @@ def add_parser(sub) -> None:
         help="SmoothQuant alpha folded into the weights before int8 (default auto: 0.5 on Llama, Mistral, Qwen2, Qwen3; 0 = off)",
     )
     p.add_argument(
+        "--openvino-group-size",
+        type=int,
+        choices=(16, 32, 64, 128),  # openvino_runtime.ACTIVATION_GROUP_SIZES (openvino is optional)
+        default=None,
+        help="int8-openvino: channels per activation scale in OpenVINO's run-time quantization (default 32; 64 is faster and less faithful)",
+    )
+    p.add_argument(
         "--no-int8-fallback",
         action="store_true",
         help="fail at once when the int8 graph misses validation (default: put its most sensitive int8 layers back in fp32 and validate again)",
@@ -117,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             rounding=args.int8_rounding,
             validation_fallback=not args.no_int8_fallback,
             smoothing=args.int8_smooth,
+            activation_group_size=args.openvino_group_size,
         ),
     )
     report = json.loads((out / "export_report.json").read_text())
