@@ -287,3 +287,36 @@ def test_int8_openvino_group_size_is_recorded_and_used(int8_openvino_export, tmp
     assert OnnxEncoder.from_pretrained(legacy, num_threads=1).session.activation_group_size == 32
     with pytest.raises(ValueError, match="int8-openvino setting"):
         export_onnx(encoder, tmp_path / "int8", precision="int8", int8=Int8Options(activation_group_size=32))
+
+
+def test_int8_openvino_fp32_layers_start_with_the_most_sensitive_in_fp32(int8_openvino_export, tmp_path):
+    """``Int8Options(fp32_layers=1)`` builds the first graph with the layer a torch simulation of the
+    scheme finds most sensitive in fp32 (the one validation's fallback would put back first), and
+    says so in the report; asking for every layer, or for int8, is refused before any work."""
+    import json
+
+    import onnx
+    from llm2vec_fast.export import Int8Options, ValidationConfig
+
+    from llm2vec_fast.cli import build_parser
+
+    encoder, _ = int8_openvino_export
+    folder = export_onnx(
+        encoder, tmp_path / "one", precision="int8-openvino", validate=ValidationConfig(stsb_pairs=0), int8=Int8Options(fp32_layers=1)
+    )
+    report = json.loads((folder / "export_report.json").read_text())
+    q = report["quantization"]
+    most_sensitive = min(q["layer_sensitivity"], key=lambda s: (s["min_cos"], s["mean_cos"]))["layer"]
+    assert report["status"] == "ok" and q["fp32_layers_asked"] == 1 and "validation_fallback" not in q
+    assert q["fp32_layers"] == [most_sensitive] and q["int8_layers"] == [1 - most_sensitive] and q["int8_matmuls"] == 7
+    weights = [n.input[0] for n in onnx.load(folder / "model.onnx").graph.node if n.op_type == "DequantizeLinear"]
+    assert len(weights) == 7 and all(f"layers.{1 - most_sensitive}/" in w for w in weights)
+    with pytest.raises(ValueError, match="leaves none of the 2 decoder layers"):
+        export_onnx(encoder, tmp_path / "none", precision="int8-openvino", int8=Int8Options(fp32_layers=2))
+    with pytest.raises(ValueError, match="int8-openvino setting"):
+        export_onnx(encoder, tmp_path / "int8", precision="int8", int8=Int8Options(fp32_layers=1))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="fp32_layers must be"):
+            Int8Options(fp32_layers=bad)
+    assert not any((tmp_path / name).exists() for name in ("none", "int8"))
+    assert build_parser().parse_args(["export", "-o", "x", "--int8-fp32-layers", "3"]).int8_fp32_layers == 3

@@ -66,6 +66,13 @@ def add_parser(sub) -> None:
         help="int8-openvino: channels per activation scale in OpenVINO's run-time quantization (default 32; 64 is faster and less faithful)",
     )
     p.add_argument(
+        "--int8-fp32-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="int8-openvino: keep the N most sensitive decoder layers (torch simulation of the scheme) in fp32 from the start (default 0)",
+    )
+    p.add_argument(
         "--no-int8-fallback",
         action="store_true",
         help="fail at once when the int8 graph misses validation (default: put its most sensitive int8 layers back in fp32 and validate again)",
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             validation_fallback=not args.no_int8_fallback,
             smoothing=args.int8_smooth,
             activation_group_size=args.openvino_group_size,
+            fp32_layers=args.int8_fp32_layers,
         ),
     )
     report = json.loads((out / "export_report.json").read_text())
