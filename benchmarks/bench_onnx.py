@@ -13,6 +13,8 @@ changing speed favours one of them.
     OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py                      # default model
     OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py --peft MNTP --peft SIMCSE --precisions int8
     OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py --precisions int8,int8-openvino --output benchmarks/results/onnx-cpu-trained.json
+    OMP_NUM_THREADS=2 python benchmarks/bench_onnx.py --precisions int8-openvino --openvino-group-size 64 --int8-fp32-layers 3 \
+        --output benchmarks/results/onnx-cpu-trained-openvino-group64-fp32layers3.json  # an int8-openvino variant
     python benchmarks/bench_onnx.py --docs                                 # docs tables from the JSON
     python benchmarks/bench_onnx.py --quick --force                        # smoke test, writes nothing
 
@@ -107,12 +109,31 @@ def export_facts(folder: Path) -> dict:
         q = json.loads((folder / "export_report.json").read_text()).get("quantization") or {}
     except (OSError, ValueError):
         return {}
-    keys = {"weight_bits": "int8_weight_bits", "weight_rounding": "int8_weight_rounding", "int8_layers": "int8_layers"}
+    keys = {
+        "weight_bits": "int8_weight_bits",
+        "weight_rounding": "int8_weight_rounding",
+        "int8_layers": "int8_layers",
+        "activation_group_size": "openvino_activation_group_size",
+    }
     out = {new: q[old] for old, new in keys.items() if old in q}
     if "int8_layers" in out:
         out["int8_layers"] = len(out["int8_layers"])
         out["layers"] = len(q.get("layer_sensitivity", [])) or q.get("decoder_layers")
     return out
+
+
+def check_reused_openvino_export(folder: Path, options: dict) -> None:
+    """Refuse to time an int8-openvino folder from ``--export-dir`` made with other options than asked."""
+    from llm2vec_fast.export.openvino_runtime import DYNAMIC_QUANTIZATION_GROUP_SIZE
+
+    q = json.loads((folder / "export_report.json").read_text()).get("quantization") or {}
+    made = {"activation_group_size": q.get("activation_group_size", 32), "fp32_layers": q.get("fp32_layers_asked", 0)}
+    asked = {
+        "activation_group_size": options["activation_group_size"] or DYNAMIC_QUANTIZATION_GROUP_SIZE,
+        "fp32_layers": options["fp32_layers"],
+    }
+    if made != asked:
+        raise SystemExit(f"bench_onnx: {folder} was exported with {made}, not {asked}: delete it or pick another --export-dir")
 
 
 def int8_gemm_ceiling(cpu: str, flags: list[str] | None = None) -> dict | None:
@@ -148,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         "--int8-weights", choices=("7bit", "auto", "8bit"), default=None, help="int8 export weights (as llm2vec-fast export)"
     )
     parser.add_argument("--int8-rounding", choices=("nearest", "gptq"), default="nearest", help="int8 export weight rounding")
+    parser.add_argument(
+        "--openvino-group-size", type=int, choices=(16, 32, 64, 128), default=None, help="int8-openvino export (as llm2vec-fast export)"
+    )
+    parser.add_argument("--int8-fp32-layers", type=int, default=0, metavar="N", help="int8-openvino export (as llm2vec-fast export)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 row (int8's fidelity bar)")
     parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO rows (run when openvino is installed)")
     parser.add_argument("--docs", action="store_true", help="only regenerate the docs tables (docs/benchmarks.md) from the JSON files")
@@ -214,9 +239,12 @@ def run(args) -> dict:
         raise SystemExit("bench_onnx: --precisions int8-openvino needs OpenVINO (pip install llm2vec-fast[openvino])")
     for p in precisions:
         folder = folders[p] = export_root / p
+        openvino_options = {"activation_group_size": args.openvino_group_size, "fp32_layers": args.int8_fp32_layers}
+        if p == "int8-openvino" and (folder / "model.onnx").is_file():
+            check_reused_openvino_export(folder, openvino_options)
         if not (folder / "model.onnx").is_file():
             print(f"exporting {p} -> {folder}", file=sys.stderr)
-            int8 = Int8Options(weights=args.int8_weights, rounding=args.int8_rounding)
+            int8 = Int8Options(weights=args.int8_weights, rounding=args.int8_rounding, **(openvino_options if p == "int8-openvino" else {}))
             export_onnx(encoder, folder, precision=p, validate=ValidationConfig(stsb_pairs=0), overwrite=True, int8=int8)
         if precision_runtime(p) == "onnxruntime":  # int8-openvino is made for OpenVINO only
             onnx_engines[f"onnx-{p}"] = (p, "onnxruntime", None)
@@ -390,7 +418,12 @@ def render_table(result: dict) -> str:
         if r.get("int8_layers") is not None:
             lines.append(
                 f"\n{r['engine']}: {r['int8_layers']} of {r.get('layers') or '?'} decoder layers in int8, "
-                f"{r.get('int8_weight_bits', 7)}-bit weights ({r.get('int8_weight_rounding', 'nearest')} rounding)."
+                f"{r.get('int8_weight_bits', 7)}-bit weights ({r.get('int8_weight_rounding', 'nearest')} rounding)"
+                + (
+                    f", activations in groups of {r['openvino_activation_group_size']} channels."
+                    if r.get("openvino_activation_group_size")
+                    else "."
+                )
             )
     ceiling = result.get("int8_gemm_ceiling")
     if ceiling and ceiling.get("rows"):

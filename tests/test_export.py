@@ -720,3 +720,33 @@ def test_int8_validation_fallback_can_be_turned_off(tiny_encoder, tmp_path, monk
         export_onnx(tiny_encoder, tmp_path / "strict", precision="int8", validate=NO_STSB, int8=Int8Options(validation_fallback=False))
     q = json.loads((tmp_path / "strict" / "export_report.json").read_text())["quantization"]
     assert "validation_fallback" not in q and q["int8_matmuls"] == 14
+
+
+def test_bench_onnx_refuses_an_int8_openvino_export_made_with_other_options(tmp_path):
+    """A reused --export-dir folder is timed only if it was exported with the options asked for
+    (a report without them is an export from before they existed: group 32, no fp32 layers asked)."""
+    bench = _bench_module()
+    folder = tmp_path / "int8-openvino"
+    folder.mkdir()
+    report = {"quantization": {"activation_group_size": 64, "fp32_layers_asked": 3}}
+    (folder / "export_report.json").write_text(json.dumps(report))
+    bench.check_reused_openvino_export(folder, {"activation_group_size": 64, "fp32_layers": 3})
+    for other in ({"activation_group_size": None, "fp32_layers": 3}, {"activation_group_size": 64, "fp32_layers": 0}):
+        with pytest.raises(SystemExit, match="was exported with"):
+            bench.check_reused_openvino_export(folder, other)
+    (folder / "export_report.json").write_text(json.dumps({"quantization": {}}))
+    bench.check_reused_openvino_export(folder, {"activation_group_size": 32, "fp32_layers": 0})
+    facts = bench.export_facts(folder)
+    assert "openvino_activation_group_size" not in facts
+
+
+def test_bench_onnx_table_names_the_openvino_activation_group():
+    bench = _bench_module()
+    result = _fake_result(2.5)
+    result["results"].append(dict(result["results"][-1], engine="openvino-int8-openvino", openvino_activation_group_size=64))
+    text = bench.render_table(result)
+    assert (
+        "openvino-int8-openvino: 30 of 30 decoder layers in int8, 8-bit weights (GPTQ (sequential, act-order) rounding), activations in groups of 64 channels."
+        in text
+    )
+    assert "onnx-int8: 30 of 30 decoder layers in int8, 8-bit weights (GPTQ (sequential, act-order) rounding).\n" in text + "\n"
