@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded fro
 from common import model_description  # noqa: E402
 from isolated_engines import EngineProcess, EngineSpec, plain_forward, time_in_turns  # noqa: E402,F401
 from llm2vec_fast.export.cpu_int8 import cpu_flags, cpu_name  # noqa: E402,F401  (bench_int8_gemm imports them from here)
+from llm2vec_fast.export.onnx_encoder import UNRECORDED_OPENVINO_GROUP_SIZE  # noqa: E402
+from llm2vec_fast.export.openvino_runtime import ACTIVATION_GROUP_SIZES, DYNAMIC_QUANTIZATION_GROUP_SIZE  # noqa: E402
 from portable_paths import portable_argv  # noqa: E402
 from readme_results import replace_between_markers  # noqa: E402
 
@@ -124,10 +126,11 @@ def export_facts(folder: Path) -> dict:
 
 def check_reused_openvino_export(folder: Path, options: dict) -> None:
     """Refuse to time an int8-openvino folder from ``--export-dir`` made with other options than asked."""
-    from llm2vec_fast.export.openvino_runtime import DYNAMIC_QUANTIZATION_GROUP_SIZE
-
     q = json.loads((folder / "export_report.json").read_text()).get("quantization") or {}
-    made = {"activation_group_size": q.get("activation_group_size", 32), "fp32_layers": q.get("fp32_layers_asked", 0)}
+    made = {
+        "activation_group_size": q.get("activation_group_size", UNRECORDED_OPENVINO_GROUP_SIZE),
+        "fp32_layers": q.get("fp32_layers_asked", 0),
+    }
     asked = {
         "activation_group_size": options["activation_group_size"] or DYNAMIC_QUANTIZATION_GROUP_SIZE,
         "fp32_layers": options["fp32_layers"],
@@ -170,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--int8-rounding", choices=("nearest", "gptq"), default="nearest", help="int8 export weight rounding")
     parser.add_argument(
-        "--openvino-group-size", type=int, choices=(16, 32, 64, 128), default=None, help="int8-openvino export (as llm2vec-fast export)"
+        "--openvino-group-size",
+        type=int,
+        choices=ACTIVATION_GROUP_SIZES,
+        default=None,
+        help="int8-openvino export (as llm2vec-fast export)",
     )
     parser.add_argument("--int8-fp32-layers", type=int, default=0, metavar="N", help="int8-openvino export (as llm2vec-fast export)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 row (int8's fidelity bar)")
@@ -237,9 +244,9 @@ def run(args) -> dict:
     openvino = not args.no_openvino and importlib.util.find_spec("openvino") is not None
     if "int8-openvino" in precisions and not openvino:
         raise SystemExit("bench_onnx: --precisions int8-openvino needs OpenVINO (pip install llm2vec-fast[openvino])")
+    openvino_options = {"activation_group_size": args.openvino_group_size, "fp32_layers": args.int8_fp32_layers}
     for p in precisions:
         folder = folders[p] = export_root / p
-        openvino_options = {"activation_group_size": args.openvino_group_size, "fp32_layers": args.int8_fp32_layers}
         if p == "int8-openvino" and (folder / "model.onnx").is_file():
             check_reused_openvino_export(folder, openvino_options)
         if not (folder / "model.onnx").is_file():

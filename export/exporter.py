@@ -84,8 +84,9 @@ class Int8Options:
         activation_group_size: ``int8-openvino`` only: OpenVINO quantizes each MatMul input per
             token and group of this many channels (``openvino_runtime.ACTIVATION_GROUP_SIZES``);
             ``None`` is ``openvino_runtime.DYNAMIC_QUANTIZATION_GROUP_SIZE`` (32). 64 is faster
-            (every layer int8, 2.85x torch fp32 on the default encoder) but less faithful. The folder records the size its validation ran with, and
-            ``OnnxEncoder`` runs it with that size.
+            (every layer int8, 2.85x torch fp32 on the default encoder) but less faithful. The
+            folder records the size its validation ran with, and ``OnnxEncoder`` runs it with that
+            size.
         fp32_layers: ``int8-openvino`` only: start with this many decoder layers in fp32, the most
             sensitive in a torch simulation of OpenVINO's scheme (default 0: every layer int8, and
             validation puts layers back when it misses). A way to trade speed for fidelity that
@@ -144,8 +145,9 @@ def export_onnx(
             GPTQ-rounded weights, 8-bit on a CPU with VNNI/AMX, 7-bit otherwise: see ``int8``);
             ``int4`` (weight-only 4-bit MatMulNBits, block 32; fp16 embedding); ``int8-openvino``
             (for OpenVINO: every decoder MatMul with int8 weights, its input quantized by OpenVINO
-            at run time per token and group of 32 channels (``Int8Options.activation_group_size``); 8-bit weights on a CPU with VNNI/AMX;
-            validated under OpenVINO; needs ``pip install llm2vec-fast[openvino]``).
+            at run time per token and group of 32 channels, ``Int8Options.activation_group_size``;
+            8-bit weights on a CPU with VNNI/AMX; validated under OpenVINO; needs
+            ``pip install llm2vec-fast[openvino]``).
         opset: ONNX opset (default 17).
         validate: compare with the torch encoder and write ``export_report.json``; ``True`` uses
             :class:`ValidationConfig` defaults, or pass one. Fidelity below the precision's
@@ -454,11 +456,11 @@ def _int8_openvino(onnx_model, encoder, inputs: list, info: dict, say, options: 
         "cpu_flags": cpu_flags(),
         "activations": f"int8, dynamic, per token and group of {group} input channels (OpenVINO)",
         "activation_group_size": group,
+        "fp32_layers_asked": options.fp32_layers,
         "embedding": "fp16",
         "decoder_layers": len(layers),
         "smoothing": smoothing,
     }
-    info["quantization"]["fp32_layers_asked"] = options.fp32_layers
     return _OpenVINOInt8Graph(onnx_model, encoder, inputs, layers, WEIGHT_LEVELS[bits], group, info["quantization"], options.fp32_layers)
 
 
