@@ -12,10 +12,11 @@ as round-to-nearest), integers in ``[-levels, levels]``; only which integer each
 and the graph stores exactly these integers.
 
 :func:`gptq_decoder_weights` runs it over a decoder **sequentially**: block ``i`` is calibrated on
-the outputs of blocks ``0..i-1`` already in int8 (GPTQ weights and per-token int8 activations, as
-the graph computes), and within a block the projections that share an input (q/k/v, gate/up) are
-calibrated after the earlier ones (o_proj after q/k/v, down_proj after gate/up) are int8. ``H`` is
-taken over real tokens only, on the int8-rounded activations the GEMM multiplies.
+the outputs of blocks ``0..i-1`` already in int8 (GPTQ weights and int8 activations rounded as
+the graph does: per token for ``int8``, per token and channel group for ``int8-openvino``), and
+within a block the projections that share an input (q/k/v, gate/up) are calibrated after the
+earlier ones (o_proj after q/k/v, down_proj after gate/up) are int8. ``H`` is taken over real
+tokens only, on the int8-rounded activations the GEMM multiplies.
 
 Maintained implementations were tried first: llmcompressor 0.14 pins ``transformers<=5.17`` (this
 project runs 5.2x) and GPTQModel builds from source; neither rounds to the 63-level grid that AVX2
@@ -153,11 +154,13 @@ def gptq_decoder_weights(
     batch_size: int = 32,
     sequential: bool = True,
     progress: Callable[[str], None] | None = None,
+    activation_rounding: Callable[[torch.Tensor], torch.Tensor] = fake_int8_rows,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ-rounded int8 weights of every decoder ``nn.Linear`` of ``encoder`` (an fp32 LLM2Vec),
     keyed by its ONNX MatMul name, calibrated sequentially on ``inputs`` (see the module docstring;
     ``sequential=False``: every Linear on the fp32 model's inputs, one pass). The encoder is
-    unchanged afterwards."""
+    unchanged afterwards. ``activation_rounding`` is how the graph rounds each Linear's input
+    (default: per token, the int8 export's; int8-openvino passes OpenVINO's per-group rounding)."""
     from ..bidirectional import decoder_of
     from .calibrate import decoder_layer_linears
 
@@ -211,7 +214,7 @@ def gptq_decoder_weights(
         for i, block in enumerate(blocks):
             linears = per_block[i]
             for group in _input_groups(block, linears, lambda i=i: run_block(i, first_only=True)):
-                acc = HessianAccumulator(linears[group[0]].in_features, transform=fake_int8_rows)
+                acc = HessianAccumulator(linears[group[0]].in_features, transform=activation_rounding)
                 hook = linears[group[0]].register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0]))
                 try:
                     run_block(i, [acc])
@@ -228,7 +231,8 @@ def gptq_decoder_weights(
                     if not sequential:
                         continue
                     simulated = (q.float() * scale[:, None]).to(module.weight.device, module.weight.dtype)
-                    installed.append((module, module.weight.data, module.register_forward_pre_hook(_round_input)))
+                    round_input = _input_rounding(activation_rounding)
+                    installed.append((module, module.weight.data, module.register_forward_pre_hook(round_input)))
                     module.weight.data = simulated
             for b, out in zip(batches, run_block(i)):
                 b["hidden"] = out
@@ -241,5 +245,10 @@ def gptq_decoder_weights(
     return result
 
 
-def _round_input(module, args):
-    return (fake_int8_rows(args[0]), *args[1:])
+def _input_rounding(rounding: Callable[[torch.Tensor], torch.Tensor]):
+    """A forward pre-hook that rounds a Linear's input as the graph does."""
+
+    def hook(module, args):
+        return (rounding(args[0]), *args[1:])
+
+    return hook

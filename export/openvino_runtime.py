@@ -2,9 +2,9 @@
 
 OpenVINO's ONNX frontend reads the exported graphs as they are, the ONNX Runtime contrib ops of
 the int8 and int4 exports included (``MatMulIntegerToFloat``, ``MatMulNBits``), and its CPU plugin
-compiles them for this CPU. The ``int8-openvino`` export is made for it: int8 weights in every
-MatMul, whose inputs OpenVINO quantizes at run time per token and group of
-``DYNAMIC_QUANTIZATION_GROUP_SIZE`` channels. :class:`OpenVINOSession` offers the part of an
+compiles them for this CPU. The ``int8-openvino`` export is made for it: int8 weights in the
+decoder MatMuls (all but the most sensitive layer's by default), whose inputs OpenVINO quantizes at
+run time per token and group of ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` channels. :class:`OpenVINOSession` offers the part of an
 ``onnxruntime.InferenceSession`` that :class:`~.onnx_encoder.OnnxEncoder` uses, so
 ``OnnxEncoder.from_pretrained(folder, runtime="openvino")`` has the same ``encode()``.
 
@@ -25,11 +25,10 @@ INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
 # MatMuls with int8 weights (the int8-openvino export) get their input quantized to int8 at run time
 # with one scale per token and group of this many input channels, and run on int8 GEMMs. Always set
 # (an export records the size it was validated with), never left to OpenVINO's version-dependent
-# default. Measured on a 2-core AVX-512 VNNI EPYC, all 30 layers of the default encoder int8:
-# group 64 runs 1.12-1.2x faster than 32 and 16 0.8x; 128 is no faster than 64. 32 stays the default:
-# at 64 every layer passed the export's validation, but held-out instruction pairs fell to 0.973
-# (bf16: 0.980; benchmarks/results/onnx-cpu-trained-openvino-group64.json).
-DYNAMIC_QUANTIZATION_GROUP_SIZE = 32
+# default. Measured on a 2-core AVX-512 VNNI EPYC, default encoder: group 64 runs 1.1-1.2x faster
+# than 32 and 16 0.8x; 128 is no faster than 64. With GPTQ weights and the most sensitive layer in
+# fp32 (the export's defaults), 64 held the held-out bar (benchmarks/results/onnx-cpu-trained.json).
+DYNAMIC_QUANTIZATION_GROUP_SIZE = 64
 ACTIVATION_GROUP_SIZES = (16, 32, 64, 128)
 INSTALL_HINT = "pip install llm2vec-fast[openvino]"
 

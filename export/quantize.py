@@ -13,10 +13,10 @@
   so one attention-sink token (residual values ~13,000 in the untrained bidirectional SmolLM2)
   sets the step for every other token of the batch; the per-row scale is written into the graph
   instead (4 full passes over the activations per quantized input).
-* **int8-openvino** -- every decoder MatMul keeps fp32 activations and int8 weights behind a
+* **int8-openvino** -- the decoder MatMuls keep fp32 activations and int8 weights behind a
   ``DequantizeLinear`` (:func:`weight_only_int8_matmuls`); OpenVINO quantizes the activations at
-  run time per token *and group of 32 input channels* (finer than one scale per token, which is
-  what lets every layer run in int8) and multiplies on its int8 kernels.
+  run time per token *and group of 64 input channels* by default (finer than one scale per token,
+  which is what lets nearly every layer run in int8) and multiplies on its int8 kernels.
 * **int4** (and the 8-bit MatMulNBits helpers below) -- every MatMul with a constant weight becomes an ONNX Runtime ``MatMulNBits``
   (block-wise weights, block 32 along the input dimension, min-max asymmetric). The offset of
   each block is kept *unrounded*:
@@ -234,10 +234,17 @@ def quantize_columns(w: np.ndarray, levels: int = INT8_WEIGHT_LEVELS) -> tuple[n
     return np.ascontiguousarray(q.numpy().T), scale.numpy()
 
 
-def _replace_int8_weight_matmuls(model: onnx.ModelProto, names: set[str], weight_levels: int, replacement) -> onnx.ModelProto:
+def _replace_int8_weight_matmuls(
+    model: onnx.ModelProto,
+    names: set[str],
+    weight_levels: int,
+    replacement,
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> onnx.ModelProto:
     """Replace each MatMul in ``names`` with a constant 2-D weight by the nodes
     ``replacement(node, weight_inputs)`` returns, ``weight_inputs`` being its int8 weight
-    (``quantize_columns``), per-column scale and zero zero points as initializers. Modifies ``model``."""
+    (``weights[name]`` where given, else ``quantize_columns``), per-column scale and zero zero points
+    as initializers. Modifies ``model``."""
     ed = _GraphEditor(model)
     nodes: list = []
     for node in model.graph.node:
@@ -245,8 +252,8 @@ def _replace_int8_weight_matmuls(model: onnx.ModelProto, names: set[str], weight
         if w is None or w.ndim != 2:
             nodes.append(node)
             continue
-        q, scale = quantize_columns(w, weight_levels)
         base = node.name
+        q, scale = _int8_weight(base, w, weight_levels, weights)
         weight_inputs = [
             ed.const(f"{base}/W_int8", q),
             ed.const(f"{base}/W_scale", scale.astype(np.float32)),
@@ -257,6 +264,16 @@ def _replace_int8_weight_matmuls(model: onnx.ModelProto, names: set[str], weight
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     return ed.finish()
+
+
+def _int8_weight(name: str, w: np.ndarray, weight_levels: int, weights: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """``weights[name]`` (checked against ``w``'s shape) where given, else ``w`` rounded to nearest."""
+    if not weights or name not in weights:
+        return quantize_columns(w, weight_levels)
+    q, scale = weights[name]
+    if q.shape != w.shape or q.dtype != np.int8:
+        raise ValueError(f"int8 weight for {name} must be int8 {w.shape}, got {q.dtype} {q.shape}")
+    return q, np.asarray(scale, np.float32)
 
 
 def dynamic_int8_matmuls(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
@@ -272,14 +289,20 @@ def dynamic_int8_matmuls(model: onnx.ModelProto, names: set[str]) -> onnx.ModelP
     return model
 
 
-def weight_only_int8_matmuls(model: onnx.ModelProto, names: set[str], weight_levels: int = INT8_WEIGHT_LEVELS) -> onnx.ModelProto:
+def weight_only_int8_matmuls(
+    model: onnx.ModelProto,
+    names: set[str],
+    weight_levels: int = INT8_WEIGHT_LEVELS,
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> onnx.ModelProto:
     """Store the weights of the MatMul nodes in ``names`` as int8 (symmetric, one scale per output
     column, ``weight_levels`` each side) behind a ``DequantizeLinear``; the activations stay fp32
     in the graph. OpenVINO's CPU plugin reads this as a MatMul with int8-compressed weights and
     quantizes its input at run time, per token and group of input channels, onto its int8 GEMMs
     (``openvino_runtime``). ONNX Runtime runs it too (its graph optimizer turns each pair into an
     8-bit ``MatMulNBits``), but not fast: 1.7x the time of the per-token int8 export on a 2-core
-    AVX-512 VNNI EPYC. Modifies ``model``."""
+    AVX-512 VNNI EPYC. ``weights`` (MatMul name -> int8 ``[in, out]`` and float32 scale ``[out]``,
+    e.g. GPTQ's) are stored as given; other weights are rounded to nearest. Modifies ``model``."""
 
     def dequantized(node, weight_inputs):
         weight = f"{node.name}/W_dequantized"
@@ -288,7 +311,7 @@ def weight_only_int8_matmuls(model: onnx.ModelProto, names: set[str], weight_lev
             helper.make_node("MatMul", [node.input[0], weight], list(node.output), name=node.name),
         ]
 
-    return _replace_int8_weight_matmuls(model, names, weight_levels, dequantized)
+    return _replace_int8_weight_matmuls(model, names, weight_levels, dequantized, weights)
 
 
 # ------------------------------------------------------------ int8 with per-row activation scales
@@ -342,9 +365,7 @@ def rowwise_int8_matmuls(
             ]
             quantized[x] = (f"{t}/codes", f"{t}/step")
         codes, row_step = quantized[x]
-        q, col_scale = weights[base] if weights and base in weights else quantize_columns(w, weight_levels)
-        if q.shape != w.shape or q.dtype != np.int8:
-            raise ValueError(f"int8 weight for {base} must be int8 {w.shape}, got {q.dtype} {q.shape}")
+        q, col_scale = _int8_weight(base, w, weight_levels, weights)
         nodes += [
             helper.make_node(
                 "MatMulIntegerToFloat",

@@ -108,7 +108,9 @@ class QuantSimulator:
     """A quantization scheme simulated in torch on chosen decoder linear layers of ``encoder``:
     fake-quantized weights swapped in, inputs fake-quantized by a pre-hook; everything is restored
     after each use. ``cache_weights``: keep each rounded weight after its first use (the search
-    reuses them; leave it off when a second copy of the weights does not fit)."""
+    reuses them; leave it off when a second copy of the weights does not fit). ``rounded_weights``:
+    weights already rounded elsewhere (GPTQ's), keyed by the names in ``layers``, ``[out, in]``
+    as the modules hold them, used instead of ``fake_weight``."""
 
     def __init__(
         self,
@@ -118,6 +120,7 @@ class QuantSimulator:
         layers: list[dict[str, nn.Linear]] | None = None,
         batch_size: int = 32,
         cache_weights: bool = True,
+        rounded_weights: dict[str, torch.Tensor] | None = None,
     ):
         self.encoder = encoder
         self.fake_activation = fake_activation
@@ -126,7 +129,7 @@ class QuantSimulator:
         self.cache_weights = cache_weights
         self.layers = decoder_layer_linears(encoder) if layers is None else layers
         self.modules = {name: m for layer in self.layers for name, m in layer.items()}
-        self._rounded: dict[str, torch.Tensor] = {}
+        self._rounded: dict[str, torch.Tensor] = dict(rounded_weights or {})
 
     def _rounded_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if name in self._rounded:

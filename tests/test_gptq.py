@@ -155,3 +155,49 @@ def test_int8_levers_script_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
         for kind in ("plain", "instructions"):
             assert 0 < r[kind]["min_cos"] <= r[kind]["mean_cos"] <= 1 + 1e-6
     assert "| 7-bit weights, nearest: weights only |" in capsys.readouterr().out
+
+
+def test_gptq_calibrates_on_the_activation_rounding_it_is_given(tiny_encoder):
+    """``activation_rounding`` is how every Linear's input is rounded, both in its Hessian and in the
+    already-int8 layers later ones are calibrated on: the default is the int8 export's per-token
+    rounding, and OpenVINO's per-group rounding (int8-openvino) gives other integers."""
+    from llm2vec_fast.export.calibrate import calibration_inputs
+    from llm2vec_fast.export.int8_rounding import fake_int8_groups, fake_int8_rows
+
+    inputs = calibration_inputs(24)
+    default = gptq_decoder_weights(tiny_encoder, inputs, levels=127, batch_size=16)
+    explicit = gptq_decoder_weights(tiny_encoder, inputs, levels=127, batch_size=16, activation_rounding=fake_int8_rows)
+    for name, (q, scale) in default.items():
+        np.testing.assert_array_equal(explicit[name][0], q)
+        np.testing.assert_array_equal(explicit[name][1], scale)
+    widths = []
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:
+        widths.append(x.shape[-1])
+        return fake_int8_groups(x, 16)
+
+    by_group = gptq_decoder_weights(tiny_encoder, inputs, levels=127, batch_size=16, activation_rounding=grouped)
+    layers = tiny_encoder.model.config.num_hidden_layers
+    # one Hessian per shared input (4 per layer) and, while later layers calibrate, every int8 Linear's input
+    assert len(widths) > 4 * layers
+    assert {tiny_encoder.model.config.hidden_size, tiny_encoder.model.config.intermediate_size} == set(widths)
+    assert sum(int((by_group[n][0] != q).sum()) for n, (q, _) in default.items()) > 0
+
+
+def test_quant_simulator_uses_weights_rounded_elsewhere(tiny_encoder):
+    """``QuantSimulator(rounded_weights=...)`` swaps in the given weight (GPTQ's) for its Linear and
+    rounds the others with ``fake_weight``; the encoder's own weights come back afterwards."""
+    from llm2vec_fast.export.calibrate import decoder_layer_linears
+
+    from llm2vec_fast.layer_sensitivity import QuantSimulator
+
+    layers = decoder_layer_linears(tiny_encoder)
+    (given_name, given), (other_name, other) = list(layers[0].items())[:2]
+    replacement = torch.full_like(given.weight, 0.01)
+    simulator = QuantSimulator(tiny_encoder, lambda x: x, lambda w: w * 0.5, layers=layers, rounded_weights={given_name: replacement})
+    before = given.weight.detach().clone(), other.weight.detach().clone()
+    with simulator.applied({given_name, other_name}):
+        torch.testing.assert_close(given.weight, replacement)
+        torch.testing.assert_close(other.weight, before[1] * 0.5)
+    torch.testing.assert_close(given.weight, before[0])
+    torch.testing.assert_close(other.weight, before[1])

@@ -149,9 +149,10 @@ def int8_openvino_export(tiny_llama_dir, tmp_path_factory):
     return encoder, export_onnx(encoder, folder, precision="int8-openvino", validate=False)
 
 
-def test_int8_openvino_export_runs_every_layer_in_int8_under_openvino(int8_openvino_export, caplog):
-    """Every decoder MatMul holds int8 weights; the folder opens under OpenVINO by default, close to
-    torch; under ONNX Runtime it still runs (fp32 GEMMs on the int8 weights), with a warning."""
+def test_int8_openvino_export_runs_its_int8_layers_under_openvino(int8_openvino_export, caplog):
+    """By default every decoder MatMul but the most sensitive layer's holds int8 weights, and
+    OpenVINO groups 64 channels per activation scale; the folder opens under OpenVINO by default,
+    close to torch; under ONNX Runtime it still runs (fp32 GEMMs on the int8 weights), with a warning."""
     import json
     import logging
 
@@ -162,12 +163,12 @@ def test_int8_openvino_export_runs_every_layer_in_int8_under_openvino(int8_openv
     graph = onnx.load(folder / "model.onnx")
     ops = [n.op_type for n in graph.graph.node]
     layers = encoder.model.config.num_hidden_layers
-    assert ops.count("DequantizeLinear") == 7 * layers and "MatMulIntegerToFloat" not in ops
+    assert ops.count("DequantizeLinear") == 7 * (layers - 1) and "MatMulIntegerToFloat" not in ops
     config = json.loads((folder / "llm2vec_config.json").read_text())
     assert config["onnx"]["precision"] == "int8-openvino" and config["onnx"]["int8_weight_bits"] == int8_weight_bits("auto")
-    assert config["onnx"]["activation_group_size"] == 32
+    assert config["onnx"]["activation_group_size"] == 64
     ov = OnnxEncoder.from_pretrained(folder, num_threads=1)
-    assert ov.runtime == "openvino" and ov.session.activation_group_size == 32
+    assert ov.runtime == "openvino" and ov.session.activation_group_size == 64
     ref = encoder.encode(TEXTS, convert_to_numpy=True)
     assert cosine_rows(ov.encode(TEXTS, convert_to_numpy=True), ref).min() > 0.99
     with caplog.at_level(logging.WARNING):
@@ -178,7 +179,8 @@ def test_int8_openvino_export_runs_every_layer_in_int8_under_openvino(int8_openv
 
 def test_int8_openvino_export_is_validated_under_openvino(int8_openvino_export, tmp_path):
     """Validation runs the folder under OpenVINO against int8's bf16-relative bar, and the report
-    says every decoder layer is int8 and how the activations are quantized."""
+    says which decoder layers are int8 (all but the most sensitive) and how the activations are
+    quantized."""
     import json
 
     from llm2vec_fast.export import ValidationConfig
@@ -189,8 +191,10 @@ def test_int8_openvino_export_is_validated_under_openvino(int8_openvino_export, 
     assert report["status"] == "ok" and report["providers"] == ["OpenVINO:CPU"]
     assert "bf16" in report and 0.95 <= report["thresholds"]["min_cos"] <= 0.98
     q = report["quantization"]
-    assert q["int8_layers"] == list(range(encoder.model.config.num_hidden_layers)) == list(range(q["decoder_layers"]))
-    assert "group of 32" in q["activations"] and q["activation_group_size"] == 32 and q["weight_bits"] in (7, 8)
+    most_sensitive = min(q["layer_sensitivity"], key=lambda s: (s["min_cos"], s["mean_cos"]))["layer"]
+    assert q["decoder_layers"] == encoder.model.config.num_hidden_layers == 2 and q["fp32_layers_asked"] == 1
+    assert q["fp32_layers"] == [most_sensitive] and q["int8_layers"] == [1 - most_sensitive] and "validation_fallback" not in q
+    assert "group of 64" in q["activations"] and q["activation_group_size"] == 64 and q["weight_bits"] in (7, 8)
 
 
 def test_int8_openvino_validation_fallback_keeps_the_most_sensitive_layer_in_fp32(int8_openvino_export, tmp_path, monkeypatch):
@@ -209,7 +213,13 @@ def test_int8_openvino_validation_fallback_keeps_the_most_sensitive_layer_in_fp3
 
     monkeypatch.setattr(exporter_module, "check_report", check)
     encoder, _ = int8_openvino_export
-    folder = export_onnx(encoder, tmp_path / "fallback", precision="int8-openvino", validate=ValidationConfig(stsb_pairs=0))
+    folder = export_onnx(
+        encoder,
+        tmp_path / "fallback",
+        precision="int8-openvino",
+        validate=ValidationConfig(stsb_pairs=0),
+        int8=exporter_module.Int8Options(fp32_layers=0),  # every layer int8 at first
+    )
     report = json.loads((folder / "export_report.json").read_text())
     q = report["quantization"]
     assert report["status"] == "ok" and [t["int8_layers"] for t in q["validation_fallback"]] == [2]
@@ -245,13 +255,71 @@ def test_cli_eval_scores_an_int8_openvino_folder_under_openvino(int8_openvino_ex
     assert abs(printed - expected) < 0.01
 
 
-def test_int8_openvino_refuses_gptq_rounding(int8_openvino_export, tmp_path):
-    from llm2vec_fast.export import Int8Options
+def test_int8_openvino_rounds_its_weights_with_gptq_on_openvinos_activation_rounding(int8_openvino_export, tmp_path, monkeypatch):
+    """By default the graph stores exactly GPTQ's integers, calibrated with each Linear's input
+    rounded as OpenVINO rounds it (per token and group of the export's size), and the report says
+    so; ``rounding="nearest"`` stores the weights rounded to nearest."""
+    import json
 
+    import onnx
+    from llm2vec_fast.export import Int8Options, ValidationConfig, gptq
+    from llm2vec_fast.export.calibrate import decoder_layer_linears
+    from llm2vec_fast.export.cpu_int8 import WEIGHT_LEVELS, int8_weight_bits
+    from llm2vec_fast.export.int8_rounding import fake_int8_groups
+    from llm2vec_fast.export.quantize import quantize_columns
+    from onnx import numpy_helper
+
+    from llm2vec_fast.cli import build_parser
+
+    real = gptq.gptq_decoder_weights
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        calls[-1]["result"] = real(*args, **kwargs)
+        return calls[-1]["result"]
+
+    monkeypatch.setattr(gptq, "gptq_decoder_weights", recording)
     encoder, _ = int8_openvino_export
-    with pytest.raises(ValueError, match="rounds its weights to nearest"):
-        export_onnx(encoder, tmp_path / "x", precision="int8-openvino", int8=Int8Options(rounding="gptq"))
-    assert not (tmp_path / "x").exists()
+    folder = export_onnx(
+        encoder,
+        tmp_path / "gptq",
+        precision="int8-openvino",
+        validate=ValidationConfig(stsb_pairs=0),
+        int8=Int8Options(activation_group_size=32, fp32_layers=0),
+    )
+    q = json.loads((folder / "export_report.json").read_text())["quantization"]
+    assert q["weight_rounding"] == "GPTQ (sequential, act-order)" and "rounding: GPTQ" in q["weights"]
+    assert len(calls) == 1
+    x = torch.randn(2, 3, 128)
+    x[0, 0, :32] *= 100
+    torch.testing.assert_close(calls[0]["activation_rounding"](x), fake_int8_groups(x, 32))
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(folder / "model.onnx").graph.initializer}
+    weights = calls[0]["result"]
+    assert len(weights) == 7 * encoder.model.config.num_hidden_layers
+    for name, (integers, scale) in weights.items():
+        np.testing.assert_array_equal(stored[f"{name}/W_int8"], integers)
+        np.testing.assert_array_equal(stored[f"{name}/W_scale"], scale)
+    assert OnnxEncoder.from_pretrained(folder, num_threads=1).encode(TEXTS, convert_to_numpy=True).shape[0] == len(TEXTS)
+
+    calls.clear()
+    nearest = export_onnx(
+        encoder,
+        tmp_path / "nearest",
+        precision="int8-openvino",
+        validate=False,
+        int8=Int8Options(rounding="nearest", smoothing=0, fp32_layers=0),
+    )
+    assert not calls
+    q = json.loads((nearest / "export_report.json").read_text())["quantization"]
+    assert q["weight_rounding"] == "nearest"
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(nearest / "model.onnx").graph.initializer}
+    levels = WEIGHT_LEVELS[int8_weight_bits("auto")]
+    modules = {name: m for layer in decoder_layer_linears(encoder) for name, m in layer.items()}
+    assert set(modules) == set(weights)
+    for name, module in modules.items():  # no smoothing: the encoder's own weights, rounded to nearest
+        np.testing.assert_array_equal(stored[f"{name}/W_int8"], quantize_columns(module.weight.detach().numpy().T, levels)[0])
+    assert build_parser().parse_args(["export", "-o", "x"]).int8_rounding is None
 
 
 def test_int8_openvino_group_size_is_recorded_and_used(int8_openvino_export, tmp_path):
@@ -266,18 +334,19 @@ def test_int8_openvino_group_size_is_recorded_and_used(int8_openvino_export, tmp
     encoder, default_folder = int8_openvino_export
     folder = export_onnx(
         encoder,
-        tmp_path / "g64",
+        tmp_path / "g32",
         precision="int8-openvino",
         validate=ValidationConfig(stsb_pairs=0),
-        int8=Int8Options(activation_group_size=64),
+        int8=Int8Options(activation_group_size=32),
     )
     config = json.loads((folder / "llm2vec_config.json").read_text())
     report = json.loads((folder / "export_report.json").read_text())
-    assert config["onnx"]["activation_group_size"] == 64 == report["quantization"]["activation_group_size"]
-    assert "group of 64" in report["quantization"]["activations"] and report["status"] == "ok"
-    g64 = OnnxEncoder.from_pretrained(folder, num_threads=1)
+    assert config["onnx"]["activation_group_size"] == 32 == report["quantization"]["activation_group_size"]
+    assert "group of 32" in report["quantization"]["activations"] and report["status"] == "ok"
+    g32 = OnnxEncoder.from_pretrained(folder, num_threads=1)
+    assert g32.session.activation_group_size == 32
+    g64 = OnnxEncoder.from_pretrained(default_folder, num_threads=1)
     assert g64.session.activation_group_size == 64
-    g32 = OnnxEncoder.from_pretrained(default_folder, num_threads=1)
     assert not np.array_equal(g32.encode(TEXTS, convert_to_numpy=True), g64.encode(TEXTS, convert_to_numpy=True))
     legacy = tmp_path / "legacy"
     shutil.copytree(folder, legacy)
@@ -289,28 +358,27 @@ def test_int8_openvino_group_size_is_recorded_and_used(int8_openvino_export, tmp
         export_onnx(encoder, tmp_path / "int8", precision="int8", int8=Int8Options(activation_group_size=32))
 
 
-def test_int8_openvino_fp32_layers_start_with_the_most_sensitive_in_fp32(int8_openvino_export, tmp_path):
-    """``Int8Options(fp32_layers=1)`` builds the first graph with the layer a torch simulation of the
-    scheme finds most sensitive in fp32 (the one validation's fallback would put back first), and
-    says so in the report; asking for every layer, or for int8, is refused before any work."""
+def test_int8_openvino_fp32_layers_are_checked_and_default_to_one(int8_openvino_export, tmp_path):
+    """``fp32_layers`` defaults to the one most sensitive layer (the validated test above), to none on
+    a one-layer model (the only layer stays int8); asking for every layer, or for int8, is refused
+    before any work."""
+    import copy
     import json
 
-    import onnx
-    from llm2vec_fast.export import Int8Options, ValidationConfig
+    from llm2vec_fast.export import Int8Options
+    from torch import nn
 
+    from llm2vec_fast.bidirectional import decoder_of
     from llm2vec_fast.cli import build_parser
 
     encoder, _ = int8_openvino_export
-    folder = export_onnx(
-        encoder, tmp_path / "one", precision="int8-openvino", validate=ValidationConfig(stsb_pairs=0), int8=Int8Options(fp32_layers=1)
-    )
-    report = json.loads((folder / "export_report.json").read_text())
-    q = report["quantization"]
-    most_sensitive = min(q["layer_sensitivity"], key=lambda s: (s["min_cos"], s["mean_cos"]))["layer"]
-    assert report["status"] == "ok" and q["fp32_layers_asked"] == 1 and "validation_fallback" not in q
-    assert q["fp32_layers"] == [most_sensitive] and q["int8_layers"] == [1 - most_sensitive] and q["int8_matmuls"] == 7
-    weights = [n.input[0] for n in onnx.load(folder / "model.onnx").graph.node if n.op_type == "DequantizeLinear"]
-    assert len(weights) == 7 and all(f"layers.{1 - most_sensitive}/" in w for w in weights)
+    one_layer = copy.deepcopy(encoder)
+    decoder = decoder_of(one_layer.model)
+    decoder.layers = nn.ModuleList(list(decoder.layers)[:1])
+    one_layer.model.config.num_hidden_layers = 1
+    folder = export_onnx(one_layer, tmp_path / "one-layer", precision="int8-openvino", validate=False)
+    q = json.loads((folder / "export_report.json").read_text())["quantization"]
+    assert q["fp32_layers_asked"] == 0 and q["int8_layers"] == [0] and q["fp32_layers"] == [] and q["int8_matmuls"] == 7
     with pytest.raises(ValueError, match="leaves none of the 2 decoder layers"):
         export_onnx(encoder, tmp_path / "none", precision="int8-openvino", int8=Int8Options(fp32_layers=2))
     with pytest.raises(ValueError, match="int8-openvino setting"):
@@ -319,4 +387,5 @@ def test_int8_openvino_fp32_layers_start_with_the_most_sensitive_in_fp32(int8_op
         with pytest.raises(ValueError, match="fp32_layers must be"):
             Int8Options(fp32_layers=bad)
     assert not any((tmp_path / name).exists() for name in ("none", "int8"))
+    assert build_parser().parse_args(["export", "-o", "x"]).int8_fp32_layers is None
     assert build_parser().parse_args(["export", "-o", "x", "--int8-fp32-layers", "3"]).int8_fp32_layers == 3

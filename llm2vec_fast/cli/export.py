@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="fp32, fp16 (GPU), int8 (CPU, ONNX Runtime), int4 (weight-only) or int8-openvino (CPU, OpenVINO: every layer int8)",
+        help="fp32, fp16 (GPU), int8 (CPU, ONNX Runtime), int4 (weight-only) or int8-openvino (CPU, OpenVINO: int8 in every layer but the most sensitive)",
     )
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
@@ -48,8 +48,11 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--int8-rounding",
         choices=("nearest", "gptq"),
-        default="nearest",
-        help="int8 weight rounding (default nearest; gptq: error-compensating, calibrated on the calibration inputs)",
+        default=None,
+        help=(
+            "int8 weight rounding (default: nearest for int8, gptq for int8-openvino; gptq: error-compensating, "
+            "calibrated on the calibration inputs)"
+        ),
     )
     p.add_argument(
         "--int8-smooth",
@@ -63,14 +66,14 @@ def add_parser(sub) -> None:
         type=int,
         choices=(16, 32, 64, 128),  # openvino_runtime.ACTIVATION_GROUP_SIZES (openvino is optional)
         default=None,
-        help="int8-openvino: channels per activation scale in OpenVINO's run-time quantization (default 32; 64 is faster and less faithful)",
+        help="int8-openvino: channels per activation scale in OpenVINO's run-time quantization (default 64; 32 is more faithful and slower)",
     )
     p.add_argument(
         "--int8-fp32-layers",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="int8-openvino: keep the N most sensitive decoder layers (torch simulation of the scheme) in fp32 from the start (default 0)",
+        help="int8-openvino: keep the N most sensitive decoder layers (torch simulation of the scheme) in fp32 from the start (default 1)",
     )
     p.add_argument(
         "--no-int8-fallback",
