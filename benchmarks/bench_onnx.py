@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded fro
 from common import model_description  # noqa: E402
 from isolated_engines import EngineProcess, EngineSpec, plain_forward, time_in_turns  # noqa: E402,F401
 from llm2vec_fast.export.cpu_int8 import cpu_flags, cpu_name  # noqa: E402,F401  (bench_int8_gemm imports them from here)
+from llm2vec_fast.export.exporter import DEFAULT_OPENVINO_FP32_LAYERS  # noqa: E402
 from llm2vec_fast.export.onnx_encoder import UNRECORDED_OPENVINO_GROUP_SIZE  # noqa: E402
 from llm2vec_fast.export.openvino_runtime import ACTIVATION_GROUP_SIZES, DYNAMIC_QUANTIZATION_GROUP_SIZE  # noqa: E402
 from portable_paths import portable_argv  # noqa: E402
@@ -130,25 +131,28 @@ def check_reused_openvino_export(folder: Path, options: dict) -> None:
     made = {
         "activation_group_size": q.get("activation_group_size", UNRECORDED_OPENVINO_GROUP_SIZE),
         "fp32_layers": q.get("fp32_layers_asked", 0),
+        "rounding": "gptq" if str(q.get("weight_rounding", "nearest")).startswith("GPTQ") else "nearest",
     }
     asked = {
         "activation_group_size": options["activation_group_size"] or DYNAMIC_QUANTIZATION_GROUP_SIZE,
-        "fp32_layers": options["fp32_layers"],
+        "fp32_layers": DEFAULT_OPENVINO_FP32_LAYERS if options["fp32_layers"] is None else options["fp32_layers"],
+        "rounding": options.get("rounding") or "gptq",
     }
     if made != asked:
         raise SystemExit(f"bench_onnx: {folder} was exported with {made}, not {asked}: delete it or pick another --export-dir")
 
 
-def int8_gemm_ceiling(cpu: str, flags: list[str] | None = None) -> dict | None:
-    """bench_int8_gemm.py's int8-vs-fp32 GEMM speed-ups on this CPU, when its JSON is from a CPU of
-    this name and these int8 flags (one name covers AVX2-only and VNNI EPYCs)."""
-    try:
-        gemm = json.loads((RESULTS / "int8-gemm-cpu.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if gemm.get("cpu") != cpu or (flags is not None and sorted(gemm.get("cpu_flags") or []) != sorted(flags)):
-        return None
-    return {"file": "benchmarks/results/int8-gemm-cpu.json", "threads": gemm.get("threads"), "rows": gemm.get("rows")}
+def int8_gemm_ceiling(cpu: str, flags: list[str] | None = None, results: Path = RESULTS) -> dict | None:
+    """bench_int8_gemm.py's int8-vs-fp32 GEMM speed-ups on this CPU: the first
+    ``int8-gemm-cpu*.json`` measured on a CPU of this name and these int8 flags."""
+    for path in sorted(results.glob("int8-gemm-cpu*.json")):
+        try:
+            gemm = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if gemm.get("cpu") == cpu and (flags is None or sorted(gemm.get("cpu_flags") or []) == sorted(flags)):
+            return {"file": f"benchmarks/results/{path.name}", "threads": gemm.get("threads"), "rows": gemm.get("rows")}
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--int8-weights", choices=("7bit", "auto", "8bit"), default=None, help="int8 export weights (as llm2vec-fast export)"
     )
-    parser.add_argument("--int8-rounding", choices=("nearest", "gptq"), default="nearest", help="int8 export weight rounding")
+    parser.add_argument(
+        "--int8-rounding", choices=("nearest", "gptq"), default=None, help="int8 export weight rounding (default: the precision's)"
+    )
     parser.add_argument(
         "--openvino-group-size",
         type=int,
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="int8-openvino export (as llm2vec-fast export)",
     )
-    parser.add_argument("--int8-fp32-layers", type=int, default=0, metavar="N", help="int8-openvino export (as llm2vec-fast export)")
+    parser.add_argument("--int8-fp32-layers", type=int, default=None, metavar="N", help="int8-openvino export (as llm2vec-fast export)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 row (int8's fidelity bar)")
     parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO rows (run when openvino is installed)")
     parser.add_argument("--docs", action="store_true", help="only regenerate the docs tables (docs/benchmarks.md) from the JSON files")
@@ -244,14 +250,20 @@ def run(args) -> dict:
     openvino = not args.no_openvino and importlib.util.find_spec("openvino") is not None
     if "int8-openvino" in precisions and not openvino:
         raise SystemExit("bench_onnx: --precisions int8-openvino needs OpenVINO (pip install llm2vec-fast[openvino])")
-    openvino_options = {"activation_group_size": args.openvino_group_size, "fp32_layers": args.int8_fp32_layers}
+    openvino_options = {
+        "activation_group_size": args.openvino_group_size,
+        "fp32_layers": args.int8_fp32_layers,
+        "rounding": args.int8_rounding,
+    }
     for p in precisions:
         folder = folders[p] = export_root / p
         if p == "int8-openvino" and (folder / "model.onnx").is_file():
             check_reused_openvino_export(folder, openvino_options)
         if not (folder / "model.onnx").is_file():
             print(f"exporting {p} -> {folder}", file=sys.stderr)
-            int8 = Int8Options(weights=args.int8_weights, rounding=args.int8_rounding, **(openvino_options if p == "int8-openvino" else {}))
+            int8 = Int8Options(
+                weights=args.int8_weights, **(openvino_options if p == "int8-openvino" else {"rounding": args.int8_rounding})
+            )
             export_onnx(encoder, folder, precision=p, validate=ValidationConfig(stsb_pairs=0), overwrite=True, int8=int8)
         if precision_runtime(p) == "onnxruntime":  # int8-openvino is made for OpenVINO only
             onnx_engines[f"onnx-{p}"] = (p, "onnxruntime", None)
@@ -432,6 +444,11 @@ def render_table(result: dict) -> str:
                     else "."
                 )
             )
+    by_engine = {r["engine"]: r for r in result["results"]}
+    if "onnx-fp32" in by_engine:  # a second fp32 baseline: torch's CPU GEMM library may not use all of the CPU
+        fp32 = by_engine["onnx-fp32"]["sentences_per_s"]
+        others = [f"{r['engine']} {r['sentences_per_s'] / fp32:.2f}x" for r in result["results"] if r["engine"] != "onnx-fp32"]
+        lines.append(f"\nvs ONNX Runtime fp32 (median rounds, same run): {', '.join(others)}.")
     ceiling = result.get("int8_gemm_ceiling")
     if ceiling and ceiling.get("rows"):
         best = max(x.get("MatMulIntegerToFloat_speedup", 0) for x in ceiling["rows"])

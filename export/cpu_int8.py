@@ -30,8 +30,25 @@ def _cpuinfo_field(prefix: str) -> str | None:
     return None
 
 
+def _cpuinfo_value(key: str) -> str | None:
+    """The first ``key : value`` of /proc/cpuinfo whose key is exactly ``key``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, sep, value = line.partition(":")
+            if sep and name.strip() == key:
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
 def cpu_name() -> str:
-    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them: a
+    virtual machine may show only "AMD EPYC", which covers Zen 2 to Zen 5 (AVX2-only to full-width
+    AVX-512), and a speed ratio holds on one of them only."""
+    name = _cpuinfo_field("model name") or platform.processor() or "unknown"
+    family, model = _cpuinfo_value("cpu family"), _cpuinfo_value("model")
+    return f"{name} (family {family}, model {model})" if family and model else name
 
 
 def all_cpu_flags() -> set[str]:

@@ -724,18 +724,29 @@ def test_int8_validation_fallback_can_be_turned_off(tiny_encoder, tmp_path, monk
 
 def test_bench_onnx_refuses_an_int8_openvino_export_made_with_other_options(tmp_path):
     """A reused --export-dir folder is timed only if it was exported with the options asked for
-    (a report without them is an export from before they existed: group 32, no fp32 layers asked)."""
+    (a report without them is an export from before they existed: group 32, no fp32 layers asked,
+    nearest rounding)."""
     bench = _bench_module()
     folder = tmp_path / "int8-openvino"
     folder.mkdir()
-    report = {"quantization": {"activation_group_size": 64, "fp32_layers_asked": 3}}
+    report = {"quantization": {"activation_group_size": 64, "fp32_layers_asked": 3, "weight_rounding": "GPTQ (sequential, act-order)"}}
     (folder / "export_report.json").write_text(json.dumps(report))
-    bench.check_reused_openvino_export(folder, {"activation_group_size": 64, "fp32_layers": 3})
-    for other in ({"activation_group_size": None, "fp32_layers": 3}, {"activation_group_size": 64, "fp32_layers": 0}):
+    bench.check_reused_openvino_export(folder, {"activation_group_size": 64, "fp32_layers": 3, "rounding": None})
+    bench.check_reused_openvino_export(folder, {"activation_group_size": 64, "fp32_layers": 3, "rounding": "gptq"})
+    bench.check_reused_openvino_export(folder, {"activation_group_size": None, "fp32_layers": 3, "rounding": None})  # 64: the default
+    for other in (
+        {"activation_group_size": 32, "fp32_layers": 3, "rounding": None},
+        {"activation_group_size": 64, "fp32_layers": 0, "rounding": None},
+        {"activation_group_size": 64, "fp32_layers": None, "rounding": None},
+        {"activation_group_size": 64, "fp32_layers": 3, "rounding": "nearest"},
+    ):
         with pytest.raises(SystemExit, match="was exported with"):
             bench.check_reused_openvino_export(folder, other)
+    # a folder from before the group size and rounding were recorded: group 32, nearest
     (folder / "export_report.json").write_text(json.dumps({"quantization": {}}))
-    bench.check_reused_openvino_export(folder, {"activation_group_size": 32, "fp32_layers": 0})
+    bench.check_reused_openvino_export(folder, {"activation_group_size": 32, "fp32_layers": 0, "rounding": "nearest"})
+    with pytest.raises(SystemExit, match="was exported with"):
+        bench.check_reused_openvino_export(folder, {"activation_group_size": 32, "fp32_layers": 0, "rounding": None})
     facts = bench.export_facts(folder)
     assert "openvino_activation_group_size" not in facts
 
@@ -750,3 +761,42 @@ def test_bench_onnx_table_names_the_openvino_activation_group():
         in text
     )
     assert "onnx-int8: 30 of 30 decoder layers in int8, 8-bit weights (GPTQ (sequential, act-order) rounding).\n" in text + "\n"
+
+
+def test_bench_onnx_table_compares_every_engine_with_onnxruntime_fp32_too():
+    """With an onnx-fp32 row in the run, the table adds each engine's speed against it (torch's
+    fp32 GEMM library may not use the whole CPU: MKL ran AVX2 kernels on a Zen 5 EPYC)."""
+    bench = _bench_module()
+    result = _fake_result(4.0)
+    result["results"].append(dict(result["results"][-1], engine="onnx-fp32", sentences_per_s=80.0, speedup_vs_torch_fp32=2.0))
+    text = bench.render_table(result)
+    assert "vs ONNX Runtime fp32 (median rounds, same run): torch-fp32 0.50x, torch-bf16 0.50x, onnx-int8 2.00x." in text
+    assert "vs ONNX Runtime fp32" not in bench.render_table(_fake_result(4.0))
+
+
+def test_int8_gemm_ceiling_is_the_file_measured_on_this_cpu(tmp_path):
+    """Every ``int8-gemm-cpu*.json`` is a candidate; the one whose CPU name and flags match is used."""
+    bench = _bench_module()
+    for name, cpu, flags in (
+        ("int8-gemm-cpu.json", "AMD EPYC (family 26, model 2)", ["avx512_vnni", "avx_vnni"]),
+        ("int8-gemm-cpu-epyc-zen4.json", "AMD EPYC", ["avx512_vnni"]),
+    ):
+        (tmp_path / name).write_text(json.dumps({"cpu": cpu, "cpu_flags": flags, "threads": 2, "rows": [{"m": name}]}))
+    zen4 = bench.int8_gemm_ceiling("AMD EPYC", ["avx512_vnni"], tmp_path)
+    assert zen4["file"] == "benchmarks/results/int8-gemm-cpu-epyc-zen4.json" and zen4["rows"] == [{"m": "int8-gemm-cpu-epyc-zen4.json"}]
+    zen5 = bench.int8_gemm_ceiling("AMD EPYC (family 26, model 2)", ["avx_vnni", "avx512_vnni"], tmp_path)
+    assert zen5["file"] == "benchmarks/results/int8-gemm-cpu.json"
+    assert bench.int8_gemm_ceiling("AMD EPYC", ["avx2"], tmp_path) is None
+    assert bench.int8_gemm_ceiling("Intel Xeon", None, tmp_path) is None
+
+
+def test_cpu_name_carries_family_and_model(monkeypatch, tmp_path):
+    """A VM's "AMD EPYC" covers Zen 2 to Zen 5: the name carries the family and model numbers."""
+    from llm2vec_fast.export import cpu_int8
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: avx2 avx512f\n")
+    monkeypatch.setattr(cpu_int8, "Path", lambda _path: info)
+    assert cpu_int8.cpu_name() == "AMD EPYC (family 26, model 2)"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert cpu_int8.cpu_name() == "Some CPU"
