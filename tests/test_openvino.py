@@ -389,3 +389,28 @@ def test_int8_openvino_fp32_layers_are_checked_and_default_to_one(int8_openvino_
     assert not any((tmp_path / name).exists() for name in ("none", "int8"))
     assert build_parser().parse_args(["export", "-o", "x"]).int8_fp32_layers is None
     assert build_parser().parse_args(["export", "-o", "x", "--int8-fp32-layers", "3"]).int8_fp32_layers == 3
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
+def test_int8_openvino_export_of_other_families(family, smollm_tokenizer, tmp_path):
+    """The default int8-openvino export (GPTQ on OpenVINO's rounding, group 64, the most sensitive
+    layer in fp32, SmoothQuant where the family has it) works beyond Llama: it validates under
+    OpenVINO and encodes close to torch."""
+    import json
+
+    from conftest import tiny_config
+    from llm2vec_fast.export import ValidationConfig
+    from transformers import AutoModel
+
+    from llm2vec_fast.bidirectional import enable_bidirectional
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tiny_config(family), attn_implementation="eager").eval()  # gemma2 has no sdpa
+    encoder = LLM2Vec(enable_bidirectional(model), smollm_tokenizer, max_length=64).eval()
+    folder = export_onnx(encoder, tmp_path / family, precision="int8-openvino", validate=ValidationConfig(stsb_pairs=0))
+    report = json.loads((folder / "export_report.json").read_text())
+    q = report["quantization"]
+    assert report["status"] == "ok" and q["weight_rounding"].startswith("GPTQ") and q["activation_group_size"] == 64
+    assert len(q["fp32_layers"]) >= 1 and len(q["int8_layers"]) + len(q["fp32_layers"]) == q["decoder_layers"]
+    ref = encoder.encode(TEXTS, convert_to_numpy=True)
+    assert cosine_rows(OnnxEncoder.from_pretrained(folder, num_threads=1).encode(TEXTS, convert_to_numpy=True), ref).min() > 0.99
