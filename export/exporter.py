@@ -87,7 +87,8 @@ class Int8Options:
             try (``quantization.validation_fallback``). Calibration scores short training
             sentences and can be optimistic on new text; this trades a few int8 layers for an
             export that holds its thresholds. ``int8-openvino`` (all but ``fp32_layers`` int8 at
-            first) puts back 1, then 3, 7, 15 more layers, the most sensitive in a torch simulation of its scheme.
+            first) puts back 1, then 3, 7, 15 more layers, the most sensitive in a torch
+            simulation of its scheme.
         activation_group_size: ``int8-openvino`` only: OpenVINO quantizes each MatMul input per
             token and group of this many channels (``openvino_runtime.ACTIVATION_GROUP_SIZES``);
             ``None`` is ``openvino_runtime.DYNAMIC_QUANTIZATION_GROUP_SIZE`` (64). 32 is more
