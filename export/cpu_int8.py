@@ -20,39 +20,31 @@ WEIGHT_LEVELS = {7: 63, 8: 127}  # symmetric integer range per weight bits
 WEIGHT_CHOICES = ("auto", "7bit", "8bit")
 
 
-def _cpuinfo_field(prefix: str) -> str | None:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's ``key : value`` pairs in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(prefix):
-                return line.split(":", 1)[1].strip()
+            key, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return None
-
-
-def _cpuinfo_value(key: str) -> str | None:
-    """The first ``key : value`` of /proc/cpuinfo whose key is exactly ``key``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, sep, value = line.partition(":")
-            if sep and name.strip() == key:
-                return value.strip()
-    except OSError:
-        pass
-    return None
+    return fields
 
 
 def cpu_name() -> str:
     """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them: a
     virtual machine may show only "AMD EPYC", which covers Zen 2 to Zen 5 (AVX2-only to full-width
     AVX-512), and a speed ratio holds on one of them only."""
-    name = _cpuinfo_field("model name") or platform.processor() or "unknown"
-    family, model = _cpuinfo_value("cpu family"), _cpuinfo_value("model")
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or "unknown"
+    family, model = info.get("cpu family"), info.get("model")
     return f"{name} (family {family}, model {model})" if family and model else name
 
 
 def all_cpu_flags() -> set[str]:
-    return set((_cpuinfo_field("flags") or "").split())
+    return set(_cpuinfo().get("flags", "").split())
 
 
 def cpu_flags() -> list[str]:

@@ -57,6 +57,13 @@ ROUNDINGS = ("gptq", "nearest")
 DEFAULT_OPENVINO_FP32_LAYERS = 1
 
 
+def _rounding_label(rounding: str, act_order: bool) -> str:
+    """How the report names the weight rounding (bench_onnx reads GPTQ off its first word)."""
+    if rounding != "gptq":
+        return rounding
+    return "GPTQ (sequential, act-order)" if act_order else "GPTQ (sequential)"
+
+
 @dataclass(frozen=True)
 class Int8Options:
     """How ``precision="int8"`` quantizes.
@@ -472,7 +479,7 @@ def _int8_openvino(onnx_model, encoder, inputs: list, info: dict, say, options: 
             progress=lambda m: say(f"calibration: {m}"),
             activation_rounding=lambda x: fake_int8_groups(x, group),
         )
-        rounding = "GPTQ (sequential, act-order)" if options.act_order else "GPTQ (sequential)"
+    rounding = _rounding_label(rounding, options.act_order)
     say(f"quantization: {sum(map(len, layers))} MatMuls with {bits}-bit int8 weights for OpenVINO")
     info["quantization"] = {
         "method": (
@@ -581,7 +588,7 @@ def _int8(fp32_model, encoder, original, inputs: list, info: dict, work: Path, s
         mean_cos=CALIBRATION_MEAN_COS,
         progress=lambda m: say(f"calibration: {m}"),
     )
-    rounding = "GPTQ (sequential, act-order)" if rounding == "gptq" and options.act_order else rounding
+    rounding = _rounding_label(rounding, options.act_order)
     info["quantization"] = {
         "method": "MatMulIntegerToFloat (ONNX Runtime MLAS u8 x s8 GEMM, per-column rescale) and a per-token rescale in the calibrated decoder layers, fp32 MatMul elsewhere",
         "weights": f"int8 symmetric per output column, {levels} levels each side ({bits}-bit), rounding: {rounding}",

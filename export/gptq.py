@@ -209,6 +209,7 @@ def gptq_decoder_weights(
         return outs
 
     result: dict[str, QuantizedWeight] = {}
+    round_input = _input_rounding(activation_rounding)
     installed: list = []  # (module, fp32 weight, hook) of what runs in int8 while later blocks calibrate
     try:
         for i, block in enumerate(blocks):
@@ -231,7 +232,6 @@ def gptq_decoder_weights(
                     if not sequential:
                         continue
                     simulated = (q.float() * scale[:, None]).to(module.weight.device, module.weight.dtype)
-                    round_input = _input_rounding(activation_rounding)
                     installed.append((module, module.weight.data, module.register_forward_pre_hook(round_input)))
                     module.weight.data = simulated
             for b, out in zip(batches, run_block(i)):

@@ -4,8 +4,8 @@ OpenVINO's ONNX frontend reads the exported graphs as they are, the ONNX Runtime
 the int8 and int4 exports included (``MatMulIntegerToFloat``, ``MatMulNBits``), and its CPU plugin
 compiles them for this CPU. The ``int8-openvino`` export is made for it: int8 weights in the
 decoder MatMuls (all but the most sensitive layer's by default), whose inputs OpenVINO quantizes at
-run time per token and group of ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` channels. :class:`OpenVINOSession` offers the part of an
-``onnxruntime.InferenceSession`` that :class:`~.onnx_encoder.OnnxEncoder` uses, so
+run time per token and group of ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` channels.
+:class:`OpenVINOSession` offers the part of an ``onnxruntime.InferenceSession`` that :class:`~.onnx_encoder.OnnxEncoder` uses, so
 ``OnnxEncoder.from_pretrained(folder, runtime="openvino")`` has the same ``encode()``.
 
 Inference precision: OpenVINO's CPU plugin computes in bf16 by default on CPUs with bf16
