@@ -1,22 +1,12 @@
 """GPTQ rounding of the int8 export's weights: each ``nn.Linear``'s int8 levels chosen to keep its
-*output* on calibration inputs, not each weight, as close to fp32 as the grid allows.
+*output* on calibration inputs, not each weight, as close to fp32 as the grid allows (the algorithm
+and its sequential pass over a decoder: :mod:`llm2vec_fast.gptq`).
 
-Round-to-nearest (:func:`~.quantize.quantize_columns`) makes every weight's error as small as it
-can be, but the errors of one output add up over the input dimension, and correlated inputs turn
-them into large output errors on some tokens. GPTQ (Frantar et al., 2022, "GPTQ: Accurate
-Post-Training Quantization for Generative Pre-trained Transformers") rounds one input column at a
-time and moves the rounding error onto the columns not rounded yet, weighted by the inverse of the
-inputs' second moment ``H = X^T X`` (the optimal brain surgeon update), so that ``W X`` changes as
-little as possible. The grid is the export's: symmetric, one scale per output (``max|w| / levels``,
-as round-to-nearest), integers in ``[-levels, levels]``; only which integer each weight gets changes,
-and the graph stores exactly these integers.
-
-:func:`gptq_decoder_weights` runs it over a decoder **sequentially**: block ``i`` is calibrated on
-the outputs of blocks ``0..i-1`` already in int8 (GPTQ weights and int8 activations rounded as
-the graph does: per token for ``int8``, per token and channel group for ``int8-openvino``), and
-within a block the projections that share an input (q/k/v, gate/up) are calibrated after the
-earlier ones (o_proj after q/k/v, down_proj after gate/up) are int8. ``H`` is taken over real
-tokens only, on the int8-rounded activations the GEMM multiplies.
+The grid is the export's: symmetric, one scale per output (``max|w| / levels``, as round-to-nearest,
+:func:`~.quantize.quantize_columns`), integers in ``[-levels, levels]``; only which integer each
+weight gets changes, and the graph stores exactly these integers. Block ``i`` is calibrated on the
+outputs of blocks ``0..i-1`` already in int8, GPTQ weights and int8 activations rounded as the graph
+does: per token for ``int8``, per token and channel group for ``int8-openvino``.
 
 Maintained implementations were tried first: llmcompressor 0.14 pins ``transformers<=5.17`` (this
 project runs 5.2x) and GPTQModel builds from source; neither rounds to the 63-level grid that AVX2
@@ -29,13 +19,18 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
+from ..gptq import BLOCK_COLUMNS, DEFAULT_DAMP, Grid, gptq_round, sequential_gptq
 from .int8_rounding import fake_int8_rows, symmetric_scales
 
 QuantizedWeight = tuple[np.ndarray, np.ndarray]  # graph layout: int8 q [in, out], float32 scale [out]
-DEFAULT_DAMP = 0.01  # fraction of the mean diagonal of H added to it (GPTQ's default)
-BLOCK_COLUMNS = 128  # columns updated together (lazy batch updates); the result does not depend on it
+
+
+def integer_grid(levels: int) -> Grid:
+    """The export's grid: integers in ``[-levels, levels]``, scale ``max|w| / levels`` per output."""
+    if not 1 <= levels <= 127:
+        raise ValueError(f"levels must be in 1..127, got {levels}")
+    return Grid(scales=lambda w: symmetric_scales(w, levels), round=lambda x: torch.clamp(torch.round(x), -levels, levels))
 
 
 def gptq_quantize(
@@ -46,105 +41,19 @@ def gptq_quantize(
     act_order: bool = True,
     block_columns: int = BLOCK_COLUMNS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ-rounded integers of ``weight`` ``[out, in]`` on the symmetric per-row grid.
-
-    Args:
-        hessian: ``X^T X`` ``[in, in]`` of the calibration inputs (any positive factor).
-        levels: largest integer magnitude (63: 7-bit, 127: 8-bit).
-        damp: ``damp * mean(diag(H))`` is added to the diagonal (numerical stability).
-        act_order: round the columns with the largest inputs first (``diag(H)`` descending).
-
-    Returns:
-        ``q`` int8 ``[out, in]`` and ``scale`` float32 ``[out]`` with ``weight ~= q * scale[:, None]``.
-    """
-    if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"weight [out, in] and hessian [in, in] expected, got {tuple(weight.shape)} and {tuple(hessian.shape)}")
-    if not 1 <= levels <= 127:
-        raise ValueError(f"levels must be in 1..127, got {levels}")
-    scale = symmetric_scales(weight, levels)
-    step = scale[:, None]
-    # the factorisation in float64, the column updates in float32 (as GPTQ's reference code)
-    w = weight.detach().float().clone()
-    h = hessian.detach().double().clone()
-    n = w.shape[1]
-    dead = torch.diagonal(h) <= 0  # inputs never seen: plain rounding, no error moved through them
-    h[dead, :] = 0
-    h[:, dead] = 0
-    h[dead, dead] = 1
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.diagonal(h).mean() * torch.eye(n, dtype=h.dtype)
-    # upper Cholesky factor of H^-1: row i holds the update of columns i.. after rounding column i
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    q = torch.zeros_like(w)
-    for start in range(0, n, block_columns):
-        stop = min(start + block_columns, n)
-        block = w[:, start:stop].clone()
-        errors = torch.zeros_like(block)
-        hb = hinv[start:stop, start:stop]
-        for i in range(stop - start):
-            column = block[:, i]
-            qi = torch.clamp(torch.round(column / step[:, 0]), -levels, levels)
-            q[:, start + i] = qi
-            err = (column - qi * step[:, 0]) / hb[i, i]
-            block[:, i:] -= err[:, None] * hb[i, i:][None, :]
-            errors[:, i] = err
-        w[:, stop:] -= errors @ hinv[start:stop, stop:]
-    q = q[:, torch.argsort(perm)]
-    return q.to(torch.int8), scale
+    """GPTQ-rounded integers of ``weight`` ``[out, in]`` on the symmetric per-row grid of ``levels``
+    (largest magnitude: 63 for 7-bit, 127 for 8-bit): ``q`` int8 ``[out, in]`` and ``scale`` float32
+    ``[out]`` with ``weight ~= q * scale[:, None]``. The other arguments: :func:`llm2vec_fast.gptq.gptq_round`."""
+    grid = integer_grid(levels)
+    values, scale = gptq_round(weight, hessian, grid, damp=damp, act_order=act_order, block_columns=block_columns)
+    return values.to(torch.int8), scale
 
 
 def to_graph_layout(q: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
     """``[out, in]`` integers -> the ONNX MatMul's ``[in, out]`` int8 and its per-column scale."""
-    return np.ascontiguousarray(q.numpy().T), scale.numpy().astype(np.float32)
+    return np.ascontiguousarray(q.cpu().numpy().T), scale.cpu().numpy().astype(np.float32)
 
 
-class HessianAccumulator:
-    """``X^T X`` (float64) of the rows of one Linear's inputs, real tokens only, optionally after a
-    transform (the per-token int8 rounding the graph applies)."""
-
-    def __init__(self, features: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.h = torch.zeros(features, features, dtype=torch.float64)
-        self.rows = 0
-        self.transform = transform
-        self.token_mask: torch.Tensor | None = None  # [batch, seq] bool of the batch being run
-
-    def add(self, x: torch.Tensor) -> None:
-        if self.transform is not None:
-            x = self.transform(x)
-        if self.token_mask is not None and x.ndim == 3:
-            x = x[self.token_mask]
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.h += (x.T @ x).double()  # float32 products per batch, float64 sum over batches
-        self.rows += x.shape[0]
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _block_output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _input_groups(block: nn.Module, linears: dict[str, nn.Linear], run: Callable[[], None]) -> list[list[str]]:
-    """``linears`` of ``block`` grouped by the tensor they read (q/k/v, o, gate/up, down), in the
-    order the block runs them (one call of ``run``)."""
-    seen: list[tuple[torch.Tensor, str]] = []  # the inputs stay referenced, so no two share an id()
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.append((args[0], name))) for name, m in linears.items()]
-    try:
-        run()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    groups: dict[int, list[str]] = {}
-    for tensor, name in seen:
-        if name not in groups.setdefault(id(tensor), []):
-            groups[id(tensor)].append(name)
-    return list(groups.values())
-
-
-@torch.no_grad()
 def gptq_decoder_weights(
     encoder,
     inputs: Sequence,
@@ -161,94 +70,18 @@ def gptq_decoder_weights(
     ``sequential=False``: every Linear on the fp32 model's inputs, one pass). The encoder is
     unchanged afterwards. ``activation_rounding`` is how the graph rounds each Linear's input
     (default: per token, the int8 export's; int8-openvino passes OpenVINO's per-group rounding)."""
-    from ..bidirectional import decoder_of
     from .calibrate import decoder_layer_linears
 
-    blocks = list(decoder_of(encoder.model).layers)
-    per_block = decoder_layer_linears(encoder)
-    items = encoder.tokenize(list(inputs))
-    device = next(encoder.model.parameters()).device
-    # 1. one fp32 pass up to the last block: block 0's input and every block's other arguments
-    batches: list[dict] = []
-    current: dict = {}
-
-    def capture(index: int):
-        def hook(module, args, kwargs):
-            if index == 0:
-                current["hidden"] = args[0] if args else kwargs["hidden_states"]
-            rest = dict(kwargs)
-            rest.pop("hidden_states", None)
-            current.setdefault("calls", []).append((tuple(args[1:]), rest))
-            if index == len(blocks) - 1:
-                raise _StopForward
-
-        return hook
-
-    hooks = [b.register_forward_pre_hook(capture(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        for idx in encoder._batches(items, batch_size):
-            batch = encoder.padded_batch([items[i] for i in idx])
-            tensors = {k: torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "attention_mask", "position_ids")}
-            current.clear()
-            try:
-                encoder.model(**tensors, use_cache=False)
-            except _StopForward:
-                pass
-            batches.append({"hidden": current["hidden"], "calls": current["calls"], "mask": tensors["attention_mask"].bool()})
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    def run_block(i: int, accumulators: Sequence[HessianAccumulator] = (), first_only: bool = False) -> list[torch.Tensor]:
-        outs = []
-        for b in batches[:1] if first_only else batches:
-            for acc in accumulators:
-                acc.token_mask = b["mask"]
-            args, kwargs = b["calls"][i]
-            outs.append(_block_output(blocks[i](b["hidden"], *args, **kwargs)))
-        return outs
-
-    result: dict[str, QuantizedWeight] = {}
-    round_input = _input_rounding(activation_rounding)
-    installed: list = []  # (module, fp32 weight, hook) of what runs in int8 while later blocks calibrate
-    try:
-        for i, block in enumerate(blocks):
-            linears = per_block[i]
-            for group in _input_groups(block, linears, lambda i=i: run_block(i, first_only=True)):
-                acc = HessianAccumulator(linears[group[0]].in_features, transform=activation_rounding)
-                hook = linears[group[0]].register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0]))
-                try:
-                    run_block(i, [acc])
-                finally:
-                    hook.remove()
-                # the rows of one output never mix in GPTQ: the projections of a group (one H)
-                # are rounded as one stacked matrix, one factorisation and one column loop
-                modules = [linears[name] for name in group]
-                stacked = torch.cat([m.weight.data.float().cpu() for m in modules])
-                q_all, scale_all = gptq_quantize(stacked, acc.h, levels, damp=damp, act_order=act_order)
-                sizes = [m.out_features for m in modules]
-                for name, module, q, scale in zip(group, modules, q_all.split(sizes), scale_all.split(sizes)):
-                    result[name] = to_graph_layout(q, scale)
-                    if not sequential:
-                        continue
-                    simulated = (q.float() * scale[:, None]).to(module.weight.device, module.weight.dtype)
-                    installed.append((module, module.weight.data, module.register_forward_pre_hook(round_input)))
-                    module.weight.data = simulated
-            for b, out in zip(batches, run_block(i)):
-                b["hidden"] = out
-            if progress and ((i + 1) % 10 == 0 or i + 1 == len(blocks)):
-                progress(f"GPTQ rounding of {i + 1}/{len(blocks)} layers done")
-    finally:
-        for module, weight, hook in installed:
-            hook.remove()
-            module.weight.data = weight
-    return result
-
-
-def _input_rounding(rounding: Callable[[torch.Tensor], torch.Tensor]):
-    """A forward pre-hook that rounds a Linear's input as the graph does."""
-
-    def hook(module, args):
-        return (rounding(args[0]), *args[1:])
-
-    return hook
+    return sequential_gptq(
+        encoder,
+        inputs,
+        decoder_layer_linears(encoder),
+        integer_grid(levels),
+        activation_rounding,
+        store=lambda values, scale: to_graph_layout(values.to(torch.int8), scale),
+        act_order=act_order,
+        damp=damp,
+        batch_size=batch_size,
+        sequential=sequential,
+        progress=progress,
+    )

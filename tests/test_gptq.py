@@ -94,15 +94,15 @@ def test_projections_are_grouped_by_their_shared_input(tiny_encoder):
     """q/k/v read one tensor, o_proj another, gate/up a third, down_proj a fourth: GPTQ calibrates
     each group after the previous ones are int8."""
     from llm2vec_fast.export.calibrate import decoder_layer_linears
-    from llm2vec_fast.export.gptq import _input_groups
 
     from llm2vec_fast.bidirectional import decoder_of
+    from llm2vec_fast.gptq import input_groups
 
     block = decoder_of(tiny_encoder.model).layers[0]
     linears = decoder_layer_linears(tiny_encoder)[0]
     batch = tiny_encoder.collate(tiny_encoder.tokenize(["A man plays guitar.", "Dogs run."]))
     with torch.no_grad():
-        groups = _input_groups(block, linears, lambda: tiny_encoder(batch))
+        groups = input_groups(block, linears, lambda: tiny_encoder(batch))
     short = [[n.split("/")[-2] for n in g] for g in groups]
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
