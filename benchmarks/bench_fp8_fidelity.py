@@ -6,8 +6,11 @@ Variants, all from the same fp32 encoder:
 
 * ``bf16`` -- the encoder cast to bfloat16 (the precision FP8 replaces on a GPU);
 * ``fp8`` -- ``quantization="fp8-simulated"`` on CPU (``"fp8"`` on a CUDA GPU of compute
-  capability 8.9+), decoder layers kept in high precision by calibration at load (STS-B train);
-* ``fp8-all-layers`` -- the same with every decoder layer in FP8 (what calibration avoids).
+  capability 8.9+) as loaded by default: GPTQ-rounded weights (STS-B train), decoder layers kept
+  in high precision by calibration at load (STS-B train);
+* ``fp8-nearest`` -- the same with every weight rounded to its nearest e4m3 value;
+* ``fp8-all-layers`` -- GPTQ weights, every decoder layer in FP8 (what calibration avoids);
+* ``fp8-nearest-all-layers`` -- the plain scheme: nearest rounding, every decoder layer in FP8.
 
 Targets of the issue: FP8 mean cosine >= 0.99 to fp32, its worst input at least as close as bf16's
 worst and never below 0.95, STS-B Spearman (x100) at most 0.5 below bf16's. The simulation casts
@@ -50,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=150, help="STS-B dev pairs (their unique sentences are the inputs)")
     p.add_argument("--data-dir", default=None, help="STS-B folder (default: $LLM2VEC_FAST_STSB_DIR or ../shared/data/stsbenchmark)")
     p.add_argument("--calibration-inputs", type=int, default=96, help="STS-B train inputs for the FP8 layer calibration")
+    p.add_argument("--gptq-inputs", type=int, default=None, help="STS-B train inputs GPTQ calibrates on (default: the library's, 512)")
     p.add_argument("--device", default="cpu", help="cpu (simulated FP8) or cuda (real FP8 on sm_89+)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--results-dir", default=None, help="where the JSON goes (default benchmarks/results)")
@@ -82,7 +86,7 @@ def evaluate(encoder, sentences: list[str], pairs, batch_size: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from llm2vec_fast import LLM2Vec
-    from llm2vec_fast.fp8 import apply_fp8
+    from llm2vec_fast.fp8 import GPTQ_INPUTS, apply_fp8
     from llm2vec_fast.layer_sensitivity import calibration_inputs
     from llm2vec_fast.stsb import load_stsb
 
@@ -110,20 +114,25 @@ def main(argv=None) -> int:
         row["all"] = cos_stats(both, np.concatenate([reference[k]["emb"] for k in ("plain", "instructed")]))
         variants[name] = row
         print(
-            f"{name:<15} mean cos {row['all']['mean_cos']:.5f}  worst {row['all']['worst_cos']:.5f}  "
+            f"{name:<22} mean cos {row['all']['mean_cos']:.5f}  worst {row['all']['worst_cos']:.5f}  "
             f"Spearman plain {row['plain']['spearman']:.2f} / instructed {row['instructed']['spearman']:.2f}",
             flush=True,
         )
         del model
 
     run("bf16", copy.deepcopy(encoder).to(torch.bfloat16), {})
-    start = time.perf_counter()
-    calibrated = copy.deepcopy(encoder)
-    report = apply_fp8(calibrated, scheme, "calibrate", calibration_inputs(args.calibration_inputs, args.data_dir))
-    calibration_s = time.perf_counter() - start
-    run("fp8", calibrated, {"report": report, "calibration_seconds": calibration_s})
-    all_layers = copy.deepcopy(encoder)
-    run("fp8-all-layers", all_layers, {"report": apply_fp8(all_layers, scheme, high_precision_layers=[])})
+    layer_inputs = calibration_inputs(args.calibration_inputs, args.data_dir)
+    gptq_inputs = calibration_inputs(args.gptq_inputs or GPTQ_INPUTS, args.data_dir)
+    for name, rounding, layers in (
+        ("fp8", "gptq", "calibrate"),
+        ("fp8-nearest", "nearest", "calibrate"),
+        ("fp8-all-layers", "gptq", []),
+        ("fp8-nearest-all-layers", "nearest", []),
+    ):
+        start = time.perf_counter()
+        quantized = copy.deepcopy(encoder)
+        report = apply_fp8(quantized, scheme, layers, layer_inputs, rounding=rounding, gptq_inputs=gptq_inputs)
+        run(name, quantized, {"report": report, "calibration_seconds": time.perf_counter() - start})
 
     bf16, fp8 = variants["bf16"], variants["fp8"]
     drops = {k: bf16[k]["spearman"] - fp8[k]["spearman"] for k in ("plain", "instructed")}

@@ -28,7 +28,7 @@ from .encoding import (
     EncodeMixin,
     check_encoder_settings,
 )
-from .fp8 import apply_fp8, check_fp8_device, check_quantization
+from .fp8 import apply_fp8, check_fp8_device, check_quantization, check_rounding
 from .fused_layers import fuse_decoder, has_fused_projections
 from .kernels import masked_pool, masked_pool_varlen
 from .loading import apply_adapters, load_base_model, merge_lora, read_encoder_settings, resolve_model_path
@@ -128,6 +128,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
         max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
         quantization: str | None = None,
         high_precision_layers: Sequence[int] | str = "calibrate",
+        fp8_rounding: str = "gptq",
         fused: bool = False,
         cuda_graphs: bool | Sequence[int] = False,
         **hf_kwargs,
@@ -148,7 +149,9 @@ class LLM2Vec(EncodeMixin, nn.Module):
         CUDA GPUs of compute capability 8.9+; adapters are merged first), except the decoder layers
         ``high_precision_layers`` (indices, or ``"calibrate"``: chosen at load by measuring each
         layer's effect on STS-B train embeddings); ``"fp8-simulated"``: the same numerics on any
-        device, for fidelity measurements (see :mod:`llm2vec_fast.fp8`).
+        device, for fidelity measurements (see :mod:`llm2vec_fast.fp8`). ``fp8_rounding``: the FP8
+        weights rounded by GPTQ on STS-B train text (``"gptq"``, closer, a calibration pass at load)
+        or to the nearest e4m3 value (``"nearest"``).
         ``fused=True``: fused decoder layers (Llama, Mistral, Qwen2, Qwen3, Gemma; see
         :mod:`llm2vec_fast.fused_layers`): fused residual-add + RMSNorm, Liger-Kernel RoPE and SwiGLU
         on CUDA (the torch reference, the same numbers as unfused, on CPU), and stacked QKV / gate-up
@@ -168,6 +171,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         check_quantization(quantization)
+        check_rounding(fp8_rounding)
         if quantization == "fp8":
             check_fp8_device(device)  # before the weights load
         path, model_id = resolve_model_path(model_name_or_path)
@@ -194,7 +198,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
         encoder.fused_report = fused_report
         encoder = encoder.to(device).eval()
         if quantization is not None:
-            apply_fp8(encoder, quantization, high_precision_layers)
+            apply_fp8(encoder, quantization, high_precision_layers, rounding=fp8_rounding)
         if cuda_graphs is not False:
             encoder.use_cuda_graphs(None if cuda_graphs is True else cuda_graphs)
         return encoder

@@ -13,6 +13,14 @@ Scheme (``float8_e4m3fn``, symmetric, one scale per row, ``scale = amax / 448``,
   It exists to measure the fidelity of the scheme without such a GPU (tests, the fidelity
   benchmark); the two differ only in :meth:`FP8Linear.forward`'s matmul (summation order).
 
+Weights are rounded by GPTQ by default (``rounding="gptq"``, :mod:`llm2vec_fast.gptq`): the same
+e4m3 grid and scales, but each weight's e4m3 value chosen so that the layer's *output* on calibration
+text (STS-B train; inputs rounded per token as the GEMM rounds them) stays closest to high
+precision, calibrated layer after layer on the already-quantized model's outputs. On the trained
+default encoder the weight rounding is most of FP8's error; GPTQ lets calibration keep more layers in
+FP8 at a closer worst case (``docs/encoding.md``). ``rounding="nearest"`` rounds each weight to its
+nearest e4m3 value (no calibration pass).
+
 Layers whose simulated FP8 costs the embeddings too much stay in high precision: the decoder
 layers are scored and chosen with the int8 export's machinery (:mod:`llm2vec_fast.layer_sensitivity`)
 by :func:`calibrate_fp8_layers`. Linear layers whose sizes are not multiples of 16 (a
@@ -22,16 +30,22 @@ by :func:`calibrate_fp8_layers`. Linear layers whose sizes are not multiples of 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from .gptq import Grid
 
 logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 QUANTIZATIONS = ("fp8", "fp8-simulated")
+ROUNDINGS = ("gptq", "nearest")
+#: STS-B train inputs GPTQ calibrates on (fewer leave H = X^T X of the wide MLP inputs rank-deficient
+#: and the rounding fits those inputs, not text in general)
+GPTQ_INPUTS = 512
 MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90): fp8 tensor cores
 ALIGNMENT = 16  # _scaled_mm needs in_features and out_features divisible by 16
 #: Calibration keeps a decoder layer in high precision unless FP8 there, and on all chosen layers
@@ -50,6 +64,12 @@ def check_quantization(quantization: str | None) -> str | None:
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; expected one of {QUANTIZATIONS} or None")
     return quantization
+
+
+def check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown FP8 weight rounding {rounding!r}; expected one of {ROUNDINGS}")
+    return rounding
 
 
 def fp8_unsupported_reason(device: torch.device | str) -> str | None:
@@ -122,9 +142,13 @@ class FP8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, simulate: bool) -> FP8Linear:
-        q, scales = quantize_rows(linear.weight)
-        return cls(q, scales, linear.bias, simulate)
+    def from_linear(cls, linear: nn.Linear, simulate: bool, rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> FP8Linear:
+        """``rounded``: the weight already in FP8 (``(q [out, in], scales [out, 1])``, e.g. GPTQ's);
+        default: each weight rounded to its nearest e4m3 value."""
+        q, scales = quantize_rows(linear.weight) if rounded is None else rounded
+        if q.shape != linear.weight.shape or q.dtype != FP8_DTYPE:
+            raise ValueError(f"rounded weight {tuple(q.shape)} {q.dtype} does not fit {linear} ({FP8_DTYPE} expected)")
+        return cls(q.to(linear.weight.device), scales.to(linear.weight.device), linear.bias, simulate)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the layer multiplies by, ``[out, in]`` float32."""
@@ -159,10 +183,13 @@ def fp8_compatible(linear: nn.Linear) -> bool:
     return linear.in_features % ALIGNMENT == 0 and linear.out_features % ALIGNMENT == 0
 
 
-def quantize_linears(model: nn.Module, names: Iterable[str], simulate: bool) -> list[str]:
+def quantize_linears(
+    model: nn.Module, names: Iterable[str], simulate: bool, rounded: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> list[str]:
     """Replace the decoder's ``nn.Linear`` modules ``names`` (paths in the decoder, e.g.
-    ``layers.3.mlp.down_proj``) by :class:`FP8Linear`; returns the names replaced (those whose sizes
-    ``_scaled_mm`` cannot take are kept and logged)."""
+    ``layers.3.mlp.down_proj``) by :class:`FP8Linear`, with the FP8 weights ``rounded[name]`` where
+    given (else rounded to nearest); returns the names replaced (those whose sizes ``_scaled_mm``
+    cannot take are kept and logged)."""
     from .bidirectional import decoder_of
 
     decoder = decoder_of(model)
@@ -176,7 +203,7 @@ def quantize_linears(model: nn.Module, names: Iterable[str], simulate: bool) -> 
         if not fp8_compatible(linear):
             skipped.append(name)
             continue
-        setattr(parent, child, FP8Linear.from_linear(linear, simulate))
+        setattr(parent, child, FP8Linear.from_linear(linear, simulate, (rounded or {}).get(name)))
         done.append(name)
     if skipped:
         logger.warning("%d linear layers keep high precision: sizes not multiples of %d (%s, ...)", len(skipped), ALIGNMENT, skipped[0])
@@ -184,12 +211,64 @@ def quantize_linears(model: nn.Module, names: Iterable[str], simulate: bool) -> 
 
 
 # -------------------------------------------------------------------------------- calibration
-def fp8_simulator(encoder, batch_size: int = 32):
-    """A :class:`~llm2vec_fast.layer_sensitivity.QuantSimulator` of this module's FP8 scheme on
-    ``encoder`` (rounded weights not cached: a second copy of an 8B model's weights is 16 GB)."""
-    from .layer_sensitivity import QuantSimulator
+def e4m3_grid() -> Grid:
+    """The weights' grid for GPTQ: e4m3 values of each channel at :func:`rowwise_scales`."""
+    return Grid(scales=lambda w: rowwise_scales(w)[:, 0], round=lambda x: x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float())
 
-    return QuantSimulator(encoder, fake_fp8_rows, fake_fp8_weight, batch_size=batch_size, cache_weights=False)
+
+def gptq_fp8_weights(
+    encoder, inputs: Sequence | None = None, progress: Callable[[str], None] | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ-rounded FP8 weights of the decoder's FP8-compatible linear layers, calibrated sequentially
+    on ``inputs`` (default: :data:`GPTQ_INPUTS` STS-B train inputs) with activations rounded per
+    token as :class:`FP8Linear` rounds them: ``{path: (q float8_e4m3fn [out, in], scales [out, 1])}``,
+    on the model's device. The encoder is unchanged."""
+    from .gptq import sequential_gptq
+    from .layer_sensitivity import calibration_inputs, decoder_layer_linears
+
+    inputs = list(inputs) if inputs is not None else calibration_inputs(GPTQ_INPUTS)
+    layers = [{n: m for n, m in layer.items() if fp8_compatible(m)} for layer in decoder_layer_linears(encoder)]
+    return sequential_gptq(
+        encoder,
+        inputs,
+        layers,
+        e4m3_grid(),
+        fake_fp8_rows,
+        store=lambda values, scale: (values.to(FP8_DTYPE), scale[:, None].float()),
+        progress=progress,
+    )
+
+
+class _Dequantized(Mapping):
+    """FP8 weights seen as the ``[out, in]`` weights they stand for, in each module's dtype, computed
+    on access (a dequantized copy of an 8B model's weights would not fit beside it)."""
+
+    def __init__(self, rounded: Mapping[str, tuple[torch.Tensor, torch.Tensor]], modules: Mapping[str, nn.Linear]):
+        self.rounded, self.modules = rounded, modules
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        q, scales = self.rounded[name]
+        return (q.float() * scales).to(self.modules[name].weight.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rounded)
+
+    def __len__(self) -> int:
+        return len(self.rounded)
+
+
+def fp8_simulator(encoder, batch_size: int = 32, rounded: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """A :class:`~llm2vec_fast.layer_sensitivity.QuantSimulator` of this module's FP8 scheme on
+    ``encoder``, with the FP8 weights ``rounded`` where given (GPTQ's), else rounded to nearest
+    (not cached: a second copy of an 8B model's weights is 16 GB)."""
+    from .layer_sensitivity import QuantSimulator, decoder_layer_linears
+
+    layers = decoder_layer_linears(encoder)
+    modules = {n: m for layer in layers for n, m in layer.items()}
+    weights = _Dequantized(rounded, modules) if rounded else None
+    return QuantSimulator(
+        encoder, fake_fp8_rows, fake_fp8_weight, layers=layers, batch_size=batch_size, cache_weights=False, rounded_weights=weights
+    )
 
 
 def calibrate_fp8_layers(
@@ -198,15 +277,17 @@ def calibrate_fp8_layers(
     min_cos: float = CALIBRATION_MIN_COS,
     mean_cos: float = CALIBRATION_MEAN_COS,
     progress: Callable[[str], None] | None = None,
+    rounded: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[list[int], dict]:
     """Decoder layers to keep in high precision, and the calibration summary: per-layer sensitivity
-    of simulated FP8 on ``inputs`` (default: :func:`~llm2vec_fast.layer_sensitivity.calibration_inputs`,
-    STS-B train sentences, a third with instructions), then the longest least-sensitive prefix of
-    layers whose combined FP8 keeps ``min_cos`` / ``mean_cos`` (see :mod:`llm2vec_fast.layer_sensitivity`)."""
+    of simulated FP8 (weights ``rounded`` where given, see :func:`fp8_simulator`) on ``inputs``
+    (default: :func:`~llm2vec_fast.layer_sensitivity.calibration_inputs`, STS-B train sentences, a
+    third with instructions), then the longest least-sensitive prefix of layers whose combined FP8
+    keeps ``min_cos`` / ``mean_cos`` (see :mod:`llm2vec_fast.layer_sensitivity`)."""
     from .layer_sensitivity import SENSITIVITY_INPUTS, calibration_inputs, select_quantized_layers
 
     inputs = list(inputs) if inputs is not None else calibration_inputs()
-    simulator = fp8_simulator(encoder)
+    simulator = fp8_simulator(encoder, rounded=rounded)
     reference = simulator.embed(set(), inputs)
     probe = inputs[:SENSITIVITY_INPUTS]
     sensitivity = simulator.layer_sensitivity(probe, reference[: len(probe)], progress=progress)
@@ -231,34 +312,53 @@ def apply_fp8(
     quantization: str,
     high_precision_layers: Sequence[int] | str = "calibrate",
     calibration_inputs: Sequence | None = None,
+    rounding: str = "gptq",
+    gptq_inputs: Sequence | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Quantize ``encoder``'s decoder layers to FP8 in place (``quantization``: ``"fp8"`` or
     ``"fp8-simulated"``), except ``high_precision_layers``: decoder layer indices, or
-    ``"calibrate"`` to choose them with :func:`calibrate_fp8_layers`. Returns the report stored as
-    ``encoder.quantization_report``."""
+    ``"calibrate"`` to choose them with :func:`calibrate_fp8_layers` on ``calibration_inputs``
+    (default: 96 STS-B train inputs). ``rounding``: ``"gptq"`` (:func:`gptq_fp8_weights`, on
+    ``gptq_inputs``, default :data:`GPTQ_INPUTS` STS-B train inputs) or ``"nearest"``. Returns the
+    report stored as ``encoder.quantization_report``."""
+    import time
+
     check_quantization(quantization)
+    check_rounding(rounding)
     if quantization == "fp8":
         check_fp8_device(encoder.device)
     model = encoder.model
     if hasattr(model, "peft_config"):
         raise ValueError("FP8 quantizes plain linear layers: merge the LoRA adapters first (merge_peft=True)")
     layers = [sorted(layer) for layer in _layer_names(encoder)]
-    report: dict = {"scheme": quantization}
-    if isinstance(high_precision_layers, str):
-        if high_precision_layers != "calibrate":
-            raise ValueError(f'high_precision_layers must be a list of decoder layer indices or "calibrate", got {high_precision_layers!r}')
-        keep, calibration = calibrate_fp8_layers(encoder, calibration_inputs)
-        report["calibration"] = calibration
-    else:
+    calibrate = isinstance(high_precision_layers, str)
+    if calibrate and high_precision_layers != "calibrate":
+        raise ValueError(f'high_precision_layers must be a list of decoder layer indices or "calibrate", got {high_precision_layers!r}')
+    if not calibrate:
         keep = sorted({int(i) for i in high_precision_layers})
         bad = [i for i in keep if not 0 <= i < len(layers)]
         if bad:
             raise ValueError(f"high_precision_layers {bad} out of range: the decoder has {len(layers)} layers")
+    report: dict = {"scheme": quantization, "rounding": rounding}
+    rounded = None
+    if rounding == "gptq":
+        start = time.perf_counter()
+        rounded = gptq_fp8_weights(encoder, gptq_inputs, progress=progress)
+        report["gptq_seconds"] = round(time.perf_counter() - start, 2)
+    if calibrate:
+        keep, calibration = calibrate_fp8_layers(encoder, calibration_inputs, progress=progress, rounded=rounded)
+        report["calibration"] = calibration
     names = [n for i, layer in enumerate(layers) if i not in keep for n in layer]
-    quantized = quantize_linears(model, names, simulate=quantization == "fp8-simulated")
+    quantized = quantize_linears(model, names, simulate=quantization == "fp8-simulated", rounded=rounded)
     report.update(high_precision_layers=keep, fp8_linears=len(quantized), linears=sum(len(layer) for layer in layers))
     logger.info(
-        "%s: %d of %d linear layers in FP8, decoder layers %s kept in high precision", quantization, len(quantized), report["linears"], keep
+        "%s (%s rounding): %d of %d linear layers in FP8, decoder layers %s kept in high precision",
+        quantization,
+        rounding,
+        len(quantized),
+        report["linears"],
+        keep,
     )
     encoder.quantization = quantization
     encoder.quantization_report = report

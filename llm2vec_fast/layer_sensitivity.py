@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -120,7 +120,7 @@ class QuantSimulator:
         layers: list[dict[str, nn.Linear]] | None = None,
         batch_size: int = 32,
         cache_weights: bool = True,
-        rounded_weights: dict[str, torch.Tensor] | None = None,
+        rounded_weights: Mapping[str, torch.Tensor] | None = None,
     ):
         self.encoder = encoder
         self.fake_activation = fake_activation
@@ -129,9 +129,12 @@ class QuantSimulator:
         self.cache_weights = cache_weights
         self.layers = decoder_layer_linears(encoder) if layers is None else layers
         self.modules = {name: m for layer in self.layers for name, m in layer.items()}
-        self._rounded: dict[str, torch.Tensor] = dict(rounded_weights or {})
+        self._given: Mapping[str, torch.Tensor] = rounded_weights if rounded_weights is not None else {}
+        self._rounded: dict[str, torch.Tensor] = {}
 
     def _rounded_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name in self._given:
+            return self._given[name]
         if name in self._rounded:
             return self._rounded[name]
         rounded = self.fake_weight(weight)

@@ -221,3 +221,21 @@ def test_gpu_suite_skips_the_fp8_step_without_its_minimum_budget(tmp_path):
     proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], capture_output=True, text=True, timeout=120, env=env)
     assert "bench-encode-fp8: ok (" in proc.stdout
     assert "--methods packed packed-fp8 --name fp8-encode" in proc.stdout
+
+
+def test_bench_fp8_fidelity_on_a_tiny_model(tiny_llama_dir, tmp_path):
+    """Every variant (default GPTQ + calibration, nearest, both on every layer) runs and is reported
+    against fp32 next to bf16, with the issue's checks; on the repo's small STS-B copy."""
+    data = Path(__file__).resolve().parent / "data" / "stsbenchmark"
+    args = ("--model", tiny_llama_dir, "--pairs", "8", "--calibration-inputs", "12", "--gptq-inputs", "16")
+    proc = _run(BENCH_DIR / "bench_fp8_fidelity.py", *args, "--data-dir", data, "--results-dir", tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "fp8-fidelity-cpu.json").read_text())
+    variants = result["variants"]
+    assert list(variants) == ["bf16", "fp8", "fp8-nearest", "fp8-all-layers", "fp8-nearest-all-layers"]
+    for name, rounding in (("fp8", "gptq"), ("fp8-nearest", "nearest"), ("fp8-all-layers", "gptq"), ("fp8-nearest-all-layers", "nearest")):
+        report = variants[name]["report"]
+        assert report["rounding"] == rounding and ("calibration" in report) == (not name.endswith("all-layers"))
+        assert 0.9 < variants[name]["all"]["worst_cos"] <= variants[name]["all"]["mean_cos"] < 1.0
+    assert variants["fp8-all-layers"]["report"]["fp8_linears"] == variants["fp8-all-layers"]["report"]["linears"] == 14
+    assert set(result["checks"]) == {"mean cos >= 0.99", "worst cos >= bf16 worst", "worst cos >= 0.95", "STS-B drop vs bf16 <= 0.5"}

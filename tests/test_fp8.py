@@ -20,12 +20,15 @@ from llm2vec_fast.fp8 import (
     FP8UnsupportedError,
     apply_fp8,
     calibrate_fp8_layers,
+    e4m3_grid,
     fake_fp8_rows,
     fake_fp8_weight,
     fp8_simulator,
     fp8_unsupported_reason,
+    gptq_fp8_weights,
     quantize_rows,
 )
+from llm2vec_fast.gptq import gptq_round
 from llm2vec_fast.layer_sensitivity import cosine_rows
 
 TEXTS = [
@@ -101,6 +104,25 @@ def test_simulated_layer_is_the_product_of_the_quantized_operands(bias):
     assert bf16_error < fp8_error < E4M3_HALF_STEP
 
 
+def test_gptq_on_the_e4m3_grid_without_correlations_is_round_to_nearest():
+    """A diagonal H moves no error between columns: GPTQ then picks each weight's nearest e4m3 value,
+    on the same per-channel scales; with correlated inputs it picks other values, and the layer's
+    output on those inputs gets closer."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 64, generator=gen) * torch.logspace(-2, 2, 24).unsqueeze(1)
+    q, scales = quantize_rows(w)
+    values, scale = gptq_round(w, torch.diag(torch.rand(64, generator=gen) + 0.5), e4m3_grid())
+    torch.testing.assert_close(scale, scales[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(values, q.float(), rtol=0, atol=0)
+    x = torch.randn(256, 8, generator=gen) @ torch.randn(8, 64, generator=gen) + 0.1 * torch.randn(256, 64, generator=gen)
+    values, scale = gptq_round(w, (x.T @ x).double(), e4m3_grid())
+    assert torch.equal(values.to(FP8_DTYPE).float(), values)  # still e4m3 values
+    assert not torch.equal(values, q.float())
+    out = x @ w.T
+    error = lambda v: ((x @ (v * scale[:, None]).T - out).norm() / out.norm()).item()  # noqa: E731
+    assert error(values) < 0.7 * error(q.float())
+
+
 def _tiny_encoder(family: str, smollm_tokenizer) -> LLM2Vec:
     from transformers import AutoModel
 
@@ -116,8 +138,8 @@ def test_simulated_fp8_encoder_is_close_to_fp32(family, smollm_tokenizer):
     encoder = _tiny_encoder(family, smollm_tokenizer)
     fp32 = encoder.encode(TEXTS, convert_to_numpy=True)
     bf16 = copy.deepcopy(encoder).to(torch.bfloat16).encode(TEXTS, convert_to_numpy=True)
-    report = apply_fp8(encoder, "fp8-simulated", high_precision_layers=[])
-    assert report == {"scheme": "fp8-simulated", "high_precision_layers": [], "fp8_linears": 14, "linears": 14}
+    report = apply_fp8(encoder, "fp8-simulated", high_precision_layers=[], rounding="nearest")
+    assert report == {"scheme": "fp8-simulated", "rounding": "nearest", "high_precision_layers": [], "fp8_linears": 14, "linears": 14}
     assert encoder.quantization == "fp8-simulated"
     assert sum(isinstance(m, FP8Linear) for m in encoder.model.modules()) == 14
     fp8 = encoder.encode(TEXTS, convert_to_numpy=True)
@@ -126,6 +148,47 @@ def test_simulated_fp8_encoder_is_close_to_fp32(family, smollm_tokenizer):
     assert 1 - fp8_cos.min() > 1 - bf16_cos.min()  # quantized: further than bf16, never equal
     relative = np.linalg.norm(fp8 - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
     assert relative.max() < E4M3_HALF_STEP
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3: per-head q/k norms between the GEMMs
+def test_gptq_fp8_weights_beat_round_to_nearest(family, smollm_tokenizer):
+    """GPTQ's FP8 weights are e4m3 values on round-to-nearest's scales; the FP8 layers hold exactly
+    them; the all-FP8 encoder is closer to fp32 with them, on the calibration texts and on others."""
+    from llm2vec_fast.layer_sensitivity import calibration_inputs
+
+    encoder = _tiny_encoder(family, smollm_tokenizer)
+    inputs = calibration_inputs(64)
+    held_out = ["A cat sleeps on the sofa.", ["Retrieve semantically similar text.", "It rains in Paris."], "Stocks fell on Monday."]
+    fp32 = {k: encoder.encode(v, convert_to_numpy=True) for k, v in (("calib", inputs), ("held", held_out))}
+    rounded = gptq_fp8_weights(encoder, inputs)
+    assert len(rounded) == 14 and not any(isinstance(m, FP8Linear) for m in encoder.model.modules())
+    np.testing.assert_array_equal(encoder.encode(held_out, convert_to_numpy=True), fp32["held"])  # unchanged
+    linears = dict(encoder.model.named_modules())
+    changed = 0
+    for name, (q, scales) in rounded.items():
+        w = linears[name].weight
+        assert q.dtype == FP8_DTYPE and q.shape == w.shape and scales.shape == (w.shape[0], 1)
+        nearest_q, nearest_scales = quantize_rows(w)
+        torch.testing.assert_close(scales, nearest_scales, rtol=0, atol=0)
+        changed += int((q.float() != nearest_q.float()).sum())
+    assert changed > 0
+    errors = {}
+    for rounding in ("nearest", "gptq"):
+        quantized = copy.deepcopy(encoder)
+        report = apply_fp8(quantized, "fp8-simulated", high_precision_layers=[], rounding=rounding, gptq_inputs=inputs)
+        assert report["rounding"] == rounding and report["fp8_linears"] == 14
+        if rounding == "gptq":
+            for name, (q, scales) in rounded.items():
+                layer = quantized.model.get_submodule(name)
+                assert torch.equal(layer.weight_fp8.view(torch.uint8), q.view(torch.uint8)) and torch.equal(layer.weight_scales, scales.t())
+        errors[rounding] = {
+            k: 1 - cosine_rows(quantized.encode(v, convert_to_numpy=True), fp32[k]).mean()
+            for k, v in (("calib", inputs), ("held", held_out))
+        }
+    assert errors["gptq"]["calib"] < 0.8 * errors["nearest"]["calib"]
+    assert errors["gptq"]["held"] < errors["nearest"]["held"]
+    with pytest.raises(ValueError, match="unknown FP8 weight rounding 'stochastic'"):
+        apply_fp8(copy.deepcopy(encoder), "fp8-simulated", rounding="stochastic")
 
 
 def test_listed_layers_stay_in_high_precision(smollm_tokenizer):
@@ -176,6 +239,8 @@ def test_from_pretrained_calibrates_and_refuses_to_save(tiny_llama_dir, tmp_path
         encoder.save(tmp_path / "out")
     with pytest.raises(RuntimeError, match=r"module.to\(dtype\) after quantization"):
         encoder.to(torch.bfloat16).encode(["hello world"])
+    with pytest.raises(ValueError, match="unknown FP8 weight rounding 'int8'"):
+        LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", quantization="fp8-simulated", fp8_rounding="int8")
 
 
 @pytest.mark.skipif(fp8_unsupported_reason("cuda") is None, reason="checks the error without an FP8 GPU")
@@ -198,6 +263,10 @@ def test_cli_quantization_option(tiny_llama_dir, capsys):
         assert kwargs["quantization"] == "fp8-simulated" and kwargs["high_precision_layers"] == [0, 3]
     args = build_parser().parse_args(["encode", "x"])
     assert encoder_kwargs(args)["quantization"] is None and encoder_kwargs(args)["high_precision_layers"] == "calibrate"
+    assert encoder_kwargs(args)["fp8_rounding"] == "gptq"
+    assert encoder_kwargs(build_parser().parse_args(["serve", "--fp8-rounding", "nearest"]))["fp8_rounding"] == "nearest"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["encode", "x", "--fp8-rounding", "stochastic"])
     assert build_parser().parse_args(["encode", "x", "--high-precision-layers", ""]).high_precision_layers == []
     if fp8_unsupported_reason("cuda") is not None:
         assert main(["encode", "--model", tiny_llama_dir, "--device", "cpu", "--quantization", "fp8", "x"]) == 2
@@ -210,10 +279,13 @@ def test_dataset_settings_record_the_quantization(smollm_tokenizer):
     encoder = _tiny_encoder("llama", smollm_tokenizer)
     plain = encoder_settings(encoder)
     assert "quantization" not in plain  # manifests of unquantized jobs are unchanged
+    nearest = copy.deepcopy(encoder)
     apply_fp8(encoder, "fp8-simulated", high_precision_layers=[1])
     settings = encoder_settings(encoder)
     assert settings["quantization"] == "fp8-simulated" and settings["high_precision_layers"] == [1]
     assert settings["weights"] != plain["weights"]
+    apply_fp8(nearest, "fp8-simulated", high_precision_layers=[1], rounding="nearest")
+    assert (settings["fp8_rounding"], encoder_settings(nearest)["fp8_rounding"]) == ("gptq", "nearest")
 
 
 @pytest.mark.skipif(fp8_unsupported_reason("cuda") is not None, reason="needs a CUDA GPU of compute capability 8.9+")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..encoding import POOLING_MODES
-from ..fp8 import QUANTIZATIONS
+from ..fp8 import QUANTIZATIONS, ROUNDINGS
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="I,J,...",
         help='with --quantization: decoder layers kept in high precision ("" for none; default: chosen by calibration at load)',
     )
+    parser.add_argument(
+        "--fp8-rounding",
+        choices=ROUNDINGS,
+        default="gptq",
+        help="with --quantization: FP8 weights rounded by GPTQ on STS-B train text (closer to bf16; a calibration pass at load) "
+        "or to the nearest e4m3 value",
+    )
 
 
 def _layer_indices(value: str):
@@ -65,6 +72,7 @@ def encoder_kwargs(args: argparse.Namespace) -> dict:
         device=args.device,
         quantization=args.quantization,
         high_precision_layers=args.high_precision_layers,
+        fp8_rounding=args.fp8_rounding,
         fused=args.fused,
     )
 

@@ -34,7 +34,11 @@ def encoder_settings(encoder) -> dict:
     # FP8 changes the embeddings; recorded only when used, so manifests of unquantized jobs still resume
     quantization = getattr(encoder, "quantization", None)
     fp8 = (
-        {"quantization": quantization, "high_precision_layers": encoder.quantization_report["high_precision_layers"]}
+        {
+            "quantization": quantization,
+            "high_precision_layers": encoder.quantization_report["high_precision_layers"],
+            "fp8_rounding": encoder.quantization_report.get("rounding", "nearest"),
+        }
         if quantization
         else {}
     )
