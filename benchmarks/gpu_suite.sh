@@ -118,7 +118,7 @@ else
 fi
 # last: each new (dtype, head dim, variant) compiles its kernels (one config each, see above)
 step kernel-tests 130 "$PY" -m pytest tests/test_pooling_kernels.py tests/test_flash_attn.py tests/test_fused_layers.py \
-    tests/test_cuda_graphs.py -q -p no:cacheprovider \
+    tests/test_cuda_graphs.py tests/test_fp8_quant_kernel.py tests/test_fp8.py -q -p no:cacheprovider \
     --maxfail=5 -rfE --durations=15 ${KERNEL_TESTS:+-k "$KERNEL_TESTS"}
 
 echo

@@ -8,6 +8,8 @@ the torch reference on CPU; triton is imported lazily, so this package imports w
 * :func:`masked_pool`, :func:`masked_pool_varlen` -- mean / weighted_mean / last / first pooling
   over masked tokens, padded or packed (Triton fwd + fused bwd).
 * :func:`rms_norm` -- RMSNorm with an optional fused residual add (Triton fwd, torch bwd).
+* :func:`fp8_quantize_rows` -- row-wise FP8 (e4m3) quantization with one scale per row, in one pass
+  (the activation side of FP8 W8A8 GEMMs; inference only).
 
 Both packed ops run as ``torch.library`` custom ops (``torch.ops.llm2vec_fast.flash_attn_varlen_fwd``,
 ``..._bwd``, ``masked_pool_varlen_fwd``, ``..._bwd``) with fake implementations and registered
@@ -23,6 +25,8 @@ from .flash_attn import (
     flash_attn_varlen,
 )
 from .flash_attn_reference import attention_naive, flash_attn_varlen_reference
+from .fp8_quant import fp8_quantize_rows
+from .fp8_quant_reference import fp8_quantize_rows_reference
 from .pooling import masked_pool, masked_pool_varlen
 from .pooling_reference import (
     POOLING_MODES,
@@ -43,6 +47,8 @@ __all__ = [
     "flash_attn_dropout_mask",
     "flash_attn_varlen",
     "flash_attn_varlen_reference",
+    "fp8_quantize_rows",
+    "fp8_quantize_rows_reference",
     "masked_pool",
     "masked_pool_reference",
     "masked_pool_varlen",

@@ -7,7 +7,8 @@ case this module records the shared memory the kernel needs (checked against the
 
 Cases: every autotune config of every kernel (attention forward, dK/dV, dQ, the backward
 preprocess and the dropout-mask kernel; pooling chunk, combine, last/first and backward kernels;
-the RMSNorm / residual-add + RMSNorm kernel at each row width of :data:`RMS_NORM_WIDTHS`),
+the RMSNorm / residual-add + RMSNorm kernel at each row width of :data:`RMS_NORM_WIDTHS`; the FP8
+row quantization at each width of :data:`FP8_QUANT_WIDTHS`, sm_90 only: e4m3 needs sm_89+),
 for head dims 64/80/128/256 (attention) or every pooling mode, fp16 and bf16, sm_80 and sm_90, with
 attention dropout and logit soft-capping on and off, the chunked pooling forward with and without its
 combine pass.
@@ -177,35 +178,61 @@ def _pooling_cases(pt) -> list[dict]:
 RMS_NORM_WIDTHS = (64, 128, 576, 2048, 4096, 8192)
 
 
+def _row_kernel_case(rt, kernel: str, d: int, dtype: str, arch: int, variant: str, **constexprs) -> dict:
+    """A case of a row-tiled kernel (a whole row in registers) of module ``rt``, whose
+    ``launch_config(d)`` gives the tile and warps."""
+    block_t, block_d, warps = rt.launch_config(d)
+    return dict(
+        module=rt.__name__.rpartition(".")[2],
+        kernel=kernel,
+        arch=arch,
+        dtype=dtype,
+        D=d,
+        config=f"{block_t}x{block_d}w{warps}",
+        constexprs=dict(**constexprs, BLOCK_T=block_t, BLOCK_D=block_d),
+        num_warps=warps,
+        num_stages=1,
+        variant=variant,
+    )
+
+
 def _rms_norm_cases(rt) -> list[dict]:
     """The norm kernel at each width, plain and with the fused residual add, Llama and Gemma casts."""
-    cases = []
-    for d, dtype, arch, residual, gemma in itertools.product(RMS_NORM_WIDTHS, DTYPES, SMEM_LIMITS, (False, True), (False, True)):
-        block_t, block_d, warps = rt.launch_config(d)
-        cases.append(
-            dict(
-                module="rms_norm_triton",
-                kernel="_rms_norm_fwd_kernel",
-                arch=arch,
-                dtype=dtype,
-                D=d,
-                config=f"{block_t}x{block_d}w{warps}",
-                constexprs=dict(HAS_RESIDUAL=residual, GEMMA=gemma, BLOCK_T=block_t, BLOCK_D=block_d),
-                num_warps=warps,
-                num_stages=1,
-                variant=f"residual={int(residual)},gemma={int(gemma)}",
-            )
+    return [
+        _row_kernel_case(
+            rt, "_rms_norm_fwd_kernel", d, dtype, arch, f"residual={int(residual)},gemma={int(gemma)}", HAS_RESIDUAL=residual, GEMMA=gemma
         )
-    return cases
+        for d, dtype, arch, residual, gemma in itertools.product(RMS_NORM_WIDTHS, DTYPES, SMEM_LIMITS, (False, True), (False, True))
+    ]
+
+
+#: FP8 row quantization widths: the inputs of the decoder's linear layers (hidden and MLP sizes) of
+#: the 135M, 1B and 8B shapes, and the widest row the kernel takes.
+FP8_QUANT_WIDTHS = (576, 1536, 2048, 4096, 8192, 14336, 16384)
+#: FP8 tensor cores and the e4m3 cast start at sm_89; of the checked architectures only sm_90 has them.
+FP8_ARCHS = (90,)
+
+
+def _fp8_quant_cases(rt) -> list[dict]:
+    """The FP8 row-quantization kernel at each width, reading fp16 or bf16, with the cast in the kernel."""
+    return [
+        _row_kernel_case(rt, "_fp8_quantize_rows_kernel", d, dtype, arch, "cast", CAST=True)
+        for d, dtype, arch in itertools.product(FP8_QUANT_WIDTHS, DTYPES, FP8_ARCHS)
+    ]
 
 
 def all_cases() -> list[dict]:
     """The full cartesian product of cases (see the module docstring)."""
-    from . import flash_attn_triton, pooling_triton, rms_norm_triton
+    from . import flash_attn_triton, fp8_quant_triton, pooling_triton, rms_norm_triton
 
     if flash_attn_triton.INTERPRETED:
         raise RuntimeError("compile_check needs the GPU autotune tables: run it without TRITON_INTERPRET")
-    return _attention_cases(flash_attn_triton) + _pooling_cases(pooling_triton) + _rms_norm_cases(rms_norm_triton)
+    return (
+        _attention_cases(flash_attn_triton)
+        + _pooling_cases(pooling_triton)
+        + _rms_norm_cases(rms_norm_triton)
+        + _fp8_quant_cases(fp8_quant_triton)
+    )
 
 
 def _factors(case: dict) -> dict:
@@ -267,13 +294,24 @@ _ARG_TYPES = {
 }
 _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "H", "OUT", "GOUT", "GH", "X", "R", "W", "Y", "S"}
 #: Per-kernel overrides of :data:`_ARG_TYPES` (a name that means something else there).
-_KERNEL_ARG_TYPES = {"_rms_norm_fwd_kernel": {"offset": "fp32"}}
+_KERNEL_ARG_TYPES = {
+    "_rms_norm_fwd_kernel": {"offset": "fp32"},
+    "_fp8_quantize_rows_kernel": {"OUT_Q": "*fp8e4nv", "OUT_SCALE": "*fp32", "fp8_max": "fp32", "min_scale": "fp32"},
+}
 #: Strides that are not multiples of 16 in general: ``stride_lh`` is the token count (the kernels do
 #: not specialise on it) and the preprocess kernel's ``stride_dh`` and the dropout-mask kernel's strides are token counts too.
 _UNALIGNED_STRIDES = {"stride_lh", "stride_dh", "stride_mh", "stride_mt"}
 #: Other integer arguments Triton specialises as divisible by 16 in real launches: the hidden size.
 _ALIGNED_INTS = {
-    k: ("D",) for k in ("_pool_chunk_kernel", "_pool_combine_kernel", "_pool_select_kernel", "_pool_bwd_kernel", "_rms_norm_fwd_kernel")
+    k: ("D",)
+    for k in (
+        "_pool_chunk_kernel",
+        "_pool_combine_kernel",
+        "_pool_select_kernel",
+        "_pool_bwd_kernel",
+        "_rms_norm_fwd_kernel",
+        "_fp8_quantize_rows_kernel",
+    )
 }
 #: The specialisation every case is compiled with (part of the cache key), see :func:`_signature`.
 ALIGNED_ARGS = "16-byte aligned pointers, strides % 16 == 0"

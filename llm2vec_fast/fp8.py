@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from .gptq import Grid
+from .kernels import fp8_quantize_rows
+from .kernels.fp8_quant_reference import FP8_DTYPE, FP8_MAX, rowwise_scales
 
 logger = logging.getLogger(__name__)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 QUANTIZATIONS = ("fp8", "fp8-simulated")
 ROUNDINGS = ("gptq", "nearest")
 #: STS-B train inputs GPTQ calibrates on (fewer leave H = X^T X of the wide MLP inputs rank-deficient
@@ -100,17 +100,11 @@ def check_fp8_device(device: torch.device | str) -> None:
 
 
 # ------------------------------------------------------------------------ shared by both modes
-def rowwise_scales(x: torch.Tensor) -> torch.Tensor:
-    """One float32 scale per row of ``x`` ``[rows, cols]``: ``amax(|row|) / 448`` (shape ``[rows, 1]``;
-    an all-zero row gets the smallest normal float32, so it quantizes to zeros)."""
-    return (x.detach().abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-
-
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scales)``: ``x`` ``[rows, cols]`` as ``float8_e4m3fn`` with :func:`rowwise_scales`
-    (``x ~= q * scales``, round to nearest even)."""
-    scales = rowwise_scales(x)
-    return (x.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scales
+    (``x ~= q * scales``, round to nearest even): one Triton pass on CUDA, torch elsewhere, same bits
+    (:func:`llm2vec_fast.kernels.fp8_quantize_rows`)."""
+    return fp8_quantize_rows(x)
 
 
 def fake_fp8_rows(x: torch.Tensor) -> torch.Tensor:

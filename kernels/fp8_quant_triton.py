@@ -1,0 +1,75 @@
+"""Triton kernel of row-wise FP8 quantization (see :mod:`.fp8_quant_reference`).
+
+One program quantizes ``BLOCK_T`` rows of ``BLOCK_D >= D`` columns (the RMSNorm kernel's tiling: a
+whole row in registers), so the activations are read once and written once as e4m3 -- torch's
+version makes a float32 copy, an ``abs``, a reduction, a divide, a clamp and a cast, each a pass over
+memory. Divisions are IEEE (``div_rn``) and the cast rounds to nearest even, so the bits are torch's.
+
+The Triton interpreter casts float32 to e4m3 wrongly next to powers of two (the mantissa carry is
+lost: 31.9 becomes 16), so under ``TRITON_INTERPRET`` the kernel stores the clamped float32 values
+and torch casts them (``CAST=False``); on a GPU the cast is in the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import interpreter_enabled, new_output
+from .fp8_quant_reference import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from .rms_norm_triton import launch_config
+
+
+@triton.jit
+def _fp8_quantize_rows_kernel(
+    X,
+    OUT_Q,
+    OUT_SCALE,
+    n_rows,
+    D,
+    stride_x,
+    stride_q,
+    fp8_max,
+    min_scale,
+    CAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), fp8_max), min_scale)
+    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max)
+    if CAST:
+        q = q.to(OUT_Q.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(OUT_Q + rows[:, None] * stride_q + cols[None, :], q, mask=mask)
+    tl.store(OUT_SCALE + rows, scale, mask=row_ok)
+
+
+def fp8_quantize_rows_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q float8_e4m3fn [N, D], scales float32 [N, 1])`` for ``x`` ``[N, D]`` (last dim contiguous)."""
+    n_rows, d = x.shape
+    cast = not interpreter_enabled()
+    q = new_output((n_rows, d), FP8_DTYPE if cast else torch.float32, x.device)
+    scales = new_output((n_rows, 1), torch.float32, x.device)
+    if n_rows:
+        block_t, block_d, num_warps = launch_config(d)
+        _fp8_quantize_rows_kernel[(triton.cdiv(n_rows, block_t),)](
+            x,
+            q,
+            scales,
+            n_rows,
+            d,
+            x.stride(0),
+            q.stride(0),
+            FP8_MAX,
+            MIN_SCALE,
+            CAST=cast,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return (q if cast else q.to(FP8_DTYPE)), scales
