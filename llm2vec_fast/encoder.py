@@ -198,7 +198,8 @@ class LLM2Vec(EncodeMixin, nn.Module):
         encoder.fused_report = fused_report
         encoder = encoder.to(device).eval()
         if quantization is not None:
-            apply_fp8(encoder, quantization, high_precision_layers, rounding=fp8_rounding)
+            # GPTQ and the layer calibration take a while on large models: their steps go to the log (CLI: -v)
+            apply_fp8(encoder, quantization, high_precision_layers, rounding=fp8_rounding, progress=logger.info)
         if cuda_graphs is not False:
             encoder.use_cuda_graphs(None if cuda_graphs is True else cuda_graphs)
         return encoder
