@@ -8,7 +8,8 @@ case this module records the shared memory the kernel needs (checked against the
 Cases: every autotune config of every kernel (attention forward, dK/dV, dQ, the backward
 preprocess and the dropout-mask kernel; pooling chunk, combine, last/first and backward kernels;
 the RMSNorm / residual-add + RMSNorm kernel at each row width of :data:`RMS_NORM_WIDTHS`; the FP8
-row quantization at each width of :data:`FP8_QUANT_WIDTHS`, sm_90 only: e4m3 needs sm_89+),
+row quantization at each width of :data:`FP8_QUANT_WIDTHS` and the norm-then-quantize kernel at the
+hidden sizes, sm_90 only: e4m3 needs sm_89+),
 for head dims 64/80/128/256 (attention) or every pooling mode, fp16 and bf16, sm_80 and sm_90, with
 attention dropout and logit soft-capping on and off, the chunked pooling forward with and without its
 combine pass.
@@ -214,11 +215,27 @@ FP8_ARCHS = (90,)
 
 
 def _fp8_quant_cases(rt) -> list[dict]:
-    """The FP8 row-quantization kernel at each width, reading fp16 or bf16, with the cast in the kernel."""
-    return [
+    """The FP8 row-quantization kernel at each width, reading fp16 or bf16, with the cast in the kernel;
+    the norm-then-quantize kernel at the hidden sizes, plain and with the residual add, both casts."""
+    quantize = [
         _row_kernel_case(rt, "_fp8_quantize_rows_kernel", d, dtype, arch, "cast", CAST=True)
         for d, dtype, arch in itertools.product(FP8_QUANT_WIDTHS, DTYPES, FP8_ARCHS)
     ]
+    norm = [
+        _row_kernel_case(
+            rt,
+            "_rms_norm_fp8_kernel",
+            d,
+            dtype,
+            arch,
+            f"residual={int(residual)},gemma={int(gemma)}",
+            HAS_RESIDUAL=residual,
+            GEMMA=gemma,
+            CAST=True,
+        )
+        for d, dtype, arch, residual, gemma in itertools.product(RMS_NORM_WIDTHS[2:], DTYPES, FP8_ARCHS, (False, True), (False, True))
+    ]
+    return quantize + norm
 
 
 def all_cases() -> list[dict]:
@@ -297,6 +314,7 @@ _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "H", "OUT", "GOUT", "G
 _KERNEL_ARG_TYPES = {
     "_rms_norm_fwd_kernel": {"offset": "fp32"},
     "_fp8_quantize_rows_kernel": {"OUT_Q": "*fp8e4nv", "OUT_SCALE": "*fp32", "fp8_max": "fp32", "min_scale": "fp32"},
+    "_rms_norm_fp8_kernel": {"OUT_Q": "*fp8e4nv", "OUT_SCALE": "*fp32", "fp8_max": "fp32", "min_scale": "fp32", "offset": "fp32"},
 }
 #: Strides that are not multiples of 16 in general: ``stride_lh`` is the token count (the kernels do
 #: not specialise on it) and the preprocess kernel's ``stride_dh`` and the dropout-mask kernel's strides are token counts too.
@@ -311,6 +329,7 @@ _ALIGNED_INTS = {
         "_pool_bwd_kernel",
         "_rms_norm_fwd_kernel",
         "_fp8_quantize_rows_kernel",
+        "_rms_norm_fp8_kernel",
     )
 }
 #: The specialisation every case is compiled with (part of the cache key), see :func:`_signature`.

@@ -1,9 +1,15 @@
-"""Row-wise FP8 quantization: public entry point and custom op.
+"""Row-wise FP8 quantization: public entry points and custom ops.
 
 ``fp8_quantize_rows(x)`` returns ``x`` ``[..., D]`` as ``float8_e4m3fn`` with one float32 scale per
 row (``amax / 448``): the per-token activation quantization of an FP8 W8A8 GEMM
 (:class:`llm2vec_fast.fp8.FP8Linear`), in one pass over the activations. Semantics are defined by
 :mod:`.fp8_quant_reference`, the ground truth and CPU path; the kernel gives its bits.
+
+``rms_norm_fp8(x, weight, eps, residual=...)`` is :func:`~.rms_norm.rms_norm` followed by that
+quantization in one kernel: the normalised rows are quantized in registers instead of being written
+out and read back (the input norms of a decoder layer whose projections run FP8). Its reference is
+the two references one after the other; the kernel matches it as the norm kernel matches its own
+(the norm within float32 rounding, so a rare value can land on the neighbouring e4m3 step).
 
 Backend rule as for the other ops: ``"auto"`` runs the Triton kernel (:mod:`.fp8_quant_triton`) on
 CUDA tensors and the reference otherwise; ``"triton"`` forces the kernel (CPU only under
@@ -14,12 +20,30 @@ it without a graph break. Inference only: no autograd.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._dispatch import resolve_backend
 from .fp8_quant_reference import FP8_DTYPE, fp8_quantize_rows_reference
+from .rms_norm import check_norm_arguments
+from .rms_norm_reference import add_rms_norm_reference, rms_norm_reference
 
-__all__ = ["fp8_quantize_rows"]
+__all__ = ["FP8Rows", "fp8_quantize_rows", "rms_norm_fp8"]
+
+
+class FP8Rows(NamedTuple):
+    """Rows quantized to FP8: ``values`` ``float8_e4m3fn`` ``[..., D]`` and float32 ``scales``
+    ``[..., 1]``, ``values * scales ~=`` the rows. ``shape`` is the rows' shape, so a module that only
+    reads ``x.shape`` before its projections takes them in place of a tensor."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -39,7 +63,7 @@ def _(x, backend):
     return torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device), torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
 
 
-def fp8_quantize_rows(x: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_quantize_rows(x: torch.Tensor, *, backend: str = "auto") -> FP8Rows:
     """Row-wise FP8 quantization of ``x`` ``[..., D]``.
 
     Args:
@@ -47,8 +71,9 @@ def fp8_quantize_rows(x: torch.Tensor, *, backend: str = "auto") -> tuple[torch.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring).
 
     Returns:
-        ``(q, scales)``: ``q`` ``float8_e4m3fn`` in ``x``'s shape and ``scales`` float32 ``[..., 1]``,
-        with ``x ~= q.float() * scales`` (rounded to nearest even, values clamped to +-448).
+        :class:`FP8Rows` ``(q, scales)``: ``q`` ``float8_e4m3fn`` in ``x``'s shape and ``scales``
+        float32 ``[..., 1]``, with ``x ~= q.float() * scales`` (rounded to nearest even, values
+        clamped to +-448).
 
     Raises:
         ValueError: a dtype other than fp16/bf16/fp32, a 0-d tensor, or an unknown backend.
@@ -67,4 +92,60 @@ def fp8_quantize_rows(x: torch.Tensor, *, backend: str = "auto") -> tuple[torch.
                 raise ValueError(f"the Triton FP8 quantization holds rows of up to {MAX_BLOCK_D} columns, got {shape[-1]}")
             resolved = "torch"
     q, scales = torch.ops.llm2vec_fast.fp8_quantize_rows(x.detach().reshape(-1, shape[-1]), resolved)
-    return q.reshape(shape), scales.reshape(*shape[:-1], 1)
+    return FP8Rows(q.reshape(shape), scales.reshape(*shape[:-1], 1))
+
+
+@torch.library.custom_op("llm2vec_fast::rms_norm_fp8_fwd", mutates_args=())
+def _rms_norm_fp8_op(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, casting: str, offset: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q [N, D], scales [N, 1], residual + x [N, D])`` for 2-D ``x``; the last output is empty
+    ``[0]`` without ``residual``."""
+    if backend == "triton":
+        from . import fp8_quant_triton
+
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        residual = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
+        q, scales, total = fp8_quant_triton.rms_norm_fp8_forward(x, residual, weight.contiguous(), eps, casting == "gemma", offset)
+    else:
+        if residual is not None:
+            y, total = add_rms_norm_reference(x, residual, weight, eps, casting, offset)
+        else:
+            y, total = rms_norm_reference(x, weight, eps, casting, offset), None
+        q, scales = fp8_quantize_rows_reference(y)
+    return q, scales, (total if total is not None else x.new_empty((0,)))
+
+
+@_rms_norm_fp8_op.register_fake
+def _(x, residual, weight, eps, casting, offset, backend):
+    total = torch.empty_like(x) if residual is not None else x.new_empty((0,))
+    return torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device), torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device), total
+
+
+def rms_norm_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    residual: torch.Tensor | None = None,
+    casting: str = "llama",
+    offset: float = 0.0,
+    backend: str = "auto",
+) -> FP8Rows | tuple[FP8Rows, torch.Tensor]:
+    """RMSNorm of ``x`` ``[..., D]`` (of ``residual + x`` with ``residual``) quantized to FP8 per row.
+
+    The arguments are :func:`~.rms_norm.rms_norm`'s. Returns :class:`FP8Rows` of the normalised
+    rows (as :func:`fp8_quantize_rows` would quantize ``rms_norm``'s output), and with ``residual``
+    also ``residual + x`` in ``x``'s dtype. Inference only (no autograd).
+
+    Raises:
+        ValueError: as :func:`~.rms_norm.rms_norm`.
+    """
+    resolved = check_norm_arguments(x, weight, residual, casting, offset, backend)
+    shape = x.shape
+    flat_residual = residual.detach().reshape(-1, shape[-1]) if residual is not None else None
+    q, scales, total = torch.ops.llm2vec_fast.rms_norm_fp8_fwd(
+        x.detach().reshape(-1, shape[-1]), flat_residual, weight.detach(), float(eps), casting, float(offset), resolved
+    )
+    rows = FP8Rows(q.reshape(shape), scales.reshape(*shape[:-1], 1))
+    return rows if residual is None else (rows, total.reshape(shape))

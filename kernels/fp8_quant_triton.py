@@ -1,4 +1,6 @@
-"""Triton kernel of row-wise FP8 quantization (see :mod:`.fp8_quant_reference`).
+"""Triton kernels of row-wise FP8 quantization (see :mod:`.fp8_quant_reference`): on its own, and
+after an RMSNorm / residual-add + RMSNorm (the norm of :mod:`.rms_norm_triton`, whose output is then
+quantized in registers instead of written and read back).
 
 One program quantizes ``BLOCK_T`` rows of ``BLOCK_D >= D`` columns (the RMSNorm kernel's tiling: a
 whole row in registers), so the activations are read once and written once as e4m3 -- torch's
@@ -18,7 +20,18 @@ import triton.language as tl
 
 from ._dispatch import interpreter_enabled, new_output
 from .fp8_quant_reference import FP8_DTYPE, FP8_MAX, MIN_SCALE
-from .rms_norm_triton import launch_config
+from .rms_norm_triton import _norm_tile, launch_config
+
+
+@triton.jit
+def _quantize_tile(x, rows, cols, mask, OUT_Q, OUT_SCALE, stride_q, n_rows, fp8_max, min_scale, CAST: tl.constexpr):
+    """Quantize the float32 tile ``x`` (masked entries 0) row by row and store it."""
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), fp8_max), min_scale)
+    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max)
+    if CAST:
+        q = q.to(OUT_Q.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(OUT_Q + rows[:, None] * stride_q + cols[None, :], q, mask=mask)
+    tl.store(OUT_SCALE + rows, scale, mask=rows < n_rows)
 
 
 @triton.jit
@@ -38,15 +51,40 @@ def _fp8_quantize_rows_kernel(
 ):
     rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < D)[None, :]
+    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), fp8_max), min_scale)
-    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max)
-    if CAST:
-        q = q.to(OUT_Q.dtype.element_ty, fp_downcast_rounding="rtne")
-    tl.store(OUT_Q + rows[:, None] * stride_q + cols[None, :], q, mask=mask)
-    tl.store(OUT_SCALE + rows, scale, mask=row_ok)
+    _quantize_tile(x, rows, cols, mask, OUT_Q, OUT_SCALE, stride_q, n_rows, fp8_max, min_scale, CAST)
+
+
+@triton.jit
+def _rms_norm_fp8_kernel(
+    X,
+    R,
+    W,
+    S,
+    OUT_Q,
+    OUT_SCALE,
+    n_rows,
+    D,
+    stride_x,
+    stride_r,
+    stride_s,
+    stride_q,
+    eps,
+    offset,
+    fp8_max,
+    min_scale,
+    HAS_RESIDUAL: tl.constexpr,
+    GEMMA: tl.constexpr,
+    CAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # the norm's output rounded to the input dtype (what the unfused norm writes), then quantized
+    y, rows, cols, mask = _norm_tile(
+        X, R, W, S, n_rows, D, stride_x, stride_r, stride_s, eps, offset, HAS_RESIDUAL, GEMMA, BLOCK_T, BLOCK_D
+    )
+    _quantize_tile(y.to(tl.float32), rows, cols, mask, OUT_Q, OUT_SCALE, stride_q, n_rows, fp8_max, min_scale, CAST)
 
 
 def fp8_quantize_rows_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,3 +111,42 @@ def fp8_quantize_rows_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
             num_warps=num_warps,
         )
     return (q if cast else q.to(FP8_DTYPE)), scales
+
+
+def rms_norm_fp8_forward(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, gemma: bool, offset: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(q float8_e4m3fn [N, D], scales float32 [N, 1], residual + x or None)``: the RMSNorm of
+    ``x`` (``residual + x``) ``[N, D]`` (last dim contiguous) quantized per row."""
+    n_rows, d = x.shape
+    cast = not interpreter_enabled()
+    q = new_output((n_rows, d), FP8_DTYPE if cast else torch.float32, x.device)
+    scales = new_output((n_rows, 1), torch.float32, x.device)
+    total = new_output((n_rows, d), x.dtype, x.device) if residual is not None else None
+    if n_rows:
+        block_t, block_d, num_warps = launch_config(d)
+        _rms_norm_fp8_kernel[(triton.cdiv(n_rows, block_t),)](
+            x,
+            residual if residual is not None else x,
+            weight,
+            total if total is not None else x,
+            q,
+            scales,
+            n_rows,
+            d,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            total.stride(0) if total is not None else 0,
+            q.stride(0),
+            float(eps),
+            float(offset),
+            FP8_MAX,
+            MIN_SCALE,
+            HAS_RESIDUAL=residual is not None,
+            GEMMA=gemma,
+            CAST=cast,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return (q if cast else q.to(FP8_DTYPE)), scales, total

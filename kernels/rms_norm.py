@@ -80,6 +80,31 @@ def _backward(ctx, grad_y, grad_total):
 _rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def check_norm_arguments(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, casting: str, offset: float, backend: str
+) -> str:
+    """Validate the arguments of :func:`rms_norm` (and of the norm-then-quantize op); returns the
+    backend to run: ``"triton"`` or ``"torch"``."""
+    check_casting_mode(casting)
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise ValueError("x and weight must be torch.Tensors")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x dtype {x.dtype} is not supported; expected one of {_FLOAT_DTYPES}")
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    if casting != "gemma" and offset != 0.0:
+        raise ValueError('offset applies to the "gemma" casting mode only')
+    tensors = (x, weight) if residual is None else (x, residual, weight)
+    resolved = resolve_backend(backend, tensors)
+    if resolved == "triton" and weight.dtype != x.dtype:
+        if backend == "triton":
+            raise ValueError(f"the Triton RMSNorm needs weight ({weight.dtype}) in x's dtype ({x.dtype})")
+        resolved = "torch"
+    return resolved
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -109,23 +134,7 @@ def rms_norm(
     Raises:
         ValueError: bad shapes, dtypes, casting mode or backend.
     """
-    check_casting_mode(casting)
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise ValueError("x and weight must be torch.Tensors")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x dtype {x.dtype} is not supported; expected one of {_FLOAT_DTYPES}")
-    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
-    if casting != "gemma" and offset != 0.0:
-        raise ValueError('offset applies to the "gemma" casting mode only')
-    tensors = (x, weight) if residual is None else (x, residual, weight)
-    resolved = resolve_backend(backend, tensors)
-    if resolved == "triton" and weight.dtype != x.dtype:
-        if backend == "triton":
-            raise ValueError(f"the Triton RMSNorm needs weight ({weight.dtype}) in x's dtype ({x.dtype})")
-        resolved = "torch"
+    resolved = check_norm_arguments(x, weight, residual, casting, offset, backend)
     shape = x.shape
     flat_residual = residual.reshape(-1, shape[-1]) if residual is not None else None
     y, total = torch.ops.llm2vec_fast.rms_norm_fwd(

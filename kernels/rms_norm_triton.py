@@ -20,17 +20,15 @@ MAX_BLOCK_D = 16384
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(
+def _norm_tile(
     X,
     R,
     W,
-    Y,
     S,
     n_rows,
     D,
     stride_x,
     stride_r,
-    stride_y,
     stride_s,
     eps,
     offset,
@@ -39,6 +37,8 @@ def _rms_norm_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """This program's tile: ``(y, rows, cols, mask)``, ``y`` the normalised rows in the input dtype
+    (the residual sum stored to ``S`` on the way)."""
     rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -61,7 +61,33 @@ def _rms_norm_fwd_kernel(
     else:
         # Llama: normalised in float32, rounded to the input dtype, then times the weight
         y = (xf * rstd[:, None]).to(dtype).to(tl.float32) * w[None, :]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    return y.to(dtype), rows, cols, mask
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X,
+    R,
+    W,
+    Y,
+    S,
+    n_rows,
+    D,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_s,
+    eps,
+    offset,
+    HAS_RESIDUAL: tl.constexpr,
+    GEMMA: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    y, rows, cols, mask = _norm_tile(
+        X, R, W, S, n_rows, D, stride_x, stride_r, stride_s, eps, offset, HAS_RESIDUAL, GEMMA, BLOCK_T, BLOCK_D
+    )
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y, mask=mask)
 
 
 def launch_config(d: int) -> tuple[int, int, int]:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .gptq import Grid
-from .kernels import fp8_quantize_rows
+from .kernels import FP8Rows, fp8_quantize_rows
 from .kernels.fp8_quant_reference import FP8_DTYPE, FP8_MAX, rowwise_scales
 
 logger = logging.getLogger(__name__)
@@ -126,10 +126,18 @@ class FP8Linear(nn.Module):
     scales ``[1, out]``, input quantized per token at each call. ``simulate``: fp32 matmul of the
     fp8 values (any device) instead of ``torch._scaled_mm``."""
 
-    def __init__(self, weight_fp8: torch.Tensor, weight_scales: torch.Tensor, bias: torch.Tensor | None, simulate: bool):
+    def __init__(
+        self,
+        weight_fp8: torch.Tensor,
+        weight_scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        simulate: bool,
+        output_dtype: torch.dtype = torch.bfloat16,
+    ):
         super().__init__()
         self.out_features, self.in_features = weight_fp8.shape
         self.simulate = bool(simulate)
+        self.output_dtype = output_dtype  # the model's dtype: the output dtype for pre-quantized inputs
         self.register_buffer("weight_fp8", weight_fp8)
         self.register_buffer("weight_scales", weight_scales.reshape(1, -1).float().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -142,31 +150,39 @@ class FP8Linear(nn.Module):
         q, scales = quantize_rows(linear.weight) if rounded is None else rounded
         if q.shape != linear.weight.shape or q.dtype != FP8_DTYPE:
             raise ValueError(f"rounded weight {tuple(q.shape)} {q.dtype} does not fit {linear} ({FP8_DTYPE} expected)")
-        return cls(q.to(linear.weight.device), scales.to(linear.weight.device), linear.bias, simulate)
+        device = linear.weight.device
+        return cls(q.to(device), scales.to(device), linear.bias, simulate, output_dtype=linear.weight.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the layer multiplies by, ``[out, in]`` float32."""
         return self.weight_fp8.float() * self.weight_scales.t()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
+        """``x`` ``[..., in]``, or :class:`~llm2vec_fast.kernels.FP8Rows` already quantized per row
+        (by the preceding norm's kernel, :func:`~llm2vec_fast.kernels.rms_norm_fp8`); the output is in
+        ``x``'s dtype (the model's, :attr:`output_dtype`, for pre-quantized rows)."""
         if self.weight_fp8.dtype != FP8_DTYPE or self.weight_scales.dtype != torch.float32:
             # Module.to(dtype) casts every floating buffer, float8 included: the weights are no longer fp8
             raise RuntimeError(
                 f"FP8Linear buffers were cast to {self.weight_fp8.dtype} / {self.weight_scales.dtype} (module.to(dtype) after "
                 "quantization); load the encoder with the dtype you want (dtype=...) and quantization= instead"
             )
-        rows = x.reshape(-1, self.in_features)
-        q, scales = quantize_rows(rows)
+        if isinstance(x, FP8Rows):
+            shape, out_dtype = x.shape, self.output_dtype
+            q, scales = x.values.reshape(-1, self.in_features), x.scales.reshape(-1, 1)
+        else:
+            shape, out_dtype = x.shape, x.dtype
+            q, scales = quantize_rows(x.reshape(-1, self.in_features))
         if self.simulate:
             # fp8 x fp8 products are exact in fp32; fp32 sums, then both scales: the GEMM's arithmetic
             y = (q.float() @ self.weight_fp8.float().t()) * (scales * self.weight_scales)
         else:
             # mat2 column-major (the transposed row-major weight), as _scaled_mm requires
             y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scales, scale_b=self.weight_scales, out_dtype=torch.bfloat16)
-        y = y.to(x.dtype)
+        y = y.to(out_dtype)
         if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = y + self.bias.to(out_dtype)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         mode = "simulated" if self.simulate else "_scaled_mm"

@@ -20,7 +20,9 @@ Modules keep their parameter names (``input_layernorm.weight``, ...) except the 
 
 Other families raise :class:`UnsupportedFusionError` (nothing is changed). Adapters must be merged
 (or the projections stay separate and LoRA keeps working: see :func:`fuse_decoder`); FP8 composes:
-quantize after fusing and the fused projections become FP8 GEMMs of the same numerics.
+quantize after fusing and the fused projections become FP8 GEMMs of the same numerics, and a norm
+whose projections all run FP8 hands them rows already quantized by its own kernel
+(:func:`~llm2vec_fast.kernels.rms_norm_fp8`: the normalised activations are never written in bf16).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import sys
 import torch
 from torch import nn
 
+from .fp8 import FP8Linear
 from .fused_projections import GATE_UP, GATE_UP_FUSED, QKV, QKV_FUSED, fuse_module_projections, split_sizes
-from .kernels import rms_norm
+from .kernels import FP8Rows, rms_norm, rms_norm_fp8
 from .kernels._dispatch import resolve_backend
 
 logger = logging.getLogger(__name__)
@@ -108,20 +111,24 @@ class FusedRMSNorm(nn.Module):
             raise UnsupportedFusionError(f"{type(norm).__name__} has no weight / epsilon to fuse")
         return cls(norm.weight, eps, *_NORMS[type(norm).__name__])
 
+    def _run(self, op, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
+        kwargs = dict(residual=residual, casting=self.casting, offset=self.offset, backend=_backend(self))
+        return op(hidden_states, self.weight, self.variance_epsilon, **kwargs)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon, casting=self.casting, offset=self.offset, backend=_backend(self))
+        return self._run(rms_norm, hidden_states)
 
     def add_and_norm(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm(residual + hidden_states), residual + hidden_states)`` in one kernel."""
-        return rms_norm(
-            hidden_states,
-            self.weight,
-            self.variance_epsilon,
-            residual=residual,
-            casting=self.casting,
-            offset=self.offset,
-            backend=_backend(self),
-        )
+        return self._run(rms_norm, hidden_states, residual)
+
+    def quantized(self, hidden_states: torch.Tensor) -> FP8Rows:
+        """``norm(hidden_states)`` quantized per row to FP8 in the same kernel (for FP8 projections)."""
+        return self._run(rms_norm_fp8, hidden_states)
+
+    def add_and_norm_quantized(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[FP8Rows, torch.Tensor]:
+        """``(norm(residual + hidden_states) in FP8, residual + hidden_states)`` in one kernel."""
+        return self._run(rms_norm_fp8, hidden_states, residual)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, casting={self.casting}"
@@ -225,7 +232,11 @@ class FusedDecoderLayer:
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        norm = self.input_layernorm
+        if isinstance(norm, FusedRMSNorm) and _reads_fp8(self.self_attn, QKV_FUSED, ("qkv_proj",), ("q_proj", "k_proj", "v_proj")):
+            hidden_states = norm.quantized(hidden_states)  # the projections take the FP8 rows as they are
+        else:
+            hidden_states = norm(hidden_states)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
@@ -236,13 +247,22 @@ class FusedDecoderLayer:
             **kwargs,
         )
         norm = self.post_attention_layernorm
-        if isinstance(norm, FusedRMSNorm):
+        if isinstance(norm, FusedRMSNorm) and _reads_fp8(self.mlp, GATE_UP_FUSED, ("gate_up_proj",), ("gate_proj", "up_proj")):
+            hidden_states, residual = norm.add_and_norm_quantized(hidden_states, residual)
+        elif isinstance(norm, FusedRMSNorm):
             hidden_states, residual = norm.add_and_norm(hidden_states, residual)
         else:
             hidden_states = residual + hidden_states
             residual = hidden_states
             hidden_states = norm(hidden_states)
         return residual + self.mlp(hidden_states)
+
+
+def _reads_fp8(module: nn.Module, stacked_flag: str, stacked: tuple[str, ...], separate: tuple[str, ...]) -> bool:
+    """Whether every projection that reads ``module``'s input is an FP8 GEMM (then the norm before it
+    can hand over FP8 rows); a decoder layer kept in high precision has none."""
+    names = stacked if hasattr(module, stacked_flag) else separate
+    return all(isinstance(getattr(module, name, None), FP8Linear) for name in names)
 
 
 _fused_classes: dict[tuple[type, type], type] = {}

@@ -102,3 +102,24 @@ def test_gpu_kernel_cast_gives_the_reference_bits(dtype):
     q, scales = fp8_quantize_rows(x, backend="triton")
     ref_q, ref_scales = fp8_quantize_rows_reference(x)
     assert torch.equal(scales, ref_scales) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 and the in-kernel e4m3 cast run only on a GPU")
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gpu_rms_norm_fp8_bf16(with_residual):
+    """bf16 norm-and-quantize on the card against the norm then the quantization in torch."""
+    from llm2vec_fast.kernels import rms_norm, rms_norm_fp8
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(300, 2048, generator=g) * 3).to("cuda", torch.bfloat16)
+    residual = torch.randn(300, 2048, generator=g).to("cuda", torch.bfloat16) if with_residual else None
+    weight = (torch.rand(2048, generator=g) + 0.5).to("cuda", torch.bfloat16)
+    got = rms_norm_fp8(x, weight, 1e-6, residual=residual, backend="triton")
+    normed = rms_norm(x, weight, 1e-6, residual=residual, backend="triton")
+    if with_residual:
+        (got, got_sum), (normed, normed_sum) = got, normed
+        assert torch.equal(got_sum, normed_sum)
+    ref_q, ref_scales = fp8_quantize_rows_reference(normed)  # the norm kernel's output, quantized in torch
+    # the same norm code compiled into another kernel: equal bits, or (contracted differently) rarely a neighbour
+    torch.testing.assert_close(got.scales, ref_scales, rtol=2**-20, atol=0)
+    assert (got.values.view(torch.uint8) == ref_q.view(torch.uint8)).float().mean().item() > 0.999

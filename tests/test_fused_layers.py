@@ -225,6 +225,94 @@ def test_fp8_simulated_on_stacked_projections_matches_separate():
     torch.testing.assert_close(got, ref, **rounding_tolerance(torch.float32, SIZES["hidden_size"] * 2))
 
 
+@pytest.mark.parametrize("casting", ["llama", "gemma"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize(("rows", "d"), [(37, 80), (5, 576), (3, 4096)])
+def test_rms_norm_fp8_kernel_matches_norm_then_quantize(casting, with_residual, rows, d):
+    """The norm-and-quantize kernel against the two references one after the other: the residual
+    stream bit for bit, the scales within the norm kernel's float32 rounding, and the e4m3 values
+    equal but for rare neighbours (a normalised value a rounding away from a step's midpoint)."""
+    from llm2vec_fast.kernels import FP8Rows, fp8_quantize_rows, rms_norm_fp8
+    from llm2vec_fast.kernels._dispatch import poisoned_outputs
+
+    g = torch.Generator().manual_seed(d + rows)
+    x = (torch.randn(rows, d, generator=g) * 3).to(DEVICE)
+    residual = torch.randn(rows, d, generator=g).to(DEVICE) if with_residual else None
+    weight = (torch.rand(d, generator=g) + 0.5).to(DEVICE)
+    offset = 1.0 if casting == "gemma" else 0.0
+    with poisoned_outputs():
+        got = rms_norm_fp8(x, weight, 1e-6, residual=residual, casting=casting, offset=offset, backend="triton")
+    normed = rms_norm(x, weight, 1e-6, residual=residual, casting=casting, offset=offset, backend="torch")
+    ref = rms_norm_fp8(x, weight, 1e-6, residual=residual, casting=casting, offset=offset, backend="torch")
+    if with_residual:
+        (got, got_sum), (ref, ref_sum), (normed, normed_sum) = got, ref, normed
+        assert torch.equal(got_sum, normed_sum) and torch.equal(ref_sum, normed_sum)
+    assert isinstance(got, FP8Rows) and got.shape == x.shape and got.scales.shape == (rows, 1)
+    expected = fp8_quantize_rows(normed, backend="torch")  # the reference is the two steps
+    assert torch.equal(ref.values.view(torch.uint8), expected.values.view(torch.uint8)) and torch.equal(ref.scales, expected.scales)
+    torch.testing.assert_close(got.scales, ref.scales, rtol=2**-20, atol=0)
+    same = got.values.view(torch.uint8) == ref.values.view(torch.uint8)
+    assert same.float().mean().item() > 0.99
+    # where they differ: neighbouring e4m3 values (one step: 2**-3 relative in the normal range)
+    a, b = (got.values.float() * got.scales)[~same], (ref.values.float() * ref.scales)[~same]
+    assert torch.all((a - b).abs() <= 2**-3 * torch.maximum(a.abs(), b.abs()) + 1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
+def test_fused_fp8_layers_take_their_rows_from_the_norm(family):
+    """With every projection after a norm in FP8, the fused layer's norms quantize (one kernel) and
+    the projections take FP8 rows; on the torch backend that gives the unfused FP8 model's bits. A
+    decoder layer kept in high precision keeps the plain norm."""
+    from llm2vec_fast.kernels import FP8Rows
+
+    from llm2vec_fast.fp8 import FP8Linear, quantize_linears
+
+    model, fused = _tiny_pair(family)
+    fuse_decoder(fused)
+    for m in (model, fused):
+        names = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and not n.startswith("layers.1.")]
+        quantize_linears(m, names, simulate=True)
+    seen = []
+    hooks = [
+        mod.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, isinstance(args[0], FP8Rows))))
+        for name, mod in fused.named_modules()
+        if isinstance(mod, FP8Linear)
+    ]
+    features = _packed_batch()
+    with torch.no_grad():
+        got, ref = packed_hidden_states(fused, fused, features), packed_hidden_states(model, model, features)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(got, ref)
+    from_norm = {name.rsplit(".", 1)[-1] for name, rows in seen if rows}
+    assert from_norm == {"qkv_proj", "gate_up_proj"} and all(not rows for name, rows in seen if name.endswith(("o_proj", "down_proj")))
+    assert not any(name.startswith("layers.1.") for name, _ in seen)  # layer 1 stayed in high precision
+    with torch.no_grad(), kernel_backend("triton"):  # the kernels (interpreter) within float32 rounding of FP8
+        kernels = packed_hidden_states(fused, fused, features)
+    cosine = torch.nn.functional.cosine_similarity(kernels, ref, dim=-1)
+    assert cosine.min().item() > 0.999
+
+
+@pytest.mark.skipif(
+    DEVICE != "cuda" or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs an FP8 GPU"
+)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_gpu_fused_fp8_model_matches_unfused_fp8(family):
+    """bf16 on the card, every projection a real FP8 GEMM: the fused model (norms quantize for the
+    projections) against the unfused one, token by token."""
+    from llm2vec_fast.fp8 import quantize_linears
+
+    model, fused = _tiny_pair(family, "cuda", torch.bfloat16)
+    fuse_decoder(fused)
+    for m in (model, fused):
+        quantize_linears(m, [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)], simulate=False)
+    features = _packed_batch("cuda")
+    with torch.no_grad():
+        got, ref = packed_hidden_states(fused, fused, features), packed_hidden_states(model, model, features)
+    cosine = torch.nn.functional.cosine_similarity(got.float(), ref.float(), dim=-1)
+    assert cosine.min().item() > 0.995, cosine.min().item()
+
+
 def test_encoder_fused_option(tmp_path, smollm_tokenizer):
     torch.manual_seed(0)
     path = tmp_path / "tiny-qwen3"
