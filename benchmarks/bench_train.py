@@ -125,6 +125,7 @@ def worker(args) -> dict:
     )
     if args.stage == "simcse":
         values["attention_dropout"] = args.attention_dropout
+    values["fused"] = bool(args.fused) and args.impl == "ours"
     config = make_config(args.stage, values)
     start = time.perf_counter()
     stage = STAGE_CLASSES[args.stage](config, device)
@@ -165,6 +166,7 @@ def worker(args) -> dict:
         "stage": args.stage,
         "impl": args.impl,
         "layout": layout,
+        "fused": config.fused,
         "device": str(device),
         "tokens_per_step": statistics.mean(tokens),
         "step_s_median": statistics.median(times),
@@ -233,6 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--max-length", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--attention-dropout", type=float, default=0.3)
+    p.add_argument("--fused", type=int, choices=(0, 1), default=0, help="1: our cases train with fused: true (fused norms and RoPE)")
     p.add_argument(
         "--tokenizer", default=None, help="GPU only: tokenizer folder for the random-weight model (default: the default model's)"
     )
@@ -269,6 +272,7 @@ def main(argv=None) -> int:
                 steps=steps,
                 warmup=args.warmup,
                 attention_dropout=args.attention_dropout,
+                fused=args.fused,
             )
             t0 = time.perf_counter()
             case = run_case(worker_args, in_process=on_gpu and not args.subprocess)

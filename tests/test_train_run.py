@@ -42,6 +42,14 @@ def _cfg(stage, model, data, out, **kw):
     return make_config(stage, values)
 
 
+def _nonzero_lora_b(stage) -> None:
+    """LoRA B starts at zero (no gradient reaches A); a fixed random B makes every gradient count."""
+    with torch.no_grad():
+        for name, p in stage.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+
+
 def _build(stage_name, config):
     stage = STAGE_CLASSES[stage_name](config, torch.device("cpu"))
     schedule = stage.load_data()
@@ -333,10 +341,7 @@ def test_packed_batches_match_padded(stage_name, tiny_lm_head32_dir, text_file, 
         stage, schedule = _build(
             stage_name, _cfg(stage_name, tiny_lm_head32_dir, data_file, tmp_path / layout, batch_layout=layout, **extra)
         )
-        with torch.no_grad():
-            for name, p in stage.peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        _nonzero_lora_b(stage)
         loss, _ = stage.step(schedule.batch(0))
         results.append((loss.detach(), {n: p.grad.clone() for n, p in stage.trainable_parameters().items()}))
     (l1, g1), (l2, g2) = results
@@ -360,10 +365,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir, text_fi
                 lora_dropout=0.0,
             ),
         )
-        with torch.no_grad():
-            for name, p in stage.peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        _nonzero_lora_b(stage)
         stage.step(schedule.batch(0))
         grads.append({n: p.grad.clone() for n, p in stage.trainable_parameters().items()})
     for name in grads[0]:
@@ -376,3 +378,39 @@ def test_cli_eval_sts(tiny_llama_dir):
     assert "STS-B dev Spearman x100:" in r.stdout
     r = _cli("eval", "sts", "--split", "dev", "--model", tiny_llama_dir, "--data-dir", "/nonexistent")
     assert r.returncode == 2 and "LLM2VEC_FAST_STSB_DIR" in r.stderr
+
+
+@pytest.mark.parametrize("stage_name", ["mntp", "simcse"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_fused_layers_train_to_the_same_loss_and_gradients(stage_name, layout, tiny_lm_head32_dir, text_file, tmp_path):
+    """``fused: true`` (fused norms with their residual add, RoPE; projections separate for LoRA):
+    on CPU (the torch references: the models' own arithmetic) the loss and every LoRA gradient are
+    the unfused run's, through our norm op's backward; with gradient checkpointing too. The adapter
+    keeps the unfused module names, so it loads into a plain model."""
+    from llm2vec_fast.fused_layers import FusedRMSNorm, is_fused
+
+    results = []
+    for fused in (False, True):
+        config = _cfg(
+            stage_name,
+            tiny_lm_head32_dir,
+            text_file,
+            tmp_path / f"{layout}-{fused}",
+            batch_layout=layout,
+            fused=fused,
+            gradient_checkpointing=fused,
+            lora_dropout=0.0,
+            **({"attention_dropout": 0.0} if stage_name == "simcse" else {}),
+        )
+        stage, schedule = _build(stage_name, config)
+        assert is_fused(stage.peft_model) == fused
+        assert (stage.fused_report is not None) == fused and (not fused or stage.fused_report["qkv_fused"] == 0)
+        assert any(isinstance(m, FusedRMSNorm) for m in stage.peft_model.modules()) == fused
+        _nonzero_lora_b(stage)
+        loss, _ = stage.step(schedule.batch(0))
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in stage.trainable_parameters().items()}))
+    (l1, g1), (l2, g2) = results
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-6)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7, msg=name)

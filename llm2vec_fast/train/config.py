@@ -43,6 +43,9 @@ class TrainConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     lora_layers: int | None = None  # LoRA on the last N layers only (None: all); lower layers then need no backward
     gradient_checkpointing: bool = False
+    # fused norms (residual add included) and Liger-Kernel RoPE on CUDA, with their backward; the
+    # projections stay separate, as LoRA needs them (llm2vec_fast/fused_layers.py)
+    fused: bool = False
     save_steps: int = 100
     save_total_limit: int = 2
     log_file: str | None = None  # default: <output_dir>/log.jsonl

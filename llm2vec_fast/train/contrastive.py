@@ -20,6 +20,7 @@ from .trainer import (
     autocast,
     base_model_name,
     enable_checkpointing,
+    fuse_for_training,
     packed_forward,
     pick_layout,
     train_dtype,
@@ -104,6 +105,7 @@ class ContrastiveStage(Stage):
         decoder = self.encoder.model
         for p in decoder.parameters():
             p.requires_grad_(False)
+        self.fused_report = fuse_for_training(decoder, cfg)
         if cfg.gradient_checkpointing:
             enable_checkpointing(decoder)
         self.peft_model = add_lora(decoder, cfg).to(self.device)

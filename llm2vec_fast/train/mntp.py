@@ -29,6 +29,7 @@ from .trainer import (
     add_quantization_aware,
     autocast,
     enable_checkpointing,
+    fuse_for_training,
     packed_forward,
     pick_layout,
     resolve_base,
@@ -200,6 +201,7 @@ class MNTPStage(Stage):
         for p in lm.parameters():
             p.requires_grad_(False)
         enable_bidirectional(lm)
+        self.fused_report = fuse_for_training(decoder, self.config)
         if self.config.gradient_checkpointing:
             enable_checkpointing(decoder)
         self.lm = lm.to(self.device)

@@ -94,6 +94,19 @@ def add_quantization_aware(peft_model: nn.Module, config: TrainConfig):
     return QuantizationAwareInt8(peft_model, config.quantization_aware_weight_bits)
 
 
+def fuse_for_training(decoder: nn.Module, config: TrainConfig) -> dict | None:
+    """With ``fused: true``, the fused decoder layers that have a backward: norms (with the residual
+    add) and RoPE; q/k/v and gate/up stay separate GEMMs, since LoRA wraps each. Returns the fusion
+    report (``None`` without ``fused``)."""
+    if not config.fused:
+        return None
+    from ..fused_layers import fuse_decoder
+
+    report = fuse_decoder(decoder, projections=False)
+    logger.info("fused layers for training: %s", report)
+    return report
+
+
 def enable_checkpointing(decoder: nn.Module) -> None:
     decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
