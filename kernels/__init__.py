@@ -10,7 +10,8 @@ the torch reference on CPU; triton is imported lazily, so this package imports w
 * :func:`rms_norm` -- RMSNorm with an optional fused residual add (Triton fwd, torch bwd).
 * :func:`fp8_quantize_rows` -- row-wise FP8 (e4m3) quantization with one scale per row, in one pass
   (the activation side of FP8 W8A8 GEMMs; inference only); :func:`rms_norm_fp8` -- RMSNorm (with the
-  optional residual add) and that quantization in one kernel.
+  optional residual add) and that quantization in one kernel; :func:`silu_mul_fp8` -- SwiGLU's
+  ``silu(gate) * up`` and that quantization in one kernel.
 
 Both packed ops run as ``torch.library`` custom ops (``torch.ops.llm2vec_fast.flash_attn_varlen_fwd``,
 ``..._bwd``, ``masked_pool_varlen_fwd``, ``..._bwd``) with fake implementations and registered
@@ -26,7 +27,7 @@ from .flash_attn import (
     flash_attn_varlen,
 )
 from .flash_attn_reference import attention_naive, flash_attn_varlen_reference
-from .fp8_quant import FP8Rows, fp8_quantize_rows, rms_norm_fp8
+from .fp8_quant import FP8Rows, fp8_quantize_rows, rms_norm_fp8, silu_mul_fp8
 from .fp8_quant_reference import fp8_quantize_rows_reference
 from .pooling import masked_pool, masked_pool_varlen
 from .pooling_reference import (
@@ -58,5 +59,6 @@ __all__ = [
     "add_rms_norm_reference",
     "rms_norm",
     "rms_norm_fp8",
+    "silu_mul_fp8",
     "rms_norm_reference",
 ]

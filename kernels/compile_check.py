@@ -8,8 +8,8 @@ case this module records the shared memory the kernel needs (checked against the
 Cases: every autotune config of every kernel (attention forward, dK/dV, dQ, the backward
 preprocess and the dropout-mask kernel; pooling chunk, combine, last/first and backward kernels;
 the RMSNorm / residual-add + RMSNorm kernel at each row width of :data:`RMS_NORM_WIDTHS`; the FP8
-row quantization at each width of :data:`FP8_QUANT_WIDTHS` and the norm-then-quantize kernel at the
-hidden sizes, sm_90 only: e4m3 needs sm_89+),
+row quantization at each width of :data:`FP8_QUANT_WIDTHS`, the norm-then-quantize kernel at the
+hidden sizes and SwiGLU-then-quantize at :data:`SWIGLU_WIDTHS`, sm_90 only: e4m3 needs sm_89+),
 for head dims 64/80/128/256 (attention) or every pooling mode, fp16 and bf16, sm_80 and sm_90, with
 attention dropout and logit soft-capping on and off, the chunked pooling forward with and without its
 combine pass.
@@ -210,6 +210,8 @@ def _rms_norm_cases(rt) -> list[dict]:
 #: FP8 row quantization widths: the inputs of the decoder's linear layers (hidden and MLP sizes) of
 #: the 135M, 1B and 8B shapes, and the widest row the kernel takes.
 FP8_QUANT_WIDTHS = (576, 1536, 2048, 4096, 8192, 14336, 16384)
+#: SwiGLU (silu(gate) * up, then FP8) output widths: the MLP sizes of the 135M, 1B and 8B shapes.
+SWIGLU_WIDTHS = (1536, 8192, 14336)
 #: FP8 tensor cores and the e4m3 cast start at sm_89; of the checked architectures only sm_90 has them.
 FP8_ARCHS = (90,)
 
@@ -235,7 +237,14 @@ def _fp8_quant_cases(rt) -> list[dict]:
         )
         for d, dtype, arch, residual, gemma in itertools.product(RMS_NORM_WIDTHS[2:], DTYPES, FP8_ARCHS, (False, True), (False, True))
     ]
-    return quantize + norm
+    swiglu = [
+        dict(_row_kernel_case(rt, "_silu_mul_fp8_kernel", d, dtype, arch, "cast", CAST=True), config=None)
+        for d, dtype, arch in itertools.product(SWIGLU_WIDTHS, DTYPES, FP8_ARCHS)
+    ]
+    for case in swiglu:  # tiles of both halves: silu_mul_launch_config
+        block_t, block_d, warps = rt.silu_mul_launch_config(case["D"])
+        case.update(config=f"{block_t}x2x{block_d}w{warps}", num_warps=warps, constexprs=dict(CAST=True, BLOCK_T=block_t, BLOCK_D=block_d))
+    return quantize + norm + swiglu
 
 
 def all_cases() -> list[dict]:
@@ -309,12 +318,13 @@ _ARG_TYPES = {
     "offset": "i64",
     "eps": "fp32",
 }
-_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "H", "OUT", "GOUT", "GH", "X", "R", "W", "Y", "S"}
+_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "H", "OUT", "GOUT", "GH", "X", "R", "W", "Y", "S", "GU"}
 #: Per-kernel overrides of :data:`_ARG_TYPES` (a name that means something else there).
 _KERNEL_ARG_TYPES = {
     "_rms_norm_fwd_kernel": {"offset": "fp32"},
     "_fp8_quantize_rows_kernel": {"OUT_Q": "*fp8e4nv", "OUT_SCALE": "*fp32", "fp8_max": "fp32", "min_scale": "fp32"},
     "_rms_norm_fp8_kernel": {"OUT_Q": "*fp8e4nv", "OUT_SCALE": "*fp32", "fp8_max": "fp32", "min_scale": "fp32", "offset": "fp32"},
+    "_silu_mul_fp8_kernel": {"OUT_Q": "*fp8e4nv", "OUT_SCALE": "*fp32", "fp8_max": "fp32", "min_scale": "fp32"},
 }
 #: Strides that are not multiples of 16 in general: ``stride_lh`` is the token count (the kernels do
 #: not specialise on it) and the preprocess kernel's ``stride_dh`` and the dropout-mask kernel's strides are token counts too.
@@ -330,6 +340,7 @@ _ALIGNED_INTS = {
         "_rms_norm_fwd_kernel",
         "_fp8_quantize_rows_kernel",
         "_rms_norm_fp8_kernel",
+        "_silu_mul_fp8_kernel",
     )
 }
 #: The specialisation every case is compiled with (part of the cache key), see :func:`_signature`.

@@ -10,6 +10,8 @@ quantization in one kernel: the normalised rows are quantized in registers inste
 out and read back (the input norms of a decoder layer whose projections run FP8). Its reference is
 the two references one after the other; the kernel matches it as the norm kernel matches its own
 (the norm within float32 rounding, so a rare value can land on the neighbouring e4m3 step).
+``silu_mul_fp8(gate_up)`` is SwiGLU's ``silu(gate) * up`` followed by the quantization, the input of
+an FP8 ``down_proj``, in the same way.
 
 Backend rule as for the other ops: ``"auto"`` runs the Triton kernel (:mod:`.fp8_quant_triton`) on
 CUDA tensors and the reference otherwise; ``"triton"`` forces the kernel (CPU only under
@@ -29,7 +31,7 @@ from .fp8_quant_reference import FP8_DTYPE, fp8_quantize_rows_reference
 from .rms_norm import check_norm_arguments
 from .rms_norm_reference import add_rms_norm_reference, rms_norm_reference
 
-__all__ = ["FP8Rows", "fp8_quantize_rows", "rms_norm_fp8"]
+__all__ = ["FP8Rows", "fp8_quantize_rows", "rms_norm_fp8", "silu_mul_fp8"]
 
 
 class FP8Rows(NamedTuple):
@@ -149,3 +151,46 @@ def rms_norm_fp8(
     )
     rows = FP8Rows(q.reshape(shape), scales.reshape(*shape[:-1], 1))
     return rows if residual is None else (rows, total.reshape(shape))
+
+
+@torch.library.custom_op("llm2vec_fast::silu_mul_fp8", mutates_args=())
+def _silu_mul_fp8_op(gate_up: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [N, D], scales [N, 1])`` of ``silu(gate) * up`` for 2-D ``gate_up`` ``[N, 2D]``."""
+    if backend == "triton":
+        from . import fp8_quant_triton
+
+        return fp8_quant_triton.silu_mul_fp8_forward(gate_up if gate_up.stride(-1) == 1 else gate_up.contiguous())
+    gate, up = gate_up.chunk(2, dim=-1)
+    return fp8_quantize_rows_reference(torch.nn.functional.silu(gate) * up)
+
+
+@_silu_mul_fp8_op.register_fake
+def _(gate_up, backend):
+    rows, d = gate_up.shape[0], gate_up.shape[1] // 2
+    return torch.empty((rows, d), dtype=FP8_DTYPE, device=gate_up.device), torch.empty(
+        (rows, 1), dtype=torch.float32, device=gate_up.device
+    )
+
+
+def silu_mul_fp8(gate_up: torch.Tensor, *, backend: str = "auto") -> FP8Rows:
+    """SwiGLU's ``silu(gate) * up`` of ``gate_up`` ``[..., 2D]`` (gate first, then up, as a stacked
+    gate/up projection writes them), quantized to FP8 per row.
+
+    Args:
+        gate_up: fp16/bf16/fp32, last dim even.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring).
+
+    Returns:
+        :class:`FP8Rows` of the ``[..., D]`` product. Inference only (no autograd).
+
+    Raises:
+        ValueError: a dtype other than fp16/bf16/fp32, an odd last dim, or an unknown backend.
+    """
+    if not isinstance(gate_up, torch.Tensor) or gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError("gate_up must be a torch.Tensor whose last dim holds gate and up (an even size)")
+    if gate_up.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"gate_up dtype {gate_up.dtype} is not supported; expected one of {_FLOAT_DTYPES}")
+    resolved = resolve_backend(backend, (gate_up,))
+    shape = gate_up.shape
+    q, scales = torch.ops.llm2vec_fast.silu_mul_fp8(gate_up.detach().reshape(-1, shape[-1]), resolved)
+    return FP8Rows(q.reshape(*shape[:-1], shape[-1] // 2), scales.reshape(*shape[:-1], 1))

@@ -1,6 +1,7 @@
-"""Triton kernels of row-wise FP8 quantization (see :mod:`.fp8_quant_reference`): on its own, and
-after an RMSNorm / residual-add + RMSNorm (the norm of :mod:`.rms_norm_triton`, whose output is then
-quantized in registers instead of written and read back).
+"""Triton kernels of row-wise FP8 quantization (see :mod:`.fp8_quant_reference`): on its own, after
+an RMSNorm / residual-add + RMSNorm (the norm of :mod:`.rms_norm_triton`), and after SwiGLU's
+``silu(gate) * up``; in the fused ones the result is quantized in registers instead of being written
+and read back.
 
 One program quantizes ``BLOCK_T`` rows of ``BLOCK_D >= D`` columns (the RMSNorm kernel's tiling: a
 whole row in registers), so the activations are read once and written once as e4m3 -- torch's
@@ -18,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreter_enabled, new_output
+from ._dispatch import interpreter_enabled, new_output, next_power_of_2
 from .fp8_quant_reference import FP8_DTYPE, FP8_MAX, MIN_SCALE
-from .rms_norm_triton import _norm_tile, launch_config
+from .rms_norm_triton import MAX_BLOCK_D, TILE_ELEMENTS, _norm_tile, launch_config
 
 
 @triton.jit
@@ -85,6 +86,72 @@ def _rms_norm_fp8_kernel(
         X, R, W, S, n_rows, D, stride_x, stride_r, stride_s, eps, offset, HAS_RESIDUAL, GEMMA, BLOCK_T, BLOCK_D
     )
     _quantize_tile(y.to(tl.float32), rows, cols, mask, OUT_Q, OUT_SCALE, stride_q, n_rows, fp8_max, min_scale, CAST)
+
+
+@triton.jit
+def _silu_mul_fp8_kernel(
+    GU,
+    OUT_Q,
+    OUT_SCALE,
+    n_rows,
+    D,
+    stride_gu,
+    stride_q,
+    fp8_max,
+    min_scale,
+    CAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+    gate = tl.load(GU + rows[:, None] * stride_gu + cols[None, :], mask=mask, other=0.0)
+    up = tl.load(GU + rows[:, None] * stride_gu + D + cols[None, :], mask=mask, other=0.0)
+    # SiLU in float32 rounded to the input dtype, then the product in that dtype (as the models and
+    # Liger's SwiGLU compute it), then quantized
+    g = gate.to(tl.float32)
+    act = (g * tl.sigmoid(g)).to(up.dtype)
+    out = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+    _quantize_tile(out.to(tl.float32), rows, cols, mask, OUT_Q, OUT_SCALE, stride_q, n_rows, fp8_max, min_scale, CAST)
+
+
+def silu_mul_launch_config(d: int) -> tuple[int, int, int]:
+    """``(BLOCK_T, BLOCK_D, num_warps)`` for rows of ``d`` outputs: both ``BLOCK_D``-wide halves
+    (gate and up) in registers, tiles sized as the norm kernel's (:func:`~.rms_norm_triton.launch_config`)
+    counting both halves; 16 warps above 4096-element tiles."""
+    block_d = max(16, next_power_of_2(d))
+    if block_d > MAX_BLOCK_D:
+        raise ValueError(f"SwiGLU over {d} columns exceeds the kernel's {MAX_BLOCK_D}-column rows")
+    block_t = max(1, min(64, TILE_ELEMENTS // (2 * block_d)))
+    return block_t, block_d, 8 if 2 * block_t * block_d <= TILE_ELEMENTS else 16
+
+
+def silu_mul_fp8_forward(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q float8_e4m3fn [N, D], scales float32 [N, 1])`` of ``silu(gate) * up`` for ``gate_up``
+    ``[N, 2D]`` (gate then up; last dim contiguous)."""
+    n_rows, d = gate_up.shape[0], gate_up.shape[1] // 2
+    cast = not interpreter_enabled()
+    q = new_output((n_rows, d), FP8_DTYPE if cast else torch.float32, gate_up.device)
+    scales = new_output((n_rows, 1), torch.float32, gate_up.device)
+    if n_rows:
+        block_t, block_d, num_warps = silu_mul_launch_config(d)
+        _silu_mul_fp8_kernel[(triton.cdiv(n_rows, block_t),)](
+            gate_up,
+            q,
+            scales,
+            n_rows,
+            d,
+            gate_up.stride(0),
+            q.stride(0),
+            FP8_MAX,
+            MIN_SCALE,
+            CAST=cast,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return (q if cast else q.to(FP8_DTYPE)), scales
 
 
 def fp8_quantize_rows_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,9 @@ Other families raise :class:`UnsupportedFusionError` (nothing is changed). Adapt
 (or the projections stay separate and LoRA keeps working: see :func:`fuse_decoder`); FP8 composes:
 quantize after fusing and the fused projections become FP8 GEMMs of the same numerics, and a norm
 whose projections all run FP8 hands them rows already quantized by its own kernel
-(:func:`~llm2vec_fast.kernels.rms_norm_fp8`: the normalised activations are never written in bf16).
+(:func:`~llm2vec_fast.kernels.rms_norm_fp8`: the normalised activations are never written in bf16),
+and an FP8 ``down_proj`` gets SwiGLU's product quantized by the SwiGLU kernel
+(:func:`~llm2vec_fast.kernels.silu_mul_fp8`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import nn
 
 from .fp8 import FP8Linear
 from .fused_projections import GATE_UP, GATE_UP_FUSED, QKV, QKV_FUSED, fuse_module_projections, split_sizes
-from .kernels import FP8Rows, rms_norm, rms_norm_fp8
+from .kernels import FP8Rows, rms_norm, rms_norm_fp8, silu_mul_fp8
 from .kernels._dispatch import resolve_backend
 
 logger = logging.getLogger(__name__)
@@ -211,6 +213,9 @@ class FusedMLP:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         gate_up = self.gate_up_proj(x)
         silu = getattr(self.config, "hidden_act", None) in _SILU
+        if silu and isinstance(self.down_proj, FP8Linear):
+            # SwiGLU and down_proj's input quantization in one kernel: the product is never written in bf16
+            return self.down_proj(silu_mul_fp8(gate_up, backend=_backend(self)))
         if silu and resolve_backend(_backend(self), (gate_up,)) == "triton":
             return self.down_proj(_liger("swiglu").apply(gate_up))
         gate, up = gate_up.split(split_sizes(self), dim=-1)

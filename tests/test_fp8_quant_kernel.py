@@ -12,6 +12,7 @@ import pytest
 import torch
 from llm2vec_fast.kernels import _dispatch, fp8_quantize_rows, fp8_quantize_rows_reference
 from llm2vec_fast.kernels.fp8_quant_reference import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from tolerances import assert_fp8_rows_close
 
 DEVICE = _dispatch.triton_device()
 needs_triton = pytest.mark.skipif(DEVICE is None, reason="needs a GPU or TRITON_INTERPRET=1")
@@ -53,6 +54,39 @@ def test_kernel_takes_strided_rows_and_leading_dims():
     assert torch.equal(q3.reshape(12, 128).view(torch.uint8), ref_q.view(torch.uint8))
     empty_q, empty_scales = fp8_quantize_rows(x[:0], backend="triton")
     assert empty_q.shape == (0, 128) and empty_scales.shape == (0, 1)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize(("rows", "d"), [(37, 48), (5, 1536), (2, 8192), (1, 14336)])
+def test_silu_mul_kernel_matches_silu_then_quantize(dtype, rows, d):
+    """SwiGLU then FP8 in one kernel against ``F.silu(gate) * up`` quantized by the reference."""
+    from llm2vec_fast.kernels import FP8Rows, silu_mul_fp8
+
+    g = torch.Generator().manual_seed(d)
+    gate_up = (torch.randn(rows, 2 * d, generator=g) * 3).to(DEVICE, dtype)
+    with _dispatch.poisoned_outputs():
+        got = silu_mul_fp8(gate_up, backend="triton")
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = fp8_quantize_rows(torch.nn.functional.silu(gate) * up, backend="torch")
+    assert isinstance(got, FP8Rows) and got.shape == (rows, d) and got.scales.shape == (rows, 1)
+    torch_ref = silu_mul_fp8(gate_up, backend="torch")
+    assert torch.equal(torch_ref.values.view(torch.uint8), ref.values.view(torch.uint8))
+    assert_fp8_rows_close(got, ref, 0.99)
+
+
+def test_silu_mul_rejects_bad_input():
+    from llm2vec_fast.kernels import silu_mul_fp8
+
+    with pytest.raises(ValueError, match="even size"):
+        silu_mul_fp8(torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="dtype torch.int32"):
+        silu_mul_fp8(torch.zeros(2, 8, dtype=torch.int32))
+    q = silu_mul_fp8(torch.zeros(3, 4, 8))
+    assert q.shape == (3, 4, 4) and q.scales.shape == (3, 4, 1)
+    torch.library.opcheck(
+        torch.ops.llm2vec_fast.silu_mul_fp8.default, (torch.randn(5, 16), "torch"), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_reference_rounds_to_the_nearest_e4m3_value():
@@ -108,7 +142,7 @@ def test_gpu_kernel_cast_gives_the_reference_bits(dtype):
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_gpu_rms_norm_fp8_bf16(with_residual):
     """bf16 norm-and-quantize on the card against the norm then the quantization in torch."""
-    from llm2vec_fast.kernels import rms_norm, rms_norm_fp8
+    from llm2vec_fast.kernels import FP8Rows, rms_norm, rms_norm_fp8
 
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(300, 2048, generator=g) * 3).to("cuda", torch.bfloat16)
@@ -121,5 +155,4 @@ def test_gpu_rms_norm_fp8_bf16(with_residual):
         assert torch.equal(got_sum, normed_sum)
     ref_q, ref_scales = fp8_quantize_rows_reference(normed)  # the norm kernel's output, quantized in torch
     # the same norm code compiled into another kernel: equal bits, or (contracted differently) rarely a neighbour
-    torch.testing.assert_close(got.scales, ref_scales, rtol=2**-20, atol=0)
-    assert (got.values.view(torch.uint8) == ref_q.view(torch.uint8)).float().mean().item() > 0.999
+    assert_fp8_rows_close(got, FP8Rows(ref_q, ref_scales), 0.999)
