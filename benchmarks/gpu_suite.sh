@@ -9,7 +9,8 @@
 #      bench_encode.py --quick --methods packed packed-fused packed-fused-graphs (fused decoder layers and
 #      their CUDA graphs vs plain bf16 packed, SmolLM2-135M / 1B / 8B random shapes; needs liger-kernel),
 #      bench_serve.py --device cuda (32 clients, packed path, vs direct embed_items; if the serve extra is there)
-#   3. pytest tests/test_pooling_kernels.py tests/test_flash_attn.py (compiled kernels; last). The
+#   3. pytest of the kernel tests (pooling, attention, fused layers, CUDA graphs, FP8 kernels and the FP8
+#      layer against the simulation; compiled kernels; last). The
 #      tests pin each autotuned kernel to one config per head-dim class (tests/conftest.py), so a case
 #      compiles each kernel once; KERNEL_TESTS (a pytest -k expression) picks the cases: by default
 #      what only a GPU checks (bf16, large fp16, compiled dropout, pooling; ~12 kernel variants);
