@@ -299,6 +299,25 @@ def test_cli_quantization_option(tiny_llama_dir, capsys):
         assert "compute capability 8.9" in capsys.readouterr().err
 
 
+def test_cli_encodes_with_each_fp8_rounding(tiny_llama_dir, tmp_path):
+    """``llm2vec-fast encode --quantization fp8-simulated --fp8-rounding ...`` end to end: both
+    roundings write embeddings close to the unquantized ones, and not the same as each other."""
+    from llm2vec_fast.cli import main
+
+    texts = ["A man is playing a guitar.", "Two dogs run through the snow.", "How do I reset my password?"]
+    common = ["encode", "--model", tiny_llama_dir, "--device", "cpu", *texts]
+    assert main([*common, "-o", str(tmp_path / "plain.npy")]) == 0
+    plain = np.load(tmp_path / "plain.npy")
+    out = {}
+    for rounding in ("gptq", "nearest"):
+        path = tmp_path / f"{rounding}.npy"
+        args = ["--quantization", "fp8-simulated", "--fp8-rounding", rounding, "--high-precision-layers", "", "-o", str(path)]
+        assert main([*common, *args]) == 0
+        out[rounding] = np.load(path)
+        assert out[rounding].shape == plain.shape and cosine_rows(out[rounding], plain).min() > 0.99
+    assert not np.array_equal(out["gptq"], out["nearest"])
+
+
 def test_dataset_settings_record_the_quantization(smollm_tokenizer):
     from llm2vec_fast.dataset.settings import encoder_settings
 
