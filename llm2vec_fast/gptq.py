@@ -204,13 +204,27 @@ def sequential_gptq(
             hook.remove()
 
     def run_block(i: int, accumulators: Sequence[HessianAccumulator] = (), first_only: bool = False) -> list[torch.Tensor]:
+        """Block ``i`` over the batches: its outputs, or nothing for a pass that a hook cut short
+        with :class:`_StopForward` once it had the input it needed."""
         outs = []
         for b in batches[:1] if first_only else batches:
             for acc in accumulators:
                 acc.token_mask = b["mask"]
             args, kwargs = b["calls"][i]
-            outs.append(_block_output(blocks[i](b["hidden"], *args, **kwargs)))
+            try:
+                outs.append(_block_output(blocks[i](b["hidden"], *args, **kwargs)))
+            except _StopForward:
+                pass
         return outs
+
+    def accumulate_and_stop(acc: HessianAccumulator):
+        # the group's input is all a Hessian pass needs: the rest of the block (attention after
+        # q/k/v, the MLP after o_proj, ...) is skipped, about half the forward work of calibration
+        def hook(module, args):
+            acc.add(args[0])
+            raise _StopForward
+
+        return hook
 
     # 2. block by block, group by group
     result: dict[str, object] = {}
@@ -221,7 +235,7 @@ def sequential_gptq(
             linears = layers[i]
             for group in input_groups(block, linears, lambda i=i: run_block(i, first_only=True)):
                 acc = HessianAccumulator(linears[group[0]].in_features, transform=activation_rounding)
-                hook = linears[group[0]].register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0]))
+                hook = linears[group[0]].register_forward_pre_hook(accumulate_and_stop(acc))
                 try:
                     run_block(i, [acc])
                 finally:
