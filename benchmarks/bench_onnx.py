@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded fro
 from common import model_description  # noqa: E402
 from isolated_engines import EngineProcess, EngineSpec, plain_forward, time_in_turns  # noqa: E402,F401
 from llm2vec_fast.export.cpu_int8 import cpu_flags, cpu_name  # noqa: E402,F401  (bench_int8_gemm imports them from here)
-from llm2vec_fast.export.exporter import DEFAULT_OPENVINO_FP32_LAYERS  # noqa: E402
+from llm2vec_fast.export.exporter import DEFAULT_OPENVINO_FP32_LAYERS, DEFAULT_ROUNDINGS  # noqa: E402
 from llm2vec_fast.export.onnx_encoder import UNRECORDED_OPENVINO_GROUP_SIZE  # noqa: E402
 from llm2vec_fast.export.openvino_runtime import ACTIVATION_GROUP_SIZES, DYNAMIC_QUANTIZATION_GROUP_SIZE  # noqa: E402
 from portable_paths import portable_argv  # noqa: E402
@@ -136,7 +136,7 @@ def check_reused_openvino_export(folder: Path, options: dict) -> None:
     asked = {
         "activation_group_size": options["activation_group_size"] or DYNAMIC_QUANTIZATION_GROUP_SIZE,
         "fp32_layers": DEFAULT_OPENVINO_FP32_LAYERS if options["fp32_layers"] is None else options["fp32_layers"],
-        "rounding": options.get("rounding") or "gptq",
+        "rounding": options.get("rounding") or DEFAULT_ROUNDINGS["int8-openvino"],
     }
     if made != asked:
         raise SystemExit(f"bench_onnx: {folder} was exported with {made}, not {asked}: delete it or pick another --export-dir")

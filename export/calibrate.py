@@ -69,7 +69,9 @@ class Int8Simulator(QuantSimulator):
 
     ``weights`` (graph layout, as :func:`~.quantize.rowwise_int8_matmuls` takes them: MatMul name
     -> int8 ``[in, out]`` and scale ``[out]``, e.g. from :func:`~.gptq.gptq_decoder_weights`) are
-    used where given; other MatMuls are rounded to nearest with ``weight_levels``."""
+    used where given; other MatMuls are rounded to nearest with ``weight_levels``.
+    ``fake_activation``: how the graph rounds a MatMul's input (per token for ``int8``;
+    int8-openvino passes OpenVINO's per-group rounding)."""
 
     def __init__(
         self,
@@ -77,8 +79,9 @@ class Int8Simulator(QuantSimulator):
         batch_size: int = 32,
         weight_levels: int | None = None,
         weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        fake_activation: Callable[[torch.Tensor], torch.Tensor] = fake_int8_rows,
     ):
-        super().__init__(encoder, fake_int8_rows, None, layers=decoder_layer_linears(encoder), batch_size=batch_size)
+        super().__init__(encoder, fake_activation, None, layers=decoder_layer_linears(encoder), batch_size=batch_size)
         self.weight_levels = INT8_WEIGHT_LEVELS if weight_levels is None else weight_levels
         self.weights = dict(weights or {})
 

@@ -53,6 +53,8 @@ CALIBRATION_MAX_MIN_COS = 0.99
 CALIBRATION_MEAN_COS = 0.997
 MAX_VALIDATION_FALLBACKS = 4
 ROUNDINGS = ("gptq", "nearest")
+# Int8Options.rounding=None per precision: GPTQ where the weights are the larger error (see there)
+DEFAULT_ROUNDINGS = {"int8": "nearest", "int8-openvino": "gptq"}
 # int8-openvino starts with the most sensitive decoder layer in fp32 (see Int8Options.fp32_layers)
 DEFAULT_OPENVINO_FP32_LAYERS = 1
 
@@ -409,18 +411,14 @@ class _OpenVINOInt8Graph:
     @property
     def order(self) -> list:
         if self._order is None:
-            from ..layer_sensitivity import QuantSimulator
-            from .calibrate import SENSITIVITY_INPUTS, _dequantized, decoder_layer_linears
-            from .int8_rounding import fake_int8_groups, fake_int8_weight
+            from .calibrate import SENSITIVITY_INPUTS, Int8Simulator
+            from .int8_rounding import fake_int8_groups
 
-            layers = decoder_layer_linears(self.encoder)
-            modules = {name: m for layer in layers for name, m in layer.items()}
-            simulator = QuantSimulator(
+            simulator = Int8Simulator(
                 self.encoder,
-                lambda x: fake_int8_groups(x, self.group_size),
-                lambda w: fake_int8_weight(w, self.levels),
-                layers=layers,
-                rounded_weights={n: _dequantized(w, modules[n].weight) for n, w in (self.weights or {}).items() if n in modules},
+                weight_levels=self.levels,
+                weights=self.weights,
+                fake_activation=lambda x: fake_int8_groups(x, self.group_size),
             )
             probe = self.inputs[:SENSITIVITY_INPUTS]
             sensitivity = simulator.layer_sensitivity(probe, simulator.embed(set(), probe))
@@ -466,7 +464,7 @@ def _int8_openvino(onnx_model, encoder, inputs: list, info: dict, say, options: 
 
     bits = int8_weight_bits(options.weights or "auto")
     group = options.activation_group_size or DYNAMIC_QUANTIZATION_GROUP_SIZE
-    rounding = options.rounding or "gptq"
+    rounding = options.rounding or DEFAULT_ROUNDINGS["int8-openvino"]
     layers = [sorted(layer) for layer in decoder_layer_linears(encoder)]
     weights = None
     if rounding == "gptq":
@@ -544,7 +542,7 @@ def _int8(fp32_model, encoder, original, inputs: list, info: dict, work: Path, s
 
     bits = int8_weight_bits(options.weights or "7bit")
     levels = WEIGHT_LEVELS[bits]
-    rounding = options.rounding or "nearest"
+    rounding = options.rounding or DEFAULT_ROUNDINGS["int8"]
     say(
         f"calibration: fp32 and bf16 embeddings of {len(inputs)} STS-B train inputs ({sum(isinstance(x, list) for x in inputs)} with instructions)"
     )
