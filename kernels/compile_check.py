@@ -179,17 +179,18 @@ def _pooling_cases(pt) -> list[dict]:
 RMS_NORM_WIDTHS = (64, 128, 576, 2048, 4096, 8192)
 
 
-def _row_kernel_case(rt, kernel: str, d: int, dtype: str, arch: int, variant: str, **constexprs) -> dict:
-    """A case of a row-tiled kernel (a whole row in registers) of module ``rt``, whose
-    ``launch_config(d)`` gives the tile and warps."""
-    block_t, block_d, warps = rt.launch_config(d)
+def _row_kernel_case(rt, kernel: str, d: int, dtype: str, arch: int, variant: str, operands: int = 1, **constexprs) -> dict:
+    """A case of a row-tiled kernel (whole rows in registers, ``operands`` per token) of module
+    ``rt``, whose ``launch_config(d, operands)`` gives the tile and warps."""
+    block_t, block_d, warps = rt.launch_config(d, operands)
+    rows = f"{block_t}x" if operands == 1 else f"{block_t}x{operands}x"
     return dict(
         module=rt.__name__.rpartition(".")[2],
         kernel=kernel,
         arch=arch,
         dtype=dtype,
         D=d,
-        config=f"{block_t}x{block_d}w{warps}",
+        config=f"{rows}{block_d}w{warps}",
         constexprs=dict(**constexprs, BLOCK_T=block_t, BLOCK_D=block_d),
         num_warps=warps,
         num_stages=1,
@@ -237,13 +238,10 @@ def _fp8_quant_cases(rt) -> list[dict]:
         )
         for d, dtype, arch, residual, gemma in itertools.product(RMS_NORM_WIDTHS[2:], DTYPES, FP8_ARCHS, (False, True), (False, True))
     ]
-    swiglu = [
-        dict(_row_kernel_case(rt, "_silu_mul_fp8_kernel", d, dtype, arch, "cast", CAST=True), config=None)
+    swiglu = [  # gate and up in registers: two operands per token
+        _row_kernel_case(rt, "_silu_mul_fp8_kernel", d, dtype, arch, "cast", operands=2, CAST=True)
         for d, dtype, arch in itertools.product(SWIGLU_WIDTHS, DTYPES, FP8_ARCHS)
     ]
-    for case in swiglu:  # tiles of both halves: silu_mul_launch_config
-        block_t, block_d, warps = rt.silu_mul_launch_config(case["D"])
-        case.update(config=f"{block_t}x2x{block_d}w{warps}", num_warps=warps, constexprs=dict(CAST=True, BLOCK_T=block_t, BLOCK_D=block_d))
     return quantize + norm + swiglu
 
 

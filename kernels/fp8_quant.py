@@ -28,7 +28,7 @@ import torch
 
 from ._dispatch import resolve_backend
 from .fp8_quant_reference import FP8_DTYPE, fp8_quantize_rows_reference
-from .rms_norm import check_norm_arguments
+from .rms_norm import _FLOAT_DTYPES, check_norm_arguments
 from .rms_norm_reference import add_rms_norm_reference, rms_norm_reference
 
 __all__ = ["FP8Rows", "fp8_quantize_rows", "rms_norm_fp8", "silu_mul_fp8"]
@@ -47,7 +47,34 @@ class FP8Rows(NamedTuple):
         return self.values.shape
 
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+def _check_input(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise ValueError(f"{name} must be a torch.Tensor with at least one dimension")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} dtype {x.dtype} is not supported; expected one of {_FLOAT_DTYPES}")
+
+
+def _row_backend(backend: str, resolved: str, width: int, what: str) -> str:
+    """The Triton row kernels hold a row of up to ``MAX_BLOCK_D`` columns in registers: a wider row
+    takes the reference under ``"auto"`` and is refused under ``"triton"``."""
+    if resolved != "triton":
+        return resolved
+    from .rms_norm_triton import MAX_BLOCK_D
+
+    if width <= MAX_BLOCK_D:
+        return resolved
+    if backend == "triton":
+        raise ValueError(f"the Triton {what} holds rows of up to {MAX_BLOCK_D} columns, got {width}")
+    return "torch"
+
+
+def _fake_fp8_rows(rows: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty((rows, d), dtype=FP8_DTYPE, device=device), torch.empty((rows, 1), dtype=torch.float32, device=device)
+
+
+def _unflatten(q: torch.Tensor, scales: torch.Tensor, leading: torch.Size) -> FP8Rows:
+    """The op's ``[N, D]`` / ``[N, 1]`` outputs back in the input's leading dims."""
+    return FP8Rows(q.reshape(*leading, q.shape[-1]), scales.reshape(*leading, 1))
 
 
 @torch.library.custom_op("llm2vec_fast::fp8_quantize_rows", mutates_args=())
@@ -62,7 +89,7 @@ def _fp8_quantize_rows_op(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, 
 
 @_fp8_quantize_rows_op.register_fake
 def _(x, backend):
-    return torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device), torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    return _fake_fp8_rows(x.shape[0], x.shape[1], x.device)
 
 
 def fp8_quantize_rows(x: torch.Tensor, *, backend: str = "auto") -> FP8Rows:
@@ -80,21 +107,10 @@ def fp8_quantize_rows(x: torch.Tensor, *, backend: str = "auto") -> FP8Rows:
     Raises:
         ValueError: a dtype other than fp16/bf16/fp32, a 0-d tensor, or an unknown backend.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        raise ValueError("x must be a torch.Tensor with at least one dimension")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x dtype {x.dtype} is not supported; expected one of {_FLOAT_DTYPES}")
-    resolved = resolve_backend(backend, (x,))
-    shape = x.shape
-    if resolved == "triton":
-        from .rms_norm_triton import MAX_BLOCK_D  # the kernel holds a row in registers
-
-        if shape[-1] > MAX_BLOCK_D:
-            if backend == "triton":
-                raise ValueError(f"the Triton FP8 quantization holds rows of up to {MAX_BLOCK_D} columns, got {shape[-1]}")
-            resolved = "torch"
-    q, scales = torch.ops.llm2vec_fast.fp8_quantize_rows(x.detach().reshape(-1, shape[-1]), resolved)
-    return FP8Rows(q.reshape(shape), scales.reshape(*shape[:-1], 1))
+    _check_input(x, "x")
+    resolved = _row_backend(backend, resolve_backend(backend, (x,)), x.shape[-1], "FP8 quantization")
+    q, scales = torch.ops.llm2vec_fast.fp8_quantize_rows(x.detach().reshape(-1, x.shape[-1]), resolved)
+    return _unflatten(q, scales, x.shape[:-1])
 
 
 @torch.library.custom_op("llm2vec_fast::rms_norm_fp8_fwd", mutates_args=())
@@ -121,7 +137,7 @@ def _rms_norm_fp8_op(
 @_rms_norm_fp8_op.register_fake
 def _(x, residual, weight, eps, casting, offset, backend):
     total = torch.empty_like(x) if residual is not None else x.new_empty((0,))
-    return torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device), torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device), total
+    return *_fake_fp8_rows(x.shape[0], x.shape[1], x.device), total
 
 
 def rms_norm_fp8(
@@ -149,7 +165,7 @@ def rms_norm_fp8(
     q, scales, total = torch.ops.llm2vec_fast.rms_norm_fp8_fwd(
         x.detach().reshape(-1, shape[-1]), flat_residual, weight.detach(), float(eps), casting, float(offset), resolved
     )
-    rows = FP8Rows(q.reshape(shape), scales.reshape(*shape[:-1], 1))
+    rows = _unflatten(q, scales, shape[:-1])
     return rows if residual is None else (rows, total.reshape(shape))
 
 
@@ -166,10 +182,7 @@ def _silu_mul_fp8_op(gate_up: torch.Tensor, backend: str) -> tuple[torch.Tensor,
 
 @_silu_mul_fp8_op.register_fake
 def _(gate_up, backend):
-    rows, d = gate_up.shape[0], gate_up.shape[1] // 2
-    return torch.empty((rows, d), dtype=FP8_DTYPE, device=gate_up.device), torch.empty(
-        (rows, 1), dtype=torch.float32, device=gate_up.device
-    )
+    return _fake_fp8_rows(gate_up.shape[0], gate_up.shape[1] // 2, gate_up.device)
 
 
 def silu_mul_fp8(gate_up: torch.Tensor, *, backend: str = "auto") -> FP8Rows:
@@ -184,13 +197,13 @@ def silu_mul_fp8(gate_up: torch.Tensor, *, backend: str = "auto") -> FP8Rows:
         :class:`FP8Rows` of the ``[..., D]`` product. Inference only (no autograd).
 
     Raises:
-        ValueError: a dtype other than fp16/bf16/fp32, an odd last dim, or an unknown backend.
+        ValueError: a dtype other than fp16/bf16/fp32, an odd last dim, an unknown backend, or
+            ``backend="triton"`` with halves wider than the kernel's rows (``"auto"`` then takes
+            the reference).
     """
-    if not isinstance(gate_up, torch.Tensor) or gate_up.dim() == 0 or gate_up.shape[-1] % 2:
-        raise ValueError("gate_up must be a torch.Tensor whose last dim holds gate and up (an even size)")
-    if gate_up.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"gate_up dtype {gate_up.dtype} is not supported; expected one of {_FLOAT_DTYPES}")
-    resolved = resolve_backend(backend, (gate_up,))
-    shape = gate_up.shape
-    q, scales = torch.ops.llm2vec_fast.silu_mul_fp8(gate_up.detach().reshape(-1, shape[-1]), resolved)
-    return FP8Rows(q.reshape(*shape[:-1], shape[-1] // 2), scales.reshape(*shape[:-1], 1))
+    _check_input(gate_up, "gate_up")
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dim holds gate and up (an even size), got {gate_up.shape[-1]}")
+    resolved = _row_backend(backend, resolve_backend(backend, (gate_up,)), gate_up.shape[-1] // 2, "SwiGLU + FP8 quantization")
+    q, scales = torch.ops.llm2vec_fast.silu_mul_fp8(gate_up.detach().reshape(-1, gate_up.shape[-1]), resolved)
+    return _unflatten(q, scales, gate_up.shape[:-1])

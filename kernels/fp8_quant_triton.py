@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreter_enabled, new_output, next_power_of_2
+from ._dispatch import interpreter_enabled, new_output
 from .fp8_quant_reference import FP8_DTYPE, FP8_MAX, MIN_SCALE
-from .rms_norm_triton import MAX_BLOCK_D, TILE_ELEMENTS, _norm_tile, launch_config
+from .rms_norm_triton import _norm_tile, _row_tile, launch_config
 
 
 @triton.jit
@@ -50,9 +50,7 @@ def _fp8_quantize_rows_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+    rows, cols, mask = _row_tile(n_rows, D, BLOCK_T, BLOCK_D)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     _quantize_tile(x, rows, cols, mask, OUT_Q, OUT_SCALE, stride_q, n_rows, fp8_max, min_scale, CAST)
 
@@ -103,9 +101,7 @@ def _silu_mul_fp8_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+    rows, cols, mask = _row_tile(n_rows, D, BLOCK_T, BLOCK_D)
     gate = tl.load(GU + rows[:, None] * stride_gu + cols[None, :], mask=mask, other=0.0)
     up = tl.load(GU + rows[:, None] * stride_gu + D + cols[None, :], mask=mask, other=0.0)
     # SiLU in float32 rounded to the input dtype, then the product in that dtype (as the models and
@@ -116,26 +112,25 @@ def _silu_mul_fp8_kernel(
     _quantize_tile(out.to(tl.float32), rows, cols, mask, OUT_Q, OUT_SCALE, stride_q, n_rows, fp8_max, min_scale, CAST)
 
 
-def silu_mul_launch_config(d: int) -> tuple[int, int, int]:
-    """``(BLOCK_T, BLOCK_D, num_warps)`` for rows of ``d`` outputs: both ``BLOCK_D``-wide halves
-    (gate and up) in registers, tiles sized as the norm kernel's (:func:`~.rms_norm_triton.launch_config`)
-    counting both halves; 16 warps above 4096-element tiles."""
-    block_d = max(16, next_power_of_2(d))
-    if block_d > MAX_BLOCK_D:
-        raise ValueError(f"SwiGLU over {d} columns exceeds the kernel's {MAX_BLOCK_D}-column rows")
-    block_t = max(1, min(64, TILE_ELEMENTS // (2 * block_d)))
-    return block_t, block_d, 8 if 2 * block_t * block_d <= TILE_ELEMENTS else 16
+def _fp8_outputs(n_rows: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(q [N, D], scales [N, 1], cast)``: ``q`` is e4m3 when the kernel casts (``CAST``), float32
+    under the interpreter, whose e4m3 cast is wrong (see the module docstring)."""
+    cast = not interpreter_enabled()
+    q = new_output((n_rows, d), FP8_DTYPE if cast else torch.float32, device)
+    return q, new_output((n_rows, 1), torch.float32, device), cast
+
+
+def _as_fp8(q: torch.Tensor, cast: bool) -> torch.Tensor:
+    return q if cast else q.to(FP8_DTYPE)
 
 
 def silu_mul_fp8_forward(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q float8_e4m3fn [N, D], scales float32 [N, 1])`` of ``silu(gate) * up`` for ``gate_up``
     ``[N, 2D]`` (gate then up; last dim contiguous)."""
     n_rows, d = gate_up.shape[0], gate_up.shape[1] // 2
-    cast = not interpreter_enabled()
-    q = new_output((n_rows, d), FP8_DTYPE if cast else torch.float32, gate_up.device)
-    scales = new_output((n_rows, 1), torch.float32, gate_up.device)
+    q, scales, cast = _fp8_outputs(n_rows, d, gate_up.device)
     if n_rows:
-        block_t, block_d, num_warps = silu_mul_launch_config(d)
+        block_t, block_d, num_warps = launch_config(d, operands=2)  # gate and up
         _silu_mul_fp8_kernel[(triton.cdiv(n_rows, block_t),)](
             gate_up,
             q,
@@ -151,15 +146,13 @@ def silu_mul_fp8_forward(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
             BLOCK_D=block_d,
             num_warps=num_warps,
         )
-    return (q if cast else q.to(FP8_DTYPE)), scales
+    return _as_fp8(q, cast), scales
 
 
 def fp8_quantize_rows_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q float8_e4m3fn [N, D], scales float32 [N, 1])`` for ``x`` ``[N, D]`` (last dim contiguous)."""
     n_rows, d = x.shape
-    cast = not interpreter_enabled()
-    q = new_output((n_rows, d), FP8_DTYPE if cast else torch.float32, x.device)
-    scales = new_output((n_rows, 1), torch.float32, x.device)
+    q, scales, cast = _fp8_outputs(n_rows, d, x.device)
     if n_rows:
         block_t, block_d, num_warps = launch_config(d)
         _fp8_quantize_rows_kernel[(triton.cdiv(n_rows, block_t),)](
@@ -177,7 +170,7 @@ def fp8_quantize_rows_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
             BLOCK_D=block_d,
             num_warps=num_warps,
         )
-    return (q if cast else q.to(FP8_DTYPE)), scales
+    return _as_fp8(q, cast), scales
 
 
 def rms_norm_fp8_forward(
@@ -186,9 +179,7 @@ def rms_norm_fp8_forward(
     """``(q float8_e4m3fn [N, D], scales float32 [N, 1], residual + x or None)``: the RMSNorm of
     ``x`` (``residual + x``) ``[N, D]`` (last dim contiguous) quantized per row."""
     n_rows, d = x.shape
-    cast = not interpreter_enabled()
-    q = new_output((n_rows, d), FP8_DTYPE if cast else torch.float32, x.device)
-    scales = new_output((n_rows, 1), torch.float32, x.device)
+    q, scales, cast = _fp8_outputs(n_rows, d, x.device)
     total = new_output((n_rows, d), x.dtype, x.device) if residual is not None else None
     if n_rows:
         block_t, block_d, num_warps = launch_config(d)
@@ -216,4 +207,4 @@ def rms_norm_fp8_forward(
             BLOCK_D=block_d,
             num_warps=num_warps,
         )
-    return (q if cast else q.to(FP8_DTYPE)), scales, total
+    return _as_fp8(q, cast), scales, total

@@ -20,6 +20,14 @@ MAX_BLOCK_D = 16384
 
 
 @triton.jit
+def _row_tile(n_rows, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's ``BLOCK_T`` rows (int64) and ``BLOCK_D`` columns, and the mask of the real ones."""
+    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    return rows, cols, (rows < n_rows)[:, None] & (cols < D)[None, :]
+
+
+@triton.jit
 def _norm_tile(
     X,
     R,
@@ -39,10 +47,7 @@ def _norm_tile(
 ):
     """This program's tile: ``(y, rows, cols, mask)``, ``y`` the normalised rows in the input dtype
     (the residual sum stored to ``S`` on the way)."""
-    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    rows, cols, mask = _row_tile(n_rows, D, BLOCK_T, BLOCK_D)
     # float32 arithmetic throughout: a sum or product of two 16-bit values is exact there or rounds
     # as the 16-bit operation would, so casting once to the input dtype gives torch's bits
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
@@ -55,7 +60,7 @@ def _norm_tile(
         tl.store(S + rows[:, None] * stride_s + cols[None, :], xf, mask=mask)
         xf = xf.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
     if GEMMA:
         y = xf * rstd[:, None] * (offset + w)[None, :]
     else:
@@ -90,15 +95,16 @@ def _rms_norm_fwd_kernel(
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y, mask=mask)
 
 
-def launch_config(d: int) -> tuple[int, int, int]:
-    """``(BLOCK_T, BLOCK_D, num_warps)`` for rows of ``d`` columns: powers of two, 16 fp32 elements
-    of the tile per thread at most (8 warps up to 4096-element tiles, 16 above; checked spill-free by
-    ``compile_check``)."""
+def launch_config(d: int, operands: int = 1) -> tuple[int, int, int]:
+    """``(BLOCK_T, BLOCK_D, num_warps)`` for a row kernel over rows of ``d`` columns that holds
+    ``operands`` such rows per token in registers (SwiGLU's gate and up: 2): powers of two, 16 fp32
+    elements of the tile per thread at most (8 warps up to 4096-element tiles, 16 above; checked
+    spill-free by ``compile_check``). Shared by the RMSNorm and FP8 kernels."""
     block_d = max(16, next_power_of_2(d))
     if block_d > MAX_BLOCK_D:
-        raise ValueError(f"RMSNorm over {d} columns exceeds the kernel's {MAX_BLOCK_D}-column rows")
-    block_t = max(1, min(64, TILE_ELEMENTS // block_d))
-    return block_t, block_d, 8 if block_t * block_d <= TILE_ELEMENTS else 16
+        raise ValueError(f"a row of {d} columns exceeds the row kernels' {MAX_BLOCK_D}-column rows")
+    block_t = max(1, min(64, TILE_ELEMENTS // (operands * block_d)))
+    return block_t, block_d, 8 if operands * block_t * block_d <= TILE_ELEMENTS else 16
 
 
 def rms_norm_forward(

@@ -84,6 +84,10 @@ def test_silu_mul_rejects_bad_input():
         silu_mul_fp8(torch.zeros(2, 8, dtype=torch.int32))
     q = silu_mul_fp8(torch.zeros(3, 4, 8))
     assert q.shape == (3, 4, 4) and q.scales.shape == (3, 4, 1)
+    if DEVICE is not None:  # halves wider than the kernel's rows (Llama-70B's MLP: 28672): refused, or the reference
+        with pytest.raises(ValueError, match="rows of up to 16384 columns"):
+            silu_mul_fp8(torch.zeros(1, 2 * 16385, device=DEVICE), backend="triton")
+        assert silu_mul_fp8(torch.zeros(1, 2 * 16385, device=DEVICE)).shape == (1, 16385)
     torch.library.opcheck(
         torch.ops.llm2vec_fast.silu_mul_fp8.default, (torch.randn(5, 16), "torch"), test_utils=("test_schema", "test_faketensor")
     )
