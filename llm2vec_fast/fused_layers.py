@@ -238,7 +238,7 @@ class FusedDecoderLayer:
     ) -> torch.Tensor:
         residual = hidden_states
         norm = self.input_layernorm
-        if isinstance(norm, FusedRMSNorm) and _reads_fp8(self.self_attn, QKV_FUSED, ("qkv_proj",), ("q_proj", "k_proj", "v_proj")):
+        if isinstance(norm, FusedRMSNorm) and _reads_fp8(self.self_attn, QKV_FUSED, QKV):
             hidden_states = norm.quantized(hidden_states)  # the projections take the FP8 rows as they are
         else:
             hidden_states = norm(hidden_states)
@@ -252,7 +252,7 @@ class FusedDecoderLayer:
             **kwargs,
         )
         norm = self.post_attention_layernorm
-        if isinstance(norm, FusedRMSNorm) and _reads_fp8(self.mlp, GATE_UP_FUSED, ("gate_up_proj",), ("gate_proj", "up_proj")):
+        if isinstance(norm, FusedRMSNorm) and _reads_fp8(self.mlp, GATE_UP_FUSED, GATE_UP):
             hidden_states, residual = norm.add_and_norm_quantized(hidden_states, residual)
         elif isinstance(norm, FusedRMSNorm):
             hidden_states, residual = norm.add_and_norm(hidden_states, residual)
@@ -263,10 +263,11 @@ class FusedDecoderLayer:
         return residual + self.mlp(hidden_states)
 
 
-def _reads_fp8(module: nn.Module, stacked_flag: str, stacked: tuple[str, ...], separate: tuple[str, ...]) -> bool:
-    """Whether every projection that reads ``module``'s input is an FP8 GEMM (then the norm before it
-    can hand over FP8 rows); a decoder layer kept in high precision has none."""
-    names = stacked if hasattr(module, stacked_flag) else separate
+def _reads_fp8(module: nn.Module, stacked: str, separate: tuple[str, ...]) -> bool:
+    """Whether every projection that reads ``module``'s input (the stacked one, where
+    :mod:`~llm2vec_fast.fused_projections` made it, else ``separate``) is an FP8 GEMM: then the norm
+    before it can hand over FP8 rows; a decoder layer kept in high precision has none."""
+    names = (stacked,) if hasattr(module, stacked) else separate
     return all(isinstance(getattr(module, name, None), FP8Linear) for name in names)
 
 

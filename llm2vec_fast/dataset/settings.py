@@ -37,7 +37,7 @@ def encoder_settings(encoder) -> dict:
         {
             "quantization": quantization,
             "high_precision_layers": encoder.quantization_report["high_precision_layers"],
-            "fp8_rounding": encoder.quantization_report.get("rounding", "nearest"),
+            "fp8_rounding": encoder.quantization_report["rounding"],
         }
         if quantization
         else {}
