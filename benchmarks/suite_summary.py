@@ -1,6 +1,7 @@
 """Compact summary of the GPU suite's results: each headline ratio against its target.
 
-Reads ``attention-*.json``, ``pooling-*.json``, ``encode-*.json``, ``fp8-encode-*.json`` and ``train-*.json`` from a results folder (default
+Reads ``attention-*.json``, ``pooling-*.json``, ``encode-*.json``, ``fp8-encode-*.json``, ``fused-encode-*.json``,
+``fp8-fused-encode-*.json`` and ``train-*.json`` (``train-fused-*.json`` too) from a results folder (default
 ``benchmarks/results``); needs neither torch nor a GPU. Prints one line per ratio and exits 0; with
 ``--strict`` it exits 1 when a ratio with a target misses it.
 """
@@ -57,7 +58,7 @@ def summarize_encode(data: dict) -> list[tuple[str, bool | None]]:
             )
         if "fp8" in s:
             fp8 = s["fp8"]
-            lines.append(_line(f"encode {s['shape']} fp8 vs bf16 packed", fp8.get("speedup_vs_packed"), None))
+            lines.append(_line(f"encode {s['shape']} fp8 vs bf16 packed", fp8.get("speedup_vs_packed"), fp8.get("target")))
             agree = "ok" if fp8.get("agree") else "DISAGREE"
             lines.append(
                 (
@@ -65,12 +66,41 @@ def summarize_encode(data: dict) -> list[tuple[str, bool | None]]:
                     bool(fp8.get("agree")),
                 )
             )
+        for key, label in (("fused", "fused"), ("fused_graphs", "fused + CUDA graphs")):
+            if key in s:
+                fused = s[key]
+                lines.append(_line(f"encode {s['shape']} {label} vs bf16 packed", fused.get("speedup_vs_packed"), None))
+                agree = "ok" if fused.get("agree") else "DISAGREE"
+                lines.append(
+                    (
+                        f"  {'encode ' + s['shape'] + ' ' + label + ' min cosine':<48} {fused.get('min_cosine', math.nan):.4f}  >= 0.99  {agree}",
+                        bool(fused.get("agree")),
+                    )
+                )
         for method, note in s.get("notes", {}).items():
             lines.append((f"  encode {s['shape']} {method}: {note}", None))
-    for r in data.get("results", []):  # model FLOPs utilisation: reported, no target
-        if r.get("mfu") is not None and r["shape"] in {s["shape"] for s in data.get("summary", [])}:
+    shapes = {s["shape"] for s in data.get("summary", [])}
+    rows = [r for r in data.get("results", []) if r["shape"] in shapes]
+    for r in rows:  # model FLOPs utilisation of each path
+        if r.get("mfu") is not None:
             label = f"encode {r['shape']} {r['method']} model FLOPs / {r.get('precision', 'gemm')} ceiling"
             lines.append((f"  {label:<48} {100 * r['mfu']:6.1f}%  (no target)", None))
+    lines += _judge_mfu(rows, data.get("mfu_targets", {}))
+    return lines
+
+
+def _judge_mfu(rows: list[dict], targets: dict) -> list[tuple[str, bool | None]]:
+    """Issue 19: the fastest bf16 packed path of each shape against its share of the bf16 ceiling."""
+    lines = []
+    for shape, target in targets.items():
+        bf16 = [r for r in rows if r["shape"] == shape and r["method"].startswith("packed") and r.get("precision") != "fp8_rowwise"]
+        bf16 = [r for r in bf16 if r.get("mfu") is not None and not math.isnan(r["mfu"])]
+        if not bf16:
+            continue
+        best = max(bf16, key=lambda r: r["mfu"])
+        ok = best["mfu"] >= target
+        label = f"encode {shape} best bf16 MFU ({best['method']})"
+        lines.append((f"  {label:<48} {100 * best['mfu']:6.1f}%  target >= {100 * target:.0f}%  {'ok' if ok else 'MISSED'}", ok))
     return lines
 
 
@@ -151,6 +181,8 @@ SECTIONS = {
     "pooling": summarize_pooling,
     "encode": summarize_encode,
     "fp8-encode": summarize_encode,  # bench_encode.py --methods packed packed-fp8 --name fp8-encode
+    "fused-encode": summarize_encode,  # --methods packed packed-fused packed-fused-graphs --name fused-encode
+    "fp8-fused-encode": summarize_encode,  # gpu_followup.sh: FP8 of the fused model vs plain bf16 packed
     "train": summarize_train,
 }
 
