@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-latest test-cpu-variants test-all constraints bench-cpu clean
+.PHONY: setup demo test test-latest test-cpu-variants test-all constraints bench-cpu gpu-carry clean
 
 setup: $(VENV)/.llm2vec-fast-installed
 
@@ -45,6 +45,10 @@ constraints:
 
 test-all: setup
 	$(PY) -m pytest --runslow $(PYTEST_ARGS)
+
+# .gpu_carry: the liger-kernel wheel and the tokenizer that benchmarks/gpu_suite.sh needs on the GPU image
+gpu-carry: setup
+	PYTHON=$(PY) bash benchmarks/gpu_carry.sh
 
 clean:
 	rm -rf $(VENV) .venv-latest build dist *.egg-info .pytest_cache

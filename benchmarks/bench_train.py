@@ -16,6 +16,7 @@ the stage's own loading code; SmolLM2 tokenizer, whose ids fit the vocabulary). 
     OMP_NUM_THREADS=2 python benchmarks/bench_train.py        # writes benchmarks/results/train-cpu.json
     python benchmarks/bench_train.py --quick                  # GPU suite: 1 warm-up + 2 timed steps per case
     python benchmarks/bench_train.py                          # on a GPU: results/train-<card>.json
+    python benchmarks/bench_train.py --quick --fused 1        # fused layers: results/train-fused-<card>.json
 
 On CPU each (stage, implementation) runs in its own subprocess, so the peak memory (max RSS growth
 after the model is loaded) of one does not hide another's. On a GPU the four cases run one after the
@@ -221,7 +222,7 @@ def _plain_step(stage, stage_name: str, device):
 # -------------------------------------------------------------------------------- driver
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-<cpu|card>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-[fused-]<cpu|card>.json)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 3 on CPU, 10 on GPU, 2 with --quick)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="2 timed steps per case (the GPU suite); same shapes")
@@ -328,13 +329,15 @@ def write_result(args, on_gpu: bool, steps: int, shapes: dict, cases: list[dict]
         "dtype": "bf16 autocast" if on_gpu else "fp32",
         "torch": torch.__version__,
         "steps": steps,
+        "fused": bool(args.fused),
         "lora": "r=16, alpha=32, all 7 projections, every layer",
         "peak_mem_note": "GPU: max_memory_allocated above the loaded model; CPU: growth of the process max RSS above the loaded model",
         "cases": cases,
         "summary": summary,
         "gpu_target": "tokens/s >= 1.5x and peak memory <= 0.6x of plain HF",
     }
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"train-{card}.json")
+    # a fused run gets its own file: the same session's unfused results stay
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"train-{'fused-' if args.fused else ''}{card}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if summary:

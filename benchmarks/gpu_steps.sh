@@ -1,0 +1,78 @@
+# Shared by benchmarks/gpu_suite.sh and benchmarks/gpu_followup.sh (sourced, not run): the time-capped
+# steps under one budget, the environment record, the carried wheels, and the summary + $OUT packing.
+# The sourcing script sets BUDGET (seconds) first.
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# python3 first: on the GPU image a plain `python3` is the one that holds PyTorch
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+# bench_train's tokenizer and the liger-kernel wheel, which the GPU image lacks: `make gpu-carry` puts
+# both in .gpu_carry (git-ignored) on the CPU machine, then run(..., carry=[".gpu_carry"])
+TOKENIZER_DIR=${TOKENIZER_DIR:-.gpu_carry/tokenizer}
+TOKENIZER_ARGS=()
+[ -d "$TOKENIZER_DIR" ] && TOKENIZER_ARGS=(--tokenizer "$TOKENIZER_DIR")
+LOGS=${OUT:-$(mktemp -d)}/logs
+mkdir -p "$LOGS"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+START=$(date +%s)
+STATUS=()
+FAILED=0
+
+# step NAME CAP_SECONDS COMMAND...: run with a time cap (never past the budget), log to $LOGS/NAME.log;
+# MIN_LEFT_S=N step ...: skip the step unless N seconds of the budget are left (default 20)
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((BUDGET - ($(date +%s) - START)))
+    if [ "$left" -lt "${MIN_LEFT_S:-20}" ]; then
+        STATUS+=("$name: skipped (${left}s of the suite budget left, needs ${MIN_LEFT_S:-20}s)")
+        FAILED=1
+        return
+    fi
+    [ "$cap" -gt "$left" ] && cap=$left
+    echo "=== $name (cap ${cap}s): $*"
+    local t0=$(date +%s)
+    timeout -k 10 "$cap" "$@" 2>&1 | tee "$LOGS/$name.log"
+    local rc=${PIPESTATUS[0]}
+    local took=$(($(date +%s) - t0))
+    case $rc in
+        0) STATUS+=("$name: ok (${took}s)") ;;
+        124|137) STATUS+=("$name: TIMED OUT after ${took}s (cap ${cap}s)"); FAILED=1 ;;
+        *) STATUS+=("$name: FAILED rc=$rc (${took}s)"); FAILED=1 ;;
+    esac
+}
+
+"$PY" - <<'PYEOF' 2>&1 | tee "$LOGS/environment.log"
+import torch, triton, transformers
+print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__,
+      "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+PYEOF
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee -a "$LOGS/environment.log"
+
+step install 90 "$PY" -m pip install --no-deps --no-build-isolation -q -e .
+# liger-kernel is pure Python but the image has no network: its wheel comes in .gpu_carry (make gpu-carry)
+for wheel in .gpu_carry/liger_kernel-*.whl; do
+    [ -f "$wheel" ] && "$PY" -m pip install --no-deps -q "$wheel"
+done
+has_liger() { "$PY" -c "import liger_kernel" 2>/dev/null; }
+LIGER_MISSING="no liger-kernel on this image: make gpu-carry, then carry .gpu_carry"
+
+# finish: print each step's status and the ratios against their targets, pack $OUT, exit 0 only if
+# every step passed
+finish() {
+    echo
+    echo "=== summary ($(($(date +%s) - START)) s in all)"
+    printf '%s\n' "${STATUS[@]}" | tee "$LOGS/steps.txt"
+    "$PY" benchmarks/suite_summary.py benchmarks/results | tee "$LOGS/summary.txt"
+    if [ -n "${OUT:-}" ]; then
+        # the device tool returns at most 8 files: this run's JSON one by one, plots and logs in one archive
+        mkdir -p "$OUT/results"
+        find benchmarks/results -name '*.json' -newer "$LOGS/environment.log" -exec cp {} "$OUT/results/" \;
+        find benchmarks/results -name '*.png' -newer "$LOGS/environment.log" -exec cp {} "$LOGS/" \;
+        tar -czf "$OUT/logs_and_plots.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"
+        echo "results in $OUT/results, logs and plots in $OUT/logs_and_plots.tar.gz"
+    else
+        echo "logs in $LOGS"
+    fi
+    exit $FAILED
+}
