@@ -50,9 +50,20 @@ PYEOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee -a "$LOGS/environment.log"
 
 step install 90 "$PY" -m pip install --no-deps --no-build-isolation -q -e .
+# the image's environment may be read-only (calls have run as a non-root user): then import the
+# working tree, with kernels/ and export/ linked where the install would map them
+if ! "$PY" -c "import llm2vec_fast.kernels, llm2vec_fast.export" 2>/dev/null; then
+    ln -sfn ../kernels llm2vec_fast/kernels && ln -sfn ../export llm2vec_fast/export
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    STATUS+=("install: not installed, llm2vec_fast imported from the working tree")
+fi
 # liger-kernel is pure Python but the image has no network: its wheel comes in .gpu_carry (make gpu-carry)
 for wheel in .gpu_carry/liger_kernel-*.whl; do
-    [ -f "$wheel" ] && "$PY" -m pip install --no-deps -q "$wheel"
+    [ -f "$wheel" ] || continue
+    if ! "$PY" -m pip install --no-deps -q "$wheel"; then
+        "$PY" -m pip install --no-deps -q --target "${TMPDIR:-/tmp}/gpu-suite-site" "$wheel" &&
+            export PYTHONPATH="${TMPDIR:-/tmp}/gpu-suite-site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
 done
 has_liger() { "$PY" -c "import liger_kernel" 2>/dev/null; }
 LIGER_MISSING="no liger-kernel on this image: make gpu-carry, then carry .gpu_carry"
@@ -65,12 +76,14 @@ finish() {
     printf '%s\n' "${STATUS[@]}" | tee "$LOGS/steps.txt"
     "$PY" benchmarks/suite_summary.py benchmarks/results | tee "$LOGS/summary.txt"
     if [ -n "${OUT:-}" ]; then
-        # the device tool returns at most 8 files: this run's JSON one by one, plots and logs in one archive
-        mkdir -p "$OUT/results"
-        find benchmarks/results -name '*.json' -newer "$LOGS/environment.log" -exec cp {} "$OUT/results/" \;
+        # the device tool returns at most 8 files: this run's JSON in one archive (a full suite writes
+        # more than 8), plots and logs in another, the summary as it printed
+        find benchmarks/results -name '*.json' -newer "$LOGS/environment.log" -printf '%f\n' >"$LOGS/results.txt"
+        tar -czf "$OUT/results.tar.gz" -C benchmarks/results -T "$LOGS/results.txt"
         find benchmarks/results -name '*.png' -newer "$LOGS/environment.log" -exec cp {} "$LOGS/" \;
+        cp "$LOGS/summary.txt" "$LOGS/steps.txt" "$OUT/"
         tar -czf "$OUT/logs_and_plots.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"
-        echo "results in $OUT/results, logs and plots in $OUT/logs_and_plots.tar.gz"
+        echo "results in $OUT/results.tar.gz (tar -xzf it in benchmarks/results), logs and plots in $OUT/logs_and_plots.tar.gz"
     else
         echo "logs in $LOGS"
     fi

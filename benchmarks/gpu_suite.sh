@@ -8,6 +8,8 @@
 #      bench_train.py --quick (MNTP and SimCSE steps, 1B shapes, packed vs HF, tokens/s and peak memory),
 #      bench_encode.py --quick --methods packed packed-fused packed-fused-graphs (fused decoder layers and
 #      their CUDA graphs vs plain bf16 packed, SmolLM2-135M / 1B / 8B random shapes; needs liger-kernel),
+#      bench_onnx_cuda.py --quick (ONNX Runtime's CUDA provider on the fp16 export vs torch; where the
+#      image's onnxruntime has no CUDA provider, the reason is recorded instead),
 #      bench_serve.py --device cuda (32 clients, packed path, vs direct embed_items; if the serve extra is there)
 #   3. pytest of the kernel tests (pooling, attention, fused layers, CUDA graphs, FP8 kernels and the FP8
 #      layer against the simulation; compiled kernels; last). The
@@ -15,8 +17,9 @@
 #      compiles each kernel once; KERNEL_TESTS (a pytest -k expression) picks the cases: by default
 #      what only a GPU checks (bf16, large fp16, compiled dropout, pooling; ~12 kernel variants);
 #      KERNEL_TESTS=all runs every case (~30 variants more, with the fuzzers: run it alone).
-#   4. prints each ratio against its target; this run's JSON go to $OUT/results, logs and plots to
-#      $OUT/logs_and_plots.tar.gz (the tool returns at most 8 files).
+#   4. prints each ratio against its target; with $OUT set, this run's JSON go to $OUT/results.tar.gz,
+#      logs and plots to $OUT/logs_and_plots.tar.gz, plus steps.txt and summary.txt (the tool returns at
+#      most 8 files; unpack the JSON with tar -xzf results.tar.gz -C benchmarks/results).
 #
 # With the device tool (files written under $OUT come back):
 #   run(command="bash benchmarks/gpu_suite.sh", carry=[".gpu_carry"], timeout_s=540)
@@ -58,6 +61,9 @@ step first-embedding 60 "$PY" benchmarks/bench_first_embedding.py $QUICK
 # all four cases in one process (one CUDA start-up), 1 warm-up + 2 timed steps each; the JSON is
 # rewritten after every case, so a cut-short run still returns the finished ones
 step bench-train 100 "$PY" benchmarks/bench_train.py $QUICK "${TOKENIZER_ARGS[@]}"
+# ONNX Runtime's CUDA provider on the fp16 export vs torch packed (SmolLM2-135M shapes); where the image's
+# onnxruntime has no CUDA provider (the plain wheel; onnxruntime-gpu is too big to carry) it writes why
+step onnx-cuda 90 "$PY" benchmarks/bench_onnx_cuda.py $QUICK "${TOKENIZER_ARGS[@]}"
 # one serve run: 32 clients against our server (packed path, random Llama-1B shapes, the carried
 # tokenizer) vs direct embed_items of the same texts; needs the serve extra (fastapi, uvicorn,
 # orjson, aiohttp) on the image: skipped with a note when missing, never installed here

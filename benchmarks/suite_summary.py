@@ -1,7 +1,7 @@
 """Compact summary of the GPU suite's results: each headline ratio against its target.
 
 Reads ``attention-*.json``, ``pooling-*.json``, ``encode-*.json``, ``fp8-encode-*.json``, ``fused-encode-*.json``,
-``fp8-fused-encode-*.json`` and ``train-*.json`` (``train-fused-*.json`` too) from a results folder (default
+``fp8-fused-encode-*.json``, ``train-*.json`` (``train-fused-*.json`` too) and ``onnx-cuda-*.json`` from a results folder (default
 ``benchmarks/results``); needs neither torch nor a GPU. Prints one line per ratio and exits 0; with
 ``--strict`` it exits 1 when a ratio with a target misses it.
 """
@@ -176,6 +176,21 @@ def summarize_train(data: dict) -> list[tuple[str, bool | None]]:
     return lines
 
 
+def summarize_onnx_cuda(data: dict) -> list[tuple[str, bool | None]]:
+    """Issue 19 item 5: ONNX Runtime's CUDA provider (fp16 export) vs torch, or why it was skipped."""
+    if "skipped" in data:
+        return [(f"  onnx-cuda skipped: {data['skipped']}", None)]
+    s = data.get("summary", {})
+    agree = "ok" if s.get("agree") else "DISAGREE"
+    return [
+        _line(f"onnx-cuda {data.get('shape')} fp16 vs torch packed tokens/s", s.get("onnx_vs_torch_tokens_per_s"), None),
+        (
+            f"  {'onnx-cuda ' + str(data.get('shape')) + ' min cosine':<48} {s.get('min_cosine', math.nan):.4f}  >= 0.99  {agree}",
+            bool(s.get("agree")),
+        ),
+    ]
+
+
 SECTIONS = {
     "attention": summarize_attention,
     "pooling": summarize_pooling,
@@ -184,6 +199,7 @@ SECTIONS = {
     "fused-encode": summarize_encode,  # --methods packed packed-fused packed-fused-graphs --name fused-encode
     "fp8-fused-encode": summarize_encode,  # gpu_followup.sh: FP8 of the fused model vs plain bf16 packed
     "train": summarize_train,
+    "onnx-cuda": summarize_onnx_cuda,
 }
 
 

@@ -271,10 +271,36 @@ def test_gpu_followup_runs_fused_fp8_and_fused_training(tmp_path):
         assert f"{name}: ok (" in proc.stdout, name
     assert "--methods packed packed-fused packed-fp8 --shapes llama-1b llama-8b --name fp8-fused-encode" in proc.stdout
     assert "benchmarks/bench_train.py --quick --fused 1" in proc.stdout
-    assert (tmp_path / "logs_and_plots.tar.gz").is_file()
+    # at most 8 files come back from a device call: archives and the two summaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs_and_plots.tar.gz", "results.tar.gz", "steps.txt", "summary.txt"]
     env["FOLLOWUP_BUDGET_S"], env["OUT"] = "10", str(tmp_path / "second")
     proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_followup.sh")], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1 and "bench-train-fused: skipped (" in proc.stdout
+
+
+def test_bench_onnx_cuda_cpu_smoke(tmp_path):
+    """The fp16 export of random weights against torch on the same inputs, timed with its spread and
+    checked by cosine; on CPU (CPU provider, tiny model) as a check of the script."""
+    proc = _run(BENCH_DIR / "bench_onnx_cuda.py", "--cpu-smoke", "--results-dir", tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "onnx-cuda-cpu.json").read_text())
+    assert data["shape"] == "tiny" and data["tokens"] > data["inputs"] == 12
+    assert [r["method"] for r in data["results"]] == ["torch-packed", "onnx-cuda-fp16"]
+    for r in data["results"]:
+        assert r["min_seconds"] <= r["seconds"] <= r["max_seconds"] and r["tokens_per_s"] > 0
+    assert data["summary"]["agree"] and data["summary"]["min_cosine"] > 0.99
+    assert data["summary"]["onnx_vs_torch_tokens_per_s"] > 0
+
+
+def test_bench_onnx_cuda_says_why_it_skipped(tmp_path):
+    """Without ONNX Runtime's CUDA provider (this CPU machine, the GPU image's plain wheel) nothing is
+    exported: the JSON records the reason and the suite summary prints it."""
+    proc = _run(BENCH_DIR / "bench_onnx_cuda.py", "--results-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "onnx-cuda-cpu.json").read_text())
+    assert "CUDAExecutionProvider" in data["skipped"] and "results" not in data
+    proc = _run(BENCH_DIR / "suite_summary.py", tmp_path)
+    assert "onnx-cuda skipped: onnxruntime" in proc.stdout and "onnxruntime-gpu" in proc.stdout
 
 
 def test_bench_fp8_fidelity_on_a_tiny_model(tiny_llama_dir, tmp_path):
