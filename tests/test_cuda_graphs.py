@@ -19,6 +19,7 @@ from llm2vec_fast.cuda_graphs import (
     pad_packed_batch,
     power_of_two_buckets,
 )
+from llm2vec_fast.fp8 import apply_fp8, fp8_unsupported_reason
 from llm2vec_fast.packing import pack
 from llm2vec_fast.prompting import EncodingInput
 
@@ -94,20 +95,38 @@ def test_encoder_use_cuda_graphs(tiny_encoder):
         tiny_encoder.cuda_graphs = None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_gpu_graph_replay_matches_eager(smollm_tokenizer):
-    """Captured once per padded shape, replayed for the next batch of that shape: the same embeddings
-    as the eager packed forward (bf16, fused layers)."""
+def _fused_cuda_encoder(tokenizer) -> LLM2Vec:
     from llm2vec_fast.fused_layers import fuse_decoder
 
     torch.manual_seed(0)
     config = tiny_config("llama", vocab_size=49152, hidden_size=128, head_dim=32)
     model = enable_bidirectional(AutoModel.from_config(config).eval()).to("cuda", torch.bfloat16)
     fuse_decoder(model)
-    encoder = LLM2Vec(model, smollm_tokenizer, packed=True)
+    return LLM2Vec(model, tokenizer, packed=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_gpu_graph_replay_matches_eager(smollm_tokenizer):
+    """Captured once per padded shape, replayed for the next batch of that shape: the same embeddings
+    as the eager packed forward (bf16, fused layers)."""
+    encoder = _fused_cuda_encoder(smollm_tokenizer)
     graphs = encoder.use_cuda_graphs([64, 128, 256])
     with torch.inference_mode():
         for seed, lengths in enumerate(([7, 1, 20, 13], [9, 2, 18, 11], [100, 5])):  # 2nd: same key as the 1st
             features = pack(_items(lengths, seed), "cuda")
             torch.testing.assert_close(graphs(features), encoder.forward_packed(features), atol=2e-2, rtol=2e-2)
     assert len(graphs.captured) == 2
+
+
+@pytest.mark.skipif(fp8_unsupported_reason("cuda") is not None, reason="needs a CUDA GPU of compute capability 8.9+")
+def test_gpu_fp8_graph_replay_matches_eager(smollm_tokenizer):
+    """FP8 layers fed by the fused norm and SwiGLU kernels capture too (no host sync in the dynamic
+    activation scales): replays equal the eager FP8 packed forward."""
+    encoder = _fused_cuda_encoder(smollm_tokenizer)
+    apply_fp8(encoder, "fp8", high_precision_layers=[], rounding="nearest")
+    graphs = encoder.use_cuda_graphs([64, 128])
+    with torch.inference_mode():
+        for seed, lengths in enumerate(([7, 1, 20, 13], [9, 2, 18, 11])):  # the same key: capture, then replay
+            features = pack(_items(lengths, seed), "cuda")
+            torch.testing.assert_close(graphs(features), encoder.forward_packed(features), atol=2e-2, rtol=2e-2)
+    assert len(graphs.captured) == 1
