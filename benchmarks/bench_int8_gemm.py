@@ -37,7 +37,14 @@ def _session(nodes, inputs, outputs, initializers, threads: int):
     from onnx import helper
 
     graph = helper.make_graph(nodes, "gemm", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    default_opset = helper.make_opsetid("", 17)
+    # the IR version of the opset, as our exports have (onnx's default is its newest IR, which an
+    # older ONNX Runtime refuses)
+    model = helper.make_model(
+        graph,
+        opset_imports=[default_opset, helper.make_opsetid("com.microsoft", 1)],
+        ir_version=helper.find_min_ir_version_for([default_opset]),
+    )
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

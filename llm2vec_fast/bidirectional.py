@@ -199,6 +199,11 @@ def enable_bidirectional(model: nn.Module) -> nn.Module:
     if not hasattr(decoder, "_llm2vec_mask_hook"):
         decoder._llm2vec_mask_hook = decoder.register_forward_pre_hook(_mask_hook, with_kwargs=True)
     decoder._llm2vec_bidirectional = True
+    # register the packed path's attention now, not on its first call: that call may be traced by
+    # torch.compile, and tracing register()'s transformers import is a graph break in some releases
+    from .varlen_attention import register
+
+    register()
     return model
 
 

@@ -121,12 +121,11 @@ def prepare_inputs(
         pooled_texts.append(pooled)
 
     budget = max_length - 1 if append_eos else max_length
-    full = tokenizer(joined, add_special_tokens=True, truncation=True, max_length=budget)
+    full = tokenizer(joined, add_special_tokens=True, truncation=True, max_length=budget)["input_ids"]
     pooled_ids = tokenizer(pooled_texts, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
-    encodings = getattr(full, "encodings", None) or [None] * len(joined)
+    truncated = _truncated_rows(tokenizer, joined, full, budget)
     out = []
-    for ids, pool, enc in zip(full["input_ids"], pooled_ids, encodings):
-        truncated = bool(enc.overflowing) if enc is not None else len(ids) >= budget
+    for i, (ids, pool) in enumerate(zip(full, pooled_ids)):
         ids = list(ids)
         n_pool = len(pool) if skip_instruction else len(ids)
         if append_eos:
@@ -135,5 +134,17 @@ def prepare_inputs(
         if not ids:
             ids, n_pool = [fallback_id], 1
         n_pool = min(n_pool, len(ids)) or len(ids)  # empty text: pool every real token
-        out.append(EncodingInput(ids, n_pool, truncated))
+        out.append(EncodingInput(ids, n_pool, i in truncated))
     return out
+
+
+def _truncated_rows(tokenizer, texts: list[str], ids: list[list[int]], budget: int) -> set[int]:
+    """Rows of ``texts`` that truncation to ``budget`` tokens cut. Only rows that reached the budget
+    can have been cut; those are tokenized again in full (the fast tokenizers' ``overflowing``
+    field is not filled by every transformers / tokenizers release)."""
+    candidates = [i for i, row in enumerate(ids) if len(row) >= budget]
+    if not candidates:
+        return set()
+    # verbose=False: no "longer than the model's maximum" warning for a length checked on purpose
+    whole = tokenizer([texts[i] for i in candidates], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    return {i for i, row in zip(candidates, whole) if len(row) > budget}

@@ -99,7 +99,7 @@ def test_weight_only_int8_graph_is_the_rounded_weights():
         [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [None, None, k]) for n, k in (("y", 64), ("z", 32))],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v")],
     )
-    model = weight_only_int8_matmuls(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"/a/MatMul"}, 127)
+    model = weight_only_int8_matmuls(helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 17)]), {"/a/MatMul"}, 127)
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul", "MatMul"]
     assert {t.name for t in model.graph.initializer} == {"/a/MatMul/W_int8", "/a/MatMul/W_scale", "/a/MatMul/W_zero_point", "v"}

@@ -181,3 +181,20 @@ def test_mntp_truncates_at_max_position_embeddings(tmp_path, smollm_tokenizer, t
     assert "max_position_embeddings=16" in caplog.text
     assert stage.batch(list(range(len(SENTENCES))), 0)["input_ids"].shape[1] <= 16
     assert n_tokens <= 16 * len(SENTENCES) and loss == loss
+
+
+@pytest.mark.parametrize("append_eos", [False, True])
+def test_truncation_flag_is_exact_at_the_budget(smollm_tokenizer, append_eos):
+    """An input that fills the token budget exactly is not truncated; one token more is (whatever
+    the tokenizers release fills into ``Encoding.overflowing``)."""
+    from llm2vec_fast.prompting import prepare_inputs
+
+    text = "The quick brown fox jumps over the lazy dog near the river bank."
+    n = len(smollm_tokenizer(text, add_special_tokens=True)["input_ids"])  # no instruction, no chat wrap: the text alone
+    settings = dict(doc_max_length=10_000, skip_instruction=True, model_id=None, append_eos=append_eos)
+    fits, cut = (
+        prepare_inputs(smollm_tokenizer, [("", text), ("", "short")], max_length=n + append_eos + extra, **settings) for extra in (0, -1)
+    )
+    assert [x.truncated for x in fits] == [False, False]
+    assert [x.truncated for x in cut] == [True, False]
+    assert len(fits[0].input_ids) == n + append_eos and len(cut[0].input_ids) == n - 1 + append_eos
