@@ -16,13 +16,16 @@ BUDGET=${FOLLOWUP_BUDGET_S:-220}
 # environment record, install (+ the carried liger-kernel wheel), step() and finish()
 source "$(dirname "$0")/gpu_steps.sh"
 
-if has_liger; then
-    step bench-encode-fp8-fused 110 "$PY" benchmarks/bench_encode.py --quick \
-        --methods packed packed-fused packed-fp8 --shapes llama-1b llama-8b --name fp8-fused-encode
-    step bench-train-fused 100 "$PY" benchmarks/bench_train.py --quick --fused 1 "${TOKENIZER_ARGS[@]}"
-else
-    STATUS+=("bench-encode-fp8-fused, bench-train-fused: skipped ($LIGER_MISSING)")
-    FAILED=1
-fi
+followup_steps() {
+    if has_liger; then
+        step bench-encode-fp8-fused 110 "$PY" benchmarks/bench_encode.py --quick \
+            --methods packed packed-fused packed-fp8 --shapes llama-1b llama-8b --name fp8-fused-encode
+        step bench-train-fused 100 "$PY" benchmarks/bench_train.py --quick --fused 1 "${TOKENIZER_ARGS[@]}"
+    else
+        STATUS+=("bench-encode-fp8-fused, bench-train-fused: skipped ($LIGER_MISSING)")
+        FAILED=1
+    fi
+}
 
+plan_and_run followup_steps
 finish

@@ -27,6 +27,10 @@ FAILED=0
 step() {
     local name=$1 cap=$2
     shift 2
+    if [ -n "${PLANNING:-}" ]; then
+        echo "  $name: cap ${cap}s${MIN_LEFT_S:+, starts only with ${MIN_LEFT_S}s of the budget left}: $*"
+        return
+    fi
     local left=$((BUDGET - ($(date +%s) - START)))
     if [ "$left" -lt "${MIN_LEFT_S:-20}" ]; then
         STATUS+=("$name: skipped (${left}s of the suite budget left, needs ${MIN_LEFT_S:-20}s)")
@@ -71,6 +75,19 @@ for wheel in .gpu_carry/liger_kernel-*.whl; do
 done
 has_liger() { "$PY" -c "import liger_kernel" 2>/dev/null; }
 LIGER_MISSING="no liger-kernel on this image: make gpu-carry, then carry .gpu_carry"
+
+# plan_and_run STEPS_FUNCTION: print what the function will run (each step, its cap, its command) and
+# the budget, then run it
+plan_and_run() {
+    local kept=("${STATUS[@]}") failed=$FAILED
+    echo "=== plan: $((BUDGET - ($(date +%s) - START)))s of the ${BUDGET}s budget left; a step that would pass it is cut short, a later one skipped"
+    PLANNING=1 "$1"
+    local note
+    for note in "${STATUS[@]:${#kept[@]}}"; do echo "  $note"; done  # what will not run, and why
+    STATUS=("${kept[@]}")
+    FAILED=$failed
+    "$1"
+}
 
 # finish: print each step's status and the ratios against their targets, pack $OUT, exit 0 only if
 # every step passed

@@ -27,6 +27,7 @@
 # cap; the whole suite stops starting steps once SUITE_BUDGET_S (default 480 s) is spent. A step with a
 # minimum (the FP8 step: FP8_MIN_S, default 60 s) is skipped rather than started with less time left.
 # SUITE_FULL=1 drops --quick (longer: run it alone, not in the 6-minute call).
+# It prints its plan first (each step, its cap and command, the budget), then runs it.
 # Exit status: 0 when every step passed, else 1 (the summary still prints).
 BUDGET=${SUITE_BUDGET_S:-480}
 FP8_MIN_S=${FP8_MIN_S:-60}
@@ -40,41 +41,44 @@ KERNEL_TESTS=${KERNEL_TESTS:-$KERNEL_TESTS_DEFAULT}
 # environment record, install (+ the carried liger-kernel wheel), step() and finish()
 source "$(dirname "$0")/gpu_steps.sh"
 
-# the headline (encode vs the official-style reference) first, so a slow step cannot starve it
-step bench-encode 150 "$PY" benchmarks/bench_encode.py $QUICK
-# FP8 W8A8 (torch._scaled_mm, row-wise scales) vs bf16, packed path only (the reference is above):
-# JSON fp8-encode-<card>.json (not encode-*: the docs tables read those) is rewritten after each shape, so a cut-short 8B keeps the 1B result
-MIN_LEFT_S=$FP8_MIN_S step bench-encode-fp8 90 "$PY" benchmarks/bench_encode.py $QUICK --methods packed packed-fp8 --name fp8-encode
-# fused decoder layers (fused=True: residual-add + RMSNorm kernel, Liger-Kernel RoPE and SwiGLU, stacked QKV
-# and gate/up GEMMs) and the same from CUDA graphs per token bucket, vs plain bf16 packed; SmolLM2-135M
-# shapes (launch-bound) first. Needs liger-kernel (carried).
-if has_liger; then
-    MIN_LEFT_S=$FUSED_MIN_S step bench-encode-fused 100 "$PY" benchmarks/bench_encode.py $QUICK \
-        --methods packed packed-fused packed-fused-graphs --shapes smollm2-135m llama-1b llama-8b --name fused-encode
-else
-    STATUS+=("bench-encode-fused: skipped ($LIGER_MISSING)")
-    FAILED=1
-fi
-step bench-attention 90 "$PY" benchmarks/bench_attention.py $QUICK
-step bench-pooling 70 "$PY" benchmarks/bench_pooling.py $QUICK
-step first-embedding 60 "$PY" benchmarks/bench_first_embedding.py $QUICK
-# all four cases in one process (one CUDA start-up), 1 warm-up + 2 timed steps each; the JSON is
-# rewritten after every case, so a cut-short run still returns the finished ones
-step bench-train 100 "$PY" benchmarks/bench_train.py $QUICK "${TOKENIZER_ARGS[@]}"
-# ONNX Runtime's CUDA provider on the fp16 export vs torch packed (SmolLM2-135M shapes); where the image's
-# onnxruntime has no CUDA provider (the plain wheel; onnxruntime-gpu is too big to carry) it writes why
-step onnx-cuda 90 "$PY" benchmarks/bench_onnx_cuda.py $QUICK "${TOKENIZER_ARGS[@]}"
-# one serve run: 32 clients against our server (packed path, random Llama-1B shapes, the carried
-# tokenizer) vs direct embed_items of the same texts; needs the serve extra (fastapi, uvicorn,
-# orjson, aiohttp) on the image: skipped with a note when missing, never installed here
-if "$PY" -c "import fastapi, uvicorn, orjson, aiohttp" 2>/dev/null; then
-    step bench-serve 120 "$PY" benchmarks/bench_serve.py --device cuda --concurrency 32 --requests 256 "${TOKENIZER_ARGS[@]}"
-else
-    STATUS+=("bench-serve: skipped (no fastapi/uvicorn/orjson/aiohttp on this image: pip install -e .[serve])")
-fi
-# last: each new (dtype, head dim, variant) compiles its kernels (one config each, see above)
-step kernel-tests 130 "$PY" -m pytest tests/test_pooling_kernels.py tests/test_flash_attn.py tests/test_fused_layers.py \
-    tests/test_cuda_graphs.py tests/test_fp8_quant_kernel.py tests/test_fp8.py -q -p no:cacheprovider \
-    --maxfail=5 -rfE --durations=15 ${KERNEL_TESTS:+-k "$KERNEL_TESTS"}
+suite_steps() {
+    # the headline (encode vs the official-style reference) first, so a slow step cannot starve it
+    step bench-encode 150 "$PY" benchmarks/bench_encode.py $QUICK
+    # FP8 W8A8 (torch._scaled_mm, row-wise scales) vs bf16, packed path only (the reference is above):
+    # JSON fp8-encode-<card>.json (not encode-*: the docs tables read those) is rewritten after each shape, so a cut-short 8B keeps the 1B result
+    MIN_LEFT_S=$FP8_MIN_S step bench-encode-fp8 90 "$PY" benchmarks/bench_encode.py $QUICK --methods packed packed-fp8 --name fp8-encode
+    # fused decoder layers (fused=True: residual-add + RMSNorm kernel, Liger-Kernel RoPE and SwiGLU, stacked QKV
+    # and gate/up GEMMs) and the same from CUDA graphs per token bucket, vs plain bf16 packed; SmolLM2-135M
+    # shapes (launch-bound) first. Needs liger-kernel (carried).
+    if has_liger; then
+        MIN_LEFT_S=$FUSED_MIN_S step bench-encode-fused 100 "$PY" benchmarks/bench_encode.py $QUICK \
+            --methods packed packed-fused packed-fused-graphs --shapes smollm2-135m llama-1b llama-8b --name fused-encode
+    else
+        STATUS+=("bench-encode-fused: skipped ($LIGER_MISSING)")
+        FAILED=1
+    fi
+    step bench-attention 90 "$PY" benchmarks/bench_attention.py $QUICK
+    step bench-pooling 70 "$PY" benchmarks/bench_pooling.py $QUICK
+    step first-embedding 60 "$PY" benchmarks/bench_first_embedding.py $QUICK
+    # all four cases in one process (one CUDA start-up), 1 warm-up + 2 timed steps each; the JSON is
+    # rewritten after every case, so a cut-short run still returns the finished ones
+    step bench-train 100 "$PY" benchmarks/bench_train.py $QUICK "${TOKENIZER_ARGS[@]}"
+    # ONNX Runtime's CUDA provider on the fp16 export vs torch packed (SmolLM2-135M shapes); where the image's
+    # onnxruntime has no CUDA provider (the plain wheel; onnxruntime-gpu is too big to carry) it writes why
+    step onnx-cuda 90 "$PY" benchmarks/bench_onnx_cuda.py $QUICK "${TOKENIZER_ARGS[@]}"
+    # one serve run: 32 clients against our server (packed path, random Llama-1B shapes, the carried
+    # tokenizer) vs direct embed_items of the same texts; needs the serve extra (fastapi, uvicorn,
+    # orjson, aiohttp) on the image: skipped with a note when missing, never installed here
+    if "$PY" -c "import fastapi, uvicorn, orjson, aiohttp" 2>/dev/null; then
+        step bench-serve 120 "$PY" benchmarks/bench_serve.py --device cuda --concurrency 32 --requests 256 "${TOKENIZER_ARGS[@]}"
+    else
+        STATUS+=("bench-serve: skipped (no fastapi/uvicorn/orjson/aiohttp on this image: pip install -e .[serve])")
+    fi
+    # last: each new (dtype, head dim, variant) compiles its kernels (one config each, see above)
+    step kernel-tests 130 "$PY" -m pytest tests/test_pooling_kernels.py tests/test_flash_attn.py tests/test_fused_layers.py \
+        tests/test_cuda_graphs.py tests/test_fp8_quant_kernel.py tests/test_fp8.py -q -p no:cacheprovider \
+        --maxfail=5 -rfE --durations=15 ${KERNEL_TESTS:+-k "$KERNEL_TESTS"}
+}
 
+plan_and_run suite_steps
 finish

@@ -259,6 +259,12 @@ def test_gpu_suite_skips_the_fp8_step_without_its_minimum_budget(tmp_path):
     proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], capture_output=True, text=True, timeout=120, env=env)
     assert "bench-encode-fp8: ok (" in proc.stdout
     assert "--methods packed packed-fp8 --name fp8-encode" in proc.stdout
+    # it prints what it will run and its budget before running anything
+    plan = proc.stdout[proc.stdout.index("=== plan: ") : proc.stdout.index("=== bench-encode (")]
+    assert "of the 480s budget left" in plan
+    assert "  bench-encode-fp8: cap 90s, starts only with 60s of the budget left: " in plan
+    assert "  kernel-tests: cap 130s: " in plan and "  onnx-cuda: cap 90s: " in plan
+    assert proc.stdout.count("=== kernel-tests (") == 1
 
 
 def test_gpu_followup_runs_fused_fp8_and_fused_training(tmp_path):
