@@ -1,7 +1,7 @@
 """Regenerate the result tables of the docs from the benchmarks' JSON: the headline summary (in
 ``README.md`` and ``docs/benchmarks.md``), and on the benchmarks page the CPU int8 GEMM, serve, dataset,
-recipe and recipe Matryoshka tables and the GPU suite's tables (encode, attention, pooling, first
-embedding) of every card that has results.
+recipe and recipe Matryoshka tables and the GPU suite's tables (encode with MFU, attention, pooling, first
+embedding, FP8 / fused / CUDA-graph paths, training, ONNX Runtime on CUDA) of every card that has results.
 
     python benchmarks/readme_results.py          # rewrites the text between the markers of both pages
 
@@ -149,10 +149,93 @@ def encode_gpu_table(result: dict) -> str:
         by = {r["method"]: r for r in rows if r["shape"] == s["shape"]}
         lines.append(
             f"| {s['shape']} | {s['texts']} | {by['reference']['tokens_per_s']:,.0f} | {by['packed']['tokens_per_s']:,.0f} "
-            f"| **{s['speedup']:.2f}x** | {s['target']:.0f}x {'met' if s['meets_target'] else 'missed'} "
+            f"| **{s['speedup']:.2f}x** | {_verdict(s['speedup'], s['target'])} "
             f"| {100 * s['reference_padding_fraction']:.0f}% | {s['min_cosine']:.4f} |"
         )
+    if any(r.get("mfu") is not None for r in rows):
+        lines += ["", _ceilings(result) + " Model FLOPs utilisation (model matmul FLOPs/s over the ceiling of the path's precision):"]
+        lines += ["", "| shape | path | model TFLOP/s | MFU |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['shape']} | {r['method']} | {r['model_tflops_per_s']:.0f} | {100 * r['mfu']:.0f}% |"
+            for r in rows
+            if r.get("mfu") is not None
+        ]
     return "\n".join(lines)
+
+
+def _verdict(speedup: float, target: float | None) -> str:
+    """``2x met`` / ``3x missed``; ``no target`` for a shape the issue sets none for."""
+    return f"{target:g}x {'met' if speedup >= target else 'missed'}" if target else "no target"
+
+
+def _ceilings(result: dict) -> str:
+    parts = [
+        f"{name} {c['tflops']:.0f} TFLOP/s" if c.get("tflops") else f"{name} n/a" for name, c in (result.get("gemm_ceilings") or {}).items()
+    ]
+    return f"GEMM ceilings measured in the same run: {', '.join(parts)}." if parts else "No GEMM ceiling measured."
+
+
+#: summary key of each path timed against bf16 packed (``bench_encode.py``), and its label
+_VS_PACKED = {"packed-fused": "fused", "packed-fused-graphs": "fused_graphs", "packed-fp8": "fp8"}
+
+
+def paths_gpu_table(result: dict) -> str:
+    """``bench_encode.py --methods ...`` runs that time other paths against bf16 packed: FP8, fused
+    layers, CUDA graphs (``fp8-encode``, ``fused-encode``, ``fp8-fused-encode``)."""
+    env, rows, config = result["environment"], result["results"], result["config"]
+    lines = [
+        f"`bench_encode.py{' --quick' if config.get('quick') else ''} --methods {' '.join(config['methods'])}`, {env['card']}, "
+        f"{env['date'][:10]}, torch {env['torch']}, triton {env['triton']}, random weights. {_ceilings(result)}",
+        "",
+        "| shape | path | tokens/s | model TFLOP/s | MFU | vs bf16 packed | target | min cosine |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result["summary"]:
+        for r in (r for r in rows if r["shape"] == s["shape"]):
+            versus = s.get(_VS_PACKED.get(r["method"], ""), {})
+            speedup = f"**{versus['speedup_vs_packed']:.2f}x**" if versus else "1.00x" if r["method"] == "packed" else "n/a"
+            verdict = _verdict(versus["speedup_vs_packed"], versus.get("target")) if versus else ""
+            cosine = f"{versus['min_cosine']:.4f}" if versus else ""
+            mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "n/a"
+            lines.append(
+                f"| {s['shape']} | {r['method']} | {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.0f} | {mfu} | {speedup} | {verdict} | {cosine} |"
+            )
+        lines += [
+            f"| {s['shape']} | {method} | not run: {note} | | | | | |" for method, note in s.get("notes", {}).items() if "not run" in note
+        ]
+    return "\n".join(lines)
+
+
+def train_gpu_table(result: dict) -> str:
+    """``bench_train.py`` on a GPU: our MNTP / SimCSE steps against plain transformers + peft."""
+    lines = [
+        f"`bench_train.py{' --fused 1' if result.get('fused') else ''}`, {result['device']}, {_date(result)}, {result['model']}, "
+        f"{result['dtype']}, LoRA {result['lora']}; {result['steps']} timed steps per case:",
+        "",
+        "| stage | ours tokens/s | plain HF tokens/s | speed-up | peak memory vs plain HF |",
+        "|---|---|---|---|---|",
+    ]
+    for stage, s in result["summary"].items():
+        by = {c["impl"]: c for c in result["cases"] if c["stage"] == stage and "tokens_per_s" in c}
+        ours, plain = by.get("ours", {}).get("tokens_per_s"), by.get("plain_hf", {}).get("tokens_per_s")
+        memory = f"{s['peak_mem_ratio']:.2f}x" if s.get("peak_mem_ratio") is not None else "n/a"
+        lines.append(
+            f"| {stage} | {ours or 0:,.0f} | {plain or 0:,.0f} | **{s['speedup_tokens_per_s']:.2f}x** (target 1.5x) | {memory} (target 0.6x) |"
+        )
+    return "\n".join(lines)
+
+
+def onnx_cuda_gpu_line(result: dict) -> str:
+    """``bench_onnx_cuda.py``: the fp16 export under ONNX Runtime's CUDA provider, or why it did not run."""
+    if "skipped" in result:
+        return f"`bench_onnx_cuda.py` (ONNX Runtime on CUDA) did not run on this card: {result['skipped']}."
+    by = {r["method"]: r for r in result["results"]}
+    s = result["summary"]
+    return (
+        f"`bench_onnx_cuda.py`: the fp16 export of {result['shape']} random weights under ONNX Runtime's CUDA provider, "
+        f"{by['onnx-cuda-fp16']['tokens_per_s']:,.0f} tokens/s against torch packed {result['torch_dtype']} "
+        f"{by['torch-packed']['tokens_per_s']:,.0f}: **{s['onnx_vs_torch_tokens_per_s']:.2f}x**, min cosine {s['min_cosine']:.4f}."
+    )
 
 
 def attention_gpu_table(result: dict) -> str:
@@ -219,6 +302,12 @@ def gpu_results(results: Path) -> str:
             ("attention", attention_gpu_table),
             ("pooling", pooling_gpu_table),
             ("first-embedding", first_embedding_gpu_line),
+            ("fp8-encode", paths_gpu_table),
+            ("fused-encode", paths_gpu_table),
+            ("fp8-fused-encode", paths_gpu_table),
+            ("train", train_gpu_table),
+            ("train-fused", train_gpu_table),
+            ("onnx-cuda", onnx_cuda_gpu_line),
         ):
             data = _load(results / f"{name}-{slug}.json")
             if data is not None:

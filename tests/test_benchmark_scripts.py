@@ -214,6 +214,30 @@ def test_pages_hold_every_generated_block():
     assert len(rows) >= 5 and all(line.rstrip(" |").split("| ")[-1].strip() for line in rows)
 
 
+def test_gpu_results_render_every_suite_file(smoke_results, tmp_path):
+    """One card's GPU block holds the encode table with MFU, the FP8 / fused paths against bf16
+    packed with their targets, the training table and the ONNX Runtime line (here: why it did not run)."""
+    module = _readme_results()
+    out, _ = smoke_results
+    encode = json.loads((out / "encode-cpu.json").read_text())
+    encode["environment"]["card"] = "Card X"
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("encode", "fused-encode"):
+        (results / f"{name}-x.json").write_text(json.dumps(encode))
+    train = json.loads((module.RESULTS / "train-cpu.json").read_text())
+    (results / "train-fused-x.json").write_text(json.dumps({**train, "fused": True}))
+    (results / "onnx-cuda-x.json").write_text(json.dumps({"skipped": "onnxruntime 1.30.0 has no CUDAExecutionProvider"}))
+    block = module.gpu_results(results)
+    assert "| shape | path | model TFLOP/s | MFU |" in block and "GEMM ceilings measured in the same run: " in block
+    paths = block[block.index("--methods reference packed packed-fused packed-fused-graphs packed-fp8") :]
+    lines = [line for line in paths.splitlines() if line.startswith("| tiny |")]
+    assert [line.split(" | ")[1] for line in lines[:5]] == ["reference", "packed", "packed-fused", "packed-fused-graphs", "packed-fp8"]
+    assert "| 1.00x |" in lines[1] and all("**" in line for line in lines[2:5])  # each path against bf16 packed
+    assert "`bench_train.py --fused 1`" in block and "| mntp | " in block and "(target 1.5x)" in block
+    assert "did not run on this card: onnxruntime 1.30.0 has no CUDAExecutionProvider." in block
+
+
 def test_missing_results_give_notes_never_numbers(tmp_path):
     module = _readme_results()
     text = module.replace_between_markers("a\n<!-- x:start -->\nold\n<!-- x:end -->\nb", "x", "new")
