@@ -121,9 +121,10 @@ def prepare_inputs(
         pooled_texts.append(pooled)
 
     budget = max_length - 1 if append_eos else max_length
-    full = tokenizer(joined, add_special_tokens=True, truncation=True, max_length=budget)["input_ids"]
+    batch = tokenizer(joined, add_special_tokens=True, truncation=True, max_length=budget)
+    full = batch["input_ids"]
     pooled_ids = tokenizer(pooled_texts, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
-    truncated = _truncated_rows(tokenizer, joined, full, budget)
+    truncated = _truncated_rows(tokenizer, joined, full, getattr(batch, "encodings", None), budget)
     out = []
     for i, (ids, pool) in enumerate(zip(full, pooled_ids)):
         ids = list(ids)
@@ -138,13 +139,17 @@ def prepare_inputs(
     return out
 
 
-def _truncated_rows(tokenizer, texts: list[str], ids: list[list[int]], budget: int) -> set[int]:
+def _truncated_rows(tokenizer, texts: list[str], ids: list[list[int]], encodings, budget: int) -> set[int]:
     """Rows of ``texts`` that truncation to ``budget`` tokens cut. Only rows that reached the budget
-    can have been cut; those are tokenized again in full (the fast tokenizers' ``overflowing``
-    field is not filled by every transformers / tokenizers release)."""
-    candidates = [i for i, row in enumerate(ids) if len(row) >= budget]
-    if not candidates:
-        return set()
-    # verbose=False: no "longer than the model's maximum" warning for a length checked on purpose
-    whole = tokenizer([texts[i] for i in candidates], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-    return {i for i, row in zip(candidates, whole) if len(row) > budget}
+    can have been cut. A fast tokenizer's ``Encoding.overflowing`` says so in the same pass, but not
+    every transformers / tokenizers release fills it (5.17 / 0.23.2 do not): a row at the budget
+    without overflow is tokenized again in full to tell a cut from an exact fit."""
+    encodings = encodings or [None] * len(texts)
+    at_budget = [i for i, row in enumerate(ids) if len(row) >= budget]
+    cut = {i for i in at_budget if encodings[i] is not None and encodings[i].overflowing}
+    unsure = [i for i in at_budget if i not in cut]
+    if unsure:
+        # verbose=False: no "longer than the model's maximum" warning for a length checked on purpose
+        whole = tokenizer([texts[i] for i in unsure], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        cut |= {i for i, row in zip(unsure, whole) if len(row) > budget}
+    return cut

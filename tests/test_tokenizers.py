@@ -198,3 +198,15 @@ def test_truncation_flag_is_exact_at_the_budget(smollm_tokenizer, append_eos):
     assert [x.truncated for x in fits] == [False, False]
     assert [x.truncated for x in cut] == [True, False]
     assert len(fits[0].input_ids) == n + append_eos and len(cut[0].input_ids) == n - 1 + append_eos
+
+
+def test_truncation_without_overflow_information(smollm_tokenizer):
+    """Where the tokenizer reports no overflow (slow tokenizers; fast ones of some releases), rows at
+    the budget are re-tokenized: the same answer as from ``Encoding.overflowing``."""
+    from llm2vec_fast.prompting import _truncated_rows
+
+    texts = ["word " * 40, "short text", "The quick brown fox jumps over the lazy dog."]
+    exact = len(smollm_tokenizer(texts[2])["input_ids"])
+    batch = smollm_tokenizer(texts, truncation=True, max_length=exact)
+    with_overflow = _truncated_rows(smollm_tokenizer, texts, batch["input_ids"], batch.encodings, exact)
+    assert with_overflow == _truncated_rows(smollm_tokenizer, texts, batch["input_ids"], None, exact) == {0}
