@@ -12,7 +12,7 @@
 #      image's onnxruntime has no CUDA provider, the reason is recorded instead),
 #      bench_serve.py --device cuda (32 clients, packed path, vs direct embed_items; if the serve extra is there)
 #   3. pytest of the kernel tests (pooling, attention, fused layers, CUDA graphs, FP8 kernels and the FP8
-#      layer against the simulation; compiled kernels; last). The
+#      layer against the simulation, the custom ops under torch.compile; compiled kernels; last). The
 #      tests pin each autotuned kernel to one config per head-dim class (tests/conftest.py), so a case
 #      compiles each kernel once; KERNEL_TESTS (a pytest -k expression) picks the cases: by default
 #      what only a GPU checks (bf16, large fp16, compiled dropout, pooling; ~12 kernel variants);
@@ -76,7 +76,8 @@ suite_steps() {
     fi
     # last: each new (dtype, head dim, variant) compiles its kernels (one config each, see above)
     step kernel-tests 130 "$PY" -m pytest tests/test_pooling_kernels.py tests/test_flash_attn.py tests/test_fused_layers.py \
-        tests/test_cuda_graphs.py tests/test_fp8_quant_kernel.py tests/test_fp8.py -q -p no:cacheprovider \
+        tests/test_cuda_graphs.py tests/test_fp8_quant_kernel.py tests/test_fp8.py \
+        tests/test_compile_ready_ops.py::test_gpu_compiled_packed_forward_matches_eager -q -p no:cacheprovider \
         --maxfail=5 -rfE --durations=15 ${KERNEL_TESTS:+-k "$KERNEL_TESTS"}
 }
 

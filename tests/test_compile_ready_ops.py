@@ -174,6 +174,25 @@ def test_compiled_packed_forward_has_no_graph_break_and_matches_eager():
             torch.testing.assert_close(compiled(model, features, mode), _packed_embeddings(model, features, mode))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernels need a GPU")
+def test_gpu_compiled_packed_forward_matches_eager():
+    """On the card, with its torch: the Triton custom ops (attention in every layer, pooling) inside
+    ``torch.compile(fullgraph=True)`` of a bf16 packed forward, forward and backward, against eager."""
+    model = _tiny_model(layers=2, vocab_size=512).to("cuda", torch.bfloat16)
+    compiled = torch.compile(_packed_embeddings, fullgraph=True, backend="aot_eager", dynamic=True)
+    with kernel_backend("triton"):
+        with torch.inference_mode():
+            for lengths, mode in [((5, 1, 9), "mean"), ((2, 130, 3, 4), "last")]:
+                features = pack([EncodingInput(list(range(3, 3 + n)), min(2, n)) for n in lengths], "cuda")
+                torch.testing.assert_close(compiled(model, features, mode), _packed_embeddings(model, features, mode))
+        features = pack([EncodingInput(list(range(3, 3 + n)), n) for n in (7, 33)], "cuda")
+        params = [p for p in model.parameters() if p.dim() == 2][:4]
+        eager = torch.autograd.grad(_packed_embeddings(model, features).float().square().sum(), params)
+        graph = torch.compile(lambda m: _packed_embeddings(m, features).float().square().sum(), fullgraph=True, backend="aot_eager")
+        for e, c in zip(eager, torch.autograd.grad(graph(model), params)):
+            torch.testing.assert_close(c, e, atol=2e-2, rtol=2e-2)
+
+
 def test_compiled_packed_training_step_matches_eager():
     """Forward and backward through the ops' registered autograd under compile (AOTAutograd traces the
     backward ops too); gradients equal eager's."""
