@@ -1,7 +1,7 @@
 """Regenerate the result tables of the docs from the benchmarks' JSON: the headline summary (in
 ``README.md`` and ``docs/benchmarks.md``), and on the benchmarks page the CPU int8 GEMM, serve, dataset,
 recipe and recipe Matryoshka tables and the GPU suite's tables (encode with MFU, attention, pooling, first
-embedding, FP8 / fused / CUDA-graph paths, training, ONNX Runtime on CUDA) of every card that has results.
+embedding, FP8 / fused / CUDA-graph paths, training, ONNX Runtime on CUDA, FP8 load time) of every card that has results.
 
     python benchmarks/readme_results.py          # rewrites the text between the markers of both pages
 
@@ -292,6 +292,17 @@ def first_embedding_gpu_line(result: dict) -> str:
     )
 
 
+def fp8_load_gpu_line(result: dict) -> str:
+    """``bench_fp8_load.py``: what an FP8 load adds to the bf16 load."""
+    v = result["variants"]
+    names = {"nearest": "rounded to nearest", "gptq": "GPTQ-rounded", "default": "GPTQ + layer calibration (the default)"}
+    parts = [f"{names.get(k, k)} **{x['seconds']:.1f} s**" for k, x in v.items()]
+    return (
+        f"`bench_fp8_load.py`: seconds `apply_fp8` adds to a bf16 load ({result['shape']} random weights, "
+        f"{result['gptq_inputs']} GPTQ inputs, {result['calibration_inputs']} calibration inputs): {', '.join(parts)}."
+    )
+
+
 def gpu_results(results: Path) -> str:
     """All GPU-suite tables, one block per card."""
     blocks = []
@@ -308,6 +319,7 @@ def gpu_results(results: Path) -> str:
             ("train", train_gpu_table),
             ("train-fused", train_gpu_table),
             ("onnx-cuda", onnx_cuda_gpu_line),
+            ("fp8-load", fp8_load_gpu_line),
         ):
             data = _load(results / f"{name}-{slug}.json")
             if data is not None:

@@ -1,7 +1,7 @@
 """Compact summary of the GPU suite's results: each headline ratio against its target.
 
 Reads ``attention-*.json``, ``pooling-*.json``, ``encode-*.json``, ``fp8-encode-*.json``, ``fused-encode-*.json``,
-``fp8-fused-encode-*.json``, ``train-*.json`` (``train-fused-*.json`` too) and ``onnx-cuda-*.json`` from a results folder (default
+``fp8-fused-encode-*.json``, ``train-*.json`` (``train-fused-*.json`` too), ``onnx-cuda-*.json`` and ``fp8-load-*.json`` from a results folder (default
 ``benchmarks/results``); needs neither torch nor a GPU. Prints one line per ratio and exits 0; with
 ``--strict`` it exits 1 when a ratio with a target misses it.
 """
@@ -191,6 +191,14 @@ def summarize_onnx_cuda(data: dict) -> list[tuple[str, bool | None]]:
     ]
 
 
+def summarize_fp8_load(data: dict) -> list[tuple[str, bool | None]]:
+    """Seconds of an FP8 load (``bench_fp8_load.py``): reported, no target."""
+    return [
+        (f"  {'fp8 load ' + data['shape'] + ' ' + name:<48} {v['seconds']:6.1f} s  ({v['fp8_linears']}/{v['linears']} linears FP8)", None)
+        for name, v in data.get("variants", {}).items()
+    ]
+
+
 SECTIONS = {
     "attention": summarize_attention,
     "pooling": summarize_pooling,
@@ -200,6 +208,7 @@ SECTIONS = {
     "fp8-fused-encode": summarize_encode,  # gpu_followup.sh: FP8 of the fused model vs plain bf16 packed
     "train": summarize_train,
     "onnx-cuda": summarize_onnx_cuda,
+    "fp8-load": summarize_fp8_load,
 }
 
 

@@ -54,6 +54,7 @@ CALIBRATION_INSTRUCTIONS = (
     "Find a paraphrase of the given sentence",
 )
 SENSITIVITY_INPUTS = 32  # the per-layer ranking needs an order, not the tail: a third of the inputs, of the time
+CALIBRATION_INPUTS = 96  # inputs the layer calibration embeds by default
 
 FakeQuantizer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,9 +72,13 @@ def calibration_sentences(n: int = 64, data_dir=None) -> list[str]:
     return pool[::step][:n]
 
 
-def calibration_inputs(n: int = 96, data_dir=None) -> list[str | list[str]]:
+def calibration_inputs(n: int = CALIBRATION_INPUTS, data_dir=None) -> list[str | list[str]]:
     """:func:`calibration_sentences`, every third one as an ``[instruction, text]`` pair."""
-    texts = calibration_sentences(n, data_dir)
+    return with_instructions(calibration_sentences(n, data_dir))
+
+
+def with_instructions(texts: list[str]) -> list[str | list[str]]:
+    """``texts`` with every third one paired with a calibration instruction, as calibration sees them."""
     return [[CALIBRATION_INSTRUCTIONS[(i // 3) % len(CALIBRATION_INSTRUCTIONS)], t] if i % 3 == 2 else t for i, t in enumerate(texts)]
 
 

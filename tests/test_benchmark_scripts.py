@@ -297,7 +297,7 @@ def test_gpu_followup_runs_fused_fp8_and_fused_training(tmp_path):
     env = {**os.environ, "PYTHON": "true", "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_followup.sh")], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("install", "bench-encode-fp8-fused", "bench-train-fused"):
+    for name in ("install", "bench-encode-fp8-fused", "bench-train-fused", "bench-fp8-load"):
         assert f"{name}: ok (" in proc.stdout, name
     assert "--methods packed packed-fused packed-fp8 --shapes llama-1b llama-8b --name fp8-fused-encode" in proc.stdout
     assert "benchmarks/bench_train.py --quick --fused 1" in proc.stdout
@@ -305,7 +305,7 @@ def test_gpu_followup_runs_fused_fp8_and_fused_training(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs_and_plots.tar.gz", "results.tar.gz", "steps.txt", "summary.txt"]
     env["FOLLOWUP_BUDGET_S"], env["OUT"] = "10", str(tmp_path / "second")
     proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_followup.sh")], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 1 and "bench-train-fused: skipped (" in proc.stdout
+    assert proc.returncode == 1 and "bench-fp8-load: skipped (" in proc.stdout
 
 
 def test_bench_onnx_cuda_cpu_smoke(tmp_path):
@@ -331,6 +331,24 @@ def test_bench_onnx_cuda_says_why_it_skipped(tmp_path):
     assert "CUDAExecutionProvider" in data["skipped"] and "results" not in data
     proc = _run(BENCH_DIR / "suite_summary.py", tmp_path)
     assert "onnx-cuda skipped: onnxruntime" in proc.stdout and "onnxruntime-gpu" in proc.stdout
+
+
+def test_bench_fp8_load_cpu_smoke(tmp_path):
+    """Each way of loading FP8 (nearest, GPTQ, GPTQ + calibration) on a fresh model, timed, with what
+    it chose; on CPU with the simulated scheme as a check of the script."""
+    proc = _run(BENCH_DIR / "bench_fp8_load.py", "--cpu-smoke", "--results-dir", tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "fp8-load-cpu.json").read_text())
+    assert data["scheme"] == "fp8-simulated" and list(data["variants"]) == ["nearest", "gptq", "default"]
+    nearest, gptq, default = data["variants"].values()
+    assert nearest["gptq_seconds"] is None and gptq["gptq_seconds"] > 0 and default["gptq_seconds"] > 0
+    assert nearest["fp8_linears"] == gptq["fp8_linears"] == nearest["linears"] == 14
+    assert all(v["seconds"] > 0 for v in data["variants"].values())
+    (tmp_path / "fp8-load-x.json").write_text(json.dumps(data))
+    proc = _run(BENCH_DIR / "suite_summary.py", tmp_path)
+    assert "fp8 load tiny default" in proc.stdout and "14/14 linears FP8" in proc.stdout
+    line = _readme_results().fp8_load_gpu_line(data)
+    assert "GPTQ + layer calibration (the default) **" in line and "16 GPTQ inputs, 12 calibration inputs" in line
 
 
 def test_bench_fp8_fidelity_on_a_tiny_model(tiny_llama_dir, tmp_path):
