@@ -124,20 +124,20 @@ def _as_fp8(q: torch.Tensor, cast: bool) -> torch.Tensor:
     return q if cast else q.to(FP8_DTYPE)
 
 
-def silu_mul_fp8_forward(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q float8_e4m3fn [N, D], scales float32 [N, 1])`` of ``silu(gate) * up`` for ``gate_up``
-    ``[N, 2D]`` (gate then up; last dim contiguous)."""
-    n_rows, d = gate_up.shape[0], gate_up.shape[1] // 2
-    q, scales, cast = _fp8_outputs(n_rows, d, gate_up.device)
+def _launch_row_quantizer(kernel, src: torch.Tensor, d: int, operands: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``kernel`` (the plain or the SwiGLU quantizer: same arguments) over ``src``'s rows of ``d``
+    output columns, ``operands`` input rows per token."""
+    n_rows = src.shape[0]
+    q, scales, cast = _fp8_outputs(n_rows, d, src.device)
     if n_rows:
-        block_t, block_d, num_warps = launch_config(d, operands=2)  # gate and up
-        _silu_mul_fp8_kernel[(triton.cdiv(n_rows, block_t),)](
-            gate_up,
+        block_t, block_d, num_warps = launch_config(d, operands)
+        kernel[(triton.cdiv(n_rows, block_t),)](
+            src,
             q,
             scales,
             n_rows,
             d,
-            gate_up.stride(0),
+            src.stride(0),
             q.stride(0),
             FP8_MAX,
             MIN_SCALE,
@@ -147,30 +147,17 @@ def silu_mul_fp8_forward(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
             num_warps=num_warps,
         )
     return _as_fp8(q, cast), scales
+
+
+def silu_mul_fp8_forward(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q float8_e4m3fn [N, D], scales float32 [N, 1])`` of ``silu(gate) * up`` for ``gate_up``
+    ``[N, 2D]`` (gate then up; last dim contiguous)."""
+    return _launch_row_quantizer(_silu_mul_fp8_kernel, gate_up, gate_up.shape[1] // 2, operands=2)  # gate and up
 
 
 def fp8_quantize_rows_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q float8_e4m3fn [N, D], scales float32 [N, 1])`` for ``x`` ``[N, D]`` (last dim contiguous)."""
-    n_rows, d = x.shape
-    q, scales, cast = _fp8_outputs(n_rows, d, x.device)
-    if n_rows:
-        block_t, block_d, num_warps = launch_config(d)
-        _fp8_quantize_rows_kernel[(triton.cdiv(n_rows, block_t),)](
-            x,
-            q,
-            scales,
-            n_rows,
-            d,
-            x.stride(0),
-            q.stride(0),
-            FP8_MAX,
-            MIN_SCALE,
-            CAST=cast,
-            BLOCK_T=block_t,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
-    return _as_fp8(q, cast), scales
+    return _launch_row_quantizer(_fp8_quantize_rows_kernel, x, x.shape[1])
 
 
 def rms_norm_fp8_forward(
