@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from bench_encode import _sync  # noqa: E402
 from bench_train import make_texts  # noqa: E402
 
 VARIANTS = {
@@ -51,11 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true", help="fp8-simulated on a tiny CPU model: checks the script, measures nothing")
     p.add_argument("--results-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     return p.parse_args(argv)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_variant(make_encoder, scheme: str, device: str, inputs: dict, **settings) -> dict:

@@ -44,39 +44,24 @@ def _line(label: str, value, target) -> tuple[str, bool | None]:
     return f"  {label:<48} {value:6.2f}x  target >= {target:.1f}x  {'ok' if ok else 'MISSED'}", ok
 
 
+def _agreement(label: str, result: dict, floor: float) -> tuple[str, bool]:
+    """``label``'s min cosine against its floor, judged by the benchmark's own ``agree``."""
+    agree = bool(result.get("agree"))
+    return f"  {label + ' min cosine':<48} {result.get('min_cosine', math.nan):.4f}  >= {floor}  {'ok' if agree else 'DISAGREE'}", agree
+
+
 def summarize_encode(data: dict) -> list[tuple[str, bool | None]]:
     lines = []
     for s in data.get("summary", []):
         if "speedup" in s:  # a run of only some methods (--methods) has no packed-vs-reference ratio
             lines.append(_line(f"encode {s['shape']} packed vs reference", s.get("speedup"), s.get("target")))
-            agree = "ok" if s.get("agree") else "DISAGREE"
-            lines.append(
-                (
-                    f"  {'encode ' + s['shape'] + ' min cosine':<48} {s.get('min_cosine', math.nan):.4f}  >= 0.99  {agree}",
-                    bool(s.get("agree")),
-                )
-            )
-        if "fp8" in s:
-            fp8 = s["fp8"]
-            lines.append(_line(f"encode {s['shape']} fp8 vs bf16 packed", fp8.get("speedup_vs_packed"), fp8.get("target")))
-            agree = "ok" if fp8.get("agree") else "DISAGREE"
-            lines.append(
-                (
-                    f"  {'encode ' + s['shape'] + ' fp8 min cosine':<48} {fp8.get('min_cosine', math.nan):.4f}  >= 0.95  {agree}",
-                    bool(fp8.get("agree")),
-                )
-            )
-        for key, label in (("fused", "fused"), ("fused_graphs", "fused + CUDA graphs")):
+            lines.append(_agreement(f"encode {s['shape']}", s, 0.99))
+        # each other path against bf16 packed (the FP8 target is in the JSON; fused paths have none)
+        for key, label, floor in (("fp8", "fp8", 0.95), ("fused", "fused", 0.99), ("fused_graphs", "fused + CUDA graphs", 0.99)):
             if key in s:
-                fused = s[key]
-                lines.append(_line(f"encode {s['shape']} {label} vs bf16 packed", fused.get("speedup_vs_packed"), None))
-                agree = "ok" if fused.get("agree") else "DISAGREE"
-                lines.append(
-                    (
-                        f"  {'encode ' + s['shape'] + ' ' + label + ' min cosine':<48} {fused.get('min_cosine', math.nan):.4f}  >= 0.99  {agree}",
-                        bool(fused.get("agree")),
-                    )
-                )
+                versus = s[key]
+                lines.append(_line(f"encode {s['shape']} {label} vs bf16 packed", versus.get("speedup_vs_packed"), versus.get("target")))
+                lines.append(_agreement(f"encode {s['shape']} {label}", versus, floor))
         for method, note in s.get("notes", {}).items():
             lines.append((f"  encode {s['shape']} {method}: {note}", None))
     shapes = {s["shape"] for s in data.get("summary", [])}
@@ -181,13 +166,9 @@ def summarize_onnx_cuda(data: dict) -> list[tuple[str, bool | None]]:
     if "skipped" in data:
         return [(f"  onnx-cuda skipped: {data['skipped']}", None)]
     s = data.get("summary", {})
-    agree = "ok" if s.get("agree") else "DISAGREE"
     return [
         _line(f"onnx-cuda {data.get('shape')} fp16 vs torch packed tokens/s", s.get("onnx_vs_torch_tokens_per_s"), None),
-        (
-            f"  {'onnx-cuda ' + str(data.get('shape')) + ' min cosine':<48} {s.get('min_cosine', math.nan):.4f}  >= 0.99  {agree}",
-            bool(s.get("agree")),
-        ),
+        _agreement(f"onnx-cuda {data.get('shape')}", s, 0.99),
     ]
 
 
