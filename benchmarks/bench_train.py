@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -40,6 +39,11 @@ import time
 from pathlib import Path
 
 import torch
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = (
@@ -318,9 +322,7 @@ def write_result(args, on_gpu: bool, steps: int, shapes: dict, cases: list[dict]
                 "speedup_tokens_per_s": by["ours"]["tokens_per_s"] / by["plain_hf"]["tokens_per_s"],
                 "peak_mem_ratio": by["ours"]["peak_mem_gb"] / by["plain_hf"]["peak_mem_gb"] if by["plain_hf"]["peak_mem_gb"] > 0 else None,
             }
-    card = "cpu"
-    if on_gpu:
-        card = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower().replace("nvidia", "")).strip("-")
+    card = common.card_name() if on_gpu else "cpu"
     result = {
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct" if not on_gpu else "Llama-3.2-1B shapes, random weights",
         "device": torch.cuda.get_device_name()
