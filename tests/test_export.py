@@ -704,6 +704,26 @@ def test_int8_validation_fallback_puts_the_most_sensitive_layers_back_in_fp32(ti
     )
 
 
+def test_validation_fails_a_graph_that_is_wrong_only_on_other_scripts(tiny_encoder):
+    """Calibration scores English STS-B sentences; validation must also score other scripts, or a
+    graph that is right on English prose and wrong elsewhere would pass."""
+    from llm2vec_fast.export.validate import check_report, compare
+
+    class WrongOnOtherScripts:
+        def encode(self, inputs, **kwargs):
+            out = np.asarray(tiny_encoder.encode(inputs, **kwargs)).copy()
+            for i, item in enumerate(inputs):
+                text = item[-1] if isinstance(item, (list, tuple)) else item
+                if any(ord(ch) >= 0x400 for ch in text):  # Cyrillic, CJK, emoji
+                    out[i] = -out[i]
+            return out
+
+    report = compare(tiny_encoder, WrongOnOtherScripts())
+    assert report["min_cos"] < 0 and report["mean_cos"] < 0.99
+    assert check_report({"precision": "int8", **report})
+    assert compare(tiny_encoder, tiny_encoder)["min_cos"] > 0.9999
+
+
 def test_int8_validation_fallback_gives_up_without_int8_layers(tiny_encoder, tmp_path, monkeypatch):
     monkeypatch.setattr(exporter_module, "check_report", _failing_above(0))
     with pytest.raises(ExportValidationError, match="too many int8 layers"):
