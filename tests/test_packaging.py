@@ -35,10 +35,29 @@ def _source_packages() -> set[str]:
 def test_subpackages_import_and_no_top_level_modules(tmp_path):
     out = _run(
         "import importlib.util, llm2vec_fast.kernels as k, llm2vec_fast.export as e;"
-        "print(importlib.util.find_spec('kernels'), importlib.util.find_spec('export'), k.__name__, e.__name__)",
+        "print(*[getattr(importlib.util.find_spec(n), 'origin', None) for n in ('kernels', 'export')], sep='\\n');"
+        "print(k.__name__, e.__name__)",
         cwd=tmp_path,  # outside the repo, so the source folders are not on sys.path
-    )
-    assert out == "None None llm2vec_fast.kernels llm2vec_fast.export"
+    ).splitlines()
+    assert out[-1] == "llm2vec_fast.kernels llm2vec_fast.export"
+    # transformers >= 5.25 installs Hugging Face's own top-level `kernels`; ours must not be one
+    for origin, folder in zip(out[:2], ("kernels", "export")):
+        assert origin == "None" or not Path(origin).resolve().is_relative_to(ROOT / folder), out
+
+
+def test_repository_root_on_sys_path_does_not_hide_an_installed_kernels_package(tmp_path):
+    """`python -c` / `python -m` in a clone put the root first on sys.path, where kernels/ would shadow
+    Hugging Face's `kernels` (which transformers >= 5.25 imports); the installed one must load."""
+    hub = tmp_path / "site" / "kernels"
+    hub.mkdir(parents=True)
+    (hub / "__init__.py").write_text("ORIGIN = 'installed'\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    code = "import kernels, llm2vec_fast.kernels as ours; print(kernels.ORIGIN, ours.flash_attn_varlen.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["installed", "llm2vec_fast.kernels.flash_attn"]
+    # whatever this environment holds, transformers' availability probe for `kernels` imports from here
+    probe = "import transformers.modeling_utils, peft; print('ok')"
+    assert _run(probe, cwd=ROOT).endswith("ok")
 
 
 @pytest.fixture(scope="module")
