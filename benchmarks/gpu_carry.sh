@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-.venv/bin/python}
 CARRY=.gpu_carry
-LIGER=$(grep -i '^liger-kernel==' constraints.txt || echo liger-kernel)
+LIGER=$(grep -i -E '^liger[-_]kernel==' constraints.txt || echo liger-kernel)  # pip freeze may write liger_kernel
 
 mkdir -p "$CARRY"
 rm -f "$CARRY"/liger_kernel-*.whl
