@@ -16,6 +16,7 @@ Folder layout: ``model.onnx`` (+ ``model.onnx.data`` when over 2 GB), the tokeni
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -220,6 +221,7 @@ def export_onnx(
             print(f"[export {time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
 
     try:
+        reference = _CachedEncodes(model)  # the torch side is encoded once, however many graphs use it
         source, smoothing, calibration = model, None, None
         if precision in INT8_PRECISIONS:
             from .calibrate import calibration_inputs
@@ -233,7 +235,7 @@ def export_onnx(
         exported = time.perf_counter()
         info: dict = {}
         if precision == "int8":
-            int8_graph = _int8(onnx_model, source, model, calibration, info, work, say, int8)
+            int8_graph = _int8(onnx_model, source, reference, calibration, info, work, say, int8)
             int8_graph.quantization["smoothing"] = smoothing
             del source
             onnx_model = int8_graph.build(len(int8_graph.order))
@@ -253,11 +255,10 @@ def export_onnx(
         if validate:
             runtime_name = "OpenVINO" if precision_runtime(precision) == "openvino" else "ONNX Runtime"
             say(f"validation: {runtime_name} vs torch at several batch shapes" + (", STS-B dev" if config.stsb_pairs else ""))
-            reference = _CachedEncodes(model)  # the torch side is scored once, however many graphs are validated
-            report.update(_validate(model, work, precision, config, reference))
+            report.update(_validate(reference, work, precision, config))
             failures = check_report(report)
             if failures and precision in INT8_PRECISIONS and int8.validation_fallback:
-                failures = _int8_validation_fallback(int8_graph, model, reference, work, config, report, failures, say)
+                failures = _int8_validation_fallback(int8_graph, reference, work, config, report, failures, say)
                 report["file_size_bytes"] = model_size(work)
             report["status"] = "failed" if failures else "ok"
             report["failures"] = failures
@@ -378,17 +379,23 @@ class _CachedEncodes:
     does not re-run torch on the same texts."""
 
     def __init__(self, encoder):
-        self._encoder = encoder
+        self.encoder = encoder
         self._results: dict = {}
 
     def encode(self, inputs, **kwargs):
         key = json.dumps([inputs, sorted(kwargs.items())], default=str)
         if key not in self._results:
-            self._results[key] = self._encoder.encode(inputs, **kwargs)
+            self._results[key] = self.encoder.encode(inputs, **kwargs)
         return self._results[key]
 
+    @functools.cached_property
+    def bf16(self) -> dict:
+        """:func:`~.validate.bf16_fidelity` of the encoder (int8's bar), measured once per export:
+        int8 calibration and every validation read it."""
+        return bf16_fidelity(self.encoder, fp32=self)
+
     def __getattr__(self, name):
-        return getattr(self._encoder, name)
+        return getattr(self.encoder, name)
 
 
 @dataclass
@@ -502,7 +509,7 @@ def _int8_openvino(onnx_model, encoder, inputs: list, info: dict, say, options: 
 
 
 def _int8_validation_fallback(
-    graph: _Int8Graph | _OpenVINOInt8Graph, encoder, reference, work: Path, config: ValidationConfig, report: dict, failures, say
+    graph: _Int8Graph | _OpenVINOInt8Graph, reference: _CachedEncodes, work: Path, config: ValidationConfig, report: dict, failures, say
 ) -> list[str]:
     """Re-validate with the most sensitive int8 layers back in fp32 (``graph.fewer_int8_layers``)
     until the graph passes (or ``MAX_VALIDATION_FALLBACKS`` tries, or no int8 layer is left);
@@ -520,18 +527,18 @@ def _int8_validation_fallback(
             break  # an int8 export without int8 layers is not what was asked for
         say(f"validation missed ({'; '.join(failures)}): {k} int8 layers, the most sensitive back in fp32")
         save_model(graph.build(k), work / MODEL_FILE)
-        report.update(_validate(encoder, work, precision, config, reference, bf16=report["bf16"]))
+        report.update(_validate(reference, work, precision, config))
         failures = check_report(report)
     if not failures:
         say(f"validation passed with {k} of {len(graph.layers)} layers int8 ({len(tries)} fallbacks)")
     return failures
 
 
-def _int8(fp32_model, encoder, original, inputs: list, info: dict, work: Path, say, options: Int8Options) -> _Int8Graph:
+def _int8(fp32_model, encoder, original: _CachedEncodes, inputs: list, info: dict, work: Path, say, options: Int8Options) -> _Int8Graph:
     """Per-token int8 ``MatMulIntegerToFloat`` in the decoder layers calibration allows, plain fp32
     MatMuls elsewhere, fp16 embedding table (see ``calibrate``, ``gptq`` and
     ``quantize.rowwise_int8_matmuls``). ``encoder`` is what the graph was exported from (smoothed
-    or not), ``original`` the user's encoder (bf16's bar is measured on it)."""
+    or not), ``original`` the user's encoder as validation scores it (bf16's bar is measured on it)."""
     import copy
 
     from . import quantize
@@ -552,8 +559,8 @@ def _int8(fp32_model, encoder, original, inputs: list, info: dict, work: Path, s
         weights = gptq_decoder_weights(encoder, inputs, levels, act_order=options.act_order, progress=lambda m: say(f"calibration: {m}"))
     simulator = Int8Simulator(encoder, weight_levels=levels, weights=weights)
     reference = simulator.embed(set(), inputs)  # nothing int8: the fp32 embeddings
-    bf16_cos = cosine_rows(bf16_embeddings(original, inputs), reference)
-    bf16_validation = bf16_fidelity(original)  # the texts validation will score
+    bf16_cos = cosine_rows(bf16_embeddings(original.encoder, inputs), reference)
+    bf16_validation = original.bf16  # the texts validation will score
     min_cos = min(
         CALIBRATION_MAX_MIN_COS, max(int8_min_cos(bf16_cos.min()), int8_min_cos(bf16_validation["min_cos"])) + CALIBRATION_MIN_COS_MARGIN
     )
@@ -679,22 +686,19 @@ def _write_encoder_files(
         json.dump(config, f, indent=4)
 
 
-def _validate(encoder, folder: Path, precision: str, config: ValidationConfig, reference=None, bf16: dict | None = None) -> dict:
-    """Validation numbers of the export in ``folder`` against ``encoder`` (its embeddings taken
-    from ``reference``, a :class:`_CachedEncodes` of it, when given; ``bf16``: int8's bar, when
-    already measured)."""
+def _validate(reference: _CachedEncodes, folder: Path, precision: str, config: ValidationConfig) -> dict:
+    """Validation numbers of the export in ``folder`` against the torch encoder (its embeddings
+    and bf16's figures cached in ``reference``)."""
     from .onnx_encoder import OnnxEncoder
 
-    reference = encoder if reference is None else reference
     runtime = precision_runtime(precision)
     providers = config.providers if runtime == "onnxruntime" else None
     onnx_encoder = OnnxEncoder.from_pretrained(folder, providers=providers, num_threads=config.num_threads, runtime=runtime)
     thresholds = THRESHOLDS[precision].as_dict()
     result = {"providers": onnx_encoder.providers}
     if precision in INT8_PRECISIONS:  # the worst-sentence bar is relative to bf16 on the same texts
-        bf16 = bf16 or bf16_fidelity(encoder)
-        thresholds["min_cos"] = int8_min_cos(bf16["min_cos"])
-        result["bf16"] = bf16
+        thresholds["min_cos"] = int8_min_cos(reference.bf16["min_cos"])
+        result["bf16"] = reference.bf16
     result["thresholds"] = thresholds
     result.update(compare(reference, onnx_encoder))
     result.update(stsb_scores(reference, onnx_encoder, config))

@@ -100,15 +100,18 @@ def compare(torch_encoder, onnx_encoder) -> dict:
     return {"shapes": shapes, "min_cos": float(c.min()), "mean_cos": float(c.mean()), "max_abs_err": max_abs}
 
 
-def bf16_fidelity(torch_encoder) -> dict:
+def bf16_fidelity(torch_encoder, fp32=None) -> dict:
     """Minimum / mean cosine of a bf16 copy of the encoder to itself in fp32 over ``VALIDATION_CASES``
-    (the int8 bar follows it: ``precisions.int8_min_cos``)."""
+    (the int8 bar follows it: ``precisions.int8_min_cos``). ``fp32`` encodes the fp32 side
+    (``torch_encoder`` by default; the exporter passes its cache of the embeddings that
+    :func:`compare` reads again)."""
     from .calibrate import bf16_copy
 
+    fp32 = torch_encoder if fp32 is None else fp32
     bf16 = bf16_copy(torch_encoder)
     cosines = []
     for batch_size, inputs in VALIDATION_CASES:
-        ref = np.asarray(torch_encoder.encode(inputs, batch_size=batch_size, convert_to_numpy=True))
+        ref = np.asarray(fp32.encode(inputs, batch_size=batch_size, convert_to_numpy=True))
         cosines.append(cosine_rows(np.asarray(bf16.encode(inputs, batch_size=batch_size, convert_to_numpy=True)), ref))
     c = np.concatenate(cosines)
     return {"min_cos": round(float(c.min()), 6), "mean_cos": round(float(c.mean()), 6)}
