@@ -51,9 +51,16 @@ def _rms_norm_fwd_op(
     return y, (total if total is not None else x.new_empty((0,)))
 
 
+def normed_dtype(x: torch.Tensor, weight: torch.Tensor, casting: str) -> torch.dtype:
+    """The dtype of the normalised output: ``"llama"`` multiplies the weight by the cast-back rows, so a
+    weight in another dtype (fp32 norms under bf16 activations) promotes it, as in the Hugging Face models."""
+    return x.dtype if casting == "gemma" else torch.promote_types(x.dtype, weight.dtype)
+
+
 @_rms_norm_fwd_op.register_fake
 def _(x, residual, weight, eps, casting, offset, backend):
-    return torch.empty_like(x), (torch.empty_like(x) if residual is not None else x.new_empty((0,)))
+    normed = x.new_empty(x.shape, dtype=normed_dtype(x, weight, casting))
+    return normed, (torch.empty_like(x) if residual is not None else x.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -128,8 +135,9 @@ def rms_norm(
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring).
 
     Returns:
-        the normalised tensor in ``x``'s shape and dtype, or ``(normalised, residual + x)`` with
-        ``residual``. Differentiable.
+        the normalised tensor in ``x``'s shape, or ``(normalised, residual + x)`` with ``residual``.
+        Its dtype is ``x``'s, except that ``"llama"`` with a weight in another dtype promotes it
+        (``weight * normed.to(x.dtype)``, as Hugging Face does); the sum keeps ``x``'s. Differentiable.
 
     Raises:
         ValueError: bad shapes, dtypes, casting mode or backend.

@@ -345,14 +345,19 @@ def test_cli_fused_flag():
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_op_passes_opcheck(with_residual):
+@pytest.mark.parametrize(
+    "x_dtype, weight_dtype, casting",
+    [(torch.float32, torch.float32, "llama"), (torch.bfloat16, torch.float32, "llama"), (torch.bfloat16, torch.float32, "gemma")],
+)
+def test_rms_norm_op_passes_opcheck(with_residual, x_dtype, weight_dtype, casting):
     """Schema, fake implementation and autograd registration of ``llm2vec_fast::rms_norm_fwd``
-    (what ``torch.compile`` relies on), on the torch backend."""
+    (what ``torch.compile`` relies on), on the torch backend; fp32 norm weights under bf16 activations
+    promote "llama"'s output, and the fake output must say so (else compiled code reads it as bf16)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 32, generator=g, requires_grad=True)
-    residual = torch.randn(6, 32, generator=g, requires_grad=True) if with_residual else None
-    weight = (torch.rand(32, generator=g) + 0.5).requires_grad_()
-    args = (x, residual, weight, 1e-6, "llama", 0.0, "torch")
+    x = torch.randn(6, 32, generator=g).to(x_dtype).requires_grad_()
+    residual = torch.randn(6, 32, generator=g).to(x_dtype).requires_grad_() if with_residual else None
+    weight = (torch.rand(32, generator=g) + 0.5).to(weight_dtype).requires_grad_()
+    args = (x, residual, weight, 1e-6, casting, 0.0, "torch")
     torch.library.opcheck(
         torch.ops.llm2vec_fast.rms_norm_fwd.default, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
     )
