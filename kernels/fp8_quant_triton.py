@@ -25,10 +25,18 @@ from .rms_norm_triton import _norm_tile, _row_tile, launch_config
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quantize_tile(x, rows, cols, mask, OUT_Q, OUT_SCALE, stride_q, n_rows, fp8_max, min_scale, CAST: tl.constexpr):
-    """Quantize the float32 tile ``x`` (masked entries 0) row by row and store it."""
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), fp8_max), min_scale)
-    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max)
+    """Quantize the float32 tile ``x`` (masked entries 0) row by row and store it. NaN and inf go
+    through as in torch (a NaN row gets a NaN scale, an inf row an inf scale and NaN where the inf
+    was): Triton's default max and clamp drop NaN, which would hide an overflow behind finite values."""
+    amax = tl.reduce(tl.abs(x), 1, _max_keeping_nan)
+    scale = _max_keeping_nan(tl.math.div_rn(amax, fp8_max), min_scale)
+    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL)
     if CAST:
         q = q.to(OUT_Q.dtype.element_ty, fp_downcast_rounding="rtne")
     tl.store(OUT_Q + rows[:, None] * stride_q + cols[None, :], q, mask=mask)

@@ -75,6 +75,33 @@ def test_silu_mul_kernel_matches_silu_then_quantize(dtype, rows, d):
     assert_fp8_rows_close(got, ref, 0.99)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+def test_kernels_keep_nan_and_inf_as_torch_does(dtype):
+    """An overflowed (inf) or NaN row comes out as torch's: a NaN or inf scale and NaN values, never
+    finite saturated ones (Triton's default max and clamp drop NaN: +inf became -448 and a NaN row got
+    a finite scale). Compared NaN-aware: the sign of a NaN is not specified."""
+    from llm2vec_fast.kernels import rms_norm_fp8, silu_mul_fp8
+
+    finite = torch.tensor([1.0, 2.0, -3.0, 0.5] * 8)
+    rows = torch.stack([finite, finite.clone(), finite.clone(), finite.clone()])
+    rows[0, 0], rows[1, 3], rows[2, 5] = float("inf"), float("nan"), float("-inf")
+    x = rows.to(DEVICE, dtype)
+
+    def check(got, ref):
+        torch.testing.assert_close(got.scales, ref.scales, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got.values.float(), ref.values.float(), rtol=0, atol=0, equal_nan=True)
+
+    check(fp8_quantize_rows(x, backend="triton"), fp8_quantize_rows(x, backend="torch"))
+    reference = fp8_quantize_rows(x, backend="torch")
+    assert reference.scales[:3].isfinite().logical_not().all() and reference.scales[3].isfinite().all()
+    gate_up = torch.cat([x.flip(0), x], dim=1)  # inf / NaN in gate for some rows, in up for others
+    check(silu_mul_fp8(gate_up, backend="triton"), silu_mul_fp8(gate_up, backend="torch"))
+    weight = torch.ones(x.shape[1], device=DEVICE, dtype=dtype)
+    check(rms_norm_fp8(x, weight, 1e-6, backend="triton"), rms_norm_fp8(x, weight, 1e-6, backend="torch"))
+
+
 def test_silu_mul_rejects_bad_input():
     from llm2vec_fast.kernels import silu_mul_fp8
 
