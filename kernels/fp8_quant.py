@@ -28,7 +28,7 @@ import torch
 
 from ._dispatch import resolve_backend
 from .fp8_quant_reference import FP8_DTYPE, fp8_quantize_rows_reference
-from .rms_norm import _FLOAT_DTYPES, check_norm_arguments
+from .rms_norm import _FLOAT_DTYPES, check_norm_arguments, row_kernel_backend
 from .rms_norm_reference import add_rms_norm_reference, rms_norm_reference
 
 __all__ = ["FP8Rows", "fp8_quantize_rows", "rms_norm_fp8", "silu_mul_fp8"]
@@ -48,24 +48,10 @@ class FP8Rows(NamedTuple):
 
 
 def _check_input(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        raise ValueError(f"{name} must be a torch.Tensor with at least one dimension")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must be a torch.Tensor with at least one dimension, the last one non-empty")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{name} dtype {x.dtype} is not supported; expected one of {_FLOAT_DTYPES}")
-
-
-def _row_backend(backend: str, resolved: str, width: int, what: str) -> str:
-    """The Triton row kernels hold a row of up to ``MAX_BLOCK_D`` columns in registers: a wider row
-    takes the reference under ``"auto"`` and is refused under ``"triton"``."""
-    if resolved != "triton":
-        return resolved
-    from .rms_norm_triton import MAX_BLOCK_D
-
-    if width <= MAX_BLOCK_D:
-        return resolved
-    if backend == "triton":
-        raise ValueError(f"the Triton {what} holds rows of up to {MAX_BLOCK_D} columns, got {width}")
-    return "torch"
 
 
 def _fake_fp8_rows(rows: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +94,7 @@ def fp8_quantize_rows(x: torch.Tensor, *, backend: str = "auto") -> FP8Rows:
         ValueError: a dtype other than fp16/bf16/fp32, a 0-d tensor, or an unknown backend.
     """
     _check_input(x, "x")
-    resolved = _row_backend(backend, resolve_backend(backend, (x,)), x.shape[-1], "FP8 quantization")
+    resolved = row_kernel_backend(backend, resolve_backend(backend, (x,)), x.shape[-1], "FP8 quantization")
     q, scales = torch.ops.llm2vec_fast.fp8_quantize_rows(x.detach().reshape(-1, x.shape[-1]), resolved)
     return _unflatten(q, scales, x.shape[:-1])
 
@@ -204,6 +190,6 @@ def silu_mul_fp8(gate_up: torch.Tensor, *, backend: str = "auto") -> FP8Rows:
     _check_input(gate_up, "gate_up")
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim holds gate and up (an even size), got {gate_up.shape[-1]}")
-    resolved = _row_backend(backend, resolve_backend(backend, (gate_up,)), gate_up.shape[-1] // 2, "SwiGLU + FP8 quantization")
+    resolved = row_kernel_backend(backend, resolve_backend(backend, (gate_up,)), gate_up.shape[-1] // 2, "SwiGLU + FP8 quantization")
     q, scales = torch.ops.llm2vec_fast.silu_mul_fp8(gate_up.detach().reshape(-1, gate_up.shape[-1]), resolved)
     return _unflatten(q, scales, gate_up.shape[:-1])

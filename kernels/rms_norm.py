@@ -9,7 +9,8 @@ reading it. Semantics (the casts of the Hugging Face models) are defined by
 Backend rule as for attention and pooling: ``"auto"`` runs the Triton kernel (:mod:`.rms_norm_triton`)
 on CUDA tensors and the reference otherwise; ``"triton"`` forces the kernel (CPU only under
 ``TRITON_INTERPRET=1``); ``"torch"`` forces the reference. The kernel needs ``x``, ``residual`` and
-``weight`` in one dtype (as a model's norms are); ``auto`` takes the reference otherwise.
+``weight`` in one dtype (as a model's norms are) and rows of at most 16384 columns; ``auto`` takes
+the reference otherwise.
 
 Runs as ``torch.ops.llm2vec_fast.rms_norm_fwd`` with a fake implementation, so ``torch.compile``
 traces it without a graph break. The backward recomputes the reference in torch (the encode path
@@ -87,6 +88,20 @@ def _backward(ctx, grad_y, grad_total):
 _rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def row_kernel_backend(backend: str, resolved: str, width: int, what: str) -> str:
+    """The Triton row kernels (RMSNorm, FP8) hold a row of up to ``MAX_BLOCK_D`` columns in registers:
+    a wider row takes the reference under ``"auto"`` and is refused under ``"triton"``."""
+    if resolved != "triton":
+        return resolved
+    from .rms_norm_triton import MAX_BLOCK_D
+
+    if width <= MAX_BLOCK_D:
+        return resolved
+    if backend == "triton":
+        raise ValueError(f"the Triton {what} holds rows of up to {MAX_BLOCK_D} columns, got {width}")
+    return "torch"
+
+
 def check_norm_arguments(
     x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, casting: str, offset: float, backend: str
 ) -> str:
@@ -97,6 +112,8 @@ def check_norm_arguments(
         raise ValueError("x and weight must be torch.Tensors")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x dtype {x.dtype} is not supported; expected one of {_FLOAT_DTYPES}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x {tuple(x.shape)} needs a non-empty last dimension to normalise")
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
@@ -104,7 +121,7 @@ def check_norm_arguments(
     if casting != "gemma" and offset != 0.0:
         raise ValueError('offset applies to the "gemma" casting mode only')
     tensors = (x, weight) if residual is None else (x, residual, weight)
-    resolved = resolve_backend(backend, tensors)
+    resolved = row_kernel_backend(backend, resolve_backend(backend, tensors), x.shape[-1], "RMSNorm")
     if resolved == "triton" and weight.dtype != x.dtype:
         if backend == "triton":
             raise ValueError(f"the Triton RMSNorm needs weight ({weight.dtype}) in x's dtype ({x.dtype})")

@@ -141,8 +141,9 @@ def test_auto_backend_and_bad_input():
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scales, ref_scales)
     with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
         fp8_quantize_rows(x.double())
-    with pytest.raises(ValueError, match="at least one dimension"):
-        fp8_quantize_rows(torch.tensor(1.0))
+    for empty in (torch.tensor(1.0), torch.zeros(2, 0)):
+        with pytest.raises(ValueError, match="at least one dimension, the last one non-empty"):
+            fp8_quantize_rows(empty)
     with pytest.raises(ValueError, match="unknown backend"):
         fp8_quantize_rows(x, backend="cuda")
     if DEVICE is not None:

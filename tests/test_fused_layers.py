@@ -10,6 +10,7 @@ gets right): bf16 runs only on a GPU (``test_gpu_*``, selected by the GPU suite)
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -97,6 +98,29 @@ def test_rms_norm_rejects_bad_input():
     with pytest.raises(ValueError, match="dtype"):
         rms_norm(x, w.double(), 1e-6, backend="triton")
     assert rms_norm(x, w.double(), 1e-6).dtype == torch.float64  # auto: the reference promotes like the model
+    for empty in (torch.tensor(1.0), torch.zeros(3, 0)):
+        with pytest.raises(ValueError, match="non-empty last dimension"):
+            rms_norm(empty, torch.ones(empty.shape[-1:]), 1e-6)
+
+
+def test_rows_wider_than_the_kernel_take_the_reference_under_auto(monkeypatch):
+    """A row wider than the row kernels hold (16384): the reference under "auto" (as on CPU, so a wide
+    model still runs on a GPU) and a clear refusal under "triton"; for the norm, the norm + FP8 and the
+    FP8 quantizers alike. The dispatch is emulated: "auto" is made to pick Triton as on CUDA tensors."""
+    pytest.importorskip("triton")
+    from llm2vec_fast.kernels import fp8_quantize_rows, rms_norm_fp8, silu_mul_fp8
+
+    for name in ("rms_norm", "fp8_quant"):  # the modules (the package's rms_norm is the function)
+        module = importlib.import_module(f"llm2vec_fast.kernels.{name}")
+        monkeypatch.setattr(module, "resolve_backend", lambda backend, tensors: "torch" if backend == "torch" else "triton")
+    wide, weight = torch.randn(2, 16385), torch.rand(16385) + 0.5
+    reference = rms_norm_reference(wide, weight, 1e-6)
+    assert torch.equal(rms_norm(wide, weight, 1e-6), reference)
+    assert torch.equal(rms_norm_fp8(wide, weight, 1e-6).values.view(torch.uint8), fp8_quantize_rows(reference).values.view(torch.uint8))
+    assert silu_mul_fp8(torch.randn(2, 2 * 16385)).shape == (2, 16385)
+    for call in (lambda: rms_norm(wide, weight, 1e-6, backend="triton"), lambda: rms_norm_fp8(wide, weight, 1e-6, backend="triton")):
+        with pytest.raises(ValueError, match="rows of up to 16384 columns, got 16385"):
+            call()
 
 
 # ------------------------------------------------------------------------------- fused models

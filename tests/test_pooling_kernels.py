@@ -269,6 +269,18 @@ def test_max_seqlen_only_sizes_the_grid(mode):
         torch.testing.assert_close(out, outs[0], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", POOLING_MODES)
+def test_batch_without_tokens_pools_zeros(mode, backend):
+    """``[B, 0, D]``: every sequence is empty, so each pools to zeros on both backends (the reference's
+    ``last``/``first`` took amax/amin over an empty dim)."""
+    if backend == "triton" and DEVICE is None:
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = DEVICE if backend == "triton" else "cpu"
+    out = masked_pool(torch.randn(3, 0, 8, device=device), torch.zeros(3, 0, dtype=torch.bool, device=device), mode, backend=backend)
+    assert out.shape == (3, 8) and (out == 0).all()
+
+
 @needs_triton
 @pytest.mark.parametrize("mode", POOLING_MODES)
 def test_nothing_pooled_behaves_like_the_reference(mode):
