@@ -111,20 +111,33 @@ def test_cli_errors_exit_2_before_serving(argv, env, message, monkeypatch, capsy
     assert message in capsys.readouterr().err
 
 
-def test_served_model_name():
+def test_served_model_names(tiny_encoder):
+    """The README's flow: ``serve --model ./my-encoder``, then ``model="my-encoder"`` from the client,
+    though the folder records a hub id, which the answers carry."""
     import argparse
 
-    from llm2vec_fast.cli.serve import served_model_name
+    from llm2vec_fast.cli.serve import served_model_names
 
     class Enc:
         model_id = "org/name"
 
-    args = argparse.Namespace(served_model_name=None, onnx=None, model="/some/dir/my-encoder")
-    assert served_model_name(args, Enc()) == "org/name"
+    args = argparse.Namespace(served_model_name=None, onnx=None, model="./some/dir/my-encoder")
+    assert served_model_names(args, Enc()) == ("org/name", ("./some/dir/my-encoder", "my-encoder"))
     Enc.model_id = None
-    assert served_model_name(args, Enc()) == "my-encoder"
-    args.served_model_name = "custom"
-    assert served_model_name(args, Enc()) == "custom"
+    assert served_model_names(args, Enc()) == ("my-encoder", ("./some/dir/my-encoder",))
+    args.model = None
+    assert served_model_names(args, Enc()) == ("default", ())
+    args.served_model_name = ["custom", "alias", "custom", "alias"]
+    assert served_model_names(args, Enc()) == ("custom", ("alias",))
+
+    app = create_app(tiny_encoder, ServeSettings(model_name="org/name", model_aliases=("my-encoder",), max_batch_tokens=256))
+    with TestClient(app) as client:
+        for sent in ("org/name", "my-encoder", None):
+            r = client.post("/v1/embeddings", json={"input": ["a text"], **({"model": sent} if sent else {})})
+            assert r.status_code == 200 and r.json()["model"] == "org/name", r.text
+        refused = client.post("/v1/embeddings", json={"input": ["a text"], "model": "other"})
+        assert refused.status_code == 400 and "'other' is not served" in refused.text
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["org/name"]
 
 
 def test_over_long_prompt_gets_413_unless_truncate(tiny_encoder):

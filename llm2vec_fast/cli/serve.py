@@ -30,7 +30,14 @@ def add_parser(sub) -> None:
         metavar="DIR",
         help="serve an exported ONNX folder with ONNX Runtime instead of a torch model (--device cuda needs onnxruntime-gpu)",
     )
-    p.add_argument("--served-model-name", default=None, help="the 'model' clients send (default: the model's name)")
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the 'model' clients may send; answers and /v1/models carry the first (default: the model's id, also "
+        "accepting the --model / --onnx argument as given and its folder name)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes the server)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument(
@@ -107,14 +114,23 @@ def load_serving_encoder(args: argparse.Namespace):
     return OnnxEncoder.from_pretrained(args.onnx, providers=device)
 
 
-def served_model_name(args: argparse.Namespace, encoder) -> str:
+def served_model_names(args: argparse.Namespace, encoder) -> tuple[str, tuple[str, ...]]:
+    """``(name, aliases)``: the name answers carry and the other names a request may send. Without
+    ``--served-model-name``: the model's id (a hub-style ``org/name`` recorded by ``save()``), else the
+    folder's name; the ``--model`` / ``--onnx`` argument as given and its folder name are accepted too,
+    so a client may send either what it started the server with or what the server reports."""
     if args.served_model_name:
-        return args.served_model_name
+        name = args.served_model_name[0]
+        return name, tuple(a for a in dict.fromkeys(args.served_model_name[1:]) if a != name)
+    source = args.onnx or args.model
+    folder = Path(source).expanduser().resolve().name if source else None
     model_id = getattr(encoder, "model_id", None)
     if model_id and not os.path.exists(os.path.expanduser(model_id)):
-        return model_id
-    source = args.onnx or args.model
-    return Path(source).expanduser().resolve().name if source else "default"
+        name = model_id
+    else:
+        name = folder or "default"
+    aliases = [str(source), folder] if source else []
+    return name, tuple(a for a in dict.fromkeys(aliases) if a and a != name)
 
 
 def load_calibration(encoder, path: Path, batch_size: int):
@@ -143,8 +159,10 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--calibration file {str(args.calibration)!r} does not exist")
     encoder = load_serving_encoder(args)
     calibration = load_calibration(encoder, args.calibration, args.batch_size) if args.calibration else None
+    name, aliases = served_model_names(args, encoder)
     settings = ServeSettings(
-        model_name=served_model_name(args, encoder),
+        model_name=name,
+        model_aliases=aliases,
         model_path=str(args.onnx or getattr(encoder, "path", None) or args.model or "default"),
         max_batch_tokens=args.max_batch_tokens,
         max_client_batch_size=args.max_client_batch_size,

@@ -67,6 +67,7 @@ class ServeSettings:
     """Limits and identity of a server (``llm2vec-fast serve`` options)."""
 
     model_name: str
+    model_aliases: tuple[str, ...] = ()  # other names /v1/embeddings accepts (answers carry model_name)
     max_batch_tokens: int = DEFAULT_MAX_TOKENS_PER_BATCH
     max_client_batch_size: int = 256
     max_queue_tokens: int | None = None  # default: 8 batches
@@ -485,7 +486,7 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=error_responses(OpenAIError))
     async def openai_embeddings(body: EmbeddingRequest, request: Request):
         """OpenAI embeddings. Vectors are L2-normalised (after ``dimensions`` truncation), as OpenAI's."""
-        if body.model not in (None, "", settings.model_name):
+        if body.model not in (None, "", settings.model_name, *settings.model_aliases):
             raise ServeError(
                 400,
                 f"model {body.model!r} is not served here; this server serves {settings.model_name!r}",
