@@ -57,7 +57,12 @@ class EncodeMixin:
         )
         if not self._warned_truncation and any(x.truncated for x in items):
             self._warned_truncation = True
-            logger.warning("Some inputs are longer than max_length=%d tokens and were truncated.", self.max_length)
+            logger.warning(
+                "Some inputs were truncated: texts over doc_max_length=%d tokens lose their last words (as in the "
+                "official llm2vec), and a whole input (instruction included) is cut at max_length=%d tokens.",
+                self.doc_max_length,
+                self.max_length,
+            )
         return items
 
     def padded_batch(self, items: Sequence[EncodingInput]) -> dict[str, np.ndarray]:

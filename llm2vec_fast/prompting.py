@@ -3,7 +3,8 @@
 This follows the official llm2vec 0.2.3 ``LLM2Vec`` step by step
 (``_convert_to_str`` -> ``prepare_for_tokenization`` -> ``tokenize``):
 
-* the text is trimmed to ``doc_max_length`` tokens by dropping words;
+* the text is trimmed to ``doc_max_length`` tokens by dropping words (cut by tokens where that would
+  leave no word: the official code returns an empty text there);
 * instruction and text are joined around a separator, the model-specific chat wrapping is
   applied to the joined string, then the separator is removed;
 * the pooled span is the last ``len(tokenize(text, add_special_tokens=False))`` tokens, so
@@ -49,7 +50,7 @@ class EncodingInput:
 
     input_ids: list[int]
     num_pooled: int
-    truncated: bool = False
+    truncated: bool = False  # the text was trimmed to doc_max_length, or the whole input cut at max_length
 
 
 def normalize_inputs(sentences: object) -> tuple[list[tuple[str, str]], bool]:
@@ -82,18 +83,44 @@ def chat_wrap(text: str, model_id: str | None) -> str:
     return f"{wrap[0]}{text.strip()}{wrap[1]}" if wrap else text
 
 
-def trim_to_doc_max_length(tokenizer, text: str, doc_max_length: int, max_length: int) -> str:
-    """Drop trailing words until ``text`` has at most ``doc_max_length`` tokens (official ``_convert_to_str``)."""
+def trim_to_doc_max_length(tokenizer, text: str, doc_max_length: int, max_length: int) -> tuple[str, bool]:
+    """``(text, trimmed)``: trailing words dropped until ``text`` has at most ``doc_max_length`` tokens
+    (official ``_convert_to_str``). Where that would leave no word at all (one long "word": a text
+    in a script without spaces, a URL, code), the text is cut after its first ``doc_max_length``
+    tokens instead: the official loop returns an empty text there."""
 
     def n_tokens(t: str) -> int:
         return len(tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"])
 
-    length = n_tokens(text)
+    length, trimmed = n_tokens(text), False
     while length > doc_max_length:
+        trimmed = True
         words = text.split()
-        text = " ".join(words[: int(len(words) * doc_max_length / length)])
+        keep = int(len(words) * doc_max_length / length)
+        if keep == 0:
+            return _first_tokens(tokenizer, text, doc_max_length, n_tokens), True
+        text = " ".join(words[:keep])
         length = n_tokens(text)
-    return text
+    return text, trimmed
+
+
+def _first_tokens(tokenizer, text: str, n: int, n_tokens) -> str:
+    """The longest prefix of ``text`` that its first ``n`` tokens cover and that tokenizes to at most
+    ``n`` tokens again (a token can end inside a character, whose rest is then another token). The
+    prefix comes from a fast tokenizer's character offsets; a slow one decodes the tokens."""
+    take = n
+    while take > 0:
+        if getattr(tokenizer, "is_fast", False):
+            encoded = tokenizer(text, add_special_tokens=False, truncation=True, max_length=take, return_offsets_mapping=True)
+            prefix = text[: encoded["offset_mapping"][-1][1]] if encoded["offset_mapping"] else ""
+        else:
+            ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=take)["input_ids"]
+            prefix = tokenizer.decode(ids).rstrip("\ufffd")  # a character cut between its bytes decodes as U+FFFD
+        excess = n_tokens(prefix) - n
+        if excess <= 0:
+            return prefix
+        take -= excess
+    return ""
 
 
 def prepare_inputs(
@@ -111,9 +138,11 @@ def prepare_inputs(
     if eos_id is None and append_eos:
         raise ValueError("eos_token pooling needs a tokenizer with an EOS token")
     fallback_id = eos_id if eos_id is not None else (tokenizer.bos_token_id or 0)
-    joined, pooled_texts = [], []
-    for instruction, text in pairs:
-        text = trim_to_doc_max_length(tokenizer, text, doc_max_length, max_length)
+    joined, pooled_texts, trimmed = [], [], set()
+    for i, (instruction, text) in enumerate(pairs):
+        text, was_trimmed = trim_to_doc_max_length(tokenizer, text, doc_max_length, max_length)
+        if was_trimmed:
+            trimmed.add(i)
         combined = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
         combined = chat_wrap(combined, model_id)
         head, _, pooled = combined.partition(SEPARATOR)
@@ -135,7 +164,7 @@ def prepare_inputs(
         if not ids:
             ids, n_pool = [fallback_id], 1
         n_pool = min(n_pool, len(ids)) or len(ids)  # empty text: pool every real token
-        out.append(EncodingInput(ids, n_pool, i in truncated))
+        out.append(EncodingInput(ids, n_pool, i in truncated or i in trimmed))
     return out
 
 

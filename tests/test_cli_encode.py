@@ -19,11 +19,12 @@ def test_encode_arguments_to_npy(tmp_path, default_model_dir, capsys):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
 
 
-def test_encode_file_to_jsonl_with_instruction(tmp_path, default_model_dir, default_encoder):
+def test_encode_file_to_jsonl_with_instruction(tmp_path, default_model_dir, default_encoder, capsys):
     src = tmp_path / "in.txt"
     src.write_text("first line\n\nsecond line\n")
     out = tmp_path / "emb.jsonl"
     assert main(["encode", "--model", default_model_dir, "--input", str(src), "--instruction", "Represent:", "-o", str(out)]) == 0
+    assert "skipped 1 blank line(s)" in capsys.readouterr().err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1] and rows[1]["text"] == "second line"
     expected = default_encoder.encode([["Represent:", "second line"]], convert_to_numpy=True)[0]
@@ -35,6 +36,16 @@ def test_encode_stdin_to_stdout(monkeypatch, default_model_dir, capsys):
     assert main(["encode", "--model", default_model_dir]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 1 and len(rows[0]["embedding"]) == 576
+
+
+def test_encode_doc_max_length_option(tmp_path, default_model_dir, default_encoder):
+    """``--doc-max-length`` reaches the encoder: the text is trimmed to its first words."""
+    out = tmp_path / "emb.npy"
+    assert main(["encode", "--model", default_model_dir, "--doc-max-length", "3", "one two three four five six", "-o", str(out)]) == 0
+    trimmed = default_encoder.encode(["one two three"], convert_to_numpy=True)
+    whole = default_encoder.encode(["one two three four five six"], convert_to_numpy=True)
+    np.testing.assert_allclose(np.load(out), trimmed, rtol=1e-4, atol=1e-4)
+    assert np.abs(np.load(out) - whole).max() > 1e-2
 
 
 @pytest.mark.parametrize(

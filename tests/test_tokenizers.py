@@ -210,3 +210,45 @@ def test_truncation_without_overflow_information(smollm_tokenizer):
     batch = smollm_tokenizer(texts, truncation=True, max_length=exact)
     with_overflow = _truncated_rows(smollm_tokenizer, texts, batch["input_ids"], batch.encodings, exact)
     assert with_overflow == _truncated_rows(smollm_tokenizer, texts, batch["input_ids"], None, exact) == {0}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_doc_max_length_cuts_a_text_without_spaces_by_tokens(smollm_tokenizer, fast):
+    """A long text with no word to drop (Chinese, a URL, code) keeps its first ``doc_max_length``
+    tokens: the official word loop leaves it empty (it then embeds as ""). Texts with words are
+    trimmed by words as before, and every trimmed text is flagged (the encoder warns once)."""
+    from llm2vec_fast.prompting import prepare_inputs, trim_to_doc_max_length
+
+    class WithoutOffsets:  # what a slow tokenizer offers: no character offsets, so the tokens are decoded
+        is_fast = False
+
+        def __call__(self, *args, **kwargs):
+            return smollm_tokenizer(*args, **kwargs)
+
+        def decode(self, ids):
+            return smollm_tokenizer.decode(ids)
+
+    tokenizer = smollm_tokenizer if fast else WithoutOffsets()
+    chinese = "我们在河边散步，天气很好，孩子们在草地上玩耍。" * 40
+    url = "https://example.com/search?" + "&".join(f"key{i}=value{i}" for i in range(300))
+    for text in (chinese, url, "lead " + chinese):
+        cut, trimmed = trim_to_doc_max_length(tokenizer, text, 50, 512)
+        n = len(tokenizer(cut, add_special_tokens=False)["input_ids"])
+        assert trimmed and 45 <= n <= 50 and text.startswith(cut), (n, cut[:40])
+    words = "lorem ipsum dolor sit amet " * 30
+    cut, trimmed = trim_to_doc_max_length(tokenizer, words, 50, 512)
+    assert trimmed and words.startswith(cut) and cut.split() == words.split()[: len(cut.split())]
+    assert trim_to_doc_max_length(tokenizer, "short text", 50, 512) == ("short text", False)
+    settings = dict(max_length=512, doc_max_length=50, skip_instruction=True, model_id=None, append_eos=False)
+    items = prepare_inputs(smollm_tokenizer, [("", chinese), ("", "short text")], **settings)
+    assert [x.truncated for x in items] == [True, False] and items[0].num_pooled >= 45
+
+
+def test_doc_max_length_trimming_warns(smollm_tokenizer, caplog):
+    """Trimming a text to ``doc_max_length`` (under ``max_length``) is a truncation too: one warning."""
+    encoder = LLM2Vec(AutoModel.from_config(tiny_config("llama")), smollm_tokenizer, doc_max_length=8, max_length=64)
+    with caplog.at_level(logging.WARNING, logger="llm2vec_fast"):
+        encoder.encode(["short", "a text of rather more than eight tokens, to be trimmed by words"], batch_size=2)
+        encoder.encode(["another text of rather more than eight tokens, trimmed again"])
+    warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1 and "doc_max_length=8" in warnings[0]

@@ -18,7 +18,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pooling", choices=POOLING_MODES, default=None, help="pooling mode (default: from llm2vec_config.json, else mean)"
     )
-    parser.add_argument("--max-length", type=int, default=None, help="max tokens per input (default 512)")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="max tokens per input, instruction and wrapping included (default 512)"
+    )
+    parser.add_argument(
+        "--doc-max-length",
+        type=int,
+        default=None,
+        help="max tokens of the text itself, trimmed by dropping its last words as the official llm2vec does (default 400)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--no-bidirectional", action="store_true", help="keep the causal mask (plain decoder)")
@@ -67,6 +75,7 @@ def encoder_kwargs(args: argparse.Namespace) -> dict:
         peft_model_name_or_path=args.peft,
         pooling_mode=args.pooling,
         max_length=args.max_length,
+        doc_max_length=args.doc_max_length,
         enable_bidirectional=not args.no_bidirectional,
         dtype=args.dtype,
         device=args.device,

@@ -68,6 +68,8 @@ def read_texts(args: argparse.Namespace) -> list[str]:
     texts = [line for line in lines if line.strip()]
     if not texts:
         raise ValueError("the input holds no non-empty line")
+    if len(texts) < len(lines):
+        print(f"skipped {len(lines) - len(texts)} blank line(s): output rows follow the non-blank lines", file=sys.stderr)
     return texts
 
 

@@ -65,6 +65,7 @@ _BAKED_IN = {
     "peft": "--peft",
     "pooling": "--pooling",
     "max_length": "--max-length",
+    "doc_max_length": "--doc-max-length",
     "dtype": "--dtype",
     "no_bidirectional": "--no-bidirectional",
     "quantization": "--quantization",

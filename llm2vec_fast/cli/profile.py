@@ -52,7 +52,8 @@ def _build_encoder(args: argparse.Namespace):
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    settings = {k: v for k, v in (("pooling_mode", args.pooling), ("max_length", args.max_length)) if v is not None}
+    options = (("pooling_mode", args.pooling), ("max_length", args.max_length), ("doc_max_length", args.doc_max_length))
+    settings = {k: v for k, v in options if v is not None}
     return random_encoder(args.random_shapes, device, dtype, seed=args.seed, **settings)
 
 

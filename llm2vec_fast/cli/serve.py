@@ -99,6 +99,7 @@ def load_serving_encoder(args: argparse.Namespace):
             ("--peft", args.peft),
             ("--pooling", args.pooling),
             ("--max-length", args.max_length),
+            ("--doc-max-length", args.doc_max_length),
             ("--dtype", args.dtype),
             ("--quantization", args.quantization),
             ("--fused", args.fused),
