@@ -31,7 +31,7 @@ from .encoding import (
 from .fp8 import apply_fp8, check_fp8_device, check_quantization, check_rounding
 from .fused_layers import fuse_decoder, has_fused_projections
 from .kernels import masked_pool, masked_pool_varlen
-from .loading import apply_adapters, load_base_model, merge_lora, read_encoder_settings, resolve_model_path
+from .loading import apply_adapters, load_base_model, merge_lora, read_encoder_settings, resolve_device, resolve_model_path
 from .packing import DEFAULT_MAX_TOKENS_PER_BATCH, pack, token_budget_batches
 from .prompting import EncodingInput
 from .tokenization import padding_tokenizer
@@ -165,15 +165,15 @@ class LLM2Vec(EncodeMixin, nn.Module):
 
         if hf_kwargs.get("trust_remote_code"):
             logger.warning("trust_remote_code=True runs code from the checkpoint folder")
-        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        check_quantization(quantization)
+        check_rounding(fp8_rounding)
+        if quantization == "fp8":  # before the weights load, and before the device check names CUDA alone
+            check_fp8_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        check_quantization(quantization)
-        check_rounding(fp8_rounding)
-        if quantization == "fp8":
-            check_fp8_device(device)  # before the weights load
         path, model_id = resolve_model_path(model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = load_base_model(path, dtype, hf_kwargs)

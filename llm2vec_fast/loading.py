@@ -17,6 +17,25 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when one is there and CPU otherwise; a CUDA device this machine or this torch
+    build cannot reach raises ``ValueError`` here, before any weight loads (torch's own error is an
+    AssertionError from deep inside the first ``.to()``)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+            raise ValueError(f"device {str(device)!r} requested, but no CUDA GPU is usable here ({build}, torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} requested, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> tuple[str, str | None]:
     """Return ``(path_or_hub_id, model_id)``; ``model_id`` is the original model name used for
     the official chat wrapping."""

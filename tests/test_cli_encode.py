@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from llm2vec_fast.cli import main
 
@@ -51,6 +52,12 @@ def test_encode_doc_max_length_option(tmp_path, default_model_dir, default_encod
 @pytest.mark.parametrize(
     "argv, message",
     [
+        pytest.param(
+            ["encode", "--device", "cuda", "x"],
+            "no CUDA GPU is usable here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is usable here"),
+        ),
+        (["encode", "--device", "nonsense", "x"], "unknown device 'nonsense'"),
         (["encode", "--model", "/does/not/exist", "x"], "does not exist"),
         (["encode", "x", "-o", "out.csv"], ".npy or .jsonl"),
         (["encode", "--input", "/no/such/file.txt"], "does not exist"),

@@ -273,6 +273,8 @@ def test_from_pretrained_calibrates_and_refuses_to_save(tiny_llama_dir, tmp_path
 def test_fp8_without_an_fp8_gpu_names_the_requirement(tiny_llama_dir, smollm_tokenizer):
     with pytest.raises(FP8UnsupportedError, match=r"compute capability 8\.9 or newer.*fp8-simulated"):
         LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", quantization="fp8")
+    with pytest.raises(FP8UnsupportedError, match=r"compute capability 8\.9 or newer"):
+        LLM2Vec.from_pretrained(tiny_llama_dir, device="cuda", quantization="fp8")
     with pytest.raises(FP8UnsupportedError, match="the device is cpu"):
         apply_fp8(_tiny_encoder("llama", smollm_tokenizer), "fp8", high_precision_layers=[])
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
