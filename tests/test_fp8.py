@@ -334,6 +334,16 @@ def test_dataset_settings_record_the_quantization(smollm_tokenizer):
     apply_fp8(nearest, "fp8-simulated", high_precision_layers=[1], rounding="nearest")
     assert (settings["fp8_rounding"], encoder_settings(nearest)["fp8_rounding"]) == ("gptq", "nearest")
 
+    # every layer in FP8 (its weights are buffers): other weights still give another fingerprint, so
+    # a job cannot resume with a different model
+    first, second = _tiny_encoder("llama", smollm_tokenizer), _tiny_encoder("llama", smollm_tokenizer)
+    with torch.no_grad():
+        second.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    for each in (first, second):
+        apply_fp8(each, "fp8-simulated", high_precision_layers=[], rounding="nearest")
+    assert encoder_settings(first)["weights"] != encoder_settings(second)["weights"]
+    assert encoder_settings(first)["weights"] == encoder_settings(copy.deepcopy(first))["weights"]
+
 
 @pytest.mark.skipif(fp8_unsupported_reason("cuda") is not None, reason="needs a CUDA GPU of compute capability 8.9+")
 def test_scaled_mm_matches_the_simulation_on_gpu(smollm_tokenizer):

@@ -16,14 +16,23 @@ from ..bidirectional import is_bidirectional
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of every parameter's name, shape, dtype and float64 sum of absolute values
-    (rounded, so the same weights give the same fingerprint on CPU and GPU)."""
+    """A short hash of every parameter's and saved buffer's name, shape, dtype and float64 sum of
+    absolute values (rounded, so the same weights give the same fingerprint on CPU and GPU).
+
+    Saved buffers count because FP8 layers keep their weights as buffers; the ones a checkpoint does
+    not save (rotary ``inv_freq``, derived from the config) do not, so an unquantized model's
+    fingerprint, and the manifests that hold it, stay what they were."""
     h = hashlib.sha256()
+    saved = model.state_dict(keep_vars=True).keys()
+    buffers = [(name, b) for name, b in model.named_buffers() if name in saved]
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in [*model.named_parameters(), *buffers]:
+            values = p.detach()
+            if values.dtype.itemsize == 1 and values.is_floating_point():  # float8: no norm kernels
+                values = values.float()
             # L1 norm accumulated in float64 without an abs() copy of each tensor: the same value as
             # abs().sum(dtype=float64), at about half the time (135M params: ~0.5 s on 2 CPU cores)
-            total = float(torch.linalg.vector_norm(p.detach(), 1, dtype=torch.float64))
+            total = float(torch.linalg.vector_norm(values, 1, dtype=torch.float64))
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{total:.9g};".encode())
     return h.hexdigest()[:16]
 
