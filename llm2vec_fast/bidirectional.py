@@ -49,16 +49,19 @@ class UnsupportedAttentionError(UnsupportedArchitectureError):
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
-    """The bare decoder stack (e.g. ``LlamaModel``) inside a base, causal-LM or peft model."""
-    if hasattr(model, "get_base_model"):  # peft
-        model = model.get_base_model()
+    """The bare decoder stack (e.g. ``LlamaModel``) inside a base, causal-LM or peft model, or an
+    ``LLM2Vec`` encoder around one."""
+    from .encoder import LLM2Vec  # here: encoder imports this module
+
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
+        if hasattr(model, "get_base_model"):  # peft
+            model = model.get_base_model()
         if hasattr(model, "layers") and hasattr(model, "embed_tokens"):
             return model
         prefix = getattr(model, "base_model_prefix", None)
-        inner = getattr(model, prefix, None) if prefix else None
+        inner = model.model if isinstance(model, LLM2Vec) else getattr(model, prefix, None) if prefix else None
         if isinstance(inner, nn.Module):
             model = inner
         else:

@@ -15,7 +15,9 @@
 
 The kernels run where the packed path's kernels run: Triton on CUDA tensors, the torch reference on
 CPU (or wherever :func:`llm2vec_fast.varlen_attention.kernel_backend` says ``torch``). The references
-are the Hugging Face models' own arithmetic, so on CPU a fused model gives the unfused model's bits.
+are the Hugging Face models' own arithmetic, so on CPU a fused model gives the unfused model's bits
+(except for a batch of a single token, where the CPU BLAS takes another path for the one-row stacked
+GEMM than for the separate ones: float32 rounding, ~1e-6).
 Modules keep their parameter names (``input_layernorm.weight``, ...) except the fused projections.
 
 Other families raise :class:`UnsupportedFusionError` (nothing is changed). Adapters must be merged
@@ -216,9 +218,12 @@ class FusedMLP:
         if silu and isinstance(self.down_proj, FP8Linear):
             # SwiGLU and down_proj's input quantization in one kernel: the product is never written in bf16
             return self.down_proj(silu_mul_fp8(gate_up, backend=_backend(self)))
-        if silu and resolve_backend(_backend(self), (gate_up,)) == "triton":
+        on_triton = resolve_backend(_backend(self), (gate_up,)) == "triton"
+        if silu and on_triton:
             return self.down_proj(_liger("swiglu").apply(gate_up))
         gate, up = gate_up.split(split_sizes(self), dim=-1)
+        if not on_triton:  # the reference path: torch's GELU rounds a strided input's last bit differently
+            gate = gate.contiguous()
         return self.down_proj(self.act_fn(gate) * up)
 
 

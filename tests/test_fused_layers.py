@@ -153,6 +153,26 @@ def test_fused_model_equals_unfused_on_torch_backend(family):
         assert torch.equal(fused(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
 
 
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh", "relu"])
+def test_fused_model_with_other_activations_keeps_the_bits(hidden_act):
+    """A Llama-style MLP with another activation than SiLU: the stacked gate/up is split and the
+    activation applied in torch, on a contiguous gate (exact GELU rounds a strided one differently)."""
+    model, fused = _tiny_pair("llama", hidden_act=hidden_act)
+    fuse_decoder(fused)
+    features = _packed_batch()
+    with torch.no_grad():
+        assert torch.equal(packed_hidden_states(fused, fused, features), packed_hidden_states(model, model, features))
+
+
+def test_fusion_sees_through_the_encoder(smollm_tokenizer):
+    """``fuse_decoder`` and ``is_fused`` take an ``LLM2Vec`` encoder as they take its model."""
+    model, _ = _tiny_pair("llama")
+    encoder = LLM2Vec(model, smollm_tokenizer)
+    assert not is_fused(encoder)
+    assert fuse_decoder(encoder)["qkv_fused"] == 2
+    assert is_fused(encoder) and is_fused(encoder.model)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_kernels_match_unfused_under_interpreter(family):
     """Packed, Triton backend (interpreter): our norm kernel, Liger RoPE and fused SwiGLU against the
