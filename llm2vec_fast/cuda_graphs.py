@@ -6,7 +6,9 @@ packed batch is padded to a fixed shape first:
 
 * its token count ``T`` rounds up to a bucket (:func:`power_of_two_buckets` or a list you give);
 * the padding tokens form dummy sequences of at most ``max_seqlen`` tokens each (``max_seqlen``
-  itself rounded up to a power of two), then empty sequences up to a power-of-two sequence count.
+  itself rounded up to a power of two; never longer than the model's ``max_position_embeddings``,
+  as position-dependent rotary scalings such as dynamic RoPE look at the batch's largest position),
+  then empty sequences up to a power-of-two sequence count.
 
 Attention never crosses a sequence boundary and every other layer works per token, so the dummy
 sequences cannot change a real sequence's output; their pooled rows are dropped (no pooled tokens:
@@ -71,26 +73,35 @@ class GraphKey:
     max_seqlen: int
 
 
-def graph_key(n_tokens: int, n_sequences: int, max_seqlen: int, buckets: Sequence[int]) -> GraphKey | None:
+def dummy_length(max_seqlen: int, max_positions: int | None) -> int:
+    """The longest dummy sequence: ``max_seqlen``, capped at the model's position table."""
+    return max_seqlen if max_positions is None else max(1, min(max_seqlen, int(max_positions)))
+
+
+def graph_key(
+    n_tokens: int, n_sequences: int, max_seqlen: int, buckets: Sequence[int], max_positions: int | None = None
+) -> GraphKey | None:
     """The padded shape for a packed batch of ``n_tokens`` in ``n_sequences`` sequences, the longest
-    ``max_seqlen``; ``None`` when ``n_tokens`` exceeds the largest bucket."""
+    ``max_seqlen``, for a model of ``max_positions`` positions; ``None`` when ``n_tokens`` exceeds the
+    largest bucket."""
     tokens = bucket_for(n_tokens, buckets)
     if tokens is None:
         return None
     longest = min(next_power_of_2(max(1, max_seqlen)), tokens)
-    dummies = math.ceil((tokens - n_tokens) / longest)
+    dummies = math.ceil((tokens - n_tokens) / dummy_length(longest, max_positions))
     return GraphKey(tokens, next_power_of_2(n_sequences + dummies), longest)
 
 
-def pad_packed_batch(features: dict, key: GraphKey, pad_token_id: int) -> dict:
+def pad_packed_batch(features: dict, key: GraphKey, pad_token_id: int, max_positions: int | None = None) -> dict:
     """``features`` (:func:`llm2vec_fast.packing.pack`) padded to ``key``'s shape: dummy sequences of
-    ``pad_token_id`` (at most ``key.max_seqlen`` tokens each, positions from 0, nothing pooled), then
-    empty sequences. The real sequences keep their rows and indices. Reads nothing back from the
-    device: the new offsets are known on the host."""
+    ``pad_token_id`` (at most ``key.max_seqlen`` and ``max_positions`` tokens each, positions from 0,
+    nothing pooled), then empty sequences. The real sequences keep their rows and indices. Reads
+    nothing back from the device: the new offsets are known on the host."""
     input_ids, cu_seqlens = features["input_ids"], features["cu_seqlens"]
     n_tokens, n_sequences = input_ids.shape[1], cu_seqlens.shape[0] - 1
     padding = key.tokens - n_tokens
-    lengths = [key.max_seqlen] * (padding // key.max_seqlen) + ([padding % key.max_seqlen] if padding % key.max_seqlen else [])
+    longest = dummy_length(key.max_seqlen, max_positions)
+    lengths = [longest] * (padding // longest) + ([padding % longest] if padding % longest else [])
     if padding < 0 or n_sequences + len(lengths) > key.sequences or features["max_seqlen"] > key.max_seqlen:
         raise ValueError(f"a batch of {n_tokens} tokens, {n_sequences} sequences does not fit {key}")
     lengths += [0] * (key.sequences - n_sequences - len(lengths))
@@ -120,6 +131,7 @@ class PackedCudaGraphs:
         self.buckets = check_buckets(buckets) if buckets is not None else power_of_two_buckets(encoder.max_tokens_per_batch)
         self.max_graphs = int(max_graphs)
         self.pad_token_id = int(encoder.tokenizer.pad_token_id)
+        self.max_positions = getattr(getattr(encoder.model, "config", None), "max_position_embeddings", None)
         self._graphs: dict[GraphKey, tuple] = {}
         self._pool = None
         self._lock = threading.Lock()  # one capture / replay at a time: the static buffers are shared
@@ -131,10 +143,10 @@ class PackedCudaGraphs:
     def __call__(self, features: dict) -> torch.Tensor:
         """Embeddings ``[B, hidden]`` of the packed batch ``features``."""
         n_sequences = features["cu_seqlens"].shape[0] - 1
-        key = graph_key(features["input_ids"].shape[1], n_sequences, int(features["max_seqlen"]), self.buckets)
+        key = graph_key(features["input_ids"].shape[1], n_sequences, int(features["max_seqlen"]), self.buckets, self.max_positions)
         if key is None or (key not in self._graphs and len(self._graphs) >= self.max_graphs):
             return self.encoder.forward_packed(features)
-        padded = pad_packed_batch(features, key, self.pad_token_id)
+        padded = pad_packed_batch(features, key, self.pad_token_id, self.max_positions)
         if padded["input_ids"].device.type != "cuda":
             return self.encoder.forward_packed(padded)[:n_sequences]
         with self._lock:

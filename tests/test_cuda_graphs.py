@@ -42,6 +42,10 @@ def test_graph_key():
     assert graph_key(64, 4, 20, (64,)) == GraphKey(64, 4, 32)  # full bucket: no dummy
     assert graph_key(100, 1, 100, (64, 128)) == GraphKey(128, 2, 128)
     assert graph_key(129, 1, 129, (64, 128)) is None
+    # a 48-position model: 126 padding tokens in dummies of <= 48 tokens (not 64): three
+    assert graph_key(130, 4, 40, (64, 128, 256), max_positions=48) == GraphKey(256, 8, 64)
+    assert graph_key(130, 4, 40, (64, 128, 256)) == GraphKey(256, 8, 64)  # two dummies of 64
+    assert graph_key(2, 1, 2, (64,), max_positions=1) == GraphKey(64, 64, 2)  # 62 dummies of one token
 
 
 def _items(lengths, seed=1):
@@ -64,6 +68,24 @@ def test_pad_packed_batch_layout():
         pad_packed_batch(features, GraphKey(tokens=96, sequences=5, max_seqlen=32), 2)
     with pytest.raises(ValueError, match="does not fit"):
         pad_packed_batch(features, GraphKey(tokens=32, sequences=8, max_seqlen=32), 2)
+
+
+def test_dummies_stay_within_the_position_table(smollm_tokenizer):
+    """Dynamic RoPE rescales every sequence's frequencies once a position passes
+    ``max_position_embeddings``: dummy sequences must not reach past it (48 here; 64 without the cap)."""
+    torch.manual_seed(0)
+    config = tiny_config(
+        "llama", vocab_size=49152, hidden_size=128, head_dim=32, max_position_embeddings=48,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    )  # fmt: skip
+    encoder = LLM2Vec(enable_bidirectional(AutoModel.from_config(config).eval()), smollm_tokenizer, packed=True)
+    features = pack(_items([40, 40, 40, 10]))
+    graphs = PackedCudaGraphs(encoder)
+    key = graph_key(130, 4, 40, graphs.buckets, graphs.max_positions)
+    padded = pad_packed_batch(features, key, 2, graphs.max_positions)
+    assert graphs.max_positions == 48 and int(padded["position_ids"].max()) == 47
+    with torch.inference_mode():
+        torch.testing.assert_close(graphs(features), encoder.forward_packed(features), atol=1e-6, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
