@@ -4,6 +4,7 @@ encoder: input validation, official tokenisation, length sorting, batching, outp
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -159,8 +160,9 @@ class EncodeMixin:
             float32 unless ``precision`` says otherwise.
         """
         pairs, single = normalize_inputs(sentences)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = int(batch_size)  # a numpy integer too
         check_precision(precision)
         check_truncate_dim(truncate_dim, self.hidden_size)
         if precision in SCALAR_PRECISIONS and quantization_ranges is None and calibration_embeddings is None and len(pairs) < 2:

@@ -58,6 +58,8 @@ def normalize_inputs(sentences: object) -> tuple[list[tuple[str, str]], bool]:
     string was given (which yields a 1-D result, as in sentence-transformers)."""
     if isinstance(sentences, str):
         return [("", sentences)], True
+    if not isinstance(sentences, Sequence) and hasattr(sentences, "tolist") and hasattr(sentences, "__len__"):
+        return normalize_inputs(sentences.tolist())  # a numpy array or pandas Series of texts (or of pairs)
     if not isinstance(sentences, Sequence) or isinstance(sentences, (bytes, bytearray)):
         raise TypeError(f"sentences must be a string or a list of strings / [instruction, text] pairs, got {type(sentences).__name__}")
     if len(sentences) == 0:

@@ -92,6 +92,25 @@ def test_bad_input_raises_clear_error(default_encoder, bad, error, match):
 def test_bad_batch_size(default_encoder):
     with pytest.raises(ValueError, match="batch_size"):
         default_encoder.encode(TEXTS, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        default_encoder.encode(TEXTS, batch_size=2.0)
+
+
+def test_array_like_inputs_as_in_sentence_transformers(default_encoder):
+    """A numpy array or pandas Series of texts (or an [n, 2] array of pairs), and a numpy integer
+    batch size, encode like the list."""
+    import numpy as np
+
+    expected = default_encoder.encode(TEXTS, convert_to_numpy=True)
+    for given in (np.array(TEXTS), np.array(TEXTS, dtype=object)):
+        np.testing.assert_allclose(default_encoder.encode(given, batch_size=np.int64(2), convert_to_numpy=True), expected, atol=1e-4)
+    pairs = [["Represent:", t] for t in TEXTS]
+    np.testing.assert_allclose(
+        default_encoder.encode(np.array(pairs), convert_to_numpy=True), default_encoder.encode(pairs, convert_to_numpy=True), atol=1e-4
+    )
+    pandas = pytest.importorskip("pandas")
+    np.testing.assert_allclose(default_encoder.encode(pandas.Series(TEXTS), convert_to_numpy=True), expected, atol=1e-4)
+    assert default_encoder.encode(np.array("one text")).shape == (expected.shape[1],)  # 0-d: a single string
 
 
 def test_unknown_pooling_mode_and_missing_path(default_model_dir, tmp_path):

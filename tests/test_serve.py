@@ -228,7 +228,10 @@ def test_bad_input_gets_a_clear_json_error(server, path, body, status, message):
 
 def test_malformed_body_and_openai_client_errors(server, client):
     r = httpx.post(f"{server.url}/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
-    assert r.status_code == 422 and "error" in r.json()
+    error = r.json()["error"]
+    assert r.status_code == 422 and "request body is not valid JSON" in error["message"] and error["param"] is None, error
+    r = httpx.post(f"{server.url}/embed", content=b'{"inputs": ["x"', headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and "request body is not valid JSON" in r.json()["error"], r.text
     oa, model = client
     with pytest.raises(openai.BadRequestError, match="not served"):
         oa.embeddings.create(model="text-embedding-3-small", input="x")

@@ -392,8 +392,12 @@ def create_app(encoder, settings: ServeSettings, calibration: CalibrationSet | N
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
         first = err.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         request.scope["llm2vec_error_type"] = "invalid_request_error"
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            detail = first.get("ctx", {}).get("error", "")
+            message = f"the request body is not valid JSON{f' ({detail})' if detail else ''}"
+            return error_response(request.url.path, ServeError(422, message, param=None, code="invalid_json"))
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         if loc and not message.startswith("'"):
             message = f"{'.'.join(loc)}: {message}"
