@@ -3,6 +3,7 @@ and no machine paths in committed results and docs."""
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -89,6 +90,13 @@ def test_docs_build_strict(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (tmp_path / "site" / "api" / "index.html").is_file()
+    # a snippet line the build did not recognise shows up as text instead of the example
+    pages = {
+        p.parent.name: html.unescape(re.sub(r"<[^>]+>", "", p.read_text(encoding="utf-8"))) for p in (tmp_path / "site").rglob("index.html")
+    }
+    unexpanded = [name for name, text in pages.items() if re.search(r'--8\s*<\s*--\s*"', text)]
+    assert not unexpanded, f"snippet lines left as text on: {unexpanded}"
+    assert "from llm2vec_fast import LLM2Vec" in pages["encoding"]  # examples/encode.py, included
 
 
 def test_readme_is_a_short_front_page():
