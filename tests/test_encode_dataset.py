@@ -345,12 +345,92 @@ def test_rerun_with_other_settings_is_refused_naming_the_difference(tmp_path, ti
         with torch.no_grad():
             next(changed.model.parameters()).mul_(1.01)
         run(tmp_path, path, changed)
-    write_jsonl(path, [{"text": t} for t in make_texts(21)])  # the input changed
-    with pytest.raises(SettingsMismatchError, match=r"inputs: "):
+    write_jsonl(path, [{"text": t} for t in make_texts(21)])  # the input changed: named, with what changed in it
+    with pytest.raises(SettingsMismatchError, match=r"inputs\[0\] \(.*d\.jsonl\)\.rows: 20 != 21"):
         run(tmp_path, path, tiny)
     manifest = run(tmp_path, path, tiny, chunk_rows=8, overwrite=True)
     assert manifest["runs"] == 1 and manifest["settings"]["chunk_rows"] == 8
     assert sorted(p.name for p in (tmp_path / "out").glob("part-*")) == [f"part-00000{i}.parquet" for i in range(3)]
+
+
+def test_csv_ids_stay_as_written(tmp_path, tiny):
+    """CSV ids are read as text: "007" and "7" stay two ids (pyarrow's inferred int64 merged them), and
+    a non-integer id after the first MiB does not fail the job; all-integer ids are still int64."""
+    texts = make_texts(4, seed=5)
+    with open(tmp_path / "a.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["id", "text"], ["007", texts[0]], ["7", texts[1]], ["0042", texts[2]], ["-3", texts[3]]])
+    run(tmp_path, tmp_path / "a.csv", tiny, id_field="id")
+    assert read_embeddings(tmp_path / "out")[0] == ["007", "7", "0042", "-3"]
+    with open(tmp_path / "b.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["id", "text"], ["7", texts[0]], ["-3", texts[1]]])
+    run(tmp_path, tmp_path / "b.csv", tiny, name="ints", id_field="id")
+    assert read_embeddings(tmp_path / "ints")[0] == [7, -3]
+    assert pq.read_table(tmp_path / "ints" / "part-000000.parquet").schema.field("id").type == pa.int64()
+    rows = [["id", "text"]] + [[str(i), "filler text " * 8] for i in range(12_000)] + [["doc-abc", texts[0]]]
+    with open(tmp_path / "big.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    assert (tmp_path / "big.csv").stat().st_size > 1_100_000  # past pyarrow's first block
+    from llm2vec_fast.dataset.plan import make_plan
+    from llm2vec_fast.dataset.readers import Fields
+
+    assert make_plan([tmp_path / "big.csv"], Fields("text", "id"), 4096, "error").id_type == "string"
+
+
+def test_ids_past_int64_are_strings(tmp_path, tiny):
+    texts = make_texts(3, seed=6)
+    write_jsonl(tmp_path / "d.jsonl", [{"text": t, "id": i} for t, i in zip(texts, [1, 2**64 - 1, -(2**63)])])
+    run(tmp_path, tmp_path / "d.jsonl", tiny, id_field="id")
+    assert read_embeddings(tmp_path / "out")[0] == ["1", str(2**64 - 1), str(-(2**63))]
+    pq.write_table(pa.table({"id": pa.array([5, 2**63 + 5], pa.uint64()), "text": texts[:2]}), tmp_path / "u.parquet")
+    run(tmp_path, tmp_path / "u.parquet", tiny, name="u", id_field="id")
+    assert read_embeddings(tmp_path / "u")[0] == ["5", str(2**63 + 5)]
+
+
+def test_lone_surrogates_are_bad_rows_before_any_work(tmp_path, tiny):
+    """JSON's "\\ud83d" (half an emoji) decodes to a lone surrogate, which the tokenizer and Parquet
+    refuse: a bad row (named before encoding, or skipped), not a crash mid-job."""
+    texts = make_texts(4, seed=7)
+    lines = [json.dumps({"text": t, "id": f"k{i}"}) for i, t in enumerate(texts)]
+    lines[1] = '{"text": "cut emoji \\ud83d here", "id": "k1"}'
+    lines[2] = '{"text": "fine text", "id": "bad \\udc00 id"}'
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(BadRowError, match=r"s\.jsonl: row 1 .*not valid Unicode"):
+        run(tmp_path, tmp_path / "s.jsonl", tiny, id_field="id")
+    manifest = run(tmp_path, tmp_path / "s.jsonl", tiny, id_field="id", on_bad_row="skip")
+    assert [s["row"] for s in manifest["skipped"]] == [1, 2]
+    ids, emb = read_embeddings(tmp_path / "out")
+    assert ids == ["k0", "k3"]
+    assert_same_embeddings(emb, encode_ref(tiny, [texts[0], texts[3]]))
+
+
+def test_a_chunk_of_bad_rows_leaves_an_empty_shard_that_reads_back(tmp_path, tiny):
+    texts = make_texts(6, seed=8)
+    rows = [{"text": t} for t in texts[:3]] + [{"text": ""}] * 3
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    run(tmp_path, tmp_path / "d.jsonl", tiny, chunk_rows=3, on_bad_row="skip")
+    ids, emb = read_embeddings(tmp_path / "out")
+    assert ids == [0, 1, 2] and emb.shape == (3, tiny.hidden_size)
+
+
+def test_byte_order_mark_and_spark_style_folders(tmp_path, tiny):
+    """A UTF-8 BOM (Windows editors) is not part of the first row; a folder of extensionless
+    part files (Spark, Hadoop) is read with an explicit input format, its _SUCCESS and .crc skipped."""
+    texts = make_texts(3, seed=9)
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbf" + "\n".join(texts).encode() + b"\n")
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    for fmt in ("txt", "jsonl"):
+        run(tmp_path, tmp_path / f"b.{fmt}", tiny, name=f"bom-{fmt}")
+        assert_same_embeddings(read_embeddings(tmp_path / f"bom-{fmt}")[1], encode_ref(tiny, texts))
+    spark = tmp_path / "spark"
+    spark.mkdir()
+    write_jsonl(spark / "part-00000", [{"text": t} for t in texts[:2]])
+    write_jsonl(spark / "part-00001", [{"text": texts[2]}])
+    (spark / "_SUCCESS").write_text("")
+    (spark / ".part-00000.crc").write_bytes(b"\x00\x01binary")
+    run(tmp_path, spark, tiny, name="spark-out", input_format="jsonl")
+    assert_same_embeddings(read_embeddings(tmp_path / "spark-out")[1], encode_ref(tiny, texts))
+    with pytest.raises(FileNotFoundError, match="holds no file of a known format"):
+        run(tmp_path, spark, tiny, name="spark-no-format")
 
 
 def test_argument_errors(tmp_path, tiny):

@@ -323,6 +323,12 @@ def test_default_instruction_table_and_overrides(default_encoder):
     assert bare.instruction_for(scifact, PromptType.query) == ""
     # a task outside the table: mteb's own prompt, in the LLM2Vec format
     assert model.instruction_for(LocalRetrieval.metadata, PromptType.query) == "Retrieve text based on user query:"
+    # MTEB(eng, v2)'s variants of a table task (adapted_from) take that task's instruction
+    for name in ("ClimateFEVERHardNegatives", "FEVERHardNegatives", "HotpotQAHardNegatives", "Touche2020Retrieval.v3"):
+        variant = mteb.get_task(name).metadata
+        source = next(s for s in variant.adapted_from if s in LLM2VEC_TASK_INSTRUCTIONS)
+        assert model.instruction_for(variant, PromptType.query) == LLM2VEC_TASK_INSTRUCTIONS[source], name
+        assert model.instruction_for(variant, PromptType.document) == ""
     with pytest.raises(TypeError):
         MTEBEncoder(default_encoder, instructions={"SciFact": 3})
     with pytest.raises(ValueError, match="exceeds"):

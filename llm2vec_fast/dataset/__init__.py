@@ -119,7 +119,7 @@ def encode_dataset(
         raise ValueError("give encoder, or model/model_kwargs, not both")
     if encoder is not None and engine == "ray":
         raise ValueError('engine="ray" loads the model in every actor: pass model/model_kwargs, not encoder')
-    paths = expand_inputs(input)
+    paths = expand_inputs(input, input_format)
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"output {str(out_dir)!r} exists and is not a folder")
@@ -154,11 +154,10 @@ def read_embeddings(output: str | os.PathLike):
     manifest = json.loads((out_dir / MANIFEST).read_text())
     if not manifest.get("complete"):
         raise ValueError(f"{out_dir} holds an unfinished job; rerun it to resume")
-    ids, parts = [], []
+    ids, parts, dim = [], [], manifest["dimension"]
     for shard in manifest["shards"]:
         table = pq.read_table(out_dir / shard["file"])
         ids.extend(table.column("id").to_pylist())
         emb = table.column("embedding").combine_chunks()
-        parts.append(emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), -1))
-    dim = manifest["dimension"]
+        parts.append(emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), dim))  # a shard may hold no row
     return ids, (np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32))

@@ -39,12 +39,20 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Human-readable ``key: old != new`` lines between two settings dicts (nested)."""
+    """Human-readable ``key: old != new`` lines between two settings dicts (nested; lists of the same
+    length entry by entry, so a changed input file is named with what changed in it)."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, f"{prefix}{key}.")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a != b:
+            for i, (x, y) in enumerate(zip(a, b)):
+                if isinstance(x, dict) and isinstance(y, dict):
+                    label = f" ({x['path']})" if x.get("path") == y.get("path") and "path" in x else ""
+                    out += differences(x, y, f"{prefix}{key}[{i}]{label}.")
+                elif x != y:
+                    out.append(f"{prefix}{key}[{i}]: {_short(x)} != {_short(y)}")
         elif a != b:
             out.append(f"{prefix}{key}: {_short(a)} != {_short(b)}")
     return out

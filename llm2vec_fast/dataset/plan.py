@@ -15,7 +15,18 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .readers import MISSING, Fields, MalformedInputError, check_fields, detect_format, iter_rows, line_offsets, parquet_num_rows
+from .readers import (
+    INT64_MAX,
+    INT64_MIN,
+    MISSING,
+    Fields,
+    MalformedInputError,
+    check_fields,
+    detect_format,
+    iter_rows,
+    line_offsets,
+    parquet_num_rows,
+)
 
 ON_BAD_ROW = ("error", "skip")
 
@@ -78,14 +89,35 @@ def bad_row_reason(text, row_id, instruction, fields: Fields) -> str | None:
         return f"text field {fields.text!r} is a {type(text).__name__}, not a string"
     if not text.strip():
         return f"text field {fields.text!r} is empty"
+    if not _is_unicode(text):
+        return f"text field {fields.text!r} is not valid Unicode (a lone surrogate such as an escaped half emoji)"
     if fields.id is not None:
         if row_id is MISSING or row_id is None:
             return f"id field {fields.id!r} is {'missing' if row_id is MISSING else 'null'}"
         if isinstance(row_id, (dict, list)):
             return f"id field {fields.id!r} is a {type(row_id).__name__}, not a scalar"
-    if fields.instruction is not None and instruction not in (None, MISSING) and not isinstance(instruction, str):
-        return f"instruction field {fields.instruction!r} is a {type(instruction).__name__}, not a string"
+        if isinstance(row_id, str) and not _is_unicode(row_id):
+            return f"id field {fields.id!r} is not valid Unicode (a lone surrogate)"
+    if fields.instruction is not None and instruction not in (None, MISSING):
+        if not isinstance(instruction, str):
+            return f"instruction field {fields.instruction!r} is a {type(instruction).__name__}, not a string"
+        if not _is_unicode(instruction):
+            return f"instruction field {fields.instruction!r} is not valid Unicode (a lone surrogate)"
     return None
+
+
+def _is_unicode(value: str) -> bool:
+    """Whether ``value`` encodes to UTF-8: JSON's ``"\\ud83d"`` decodes to a lone surrogate, which
+    neither the tokenizer nor Parquet accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_int64(row_id) -> bool:
+    return not isinstance(row_id, bool) and isinstance(row_id, int) and INT64_MIN <= row_id <= INT64_MAX
 
 
 def describe_row(file: InputFile, file_row: int) -> str:
@@ -120,8 +152,8 @@ def make_plan(paths: list[Path], fields: Fields, chunk_rows: int, on_bad_row: st
                         f"{describe_row(file, n - 1)}: {reason} (use on_bad_row='skip' / --on-bad-row skip to skip such rows)"
                     )
                 skipped.append({"row": first_row + n - 1, "file": str(p), "file_row": n - 1, "reason": reason})
-            elif fields.id is not None and (isinstance(row_id, bool) or not isinstance(row_id, int)):
-                all_int_ids = False
+            elif fields.id is not None and not _is_int64(row_id):
+                all_int_ids = False  # a string, a float, or an integer past int64 (uint64 ids): string ids
         file.rows = n
         if fmt in ("jsonl", "text"):  # byte offsets of the chunk starts inside this file
             starts = [c * chunk_rows - first_row for c in _chunks_starting_in(first_row, first_row + n, chunk_rows)]

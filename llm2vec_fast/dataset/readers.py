@@ -12,11 +12,14 @@ import glob
 import itertools
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 FORMATS = ("jsonl", "parquet", "csv", "tsv", "text")
+UTF8_BOM = b"\xef\xbb\xbf"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 EXTENSIONS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -51,9 +54,11 @@ class Fields:
         return [f for f in (self.text, self.id, self.instruction) if f is not None]
 
 
-def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], input_format: str | None = None) -> list[Path]:
     """Files named by paths, globs (``**`` recurses) or folders (every file of a known format
-    inside, recursively), each group sorted by name, duplicates dropped. Raises if nothing matches."""
+    inside, recursively; with ``input_format`` every file whose name does not start with ``.`` or
+    ``_``, as Spark's ``part-00000`` files and ``_SUCCESS`` markers), each group sorted by name,
+    duplicates dropped. Raises if nothing matches."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
@@ -66,9 +71,10 @@ def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
             if not matches:
                 raise FileNotFoundError(f"input glob {spec!r} matches no file")
         elif os.path.isdir(spec):
-            matches = sorted(p for p in Path(spec).rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
+            matches = sorted(p for p in Path(spec).rglob("*") if p.is_file() and _in_folder_input(p, input_format))
             if not matches:
-                raise FileNotFoundError(f"input folder {spec!r} holds no file of a known format ({', '.join(sorted(EXTENSIONS))})")
+                known = f"of a known format ({', '.join(sorted(EXTENSIONS))})" if input_format is None else "that is not hidden"
+                raise FileNotFoundError(f"input folder {spec!r} holds no file {known}")
         elif os.path.isfile(spec):
             matches = [Path(spec)]
         else:
@@ -81,6 +87,12 @@ def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
             seen.add(key)
             unique.append(f)
     return unique
+
+
+def _in_folder_input(path: Path, input_format: str | None) -> bool:
+    if input_format is None:
+        return path.suffix.lower() in EXTENSIONS
+    return not path.name.startswith((".", "_"))  # metadata files (Spark, Hadoop, pyarrow datasets' rule)
 
 
 def detect_format(path: Path, forced: str | None = None) -> str:
@@ -128,10 +140,14 @@ def check_fields(path: Path, fmt: str, fields: Fields) -> None:
 
 # ----------------------------------------------------------------------------- line-based formats
 def _open_at(path: Path, start_row: int, start_offset: int | None, skip_blank: bool):
-    """A binary file positioned at data row ``start_row`` and its 0-based line number there."""
+    """A binary file positioned at data row ``start_row`` and its 0-based line number there. A UTF-8
+    byte order mark at the start of the file is stepped over (editors on Windows write one)."""
     f = open(path, "rb")
-    if start_offset is not None:
+    if f.read(len(UTF8_BOM)) != UTF8_BOM:
+        f.seek(0)
+    if start_offset:
         f.seek(start_offset)
+    if start_offset is not None:
         return f, None
     row = 0
     line_no = 0
@@ -263,7 +279,8 @@ def _csv_options(fmt: str, fields: Fields | None):
     read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
     if fields is None:
         return read, parse, pacsv.ConvertOptions()
-    strings = {f: pa.string() for f in (fields.text, fields.instruction) if f is not None}
+    # ids as strings too: inferred types would turn "007" into 7 and guess from the first block only
+    strings = {f: pa.string() for f in (fields.text, fields.id, fields.instruction) if f is not None}
     convert = pacsv.ConvertOptions(
         include_columns=list(dict.fromkeys(fields.names())),
         column_types=strings,
@@ -288,4 +305,16 @@ def csv_columns(path: Path, fmt: str) -> list[str]:
 
 
 def _csv_rows(path: Path, fmt: str, fields: Fields) -> Iterator[Row]:
-    yield from _columnar_rows(path, iter(_open_csv(path, fmt, fields)), fields)
+    for text, row_id, instruction in _columnar_rows(path, iter(_open_csv(path, fmt, fields)), fields):
+        yield text, (_csv_id(row_id) if fields.id is not None else row_id), instruction
+
+
+_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+def _csv_id(value: str | None) -> int | str | None:
+    """A CSV id as written: an integer only when it reads back the same (``"7"``, not ``"007"`` or
+    ``"+7"``) and fits int64, so distinct ids never merge."""
+    if value is not None and _CANONICAL_INT.fullmatch(value) and INT64_MIN <= int(value) <= INT64_MAX:
+        return int(value)
+    return value

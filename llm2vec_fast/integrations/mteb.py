@@ -164,8 +164,10 @@ class MTEBEncoder:
             return self.instructions[name]
         if not self.use_default_instructions:
             return ""
-        if name in LLM2VEC_TASK_INSTRUCTIONS:
-            return LLM2VEC_TASK_INSTRUCTIONS[name]
+        # a task derived from one of the table's (MTEB v2's HardNegatives, ".v2" variants) takes its instruction
+        for source in (name, *(getattr(task_metadata, "adapted_from", None) or ())):
+            if source in LLM2VEC_TASK_INSTRUCTIONS:
+                return LLM2VEC_TASK_INSTRUCTIONS[source]
         return llm2vec_instruction(_mteb_task_prompt(task_metadata, prompt_type))
 
     # -------------------------------------------------------------------- encode
