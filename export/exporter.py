@@ -42,7 +42,10 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 REPORT_FILE = "export_report.json"
 EXTERNAL_DATA_BYTES = 2_000_000_000  # protobuf's limit is 2 GiB; stay under it
-_EXPORT_MARKERS = (MODEL_FILE, "llm2vec_config.json", REPORT_FILE)
+# an export folder holds the graph or its report (llm2vec_config.json alone is any saved encoder);
+# a folder with checkpoint weights or adapters is never replaced, whatever else it holds
+_EXPORT_MARKERS = (MODEL_FILE, REPORT_FILE)
+_CHECKPOINT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "adapter_config.json", "config.json")
 # Calibration keeps a margin above what validation will ask: it scores the short texts it chose
 # on, and the minimum over them underestimates the tail on new (and longer) text. Measured on the
 # untrained default model with 8-bit weights: a choice at the bf16-relative bar itself (0.95 there,
@@ -285,6 +288,12 @@ def _check_output_dir(output: Path, overwrite: bool) -> None:
         raise FileExistsError(f"output folder {str(output)!r} already exists and is not empty; pass overwrite=True (--overwrite)")
     if not any((output / m).exists() for m in _EXPORT_MARKERS):
         raise FileExistsError(f"refusing to overwrite {str(output)!r}: it does not look like an ONNX export folder")
+    checkpoint = sorted({p.name for pattern in _CHECKPOINT_PATTERNS for p in output.glob(pattern)})
+    if checkpoint:
+        raise FileExistsError(
+            f"refusing to overwrite {str(output)!r}: it holds model or adapter files ({', '.join(checkpoint[:4])}); "
+            "export to another folder"
+        )
 
 
 def _export_graph(graph: EncoderGraph, opset: int, folder: Path):

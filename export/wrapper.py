@@ -9,7 +9,8 @@ Graph contract (all batch and sequence axes dynamic):
 
 Position ids are computed inside the graph (``cumsum(attention_mask) - 1``, clamped at 0), so a
 right-padded batch gets the same per-sequence positions as the torch encoder. Attention is
-bidirectional: the 4D additive padding mask is built here, with a constant that is finite in
+bidirectional (causal for an encoder loaded with ``enable_bidirectional=False``): the 4D additive
+padding mask is built here, with a constant that is finite in
 fp16 (a row without real keys gets a uniform softmax instead of NaN). Pooling is
 ``masked_pool_reference`` itself, in fp32.
 
@@ -25,7 +26,8 @@ import copy
 import torch
 from torch import nn
 
-from ..bidirectional import decoder_of
+from ..bidirectional import decoder_of, is_bidirectional
+from ..fused_layers import has_fused_projections, is_fused
 from ..encoding import KERNEL_POOLING_MODE
 from ..kernels.pooling_reference import masked_pool_reference
 
@@ -54,9 +56,19 @@ class EncoderGraph(nn.Module):
             raise NotExportableError(
                 "the encoder holds unmerged LoRA adapters; load it with merge_peft=True (or merge them) before exporting"
             )
+        if getattr(encoder, "quantization", None):
+            raise NotExportableError(
+                f"the encoder runs quantization={encoder.quantization!r}, which ONNX cannot hold; export an encoder loaded "
+                "without it (the exporter makes int8/int4 graphs itself)"
+            )
+        if is_fused(model) or has_fused_projections(model):
+            raise NotExportableError("the encoder has fused layers (fused=True); export an encoder loaded without them")
         self.decoder = decoder_of(model)
         if not (hasattr(self.decoder, "layers") and hasattr(self.decoder, "embed_tokens")):
             raise NotExportableError(f"cannot find the decoder stack inside {type(model).__name__}")
+        # a causal encoder (enable_bidirectional=False, e.g. last-token pooling on a plain decoder) keeps
+        # its causal mask: the 4D mask given to the decoder replaces the model's own
+        self.causal = not is_bidirectional(model)
         if dtype is not None and dtype != self.decoder.embed_tokens.weight.dtype:
             # a converted copy: the caller's encoder keeps its weights (and its bidirectional hook)
             self.decoder = copy.deepcopy(self.decoder).to(dtype)
@@ -65,6 +77,9 @@ class EncoderGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         position_ids = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)
         keep = attention_mask[:, None, None, :] > 0
+        if self.causal:
+            length = input_ids.shape[1]
+            keep = keep & torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
         dtype = self.decoder.embed_tokens.weight.dtype
         mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, MASK_VALUE)
         hidden = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state

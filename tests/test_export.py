@@ -363,6 +363,23 @@ def test_pooling_modes(tiny_llama_dir, tmp_path, pooling):
     np.testing.assert_allclose(got, encoder.encode(TEXTS, batch_size=3, convert_to_numpy=True), atol=2e-4)
 
 
+def test_causal_encoder_exports_causal(tiny_llama_dir, tmp_path):
+    """``enable_bidirectional=False`` (a plain decoder with last-token pooling): the graph keeps the
+    causal mask (it was exported bidirectional: validation failed at 0.94, unvalidated it was wrong)."""
+    encoder = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", pooling_mode="last_token", enable_bidirectional=False)
+    folder = export_onnx(encoder, tmp_path / "causal", validate=NO_STSB)
+    got = OnnxEncoder.from_pretrained(folder).encode(TEXTS, batch_size=3, convert_to_numpy=True)
+    np.testing.assert_allclose(got, encoder.encode(TEXTS, batch_size=3, convert_to_numpy=True), atol=2e-4)
+
+
+def test_fused_and_fp8_encoders_are_refused_up_front(tiny_llama_dir, tmp_path):
+    for options in (dict(fused=True), dict(quantization="fp8-simulated", high_precision_layers=[], fp8_rounding="nearest")):
+        encoder = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", **options)
+        with pytest.raises(NotExportableError, match="fused layers|quantization='fp8-simulated'"):
+            export_onnx(encoder, tmp_path / "m", validate=False)
+        assert not (tmp_path / "m").exists()
+
+
 def test_encode_api_matches_llm2vec(tiny_encoder, tiny_exports):
     encoder = OnnxEncoder.from_pretrained(tiny_exports["fp32"])
     single = encoder.encode("Hello world.")
@@ -430,6 +447,16 @@ def test_bad_inputs_are_rejected(tiny_encoder, tiny_exports, tmp_path):
     with pytest.raises(FileExistsError, match="does not look like"):
         export_onnx(tiny_encoder, stranger, overwrite=True, validate=False)
     assert (stranger / "notes.txt").read_text() == "keep me"
+    # a saved encoder (llm2vec_config.json, weights) is never replaced, even with overwrite
+    saved = tmp_path / "saved-encoder"
+    tiny_encoder.save(saved)
+    before = sorted(p.name for p in saved.iterdir())
+    with pytest.raises(FileExistsError, match="does not look like|model or adapter files"):
+        export_onnx(tiny_encoder, saved, overwrite=True, validate=False)
+    (saved / "model.onnx").write_bytes(b"")  # even next to a stray graph file
+    with pytest.raises(FileExistsError, match="model or adapter files"):
+        export_onnx(tiny_encoder, saved, overwrite=True, validate=False)
+    assert set(before) <= {p.name for p in saved.iterdir()}
     with pytest.raises(FileNotFoundError):
         OnnxEncoder.from_pretrained(tmp_path / "missing")
 
