@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..bidirectional import decoder_of, is_bidirectional
-from ..fused_layers import has_fused_projections, is_fused
 from ..encoding import KERNEL_POOLING_MODE
+from ..fused_layers import has_fused_projections, is_fused
 from ..kernels.pooling_reference import masked_pool_reference
 
 INPUT_NAMES = ("input_ids", "attention_mask", "pool_mask")
