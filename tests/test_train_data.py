@@ -78,7 +78,19 @@ def test_config_defaults_follow_the_official_recipes(tmp_path):
     v = make_config("supervised", {"data": str(j)})
     assert (v.lr, v.warmup_steps, v.batch_size, v.max_length) == (2e-4, 300, 64, 512)
     assert (m.lora_r, m.lora_alpha, m.lora_dropout) == (16, 32, 0.05)
-    assert m.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # Phi-3's stacked projections too (peft skips the names a model does not have)
+    assert m.lora_target_modules == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "qkv_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "gate_up_proj",
+        "down_proj",
+    ]
+    assert (m.output_dir, s.output_dir, v.output_dir) == ("runs/mntp", "runs/simcse", "runs/supervised")  # a chain keeps each adapter
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -104,6 +116,10 @@ def test_config_file_and_overrides(tmp_path):
         ({"data": "x.txt", "pooling_mode": "max"}, "pooling_mode must be one of"),
         ({"data": "x.txt", "peft": ["/nonexistent/adapter"]}, "adapter_config.json"),
         ({"data": "x.txt", "batch_layout": "ragged"}, "batch_layout"),
+        ({"data": "x.txt", "lr": None}, "lr cannot be null"),
+        ({"data": "x.txt", "matryoshka_dims": None}, "matryoshka_dims cannot be null"),
+        ({"data": "x.txt", "batch_size": 1}, "SimCSE needs a batch_size of at least 2"),
+        ({"data": "x.txt", "seed": 2**64}, r"seed must be in \[0, 2\*\*63\)"),
     ],
 )
 def test_bad_configs_fail_clearly(tmp_path, monkeypatch, values, message):
@@ -118,6 +134,47 @@ def test_bad_override_syntax(tmp_path):
         load_config("mntp", None, ["lr"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("mntp", tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"--set 'peft=\[runs/mntp/adapter': the value is not valid YAML"):
+        load_config("mntp", None, ["peft=[runs/mntp/adapter"])
+    (tmp_path / "broken.yaml").write_text("data: [sent.txt\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml' is not valid YAML"):
+        load_config("mntp", tmp_path / "broken.yaml")
+    (tmp_path / "broken.json").write_text('{"data": ')
+    with pytest.raises(ConfigError, match=r"broken\.json' is not valid JSON"):
+        load_config("mntp", tmp_path / "broken.json")
+    (tmp_path / "x.txt").write_text("a\n")
+    assert load_config("mntp", None, [f"data={tmp_path / 'x.txt'}", "peft="]).peft == []  # null: no adapters
+
+
+def test_a_run_may_not_write_over_its_own_input_adapter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.txt").write_text("a\n")
+    (tmp_path / "runs" / "simcse" / "adapter").mkdir(parents=True)
+    (tmp_path / "runs" / "simcse" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="where this run writes its own adapter"):
+        make_config("simcse", {"data": "x.txt", "peft": ["runs/simcse/adapter"]})
+    assert make_config("simcse", {"data": "x.txt", "peft": ["runs/simcse/adapter"], "output_dir": "runs/simcse2"}).peft
+
+
+def test_readers_split_lines_at_newlines_only(tmp_path):
+    """U+2028, form feeds and NEL are text (json.dumps(ensure_ascii=False) writes U+2028 as is), a
+    BOM is not, and a file that is not UTF-8 is named."""
+    text = tmp_path / "t.txt"
+    text.write_text("\ufeffone\u2028still one\r\ntwo\x0cthree\x85four\n", encoding="utf-8")
+    assert read_text_lines([str(text)]) == ["one\u2028still one", "two\x0cthree\x85four"]
+    data = tmp_path / "d.jsonl"
+    row = {"query": "q\u2028x", "positive": "p", "negative": "n"}
+    data.write_text("\ufeff" + json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_triplets([str(data)])[0].query == "q\u2028x"
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.txt' is not valid UTF-8"):
+        read_text_lines([str(tmp_path / "latin1.txt")])
+
+
+def test_huge_seed_orders_batches():
+    from llm2vec_fast.train.data import BatchSchedule
+
+    assert len(BatchSchedule(10, 2, 2**63 - 1).epoch_batches(0)) == 5  # overflowed manual_seed
 
 
 def test_stsb_reader_and_sentences():

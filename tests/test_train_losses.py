@@ -236,5 +236,5 @@ def test_train_under_two_ranks_matches_one(tiny_llama_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
-    state = torch.load(tmp_path / "two" / "checkpoints" / "checkpoint-1" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "two" / "checkpoints" / "checkpoint-1" / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2

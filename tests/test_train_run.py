@@ -221,9 +221,36 @@ def test_checkpoints_rotate_and_leave_no_temp_dirs(tiny_llama_dir, text_file, tm
     train("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path, max_steps=7, save_steps=2, save_total_limit=2))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["checkpoint-4", "checkpoint-6"]
-    state = torch.load(tmp_path / "checkpoints" / "checkpoint-6" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint-6" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 6 and {"optimizer", "scheduler", "rng", "trainable"} <= state.keys()
     assert (tmp_path / "checkpoints" / "checkpoint-6" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_fresh_run_drops_an_earlier_runs_checkpoints(tiny_llama_dir, text_file, tmp_path):
+    """Run A leaves checkpoint-6; run B starts over in the same folder without --resume: A's
+    checkpoints are gone, so B's own survive the rotation and B's --resume continues B. A checkpoint
+    of another stage is refused."""
+    train("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path, max_steps=7, save_steps=2, save_total_limit=2))
+    with pytest.raises(InterruptedError):
+        train("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path, max_steps=7, lr=5e-4), stop_after=3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
+    train("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path, max_steps=7, lr=5e-4), resume=True)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))
+    with pytest.raises(RuntimeError, match="is of a simcse run, not mntp"):
+        train("mntp", _cfg("mntp", tiny_llama_dir, text_file, tmp_path, max_steps=7), resume=True)
+
+
+def test_phi3_gets_lora_on_its_stacked_projections():
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    from llm2vec_fast.train.trainer import add_lora
+
+    config = make_config("mntp", {"data": __file__}, check_files=False)
+    peft_model = add_lora(AutoModel.from_config(tiny_config("phi3")), config)
+    targets = {name.rsplit(".", 1)[-1] for name, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert targets == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
 
 
 def _cli(*args, cwd=None, timeout=300):

@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Phi-3 stacks its projections (qkv_proj, gate_up_proj); peft skips names a model does not have
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"]
 BATCH_LAYOUTS = ("auto", "padded", "packed")
 
 
@@ -26,7 +27,7 @@ class TrainConfig:
     """Options shared by every stage (``batch_size`` is the global batch, over all ranks)."""
 
     data: str | list[str] | None = None
-    output_dir: str = "runs/train"
+    output_dir: str | None = None  # default: runs/<stage> (runs/mntp, runs/simcse, runs/supervised)
     model: str | None = None  # None / "default": the embedded base model, untrained ("default-base")
     peft: list[str] = field(default_factory=list)  # earlier adapters, merged before training (MNTP -> SimCSE)
     seed: int = 42
@@ -61,6 +62,8 @@ class TrainConfig:
     stage = "base"
 
     def __post_init__(self) -> None:
+        if self.output_dir is None:  # one folder per stage: the MNTP -> SimCSE chain keeps both adapters
+            self.output_dir = f"runs/{self.stage}"
         # resolved here so that train_config.json records the bits the run used
         if self.quantization_aware == "int8" and self.quantization_aware_weight_bits is None:
             from ..export.cpu_int8 import int8_weight_bits
@@ -74,6 +77,8 @@ class TrainConfig:
         for name in ("warmup_steps", "weight_decay", "max_grad_norm", "save_total_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.micro_batch_size < 0:
@@ -96,6 +101,8 @@ class TrainConfig:
             for adapter in self.peft:
                 if not (Path(adapter) / "adapter_config.json").is_file():
                     raise ConfigError(f"peft adapter {adapter!r} has no adapter_config.json")
+                if Path(adapter).resolve() == (Path(self.output_dir) / "adapter").resolve():
+                    raise ConfigError(f"peft adapter {adapter!r} is where this run writes its own adapter: set another output_dir")
             from ..default_model import is_default_model
 
             if not is_default_model(self.model) and not Path(self.model).is_dir():
@@ -190,6 +197,11 @@ class SimCSEConfig(ContrastiveConfig):
 
     stage = "simcse"
 
+    def validate(self, check_files: bool = True) -> None:
+        super().validate(check_files)
+        if self.batch_size < 2:  # the other texts of the batch are the only negatives
+            raise ConfigError(f"SimCSE needs a batch_size of at least 2 (in-batch negatives), got {self.batch_size}")
+
 
 @dataclass
 class SupervisedConfig(ContrastiveConfig):
@@ -226,13 +238,14 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
+    text = path.read_text(encoding="utf-8-sig")
+    import yaml
 
-        data = yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"config file {str(path)!r} is not valid {kind}: {err}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -249,7 +262,10 @@ def parse_overrides(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from None
     return out
 
 
@@ -269,7 +285,11 @@ def _coerce(cls, key: str, value):
     f = {x.name: x for x in dataclasses.fields(cls)}[key]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if value is None:
-        return None
+        if default is None:  # an optional setting: null is its default
+            return None
+        if key == "peft":
+            return []
+        raise ConfigError(f"{key} cannot be null: give a value, or leave it out for the default {default!r}")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")

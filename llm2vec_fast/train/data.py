@@ -26,10 +26,21 @@ def read_text_lines(paths: list[str]) -> list[str]:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"data file {path!r} does not exist")
-        out.extend(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+        out.extend(line.strip() for line in _lines(p) if line.strip())
     if not out:
         raise ConfigError(f"the training data {paths} holds no non-empty line")
     return out
+
+
+def _lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 file (a leading byte order mark dropped), split at newlines only:
+    ``str.splitlines`` also splits at U+2028, form feeds and other separators that JSON text and
+    sentences may hold."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"data file {str(path)!r} is not valid UTF-8 ({err})") from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,7 @@ def read_triplets(paths: list[str]) -> list[Triplet]:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"data file {path!r} does not exist")
-        for line_no, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for line_no, line in enumerate(_lines(p), 1):
             if not line.strip():
                 continue
             try:
@@ -105,7 +116,7 @@ class BatchSchedule:
         self._epoch, self._batches = -1, []
 
     def _generator(self, epoch: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)  # any seed: manual_seed takes 64 bits
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         g = self._generator(epoch)

@@ -225,7 +225,10 @@ def make_scheduler(optimizer, warmup: int, total: int):
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state, in types ``torch.load(..., weights_only=True)`` reads (numpy's key as a tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -234,7 +237,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -277,6 +281,7 @@ def save_checkpoint(stage: Stage, optimizer, scheduler, step: int, keep: int) ->
         stage.save_adapter(tmp / ADAPTER_DIR)
         state = {
             "step": step,
+            "stage": stage.config.stage,
             "world_size": world,
             "trainable": {n: p.detach().cpu().clone() for n, p in stage.trainable_parameters().items()},
             "optimizer": optimizer.state_dict(),
@@ -296,7 +301,12 @@ def save_checkpoint(stage: Stage, optimizer, scheduler, step: int, keep: int) ->
 
 def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler) -> int:
     rank, world = dist_info()
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    if state.get("stage", stage.config.stage) != stage.config.stage:
+        raise RuntimeError(
+            f"checkpoint {path} is of a {state['stage']} run, not {stage.config.stage}: resume it with "
+            f"`train {state['stage']}`, or give this run another output_dir"
+        )
     if state["world_size"] != world:
         raise RuntimeError(f"checkpoint {path} was written with {state['world_size']} ranks, this run has {world}")
     params = stage.trainable_parameters()
@@ -360,7 +370,14 @@ def train(stage_name: str, config: TrainConfig, resume: bool = False, stop_after
         output_dir = Path(config.output_dir)
         found = checkpoints(output_dir) if resume else []
         if not resume and checkpoints(output_dir):
-            logger.warning("%s holds checkpoints; starting over (pass --resume to continue)", output_dir)
+            # an earlier run's checkpoints would outrank this run's in the rotation and in a later --resume
+            logger.warning("%s holds an earlier run's checkpoints; deleting them and starting over (--resume continues it)", output_dir)
+            if rank == 0:
+                shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
         seed_everything(config.seed)
         stage.build()
         stage.wrap_ddp()
