@@ -33,7 +33,7 @@ import torch
 from ..encoding import CONFIG_KEYS
 from .precisions import INT8_PRECISIONS, THRESHOLDS, check_precision, int8_min_cos, precision_runtime
 from .validate import ExportValidationError, ValidationConfig, bf16_fidelity, check_report, compare, stsb_scores
-from .wrapper import INPUT_NAMES, MASK_VALUE, OUTPUT_NAME, EncoderGraph, NotExportableError, eager_attention
+from .wrapper import INPUT_NAMES, MASK_VALUE, OUTPUT_NAME, EncoderGraph, NotExportableError, eager_attention, traceable_longrope
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def _export_graph(graph: EncoderGraph, opset: int, folder: Path):
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
     axes[OUTPUT_NAME] = {0: "batch"}
     path = folder / MODEL_FILE
-    with eager_attention(graph.decoder), torch.no_grad():
+    with eager_attention(graph.decoder), traceable_longrope(graph.decoder), torch.no_grad():
         torch.onnx.export(
             graph.eval(),
             dummy,

@@ -100,3 +100,39 @@ def eager_attention(decoder: nn.Module):
     finally:
         for k, c in configs.items():
             c._attn_implementation = saved[k]
+
+
+@contextlib.contextmanager
+def traceable_longrope(decoder: nn.Module):
+    """Let LongRoPE rotary embeddings (Phi-3 128k, Phi-3.5, Phi-4-mini) trace into ONNX.
+
+    transformers switches between the short and the long frequencies by copying them into the
+    ``inv_freq`` buffer in place (``aten::copy``, which the exporter cannot write). Here a pre-hook sets
+    ``inv_freq`` to ``where(batch's longest position >= original_max_position_embeddings, long, short)``
+    instead -- the same choice, as a graph op -- and transformers' own update is switched off."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    patched = []
+    for module in decoder.modules():
+        if getattr(module, "rope_type", None) != "longrope" or not hasattr(module, "original_inv_freq"):
+            continue
+        config = module.config
+        params = getattr(config, "rope_parameters", None) or {}
+        limit = int(params.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+        device = module.inv_freq.device
+        long_inv_freq = ROPE_INIT_FUNCTIONS["longrope"](config, device, seq_len=limit + 1)[0].to(device)
+        short_inv_freq = module.original_inv_freq.to(device)
+
+        def choose_frequencies(mod, args, kwargs, long=long_inv_freq, short=short_inv_freq, limit=limit):
+            position_ids = args[1] if len(args) > 1 else kwargs["position_ids"]
+            mod.inv_freq = torch.where(position_ids.max() + 1 > limit, long, short)
+
+        patched.append((module, module.inv_freq, module.register_forward_pre_hook(choose_frequencies, with_kwargs=True)))
+        module.rope_type = "default"
+    try:
+        yield
+    finally:
+        for module, inv_freq, handle in patched:
+            handle.remove()
+            module.rope_type = "longrope"
+            module.inv_freq = inv_freq

@@ -31,7 +31,8 @@ def masked_pool_reference(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -
     check_pooling_mode(mode)
     if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
         raise ValueError(f"expected hidden [B, L, D] and mask [B, L], got {tuple(hidden.shape)} and {tuple(mask.shape)}")
-    if hidden.shape[1] == 0:  # no tokens at all: nothing pooled (and amax/amin below need a token)
+    # no tokens at all: nothing pooled (amax/amin below need a token); an ONNX trace never sees L = 0
+    if not torch.jit.is_tracing() and hidden.shape[1] == 0:
         return hidden.new_zeros(hidden.shape[0], hidden.shape[2])
     m = mask.to(torch.bool)
     h32 = torch.where(m.unsqueeze(-1), hidden.float(), 0.0)  # NaN/Inf in unpooled tokens must not leak

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .fp8 import FP8Linear
-from .fused_projections import GATE_UP, GATE_UP_FUSED, QKV, QKV_FUSED, fuse_module_projections, split_sizes
+from .fused_projections import GATE_UP, GATE_UP_FUSED, QKV, QKV_FUSED, SPLIT_ATTRIBUTE, fuse_module_projections, split_sizes
 from .kernels import FP8Rows, rms_norm, rms_norm_fp8, silu_mul_fp8
 from .kernels._dispatch import resolve_backend
 
@@ -365,4 +365,6 @@ def is_fused(model: nn.Module) -> bool:
 
 
 def has_fused_projections(model: nn.Module) -> bool:
-    return any(hasattr(m, QKV_FUSED) or hasattr(m, GATE_UP_FUSED) for m in model.modules())
+    """Whether :func:`fuse_decoder` stacked projections of ``model`` (a model's own stacked ones, such as
+    Phi-3's ``qkv_proj``, are its checkpoint layout and do not count)."""
+    return any(hasattr(m, SPLIT_ATTRIBUTE) for m in model.modules())

@@ -372,6 +372,29 @@ def test_causal_encoder_exports_causal(tiny_llama_dir, tmp_path):
     np.testing.assert_allclose(got, encoder.encode(TEXTS, batch_size=3, convert_to_numpy=True), atol=2e-4)
 
 
+def test_phi3_longrope_exports_and_saves(tmp_path, smollm_tokenizer):
+    """Phi-3 with LongRoPE (128k variants): transformers switches frequencies with an in-place copy
+    the exporter cannot write; the graph chooses them itself, per batch, like the torch model (short
+    below original_max_position_embeddings, long above). Phi-3's own stacked qkv_proj / gate_up_proj
+    are not fused projections: the encoder saves."""
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}
+    config = tiny_config("phi3", max_position_embeddings=512, rope_parameters={**rope, "original_max_position_embeddings": 32})
+    AutoModel.from_config(config).save_pretrained(tmp_path / "phi3")
+    smollm_tokenizer.save_pretrained(tmp_path / "phi3")
+    encoder = LLM2Vec.from_pretrained(str(tmp_path / "phi3"), device="cpu")
+    encoder.save(tmp_path / "saved")  # refused before: qkv_proj read as our fused projection
+    folder = export_onnx(encoder, tmp_path / "onnx", validate=NO_STSB)
+    onnx_encoder = OnnxEncoder.from_pretrained(folder)
+    for texts in (["a short one", "two words"], ["a long text " * 20, "short"]):  # under and over 32 positions
+        np.testing.assert_allclose(
+            onnx_encoder.encode(texts, convert_to_numpy=True), encoder.encode(texts, convert_to_numpy=True), atol=2e-4
+        )
+
+
 def test_fused_and_fp8_encoders_are_refused_up_front(tiny_llama_dir, tmp_path):
     for options in (dict(fused=True), dict(quantization="fp8-simulated", high_precision_layers=[], fp8_rounding="nearest")):
         encoder = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", **options)
