@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "llm2vec_config.json"
+#: one of these holds the vocabulary (tokenizer.json from a fast tokenizer, the others from slow ones)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 GPU_INSTALL_HINT = "pip install llm2vec-fast[onnx-gpu]"
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 RUNTIMES = ("onnxruntime", "openvino")
@@ -132,6 +134,13 @@ class OnnxEncoder(EncodeMixin):
         model_file = folder / MODEL_FILE
         if not model_file.is_file():
             raise FileNotFoundError(f"no {MODEL_FILE} in {str(folder)!r}; export one with `llm2vec-fast export`")
+        missing = [name for name in (CONFIG_FILE, "tokenizer_config.json") if not (folder / name).is_file()]
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            missing.append(" or ".join(TOKENIZER_FILES))
+        if missing:
+            raise FileNotFoundError(
+                f"the export folder {str(folder)!r} is incomplete: no {', '.join(missing)} (copy the whole folder, or export again)"
+            )
         with open(folder / CONFIG_FILE) as f:
             config = json.load(f)
         precision = config.get("onnx", {}).get("precision")

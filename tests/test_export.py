@@ -482,6 +482,14 @@ def test_bad_inputs_are_rejected(tiny_encoder, tiny_exports, tmp_path):
     assert set(before) <= {p.name for p in saved.iterdir()}
     with pytest.raises(FileNotFoundError):
         OnnxEncoder.from_pretrained(tmp_path / "missing")
+    import shutil
+
+    for dropped, named in (("tokenizer.json", "tokenizer.json or"), ("llm2vec_config.json", "llm2vec_config.json")):
+        partial = tmp_path / f"partial-{dropped}"
+        shutil.copytree(tiny_exports["fp32"], partial)
+        (partial / dropped).unlink()
+        with pytest.raises(FileNotFoundError, match=f"is incomplete: no .*{named}"):
+            OnnxEncoder.from_pretrained(partial)
 
 
 def test_non_fp32_encoder_is_rejected(tiny_llama_dir, tmp_path):

@@ -171,6 +171,24 @@ def test_readers_split_lines_at_newlines_only(tmp_path):
         read_text_lines([str(tmp_path / "latin1.txt")])
 
 
+def test_a_runs_train_config_json_is_a_config(tmp_path):
+    (tmp_path / "x.txt").write_text("a\n")
+    config = make_config("simcse", {"data": str(tmp_path / "x.txt"), "max_steps": 5})
+    saved = tmp_path / "train_config.json"
+    saved.write_text(json.dumps({"stage": "simcse", **config.to_dict()}))
+    assert load_config("simcse", saved).to_dict() == config.to_dict()
+    with pytest.raises(ConfigError, match="for the 'simcse' stage, not 'mntp'"):
+        load_config("mntp", saved)
+
+
+def test_datasets_smaller_than_a_batch_are_named(caplog):
+    from llm2vec_fast.train.data import BatchSchedule
+
+    with caplog.at_level("WARNING", logger="llm2vec_fast"):
+        BatchSchedule(6, 4, 0, groups=["big"] * 5 + ["tiny"])
+    assert "never trained on" in caplog.text and "'tiny': 1" in caplog.text
+
+
 def test_huge_seed_orders_batches():
     from llm2vec_fast.train.data import BatchSchedule
 

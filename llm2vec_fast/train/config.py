@@ -334,6 +334,9 @@ def make_config(stage: str, values: dict | None = None, check_files: bool = True
     cls = STAGES[stage]
     names = [f.name for f in dataclasses.fields(cls)]
     values = dict(values or {})
+    recorded = values.pop("stage", stage)  # a run's train_config.json records it: that file works as --config
+    if recorded != stage:
+        raise ConfigError(f"this config is for the {recorded!r} stage, not {stage!r}")
     unknown = sorted(set(values) - set(names))
     if unknown:
         import difflib

@@ -4,6 +4,7 @@ deterministic, resumable batch schedule (the data position is just the step numb
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch
 from .config import ConfigError
 
 STSB_TRAIN = "stsb:train"  # pseudo data file: the unique sentences of STS-B train (labels unused)
+
+logger = logging.getLogger(__name__)
 
 
 def read_text_lines(paths: list[str]) -> list[str]:
@@ -109,6 +112,13 @@ class BatchSchedule:
             self.batches_per_epoch = sum(c // self.batch_size for c in counts.values())
             if self.batches_per_epoch == 0:
                 raise ConfigError(f"no dataset has a full batch of {self.batch_size} samples (sizes: {counts}); lower batch_size")
+            unused = {g: c for g, c in counts.items() if c < self.batch_size}
+            if unused:
+                logger.warning(
+                    "datasets smaller than one batch of %d are never trained on (every batch holds one dataset): %s",
+                    self.batch_size,
+                    unused,
+                )
         else:
             self.batches_per_epoch = self.n // self.batch_size
             if self.batches_per_epoch == 0:
