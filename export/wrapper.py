@@ -69,6 +69,14 @@ class EncoderGraph(nn.Module):
         # a causal encoder (enable_bidirectional=False, e.g. last-token pooling on a plain decoder) keeps
         # its causal mask: the 4D mask given to the decoder replaces the model's own
         self.causal = not is_bidirectional(model)
+        config = self.decoder.config
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if self.causal and window and int(window) < encoder.max_length:
+            raise NotExportableError(
+                f"a causal {config.model_type} encoder attends within a sliding window of {window} tokens, which the graph's "
+                f"single causal mask cannot hold past {window} tokens; export it with max_length <= {window} "
+                f"(now {encoder.max_length})"
+            )
         if dtype is not None and dtype != self.decoder.embed_tokens.weight.dtype:
             # a converted copy: the caller's encoder keeps its weights (and its bidirectional hook)
             self.decoder = copy.deepcopy(self.decoder).to(dtype)

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .bidirectional import SUPPORTED_MODEL_TYPES, is_bidirectional
 from .bidirectional import enable_bidirectional as make_bidirectional
-from .bidirectional import is_bidirectional
 from .cuda_graphs import DEFAULT_MAX_GRAPHS, PackedCudaGraphs
 from .default_model import default_adapter_paths, is_default_encoder
 from .encoding import (
@@ -35,7 +35,7 @@ from .loading import apply_adapters, load_base_model, merge_lora, read_encoder_s
 from .packing import DEFAULT_MAX_TOKENS_PER_BATCH, pack, token_budget_batches
 from .prompting import EncodingInput
 from .tokenization import padding_tokenizer
-from .varlen_attention import current_backend, packed_hidden_states
+from .varlen_attention import current_backend, packed_hidden_states, padded_forward
 
 logger = logging.getLogger(__name__)
 
@@ -219,11 +219,12 @@ class LLM2Vec(EncodeMixin, nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embeddings ``[B, hidden]`` of a batch from :meth:`collate` (differentiable)."""
-        out = self.model(
-            input_ids=features["input_ids"],
-            attention_mask=features["attention_mask"],
-            position_ids=features.get("position_ids"),
-        )
+        with padded_forward():  # a padded call nested in a packed one (a hook, another encoder) is padded
+            out = self.model(
+                input_ids=features["input_ids"],
+                attention_mask=features["attention_mask"],
+                position_ids=features.get("position_ids"),
+            )
         return self.pool(out.last_hidden_state, features["pool_mask"])
 
     def pool(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
@@ -234,7 +235,9 @@ class LLM2Vec(EncodeMixin, nn.Module):
     def use_packed(self) -> bool:
         if self.packed is not None:
             return self.packed
-        return self.device.type == "cuda" and is_bidirectional(self.model)
+        # by default only for the families tested packed: another decoder may drop the packing kwargs
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        return self.device.type == "cuda" and is_bidirectional(self.model) and model_type in SUPPORTED_MODEL_TYPES
 
     def collate_packed(self, items: Sequence[EncodingInput], device: torch.device | str | None = None) -> dict:
         """Padding-free batch (see :func:`llm2vec_fast.packing.pack`) on ``device``."""

@@ -81,6 +81,8 @@ def fp8_unsupported_reason(device: torch.device | str) -> str | None:
         return f"the device is {device.type}, not a CUDA GPU"
     if not torch.cuda.is_available():
         return "CUDA is not available"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"{device} does not exist ({torch.cuda.device_count()} CUDA device(s) visible)"
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         name = torch.cuda.get_device_name(device)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .bidirectional import PADDED_ATTENTION_ATTRIBUTE
+from .bidirectional import PADDED_ATTENTION_ATTRIBUTE, UnsupportedArchitectureError
 from .kernels import flash_attn_varlen
 
 ATTN_IMPLEMENTATION = "llm2vec_varlen"
@@ -35,6 +35,10 @@ _backend: contextvars.ContextVar[str] = contextvars.ContextVar("llm2vec_fast_ker
 # its per-thread mirror, read under torch.compile: dynamo cannot trace ContextVar.get, but it traces
 # (and guards on) a thread-local attribute, so a compiled packed forward follows the switch too
 _backend_for_compile = threading.local()
+# set while a packed forward runs (context-local): an attention call that gets no packing metadata
+# then belongs to a model that drops the kwargs on the way to its layers (transformers' Falcon does),
+# and attending over the whole packed row would mix the sequences
+_packed_forward: contextvars.ContextVar[bool] = contextvars.ContextVar("llm2vec_fast_packed_forward", default=False)
 
 
 @contextlib.contextmanager
@@ -87,6 +91,12 @@ def varlen_attention_forward(
     ``torch.rand`` masks on the torch backend)."""
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None:
+        if not torch.compiler.is_compiling() and _packed_forward.get():
+            raise UnsupportedArchitectureError(
+                f"{type(module).__name__} got no packing metadata in a packed forward: this model does not pass its "
+                "keyword arguments on to its attention layers, so packed sequences would attend to each other; "
+                "load it with packed=False"
+            )
         padded = _padded_attention_function(module, bool(kwargs.get("softcap")))
         return padded(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     max_seqlen = kwargs.get("max_length_q")
@@ -149,6 +159,17 @@ def register() -> str:
     return ATTN_IMPLEMENTATION
 
 
+@contextlib.contextmanager
+def padded_forward() -> Iterator[None]:
+    """Mark the block as a padded forward, also when it runs inside a packed one."""
+    token = None if torch.compiler.is_compiling() else _packed_forward.set(False)
+    try:
+        yield
+    finally:
+        if token is not None:
+            _packed_forward.reset(token)
+
+
 def packed_hidden_states(net: nn.Module, model: nn.Module, features: dict) -> torch.Tensor:
     """Last hidden states ``[T, D]`` of a packed batch (:func:`llm2vec_fast.packing.pack`) run
     through ``net`` (``model`` itself, or a peft / DDP wrapper of it) with the varlen attention
@@ -160,14 +181,19 @@ def packed_hidden_states(net: nn.Module, model: nn.Module, features: dict) -> to
         raise ValueError("the packed path needs a bidirectional model (enable_bidirectional=True)")
     use_varlen_attention(decoder_of(model))
     cu_seqlens, max_seqlen = features["cu_seqlens"], features["max_seqlen"]
-    out = net(
-        input_ids=features["input_ids"],
-        position_ids=features["position_ids"],
-        cu_seq_lens_q=cu_seqlens,
-        cu_seq_lens_k=cu_seqlens,
-        max_length_q=max_seqlen,
-        max_length_k=max_seqlen,
-    )
+    token = None if torch.compiler.is_compiling() else _packed_forward.set(True)  # dynamo cannot trace ContextVar.set
+    try:
+        out = net(
+            input_ids=features["input_ids"],
+            position_ids=features["position_ids"],
+            cu_seq_lens_q=cu_seqlens,
+            cu_seq_lens_k=cu_seqlens,
+            max_length_q=max_seqlen,
+            max_length_k=max_seqlen,
+        )
+    finally:
+        if token is not None:
+            _packed_forward.reset(token)
     return out.last_hidden_state[0]
 
 

@@ -361,6 +361,12 @@ def test_csv_ids_stay_as_written(tmp_path, tiny):
         csv.writer(f).writerows([["id", "text"], ["007", texts[0]], ["7", texts[1]], ["0042", texts[2]], ["-3", texts[3]]])
     run(tmp_path, tmp_path / "a.csv", tiny, id_field="id")
     assert read_embeddings(tmp_path / "out")[0] == ["007", "7", "0042", "-3"]
+    with open(tmp_path / "c.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["id", "text"], ["1", texts[0]], ["", texts[1]], ["0", texts[2]], ["-0", texts[3]]])
+    with pytest.raises(BadRowError, match="id field 'id' is null"):  # an empty cell is a missing id
+        run(tmp_path, tmp_path / "c.csv", tiny, name="c", id_field="id")
+    run(tmp_path, tmp_path / "c.csv", tiny, name="c", id_field="id", on_bad_row="skip")
+    assert read_embeddings(tmp_path / "c")[0] == ["1", "0", "-0"]  # "-0" is not 0
     with open(tmp_path / "b.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([["id", "text"], ["7", texts[0]], ["-3", texts[1]]])
     run(tmp_path, tmp_path / "b.csv", tiny, name="ints", id_field="id")
@@ -421,8 +427,13 @@ def test_byte_order_mark_and_spark_style_folders(tmp_path, tiny):
     for fmt in ("txt", "jsonl"):
         run(tmp_path, tmp_path / f"b.{fmt}", tiny, name=f"bom-{fmt}")
         assert_same_embeddings(read_embeddings(tmp_path / f"bom-{fmt}")[1], encode_ref(tiny, texts))
+    blank_first = tmp_path / "blank-first.jsonl"  # a BOM, then a blank line: still a blank line
+    blank_first.write_bytes(b"\xef\xbb\xbf\n" + "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    run(tmp_path, blank_first, tiny, name="bom-blank", chunk_rows=2)
+    assert_same_embeddings(read_embeddings(tmp_path / "bom-blank")[1], encode_ref(tiny, texts))
     spark = tmp_path / "spark"
     spark.mkdir()
+    (spark / "README.md").write_text("# a dataset card next to the data")
     write_jsonl(spark / "part-00000", [{"text": t} for t in texts[:2]])
     write_jsonl(spark / "part-00001", [{"text": texts[2]}])
     (spark / "_SUCCESS").write_text("")

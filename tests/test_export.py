@@ -395,6 +395,23 @@ def test_phi3_longrope_exports_and_saves(tmp_path, smollm_tokenizer):
         )
 
 
+def test_causal_sliding_window_encoder_is_refused_past_its_window(tmp_path, smollm_tokenizer):
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tiny_config("mistral", sliding_window=8)).eval()  # not made bidirectional: causal
+    encoder = LLM2Vec(model, smollm_tokenizer, pooling_mode="last_token", max_length=64)
+    with pytest.raises(NotExportableError, match="sliding window of 8 tokens"):
+        export_onnx(encoder, tmp_path / "m", validate=False)
+    encoder.max_length = 8  # within the window: the causal mask is the model's
+    folder = export_onnx(encoder, tmp_path / "m", validate=NO_STSB)
+    texts = ["a b c", "one two three four five six seven eight nine"]
+    np.testing.assert_allclose(
+        OnnxEncoder.from_pretrained(folder).encode(texts, convert_to_numpy=True), encoder.encode(texts, convert_to_numpy=True), atol=2e-4
+    )
+
+
 def test_fused_and_fp8_encoders_are_refused_up_front(tiny_llama_dir, tmp_path):
     for options in (dict(fused=True), dict(quantization="fp8-simulated", high_precision_layers=[], fp8_rounding="nearest")):
         encoder = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", **options)

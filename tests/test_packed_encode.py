@@ -108,3 +108,29 @@ def test_packed_requires_bidirectional(smollm_tokenizer):
     enc = LLM2Vec(model, smollm_tokenizer, packed=True)
     with pytest.raises(ValueError, match="bidirectional"):
         enc.encode(["hello"])
+
+
+def test_a_decoder_that_drops_the_packing_kwargs_is_refused(smollm_tokenizer, monkeypatch):
+    """transformers' Falcon does not pass its keyword arguments to its layers: packed, its texts
+    would attend to each other (2.3 off). A packed forward refuses it, and packing is on by default
+    (on CUDA) only for the families tested packed; a generic decoder that passes them (GPT-2) packs."""
+    import transformers
+
+    from llm2vec_fast.bidirectional import UnsupportedArchitectureError
+
+    texts = ["A man is playing a guitar.", "Dogs run.", "x"]
+    torch.manual_seed(0)
+    falcon = transformers.FalconConfig(vocab_size=49152, hidden_size=128, num_hidden_layers=2, num_attention_heads=4)
+    encoder = LLM2Vec(enable_bidirectional(AutoModel.from_config(falcon).eval()), smollm_tokenizer, packed=True)
+    with kernel_backend("torch"), pytest.raises(UnsupportedArchitectureError, match="no packing metadata"):
+        encoder.encode(texts)
+    gpt2 = transformers.GPT2Config(vocab_size=49152, n_embd=128, n_layer=2, n_head=4)
+    generic = LLM2Vec(enable_bidirectional(AutoModel.from_config(gpt2).eval()), smollm_tokenizer)
+    padded = generic.encode(texts, convert_to_tensor=True)
+    generic.packed = True
+    with kernel_backend("torch"):
+        torch.testing.assert_close(generic.encode(texts, convert_to_tensor=True), padded, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(LLM2Vec, "device", property(lambda self: torch.device("cuda")))
+    encoder.packed = generic.packed = None
+    llama = LLM2Vec(enable_bidirectional(AutoModel.from_config(tiny_config("llama")).eval()), smollm_tokenizer)
+    assert (encoder.use_packed, generic.use_packed, llama.use_packed) == (False, False, True)

@@ -241,6 +241,28 @@ def test_a_fresh_run_drops_an_earlier_runs_checkpoints(tiny_llama_dir, text_file
         train("mntp", _cfg("mntp", tiny_llama_dir, text_file, tmp_path, max_steps=7), resume=True)
 
 
+def test_checkpoints_of_earlier_versions_still_resume(tiny_llama_dir, text_file, tmp_path):
+    """Before weights_only loading, trainer_state.pt held numpy's RNG key as an ndarray: such a
+    checkpoint resumes to the same adapter."""
+    import numpy as np
+
+    from llm2vec_fast.train.trainer import read_trainer_state
+
+    full = train("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path / "full", max_steps=4))
+    with pytest.raises(InterruptedError):
+        train("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path / "cut", max_steps=4), stop_after=3)
+    path = tmp_path / "cut" / "checkpoints" / "checkpoint-2" / "trainer_state.pt"
+    state = read_trainer_state(path)
+    for rng in state["rng"]:  # the earlier layout
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        rng["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    state.pop("stage")
+    torch.save(state, path)
+    resumed = train("simcse", _cfg("simcse", tiny_llama_dir, text_file, tmp_path / "cut", max_steps=4), resume=True)
+    a, b = _adapter_weights(full), _adapter_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_phi3_gets_lora_on_its_stacked_projections():
     from conftest import tiny_config
     from transformers import AutoModel

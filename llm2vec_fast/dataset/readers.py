@@ -90,9 +90,12 @@ def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], input
 
 
 def _in_folder_input(path: Path, input_format: str | None) -> bool:
-    if input_format is None:
-        return path.suffix.lower() in EXTENSIONS
-    return not path.name.startswith((".", "_"))  # metadata files (Spark, Hadoop, pyarrow datasets' rule)
+    """A folder's data files: those of a known extension; with an explicit format also those without
+    an extension (Spark's ``part-00000``), never ``_``/``.`` names (metadata, pyarrow datasets' rule)
+    nor other extensions (a README.md next to the data)."""
+    if path.suffix.lower() in EXTENSIONS:
+        return True
+    return input_format is not None and not path.suffix and not path.name.startswith((".", "_"))
 
 
 def detect_format(path: Path, forced: str | None = None) -> str:
@@ -169,7 +172,8 @@ def line_offsets(path: Path, fmt: str, rows: Sequence[int]) -> tuple[int, dict[i
     with open(path, "rb") as f:
         pos = 0
         for line in f:
-            if not (fmt == "jsonl" and not line.strip()):
+            text = line[len(UTF8_BOM) :] if pos == 0 and line.startswith(UTF8_BOM) else line  # as _open_at reads it
+            if not (fmt == "jsonl" and not text.strip()):
                 if row in wanted:
                     offsets[row] = pos
                 row += 1
@@ -309,12 +313,14 @@ def _csv_rows(path: Path, fmt: str, fields: Fields) -> Iterator[Row]:
         yield text, (_csv_id(row_id) if fields.id is not None else row_id), instruction
 
 
-_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+_CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]*")  # not "-0": it would merge with "0"
 
 
 def _csv_id(value: str | None) -> int | str | None:
     """A CSV id as written: an integer only when it reads back the same (``"7"``, not ``"007"`` or
     ``"+7"``) and fits int64, so distinct ids never merge."""
+    if value == "":  # an empty cell: a missing id (a bad row), as a null in JSONL or Parquet
+        return None
     if value is not None and _CANONICAL_INT.fullmatch(value) and INT64_MIN <= int(value) <= INT64_MAX:
         return int(value)
     return value

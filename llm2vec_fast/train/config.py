@@ -101,8 +101,11 @@ class TrainConfig:
             for adapter in self.peft:
                 if not (Path(adapter) / "adapter_config.json").is_file():
                     raise ConfigError(f"peft adapter {adapter!r} has no adapter_config.json")
-                if Path(adapter).resolve() == (Path(self.output_dir) / "adapter").resolve():
-                    raise ConfigError(f"peft adapter {adapter!r} is where this run writes its own adapter: set another output_dir")
+                if Path(adapter).resolve().is_relative_to(Path(self.output_dir).resolve()):
+                    raise ConfigError(
+                        f"peft adapter {adapter!r} lies inside this run's output_dir {self.output_dir!r}, which the run "
+                        "overwrites (its adapter) and clears (its checkpoints): set another output_dir"
+                    )
             from ..default_model import is_default_model
 
             if not is_default_model(self.model) and not Path(self.model).is_dir():

@@ -238,7 +238,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)  # an ndarray in earlier checkpoints
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -299,9 +300,26 @@ def save_checkpoint(stage: Stage, optimizer, scheduler, step: int, keep: int) ->
     return final
 
 
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's ``trainer_state.pt``, read with ``weights_only=True``. Checkpoints of earlier
+    versions hold numpy's RNG key as an ndarray: only the numpy types it needs are allowed for them."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            from numpy._core.multiarray import _reconstruct
+        except ImportError:  # numpy 1.x
+            from numpy.core.multiarray import _reconstruct
+
+        with torch.serialization.safe_globals([_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler) -> int:
     rank, world = dist_info()
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    state = read_trainer_state(path / "trainer_state.pt")
     if state.get("stage", stage.config.stage) != stage.config.stage:
         raise RuntimeError(
             f"checkpoint {path} is of a {state['stage']} run, not {stage.config.stage}: resume it with "
@@ -369,15 +387,18 @@ def train(stage_name: str, config: TrainConfig, resume: bool = False, stop_after
         schedule = stage.load_data()  # fails before the model is loaded
         output_dir = Path(config.output_dir)
         found = checkpoints(output_dir) if resume else []
-        if not resume and checkpoints(output_dir):
+        stale = not resume and bool(checkpoints(output_dir))
+        if world > 1:  # every rank looks before rank 0 deletes, and none goes on before it has
+            import torch.distributed as dist
+
+            dist.barrier()
+        if stale:
             # an earlier run's checkpoints would outrank this run's in the rotation and in a later --resume
             logger.warning("%s holds an earlier run's checkpoints; deleting them and starting over (--resume continues it)", output_dir)
             if rank == 0:
                 shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.barrier()
+        if world > 1:
+            dist.barrier()
         seed_everything(config.seed)
         stage.build()
         stage.wrap_ddp()
