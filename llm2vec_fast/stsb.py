@@ -9,6 +9,7 @@ tab-separated ``sts-{train,dev,test}.csv``: the gold score is column 5, the sent
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 
@@ -20,27 +21,39 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def stsb_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The STS-B folder: ``data_dir``, else ``$LLM2VEC_FAST_STSB_DIR``, else ``<repo>/../shared/data/stsbenchmark``."""
+    return _stsb_source(data_dir)[0]
+
+
+def _stsb_source(data_dir: str | os.PathLike | None) -> tuple[Path, str]:
+    """The STS-B folder and what chose it (for error messages)."""
     if data_dir is not None:
-        return Path(data_dir)
+        return Path(data_dir), "data_dir (--data-dir)"
     env = os.environ.get("LLM2VEC_FAST_STSB_DIR")
     if env:
-        return Path(env)
-    return _REPO_ROOT.parent / "shared" / "data" / "stsbenchmark"
+        return Path(env), "$LLM2VEC_FAST_STSB_DIR"
+    return _REPO_ROOT.parent / "shared" / "data" / "stsbenchmark", "the default (set data_dir / --data-dir or $LLM2VEC_FAST_STSB_DIR)"
 
 
 def load_stsb(split: str, data_dir: str | os.PathLike | None = None) -> list[tuple[str, str, float]]:
     """``(sentence1, sentence2, score)`` triples of one split (scores in [0, 5])."""
     if split not in SPLITS:
         raise ValueError(f"unknown STS-B split {split!r}; expected one of {SPLITS}")
-    path = stsb_dir(data_dir) / f"sts-{split}.csv"
+    folder, source = _stsb_source(data_dir)
+    path = folder / f"sts-{split}.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"STS-B file {str(path)!r} not found; set $LLM2VEC_FAST_STSB_DIR to the folder that holds sts-{split}.csv")
+        raise FileNotFoundError(f"STS-B file {str(path)!r} not found (folder from {source}); it must hold sts-{split}.csv")
     rows = []
     with open(path, encoding="utf-8", newline="") as f:
         for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
             if len(row) < 7:
                 raise ValueError(f"{path}:{line_no}: expected at least 7 tab-separated columns, got {len(row)}")
-            rows.append((row[5], row[6], float(row[4])))
+            try:
+                score = float(row[4])
+            except ValueError:
+                score = math.nan
+            if not 0.0 <= score <= 5.0:  # NaN fails too
+                raise ValueError(f"{path}:{line_no}: the score (column 5) must be a number in [0, 5], got {row[4]!r}")
+            rows.append((row[5], row[6], score))
     if not rows:
         raise ValueError(f"STS-B file {str(path)!r} is empty")
     return rows
@@ -70,12 +83,22 @@ def rankdata(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(a, b) -> float:
-    """Spearman rank correlation (Pearson correlation of the average ranks)."""
+    """Spearman rank correlation (Pearson correlation of the average ranks); NaN where it is undefined,
+    as in scipy: a constant input, or a NaN or infinite value (NaN embeddings must not score)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return math.nan
     ra, rb = rankdata(a), rankdata(b)
     ra -= ra.mean()
     rb -= rb.mean()
     denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / denom) if denom > 0 else 0.0
+    return float((ra * rb).sum() / denom) if denom > 0 else math.nan
+
+
+def check_limit(limit: int | None) -> None:
+    """A correlation needs two pairs at least."""
+    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 2):
+        raise ValueError(f"limit must be a whole number of pairs, at least 2 (a correlation needs two), got {limit!r}")
 
 
 def pair_cosines(embed, pairs: list[tuple[str, str, float]]) -> np.ndarray:
@@ -103,6 +126,7 @@ def stsb_spearman(
     embeddings on the first ``limit`` pairs of ``split`` (every pair when ``None``). Each unique
     sentence is encoded once, as ``[instruction, sentence]`` if an instruction is given, and
     truncated to its first ``truncate_dim`` dimensions (Matryoshka) if given."""
+    check_limit(limit)
     pairs = load_stsb(split, data_dir)
     if limit is not None:
         pairs = pairs[: int(limit)]

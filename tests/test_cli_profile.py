@@ -57,3 +57,17 @@ def test_profile_rejects_model_with_random_shapes(tmp_path, capsys):
     rc = main(["profile", "--random-shapes", "tiny", "--model", str(tmp_path), "--trace", str(tmp_path / "t.json")])
     assert rc == 2
     assert "--random-shapes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--median-length", "0"], "--median-length must be positive"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--max-tokens-per-batch", "-1"], "--max-tokens-per-batch must be positive"),
+        (["--max-length", "4"], "--max-length must be at least 8"),
+    ],
+)
+def test_profile_rejects_bad_sizes_before_loading(tmp_path, capsys, option, message):
+    rc = main(["profile", "--random-shapes", "tiny", "--trace", str(tmp_path / "t.json"), *option])
+    assert rc == 2 and message in capsys.readouterr().err

@@ -235,6 +235,15 @@ def test_cli_precision_and_truncation(tiny_llama_dir, tmp_path, capsys):
     assert np.abs(np.asarray(line["embedding"], dtype=np.int32) - codes[0].astype(np.int32)).max() <= 1
     assert main(args + ["--output", str(out), "--precision", "ubinary"]) == 0
     assert np.load(out).shape == (6, 8) and np.load(out).dtype == np.uint8
+    assert "wrote 6 embeddings of 8 bytes of packed bits" in capsys.readouterr().err  # not "dimension 8"
+    one_line = tmp_path / "one.txt"
+    one_line.write_text("just one calibration text\n")
+    assert main(args + ["--precision", "int8", "--calibration", str(one_line)]) == 2
+    assert "holds fewer than two non-empty lines" in capsys.readouterr().err
+    not_npy = tmp_path / "ranges.txt"
+    not_npy.write_text("0 1\n")
+    assert main(args + ["--precision", "int8", "--ranges", str(not_npy)]) == 2
+    assert "is not a .npy array of shape (2, D)" in capsys.readouterr().err
     assert main(args + ["--precision", "float32", "--ranges", str(ranges_file)]) == 2
     assert "--ranges applies to --precision int8 or uint8 only" in capsys.readouterr().err
     assert main(args + ["--truncate-dim", "100"]) == 2

@@ -217,6 +217,20 @@ def test_stsb_dir_is_configurable(tmp_path, monkeypatch):
     assert load_stsb("dev") == [('A "quoted', "'b'", 2.5)]
     with pytest.raises(FileNotFoundError, match="LLM2VEC_FAST_STSB_DIR"):
         load_stsb("test")
+    with pytest.raises(FileNotFoundError, match=r"from data_dir \(--data-dir\)"):
+        load_stsb("dev", tmp_path / "elsewhere")
+    for score in ("score", "nan", "7.5"):  # a header line, a NaN, a score out of range: named with the line
+        (tmp_path / "sts-train.csv").write_text(f"g\tf\ty\t1\t2.5\ta\tb\ng\tf\ty\t1\t{score}\tc\td\n")
+        with pytest.raises(ValueError, match=rf"sts-train\.csv:2: the score .* got '{score}'"):
+            load_stsb("train")
+
+
+def test_stsb_limit_is_checked_before_any_work(tmp_path):
+    from llm2vec_fast.stsb import stsb_spearman
+
+    for limit in (1, 0, -295):  # -295 scored the first 5 pairs (a slice), 1 scored 0.00
+        with pytest.raises(ValueError, match="at least 2"):
+            stsb_spearman(None, "dev", limit=limit)
 
 
 def test_spearman_matches_scipy():
@@ -226,3 +240,5 @@ def test_spearman_matches_scipy():
     b = a + rng.normal(0, 3, 200)
     assert spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-12)
     np.testing.assert_array_equal(rankdata([3, 1, 3, 2]), scipy_stats.rankdata([3, 1, 3, 2]))
+    # undefined where scipy's is: a constant input, a NaN (NaN embeddings must not get a score)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3])) and np.isnan(spearman([1, np.nan, 3], [1, 2, 3]))

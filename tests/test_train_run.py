@@ -426,7 +426,7 @@ def test_cli_eval_sts(tiny_llama_dir):
     assert r.returncode == 0, r.stderr
     assert "STS-B dev Spearman x100:" in r.stdout
     r = _cli("eval", "sts", "--split", "dev", "--model", tiny_llama_dir, "--data-dir", "/nonexistent")
-    assert r.returncode == 2 and "LLM2VEC_FAST_STSB_DIR" in r.stderr
+    assert r.returncode == 2 and "from data_dir (--data-dir)" in r.stderr
 
 
 @pytest.mark.parametrize("stage_name", ["mntp", "simcse"])

@@ -83,6 +83,8 @@ def _check_output_options(args: argparse.Namespace) -> None:
     for flag, path in (("--ranges", args.ranges), ("--calibration", args.calibration)):
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"{flag} file {str(path)!r} does not exist")
+    if args.calibration is not None and len(read_lines(args.calibration)) < 2:  # before any encoding
+        raise ValueError(f"the --calibration file {str(args.calibration)!r} holds fewer than two non-empty lines; ranges need two at least")
 
 
 def encode_with_precision(encoder, inputs, args: argparse.Namespace) -> np.ndarray:
@@ -96,7 +98,12 @@ def encode_with_precision(encoder, inputs, args: argparse.Namespace) -> np.ndarr
         return encoder.encode(inputs, show_progress_bar=progress, precision=args.precision, **common)
     floats = encoder.encode(inputs, show_progress_bar=progress, **common)
     if args.ranges is not None:
-        ranges, source = np.load(args.ranges, allow_pickle=False), f"--ranges {args.ranges}"
+        try:
+            ranges, source = np.load(args.ranges, allow_pickle=False), f"--ranges {args.ranges}"
+        except (ValueError, OSError) as err:
+            raise ValueError(
+                f"--ranges {str(args.ranges)!r} is not a .npy array of shape (2, D), as --save-ranges writes ({err})"
+            ) from None
     else:
         calib_texts = read_lines(args.calibration) if args.calibration is not None else None
         if calib_texts is not None and args.instruction:
@@ -141,5 +148,6 @@ def run(args: argparse.Namespace) -> int:
             args.output.parent.mkdir(parents=True, exist_ok=True)
             args.output.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     if args.output is not None:
-        print(f"wrote {len(texts)} embeddings of dimension {emb.shape[1]} to {args.output}", file=sys.stderr)
+        size = f"{emb.shape[1]} bytes of packed bits" if args.precision in ("binary", "ubinary") else f"dimension {emb.shape[1]}"
+        print(f"wrote {len(texts)} embeddings of {size} to {args.output}", file=sys.stderr)
     return 0

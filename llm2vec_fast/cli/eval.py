@@ -105,9 +105,10 @@ def load_eval_encoder(args: argparse.Namespace):
 
 
 def run_sts(args: argparse.Namespace) -> int:
-    from ..stsb import load_stsb, stsb_spearman
+    from ..stsb import check_limit, load_stsb, stsb_spearman
 
-    load_stsb(args.split, args.data_dir)  # a missing file fails before the model loads
+    check_limit(args.limit)  # bad options and a missing file fail before the model loads
+    load_stsb(args.split, args.data_dir)
     encoder = load_eval_encoder(args)
     score = stsb_spearman(
         encoder,

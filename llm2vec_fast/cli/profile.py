@@ -85,8 +85,17 @@ def run(args: argparse.Namespace) -> int:
     from ..profiling import Work, attention_flops, card_peak, kernel_rows, pooling_bytes, render_kernel_table
     from ..synthetic import random_items, sample_lengths
 
-    if args.top < 1 or (args.num_texts is not None and args.num_texts < 1):
-        raise ValueError("--top and --num-texts must be positive")
+    for flag, value in (
+        ("--top", args.top),
+        ("--num-texts", args.num_texts),
+        ("--median-length", args.median_length),
+        ("--batch-size", args.batch_size),
+        ("--max-tokens-per-batch", args.max_tokens_per_batch),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if args.max_length is not None and args.max_length < MIN_LENGTH:
+        raise ValueError(f"--max-length must be at least {MIN_LENGTH} (the shortest input the workload draws), got {args.max_length}")
     encoder = _build_encoder(args)
     encoder.max_tokens_per_batch = args.max_tokens_per_batch
     if args.padded:
