@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import sys
@@ -240,7 +241,8 @@ def main(argv=None) -> int:
     t_simcse = time.perf_counter()
     train_simcse_with_curve(stages["simcse"], args.eval_every, evaluate, args.resume)
     key = f"dev_{args.curve_dev_limit or args.dev_limit or 1500}_pairs"
-    results["best_by_dev"] = max(results["curve"], key=lambda r: r[key])
+    # a NaN score (a collapsed model: constant cosines) never wins
+    results["best_by_dev"] = max(results["curve"], key=lambda r: (not math.isnan(r[key]), r[key]))
     out = write(complete=True)
     if args.ship_step is not None:
         shipped = next((r for r in results["curve"] if r["simcse_step"] == args.ship_step), None)

@@ -81,6 +81,11 @@ class ValidationConfig:
     num_threads: int | None = None
     providers: object = None
 
+    def __post_init__(self) -> None:  # before any export work: a correlation needs two pairs
+        pairs = self.stsb_pairs
+        if isinstance(pairs, bool) or not isinstance(pairs, int) or (pairs != 0 and pairs < 2):
+            raise ValueError(f"stsb_pairs must be 0 (skip STS-B) or at least 2, got {self.stsb_pairs!r}")
+
 
 def compare(torch_encoder, onnx_encoder) -> dict:
     """Cosine / max-abs error of ONNX vs torch embeddings over ``VALIDATION_CASES``."""

@@ -71,6 +71,9 @@ class EncoderGraph(nn.Module):
         self.causal = not is_bidirectional(model)
         config = self.decoder.config
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None and "sliding_attention" not in layer_types:  # a window no layer uses
+            window = None
         if self.causal and window and int(window) < encoder.max_length:
             raise NotExportableError(
                 f"a causal {config.model_type} encoder attends within a sliding window of {window} tokens, which the graph's "

@@ -254,6 +254,12 @@ class LLM2Vec(EncodeMixin, nn.Module):
         packed path; on a CPU the padded batches run eagerly (same results)."""
         if self.packed is False:
             raise ValueError("CUDA graphs replay the packed forward: this encoder has packed=False")
+        if self.device.type == "cuda" and not self.use_packed:
+            logger.warning(
+                "CUDA graphs replay the packed forward, which is not this encoder's default (%s is not a family tested "
+                "packed): they stay unused unless packed=True",
+                getattr(self.config, "model_type", "?"),
+            )
         self.cuda_graphs = PackedCudaGraphs(self, buckets, max_graphs)
         return self.cuda_graphs
 

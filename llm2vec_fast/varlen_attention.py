@@ -95,7 +95,7 @@ def varlen_attention_forward(
             raise UnsupportedArchitectureError(
                 f"{type(module).__name__} got no packing metadata in a packed forward: this model does not pass its "
                 "keyword arguments on to its attention layers, so packed sequences would attend to each other; "
-                "load it with packed=False"
+                "use the padded path (LLM2Vec packed=False, serve --no-packed, training batch_layout: padded)"
             )
         padded = _padded_attention_function(module, bool(kwargs.get("softcap")))
         return padded(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

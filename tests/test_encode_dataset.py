@@ -438,8 +438,21 @@ def test_byte_order_mark_and_spark_style_folders(tmp_path, tiny):
     write_jsonl(spark / "part-00001", [{"text": texts[2]}])
     (spark / "_SUCCESS").write_text("")
     (spark / ".part-00000.crc").write_bytes(b"\x00\x01binary")
+    (spark / "._part-00000.jsonl").write_bytes(b"\x00\x05macOS resource fork")  # hidden: never data
     run(tmp_path, spark, tiny, name="spark-out", input_format="jsonl")
     assert_same_embeddings(read_embeddings(tmp_path / "spark-out")[1], encode_ref(tiny, texts))
+    from llm2vec_fast.dataset.readers import folder_files
+
+    assert [p.name for p in folder_files(spark, "jsonl")] == ["part-00000", "part-00001"]
+    dask = tmp_path / "dask"  # dask writes 0.part, 1.part; a dataset card sits next to Parquet files
+    dask.mkdir()
+    for name in ("0.part", "1.part", "LICENSE"):
+        (dask / name).write_text("x\n")
+    assert [p.name for p in folder_files(dask, "text")] == ["0.part", "1.part"]
+    (dask / "data.parquet").write_bytes(b"")
+    (dask / "README.md").write_text("card")
+    assert [p.name for p in folder_files(dask, "parquet")] == ["data.parquet"]
+    assert [p.name for p in folder_files(dask, None)] == ["data.parquet"]
     with pytest.raises(FileNotFoundError, match="holds no file of a known format"):
         run(tmp_path, spark, tiny, name="spark-no-format")
 

@@ -499,6 +499,9 @@ def test_bad_inputs_are_rejected(tiny_encoder, tiny_exports, tmp_path):
     assert set(before) <= {p.name for p in saved.iterdir()}
     with pytest.raises(FileNotFoundError):
         OnnxEncoder.from_pretrained(tmp_path / "missing")
+    for pairs in (1, -1):  # refused before any export work (a correlation needs two pairs)
+        with pytest.raises(ValueError, match="stsb_pairs must be 0"):
+            ValidationConfig(stsb_pairs=pairs)
     import shutil
 
     for dropped, named in (("tokenizer.json", "tokenizer.json or"), ("llm2vec_config.json", "llm2vec_config.json")):

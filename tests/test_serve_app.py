@@ -190,3 +190,24 @@ def test_packed_is_refused_where_it_cannot_run(tiny_encoder):
         create_app(tiny_encoder, ServeSettings(model_name="tiny", max_batch_tokens=256, packed=True))
     create_app(tiny_encoder, ServeSettings(model_name="tiny", max_batch_tokens=256))  # auto: padded, no error
     assert tiny_encoder.use_packed is False
+
+
+def test_a_family_not_tested_packed_is_served_padded(smollm_tokenizer):
+    """transformers' Falcon drops the packing kwargs before its layers: the server serves it with
+    padded batches (it packed every bidirectional model, and the packed forward refuses Falcon)."""
+    import torch
+    import transformers
+    from transformers import AutoModel
+
+    from llm2vec_fast import enable_bidirectional
+    from llm2vec_fast.serve.app import why_not_packed
+
+    config = transformers.FalconConfig(vocab_size=49152, hidden_size=128, num_hidden_layers=2, num_attention_heads=4)
+    encoder = LLM2Vec(enable_bidirectional(AutoModel.from_config(config).eval()), smollm_tokenizer, max_length=64)
+    assert "falcon is not one of the families tested on the packed path" in why_not_packed(encoder)
+    app = create_app(encoder, ServeSettings(model_name="falcon", max_batch_tokens=256))
+    with TestClient(app) as client:
+        r = client.post("/embed", json={"inputs": ["a text", "another, longer text"], "normalize": False})
+        assert r.status_code == 200, r.text
+        assert client.get("/info").json()["packed"] is False
+    torch.testing.assert_close(torch.tensor(r.json()), encoder.encode(["a text", "another, longer text"]), atol=1e-5, rtol=1e-5)

@@ -151,14 +151,16 @@ def test_a_run_may_not_write_over_its_own_input_adapter(tmp_path, monkeypatch):
     (tmp_path / "x.txt").write_text("a\n")
     (tmp_path / "runs" / "simcse" / "adapter").mkdir(parents=True)
     (tmp_path / "runs" / "simcse" / "adapter" / "adapter_config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="lies inside this run.s output_dir"):
+    with pytest.raises(ConfigError, match="lies where this run writes"):
         make_config("simcse", {"data": "x.txt", "peft": ["runs/simcse/adapter"]})
     assert make_config("simcse", {"data": "x.txt", "peft": ["runs/simcse/adapter"], "output_dir": "runs/simcse2"}).peft
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "adapter"  # a fresh run clears checkpoints/
     checkpoint.mkdir(parents=True)
     (checkpoint / "adapter_config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="lies inside this run.s output_dir"):
+    with pytest.raises(ConfigError, match="lies where this run writes"):
         make_config("simcse", {"data": "x.txt", "peft": [str(checkpoint)], "output_dir": "run"})
+    # elsewhere under output_dir is fine: the run writes only adapter/ and checkpoints/ there
+    assert make_config("simcse", {"data": "x.txt", "peft": ["runs/simcse/adapter"], "output_dir": "."}).peft
 
 
 def test_readers_split_lines_at_newlines_only(tmp_path):

@@ -11,11 +11,18 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# never data in a folder of extensionless part files: documentation, checksums, configs, code
+NOT_DATA_SUFFIXES = {".md", ".rst", ".html", ".pdf", ".yaml", ".yml", ".toml", ".py", ".sh", ".crc", ".sha256", ".lock"}
+NOT_DATA_NAMES = {"README", "LICENSE", "LICENCE", "NOTICE", "CHANGELOG", "COPYING"}
 
 FORMATS = ("jsonl", "parquet", "csv", "tsv", "text")
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -55,10 +62,8 @@ class Fields:
 
 
 def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], input_format: str | None = None) -> list[Path]:
-    """Files named by paths, globs (``**`` recurses) or folders (every file of a known format
-    inside, recursively; with ``input_format`` every file whose name does not start with ``.`` or
-    ``_``, as Spark's ``part-00000`` files and ``_SUCCESS`` markers), each group sorted by name,
-    duplicates dropped. Raises if nothing matches."""
+    """Files named by paths, globs (``**`` recurses) or folders (see :func:`folder_files`), each group
+    sorted by name, duplicates dropped. Raises if nothing matches."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
@@ -71,10 +76,10 @@ def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], input
             if not matches:
                 raise FileNotFoundError(f"input glob {spec!r} matches no file")
         elif os.path.isdir(spec):
-            matches = sorted(p for p in Path(spec).rglob("*") if p.is_file() and _in_folder_input(p, input_format))
+            matches = folder_files(Path(spec), input_format)
             if not matches:
-                known = f"of a known format ({', '.join(sorted(EXTENSIONS))})" if input_format is None else "that is not hidden"
-                raise FileNotFoundError(f"input folder {spec!r} holds no file {known}")
+                wanted = f"of a known format ({', '.join(sorted(EXTENSIONS))})" if input_format is None else "that is not hidden"
+                raise FileNotFoundError(f"input folder {spec!r} holds no file {wanted} (names starting with . or _ are skipped)")
         elif os.path.isfile(spec):
             matches = [Path(spec)]
         else:
@@ -89,13 +94,24 @@ def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], input
     return unique
 
 
-def _in_folder_input(path: Path, input_format: str | None) -> bool:
-    """A folder's data files: those of a known extension; with an explicit format also those without
-    an extension (Spark's ``part-00000``), never ``_``/``.`` names (metadata, pyarrow datasets' rule)
-    nor other extensions (a README.md next to the data)."""
-    if path.suffix.lower() in EXTENSIONS:
-        return True
-    return input_format is not None and not path.suffix and not path.name.startswith((".", "_"))
+def folder_files(folder: Path, input_format: str | None) -> list[Path]:
+    """The data files of ``folder``, recursively. Names starting with ``.`` or ``_`` never count
+    (``_SUCCESS``, ``.crc``, macOS ``._`` files: pyarrow datasets' rule). Without ``input_format``:
+    the files of a known extension. With it: the files of that format's extensions when there are
+    any, else every file but documentation (Spark's ``part-00000``, dask's ``0.part``; a README.md or
+    LICENSE next to the data stays out). Other files left out are named in a warning."""
+    visible = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts)
+    )
+    if input_format is None:
+        chosen = [p for p in visible if p.suffix.lower() in EXTENSIONS]
+    else:
+        own = [p for p in visible if EXTENSIONS.get(p.suffix.lower()) == input_format]
+        chosen = own or [p for p in visible if p.suffix.lower() not in NOT_DATA_SUFFIXES and p.stem.upper() not in NOT_DATA_NAMES]
+    left_out = [p.name for p in visible if p not in set(chosen)]
+    if chosen and left_out:
+        logger.warning("input folder %s: %d file(s) left out as not data: %s", folder, len(left_out), ", ".join(left_out[:5]))
+    return chosen
 
 
 def detect_format(path: Path, forced: str | None = None) -> str:

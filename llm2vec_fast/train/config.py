@@ -101,10 +101,12 @@ class TrainConfig:
             for adapter in self.peft:
                 if not (Path(adapter) / "adapter_config.json").is_file():
                     raise ConfigError(f"peft adapter {adapter!r} has no adapter_config.json")
-                if Path(adapter).resolve().is_relative_to(Path(self.output_dir).resolve()):
+                out = Path(self.output_dir).resolve()
+                written = (out / "adapter", out / ".tmp-adapter", out / "checkpoints")  # replaced or cleared by the run
+                if any(Path(adapter).resolve().is_relative_to(place) for place in written):
                     raise ConfigError(
-                        f"peft adapter {adapter!r} lies inside this run's output_dir {self.output_dir!r}, which the run "
-                        "overwrites (its adapter) and clears (its checkpoints): set another output_dir"
+                        f"peft adapter {adapter!r} lies where this run writes in its output_dir {self.output_dir!r} (its "
+                        "adapter, which it overwrites, or its checkpoints, which it clears): set another output_dir"
                     )
             from ..default_model import is_default_model
 

@@ -313,7 +313,9 @@ def read_trainer_state(path: Path) -> dict:
         except ImportError:  # numpy 1.x
             from numpy.core.multiarray import _reconstruct
 
-        with torch.serialization.safe_globals([_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]):
+        # numpy 2 pickles name numpy._core, numpy 1 numpy.core: both point at the same function
+        allowed = [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, np.dtypes.UInt32DType]
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
