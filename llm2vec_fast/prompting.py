@@ -16,7 +16,10 @@ Deliberate differences (documented in the README):
   not the EOS of e.g. Llama 3 or SmolLM2, and can be truncated away);
 * an empty text pools over all real tokens (the official slice ``[-0:]`` pools padding), and
   an input with no tokens at all is encoded as a single EOS token, so nothing is NaN;
-* the separator is split once, so a text that itself contains it is kept intact.
+* the separator is split once, where it was inserted, so an instruction or a text that itself
+  contains it is kept intact;
+* an input cut at ``max_length`` pools only what is left of its text (the official span, counted
+  from the end, reaches back into the instruction), like an empty text when nothing is left.
 """
 
 from __future__ import annotations
@@ -140,14 +143,18 @@ def prepare_inputs(
     if eos_id is None and append_eos:
         raise ValueError("eos_token pooling needs a tokenizer with an EOS token")
     fallback_id = eos_id if eos_id is not None else (tokenizer.bos_token_id or 0)
-    joined, pooled_texts, trimmed = [], [], set()
+    joined, heads, pooled_texts, trimmed = [], [], [], set()
     for i, (instruction, text) in enumerate(pairs):
         text, was_trimmed = trim_to_doc_max_length(tokenizer, text, doc_max_length, max_length)
         if was_trimmed:
             trimmed.add(i)
         combined = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
         combined = chat_wrap(combined, model_id)
-        head, _, pooled = combined.partition(SEPARATOR)
+        # the separator inserted above, not one inside the instruction (or, as before, the text)
+        start = len(CHAT_WRAPPING.get(model_id or "", ("", ""))[0]) + len(instruction.strip())
+        at = combined.find(SEPARATOR, start)
+        head, pooled = combined[:at], combined[at + len(SEPARATOR) :]
+        heads.append(head)
         joined.append(head + pooled)
         pooled_texts.append(pooled)
 
@@ -156,10 +163,13 @@ def prepare_inputs(
     full = batch["input_ids"]
     pooled_ids = tokenizer(pooled_texts, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
     truncated = _truncated_rows(tokenizer, joined, full, getattr(batch, "encodings", None), budget)
+    head_lengths = _head_lengths(tokenizer, heads, truncated) if skip_instruction else {}
     out = []
     for i, (ids, pool) in enumerate(zip(full, pooled_ids)):
         ids = list(ids)
         n_pool = len(pool) if skip_instruction else len(ids)
+        if i in head_lengths:  # cut at max_length: the pooled span ends with the input, so keep it out of the head
+            n_pool = max(0, min(n_pool, len(ids) - head_lengths[i]))  # nothing of the text left: pooled like an empty text
         if append_eos:
             ids.append(eos_id)
             n_pool += 1
@@ -168,6 +178,17 @@ def prepare_inputs(
         n_pool = min(n_pool, len(ids)) or len(ids)  # empty text: pool every real token
         out.append(EncodingInput(ids, n_pool, i in truncated or i in trimmed))
     return out
+
+
+def _head_lengths(tokenizer, heads: list[str], rows: set[int]) -> dict[int, int]:
+    """Tokens of the instruction part (leading special tokens included) of each row in ``rows``."""
+    if not rows:
+        return {}
+    special = tokenizer("", add_special_tokens=True)["input_ids"]
+    leading = len(special) - (1 if special and special[-1] == tokenizer.eos_token_id else 0)
+    order = sorted(rows)
+    counted = tokenizer([heads[i] for i in order], add_special_tokens=False)["input_ids"]
+    return {i: leading + len(ids) for i, ids in zip(order, counted)}
 
 
 def _truncated_rows(tokenizer, texts: list[str], ids: list[list[int]], encodings, budget: int) -> set[int]:

@@ -252,3 +252,22 @@ def test_doc_max_length_trimming_warns(smollm_tokenizer, caplog):
         encoder.encode(["another text of rather more than eight tokens, trimmed again"])
     warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
     assert len(warnings) == 1 and "doc_max_length=8" in warnings[0]
+
+
+def test_instruction_with_the_separator_and_inputs_cut_at_max_length(smollm_tokenizer):
+    """An instruction may hold the separator itself (it was split there: part of the instruction
+    went into the pooled text and the separator into the input); an input cut at max_length pools
+    what is left of its text, not the instruction tokens the official end-counted span reaches."""
+    from llm2vec_fast.prompting import SEPARATOR, prepare_inputs
+
+    settings = dict(doc_max_length=400, skip_instruction=True, model_id=None, append_eos=False)
+    tok = smollm_tokenizer
+    item = prepare_inputs(tok, [(f"Find text like this {SEPARATOR} and rank it", "How do plants grow?")], max_length=512, **settings)[0]
+    assert tok.decode(item.input_ids).count(SEPARATOR) == 1  # the instruction's own, kept
+    assert tok.decode(item.input_ids[-item.num_pooled :]) == " How do plants grow?"
+    instruction = "Given a web search query, retrieve relevant passages that answer the query"
+    n_head = len(tok(instruction + " ", add_special_tokens=True)["input_ids"])
+    long_text, cut_away = prepare_inputs(tok, [(instruction, "word " * 200), ("x " * 600, "the text")], max_length=64, **settings)
+    assert long_text.truncated and len(long_text.input_ids) == 64 and long_text.num_pooled == 64 - n_head
+    assert "Given" not in tok.decode(long_text.input_ids[-long_text.num_pooled :])
+    assert cut_away.truncated and cut_away.num_pooled == 64  # no text left: pooled like an empty text
