@@ -14,6 +14,7 @@ first use we convert it once into a plain safetensors checkpoint under
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -40,13 +41,26 @@ class DefaultModelMissingError(RuntimeError):
 
 
 def is_default_model(name_or_path: str | os.PathLike | None) -> bool:
-    """Whether the name stands for the embedded base model (with or without the shipped adapters)."""
-    return name_or_path in DEFAULT_MODEL_ALIASES
+    """Whether the name stands for the embedded base model (with or without the shipped adapters).
+    A local folder of that name wins (a download into ``SmolLM2-135M-Instruct/`` is that folder)."""
+    return name_or_path in DEFAULT_MODEL_ALIASES and not _is_local_folder(name_or_path)
 
 
 def is_default_encoder(name_or_path: str | os.PathLike | None) -> bool:
     """Whether the name stands for the default encoder (base model + shipped adapters)."""
-    return name_or_path in DEFAULT_ENCODER_ALIASES
+    return name_or_path in DEFAULT_ENCODER_ALIASES and not _is_local_folder(name_or_path)
+
+
+def _is_local_folder(name: str | None) -> bool:
+    if name is None or not os.path.isdir(os.path.expanduser(name)):
+        return False
+    _warn_shadowed(os.path.abspath(os.path.expanduser(name)))
+    return True
+
+
+@functools.cache
+def _warn_shadowed(folder: str) -> None:  # once per folder, not at every lookup of one load
+    logger.warning("%r is a local folder: it is loaded instead of the embedded model of that name (pass None for that)", folder)
 
 
 def default_adapter_paths() -> list[Path]:

@@ -31,7 +31,17 @@ from .encoding import (
 from .fp8 import apply_fp8, check_fp8_device, check_quantization, check_rounding
 from .fused_layers import fuse_decoder, has_fused_projections
 from .kernels import masked_pool, masked_pool_varlen
-from .loading import apply_adapters, load_base_model, merge_lora, read_encoder_settings, resolve_device, resolve_model_path
+from .loading import (
+    apply_adapters,
+    check_tokenizer_files,
+    dtype_from_name,
+    hub_kwargs,
+    load_base_model,
+    merge_lora,
+    read_encoder_settings,
+    resolve_device,
+    resolve_model_path,
+)
 from .packing import DEFAULT_MAX_TOKENS_PER_BATCH, pack, token_budget_batches
 from .prompting import EncodingInput
 from .tokenization import padding_tokenizer
@@ -173,9 +183,17 @@ class LLM2Vec(EncodeMixin, nn.Module):
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+            dtype = dtype_from_name(dtype)
         path, model_id = resolve_model_path(model_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        check_tokenizer_files(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs(hf_kwargs))
+        except OSError as err:
+            if os.path.isdir(path):
+                raise
+            raise OSError(
+                f"{path!r} is no local folder (from {os.getcwd()}) and could not be loaded from the Hugging Face hub: {err}"
+            ) from err
         model = load_base_model(path, dtype, hf_kwargs)
         adapters = _as_list(peft_model_name_or_path)
         if not adapters and is_default_encoder(model_name_or_path):
@@ -190,7 +208,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
             make_bidirectional(model)
         fused_report = fuse_decoder(model) if fused else None
 
-        settings, stored_id = read_encoder_settings(adapters[-1] if adapters else path)
+        settings, stored_id = read_encoder_settings(adapters[-1] if adapters else path, hf_kwargs)
         model_id = stored_id or model_id
         overrides = dict(pooling_mode=pooling_mode, max_length=max_length, doc_max_length=doc_max_length, skip_instruction=skip_instruction)
         settings.update({k: v for k, v in overrides.items() if v is not None})

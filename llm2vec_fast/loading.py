@@ -17,6 +17,26 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"bf16"``, ``"float16"``, ``"torch.float32"``, ... as a torch dtype; ValueError otherwise."""
+    key = name.strip().lower().removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[key]
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device``, or CUDA when one is there and CPU otherwise; a CUDA device this machine or this torch
     build cannot reach raises ``ValueError`` here, before any weight loads (torch's own error is an
@@ -66,16 +86,47 @@ def _model_id_from_folder(folder: Path) -> str | None:
     return None
 
 
-def read_encoder_settings(folder: str | os.PathLike) -> tuple[dict, str | None]:
+#: hf_kwargs that say where a hub checkpoint comes from: the tokenizer and llm2vec_config.json follow them too
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download", "proxies", "trust_remote_code")
+#: one of these holds a tokenizer's vocabulary
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def hub_kwargs(hf_kwargs: dict) -> dict:
+    return {k: v for k, v in hf_kwargs.items() if k in HUB_KWARGS}
+
+
+def check_tokenizer_files(path: str) -> None:
+    """A local folder must hold a tokenizer (transformers' error for a missing one blames sentencepiece)."""
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        if not any(name.endswith((".model", ".tiktoken")) for name in os.listdir(path)):
+            raise FileNotFoundError(f"{path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:4])}, ...): save the tokenizer there too")
+
+
+def read_encoder_settings(folder: str | os.PathLike, hf_kwargs: dict | None = None) -> tuple[dict, str | None]:
     """``(settings, model_id)`` stored in ``folder/llm2vec_config.json`` (``({}, None)`` without one):
-    the encoder settings (pooling, lengths, instruction handling) and the original model name."""
+    the encoder settings (pooling, lengths, instruction handling) and the original model name. For a
+    hub id the file comes from the hub (or its cache), where ``hf_kwargs`` say."""
     from .encoding import CONFIG_KEYS
 
     path = os.path.join(os.fspath(folder), "llm2vec_config.json")
+    if not os.path.isdir(os.fspath(folder)) and _HUB_ID.match(os.fspath(folder)):
+        path = _hub_file(os.fspath(folder), "llm2vec_config.json", hub_kwargs(hf_kwargs or {})) or path
     if not os.path.isfile(path):
         return {}, None
     stored = read_json(path)
     return {k: v for k, v in stored.items() if k in CONFIG_KEYS}, stored.get("model_id")
+
+
+def _hub_file(repo_id: str, filename: str, kwargs: dict) -> str | None:
+    """``filename`` of a hub repo (downloaded or cached), ``None`` when the repo has none or cannot be reached."""
+    from huggingface_hub import hf_hub_download
+
+    kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
+    try:
+        return hf_hub_download(repo_id, filename, **kwargs)
+    except Exception:  # no such file, offline, gated: the checkpoint then has no stored settings
+        return None
 
 
 def has_weights(folder: str) -> bool:
@@ -97,7 +148,10 @@ def load_base_model(path: str, dtype: torch.dtype, hf_kwargs: dict) -> nn.Module
         base = read_json(adapter_cfg).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{adapter_cfg} names no base_model_name_or_path")
-        base_path, _ = resolve_model_path(base)
+        try:
+            base_path, _ = resolve_model_path(base)
+        except (FileNotFoundError, NotADirectoryError) as err:
+            raise FileNotFoundError(f"{adapter_cfg} names base_model_name_or_path {base!r}, which cannot be loaded: {err}") from None
         model = AutoModel.from_pretrained(base_path, dtype=dtype, **hf_kwargs)
         return apply_adapters(model, [path], merge_last=True)
     try:

@@ -161,3 +161,39 @@ def test_llm2vec_config_is_honoured_and_overridable(tiny_llama_dir):
 
 def test_dtype_default_is_fp32_on_cpu(default_encoder):
     assert next(default_encoder.model.parameters()).dtype == torch.float32
+
+
+def test_loading_names_dtypes_tokenizers_and_local_folders(tiny_llama_dir, tmp_path, monkeypatch):
+    """dtype names ("bf16", "torch.float16"), a folder without a tokenizer, and a local folder named
+    like the embedded model (it is loaded, not the embedded one)."""
+    import shutil
+
+    assert LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", dtype="bf16").model.dtype == torch.bfloat16
+    assert LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", dtype="torch.float16").model.dtype == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", dtype="int8")
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_llama_dir, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*", "special*"))
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+        LLM2Vec.from_pretrained(str(no_tokenizer), device="cpu")
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_llama_dir, tmp_path / "SmolLM2-135M-Instruct")
+    local = LLM2Vec.from_pretrained("SmolLM2-135M-Instruct", device="cpu")
+    assert local.hidden_size == LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu").hidden_size != 576
+
+
+def test_hub_checkpoint_settings_and_tokenizer_follow_hf_kwargs(tiny_llama_dir, tmp_path):
+    """A hub id (here from a local cache, offline): its llm2vec_config.json settings apply, and
+    cache_dir reaches the tokenizer too (it was loaded from the default cache only)."""
+    import json
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--fake-org--enc"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    stored = {"pooling_mode": "last_token", "max_length": 64, "skip_instruction": False}
+    (repo / "snapshots" / revision / "llm2vec_config.json").write_text(json.dumps(stored))
+    encoder = LLM2Vec.from_pretrained("fake-org/enc", device="cpu", cache_dir=str(tmp_path / "cache"), local_files_only=True)
+    assert (encoder.pooling_mode, encoder.max_length, encoder.skip_instruction) == ("last_token", 64, False)
