@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .bidirectional import PADDED_ATTENTION_ATTRIBUTE, UnsupportedArchitectureError
+from .bidirectional import PADDED_ATTENTION_ATTRIBUTE, SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 from .kernels import flash_attn_varlen
 
 ATTN_IMPLEMENTATION = "llm2vec_varlen"
@@ -35,10 +35,22 @@ _backend: contextvars.ContextVar[str] = contextvars.ContextVar("llm2vec_fast_ker
 # its per-thread mirror, read under torch.compile: dynamo cannot trace ContextVar.get, but it traces
 # (and guards on) a thread-local attribute, so a compiled packed forward follows the switch too
 _backend_for_compile = threading.local()
-# set while a packed forward runs (context-local): an attention call that gets no packing metadata
-# then belongs to a model that drops the kwargs on the way to its layers (transformers' Falcon does),
-# and attending over the whole packed row would mix the sequences
-_packed_forward: contextvars.ContextVar[bool] = contextvars.ContextVar("llm2vec_fast_packed_forward", default=False)
+
+
+class _PackedCall:
+    """Set while a packed forward runs (context-local; ``None`` otherwise): counts the attention calls
+    that got the packing metadata. A model that drops the kwargs on the way to its layers (Falcon in
+    transformers 5.25), or whose attention bypasses transformers' attention interface (Falcon in
+    5.17), would attend over the whole packed row and mix the sequences."""
+
+    attention_calls = 0
+
+
+_packed_forward: contextvars.ContextVar[_PackedCall | None] = contextvars.ContextVar("llm2vec_fast_packed_forward", default=None)
+_NO_PACKING = (
+    "so packed sequences would attend to each other; use the padded path (LLM2Vec packed=False, serve --no-packed, "
+    "training batch_layout: padded)"
+)
 
 
 @contextlib.contextmanager
@@ -90,12 +102,14 @@ def varlen_attention_forward(
     training, 0 in eval) is the kernel's attention dropout (Philox mask in the Triton kernels,
     ``torch.rand`` masks on the torch backend)."""
     cu_seqlens = kwargs.get("cu_seq_lens_q")
+    call = None if torch.compiler.is_compiling() else _packed_forward.get()
+    if call is not None and cu_seqlens is not None:
+        call.attention_calls += 1
     if cu_seqlens is None:
-        if not torch.compiler.is_compiling() and _packed_forward.get():
+        if call is not None:
             raise UnsupportedArchitectureError(
                 f"{type(module).__name__} got no packing metadata in a packed forward: this model does not pass its "
-                "keyword arguments on to its attention layers, so packed sequences would attend to each other; "
-                "use the padded path (LLM2Vec packed=False, serve --no-packed, training batch_layout: padded)"
+                f"keyword arguments on to its attention layers, {_NO_PACKING}"
             )
         padded = _padded_attention_function(module, bool(kwargs.get("softcap")))
         return padded(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -162,7 +176,7 @@ def register() -> str:
 @contextlib.contextmanager
 def padded_forward() -> Iterator[None]:
     """Mark the block as a padded forward, also when it runs inside a packed one."""
-    token = None if torch.compiler.is_compiling() else _packed_forward.set(False)
+    token = None if torch.compiler.is_compiling() else _packed_forward.set(None)
     try:
         yield
     finally:
@@ -181,7 +195,8 @@ def packed_hidden_states(net: nn.Module, model: nn.Module, features: dict) -> to
         raise ValueError("the packed path needs a bidirectional model (enable_bidirectional=True)")
     use_varlen_attention(decoder_of(model))
     cu_seqlens, max_seqlen = features["cu_seqlens"], features["max_seqlen"]
-    token = None if torch.compiler.is_compiling() else _packed_forward.set(True)  # dynamo cannot trace ContextVar.set
+    call = None if torch.compiler.is_compiling() else _PackedCall()  # dynamo cannot trace ContextVar.set
+    token = None if call is None else _packed_forward.set(call)
     try:
         out = net(
             input_ids=features["input_ids"],
@@ -194,6 +209,13 @@ def packed_hidden_states(net: nn.Module, model: nn.Module, features: dict) -> to
     finally:
         if token is not None:
             _packed_forward.reset(token)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    # the supported families route through the attention interface (also when compiled, where nothing counts)
+    if call is not None and call.attention_calls == 0 and model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"no attention layer of this {model_type} model received the packing metadata (its attention does not go "
+            f"through transformers' attention interface), {_NO_PACKING}"
+        )
     return out.last_hidden_state[0]
 
 
