@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..encoding import CONFIG_KEYS, EncodeMixin, check_encoder_settings
+from ..loading import TOKENIZER_FILES, has_tokenizer_files
 from ..prompting import EncodingInput
 from ..tokenization import padding_tokenizer
 from .wrapper import INPUT_NAMES, OUTPUT_NAME
@@ -24,8 +25,6 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "llm2vec_config.json"
-#: one of these holds the vocabulary (tokenizer.json from a fast tokenizer, the others from slow ones)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 GPU_INSTALL_HINT = "pip install llm2vec-fast[onnx-gpu]"
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 RUNTIMES = ("onnxruntime", "openvino")
@@ -135,7 +134,7 @@ class OnnxEncoder(EncodeMixin):
         if not model_file.is_file():
             raise FileNotFoundError(f"no {MODEL_FILE} in {str(folder)!r}; export one with `llm2vec-fast export`")
         missing = [name for name in (CONFIG_FILE, "tokenizer_config.json") if not (folder / name).is_file()]
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if not has_tokenizer_files(folder):
             missing.append(" or ".join(TOKENIZER_FILES))
         if missing:
             raise FileNotFoundError(

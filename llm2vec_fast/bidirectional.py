@@ -60,8 +60,11 @@ def decoder_of(model: nn.Module) -> nn.Module:
             model = model.get_base_model()
         if hasattr(model, "layers") and hasattr(model, "embed_tokens"):
             return model
-        prefix = getattr(model, "base_model_prefix", None)
-        inner = model.model if isinstance(model, LLM2Vec) else getattr(model, prefix, None) if prefix else None
+        if isinstance(model, LLM2Vec):
+            inner = model.model
+        else:
+            prefix = getattr(model, "base_model_prefix", None)
+            inner = getattr(model, prefix, None) if prefix else None
         if isinstance(inner, nn.Module):
             model = inner
         else:
@@ -71,6 +74,12 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 def _attention_modules(decoder: nn.Module) -> list[nn.Module]:
     return [m for m in decoder.modules() if hasattr(m, "is_causal") and m is not decoder]
+
+
+def is_supported_family(model: nn.Module) -> bool:
+    """Whether ``model`` (a decoder, a causal-LM, a peft or encoder wrapper of one) is of a family in
+    :data:`SUPPORTED_MODEL_TYPES`, the ones tested end to end (the packed path included)."""
+    return getattr(getattr(decoder_of(model), "config", None), "model_type", None) in SUPPORTED_MODEL_TYPES
 
 
 def check_supported(model: nn.Module) -> None:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .bidirectional import SUPPORTED_MODEL_TYPES, is_bidirectional
 from .bidirectional import enable_bidirectional as make_bidirectional
+from .bidirectional import is_bidirectional, is_supported_family
 from .cuda_graphs import DEFAULT_MAX_GRAPHS, PackedCudaGraphs
 from .default_model import default_adapter_paths, is_default_encoder
 from .encoding import (
@@ -178,7 +178,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
         check_quantization(quantization)
         check_rounding(fp8_rounding)
         if quantization == "fp8":  # before the weights load, and before the device check names CUDA alone
-            check_fp8_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+            check_fp8_device(device if device is not None else resolve_device(None))
         device = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -254,8 +254,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
         if self.packed is not None:
             return self.packed
         # by default only for the families tested packed: another decoder may drop the packing kwargs
-        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
-        return self.device.type == "cuda" and is_bidirectional(self.model) and model_type in SUPPORTED_MODEL_TYPES
+        return self.device.type == "cuda" and is_bidirectional(self.model) and is_supported_family(self.model)
 
     def collate_packed(self, items: Sequence[EncodingInput], device: torch.device | str | None = None) -> dict:
         """Padding-free batch (see :func:`llm2vec_fast.packing.pack`) on ``device``."""

@@ -96,11 +96,18 @@ def hub_kwargs(hf_kwargs: dict) -> dict:
     return {k: v for k, v in hf_kwargs.items() if k in HUB_KWARGS}
 
 
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a tokenizer's vocabulary (one of :data:`TOKENIZER_FILES`, or another
+    sentencepiece ``.model`` / tiktoken file)."""
+    if any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        return True
+    return any(name.endswith((".model", ".tiktoken")) for name in os.listdir(folder))
+
+
 def check_tokenizer_files(path: str) -> None:
     """A local folder must hold a tokenizer (transformers' error for a missing one blames sentencepiece)."""
-    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        if not any(name.endswith((".model", ".tiktoken")) for name in os.listdir(path)):
-            raise FileNotFoundError(f"{path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:4])}, ...): save the tokenizer there too")
+    if os.path.isdir(path) and not has_tokenizer_files(path):
+        raise FileNotFoundError(f"{path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:4])}, ...): save the tokenizer there too")
 
 
 def read_encoder_settings(folder: str | os.PathLike, hf_kwargs: dict | None = None) -> tuple[dict, str | None]:

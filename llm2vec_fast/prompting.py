@@ -82,9 +82,14 @@ def _is_pair(item: object) -> bool:
     return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
 
 
+def chat_wrapping(model_id: str | None) -> tuple[str, str] | None:
+    """``(prefix, suffix)`` the official library wraps ``model_id``'s inputs in, ``None`` for none."""
+    return CHAT_WRAPPING.get(model_id or "")
+
+
 def chat_wrap(text: str, model_id: str | None) -> str:
     """The official ``prepare_for_tokenization`` wrapping (without the EOS part)."""
-    wrap = CHAT_WRAPPING.get(model_id or "")
+    wrap = chat_wrapping(model_id)
     return f"{wrap[0]}{text.strip()}{wrap[1]}" if wrap else text
 
 
@@ -151,7 +156,7 @@ def prepare_inputs(
         combined = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
         combined = chat_wrap(combined, model_id)
         # the separator inserted above, not one inside the instruction (or, as before, the text)
-        start = len(CHAT_WRAPPING.get(model_id or "", ("", ""))[0]) + len(instruction.strip())
+        start = len((chat_wrapping(model_id) or ("", ""))[0]) + len(instruction.strip())
         at = combined.find(SEPARATOR, start)
         head, pooled = combined[:at], combined[at + len(SEPARATOR) :]
         heads.append(head)

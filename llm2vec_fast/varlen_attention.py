@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .bidirectional import PADDED_ATTENTION_ATTRIBUTE, SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
+from .bidirectional import PADDED_ATTENTION_ATTRIBUTE, UnsupportedArchitectureError
 from .kernels import flash_attn_varlen
 
 ATTN_IMPLEMENTATION = "llm2vec_varlen"
@@ -189,7 +189,7 @@ def packed_hidden_states(net: nn.Module, model: nn.Module, features: dict) -> to
     through ``net`` (``model`` itself, or a peft / DDP wrapper of it) with the varlen attention
     for ``model``'s decoder. ``model`` must be bidirectional. Nothing is switched around the call:
     the packing metadata in the kwargs selects the kernel (see the module docstring)."""
-    from .bidirectional import decoder_of, is_bidirectional
+    from .bidirectional import decoder_of, is_bidirectional, is_supported_family
 
     if not is_bidirectional(model):
         raise ValueError("the packed path needs a bidirectional model (enable_bidirectional=True)")
@@ -209,11 +209,10 @@ def packed_hidden_states(net: nn.Module, model: nn.Module, features: dict) -> to
     finally:
         if token is not None:
             _packed_forward.reset(token)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
     # the supported families route through the attention interface (also when compiled, where nothing counts)
-    if call is not None and call.attention_calls == 0 and model_type not in SUPPORTED_MODEL_TYPES:
+    if call is not None and call.attention_calls == 0 and not is_supported_family(model):
         raise UnsupportedArchitectureError(
-            f"no attention layer of this {model_type} model received the packing metadata (its attention does not go "
+            f"no attention layer of this {model.config.model_type} model received the packing metadata (its attention does not go "
             f"through transformers' attention interface), {_NO_PACKING}"
         )
     return out.last_hidden_state[0]

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..bidirectional import SUPPORTED_MODEL_TYPES, is_bidirectional
+from ..bidirectional import SUPPORTED_MODEL_TYPES, is_bidirectional, is_supported_family
 from ..kernels.flash_attn import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from ..packing import DEFAULT_MAX_TOKENS_PER_BATCH
 from ..prompting import EncodingInput
@@ -297,7 +297,7 @@ def why_not_packed(encoder) -> str | None:
     if not is_bidirectional(encoder.model):
         return "the model is causal (--no-bidirectional); the packed path is bidirectional"
     config = encoder.config
-    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+    if not is_supported_family(encoder.model):
         return f"{config.model_type} is not one of the families tested on the packed path ({', '.join(SUPPORTED_MODEL_TYPES)})"
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim not in SUPPORTED_HEAD_DIMS:

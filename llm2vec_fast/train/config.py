@@ -98,12 +98,12 @@ class TrainConfig:
                     continue
                 if not Path(path).is_file():
                     raise ConfigError(f"data file {path!r} does not exist")
+            from .trainer import written_paths  # here: trainer imports this module
+
             for adapter in self.peft:
                 if not (Path(adapter) / "adapter_config.json").is_file():
                     raise ConfigError(f"peft adapter {adapter!r} has no adapter_config.json")
-                out = Path(self.output_dir).resolve()
-                written = (out / "adapter", out / ".tmp-adapter", out / "checkpoints")  # replaced or cleared by the run
-                if any(Path(adapter).resolve().is_relative_to(place) for place in written):
+                if any(Path(adapter).resolve().is_relative_to(place.resolve()) for place in written_paths(self.output_dir)):
                     raise ConfigError(
                         f"peft adapter {adapter!r} lies where this run writes in its output_dir {self.output_dir!r} (its "
                         "adapter, which it overwrites, or its checkpoints, which it clears): set another output_dir"

@@ -26,6 +26,16 @@ from .data import BatchSchedule
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"  # final adapter: <output_dir>/adapter
+CHECKPOINTS_DIR = "checkpoints"  # <output_dir>/checkpoints/checkpoint-<step>
+
+
+def written_paths(output_dir: str | os.PathLike) -> tuple[Path, ...]:
+    """What a run replaces or clears in ``output_dir``: its adapter (and the temp dir it is written
+    to first) and its checkpoints."""
+    out = Path(output_dir)
+    return out / ADAPTER_DIR, out / f".tmp-{ADAPTER_DIR}", out / CHECKPOINTS_DIR
+
+
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -253,7 +263,7 @@ def seed_everything(seed: int) -> None:
 # -------------------------------------------------------------------------- checkpoints
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = Path(output_dir) / "checkpoints"
+    root = Path(output_dir) / CHECKPOINTS_DIR
     found = []
     for p in root.glob(f"{CHECKPOINT_PREFIX}*"):
         suffix = p.name[len(CHECKPOINT_PREFIX) :]
@@ -268,7 +278,7 @@ def save_checkpoint(stage: Stage, optimizer, scheduler, step: int, keep: int) ->
     import torch.distributed as dist
 
     rank, world = dist_info()
-    root = Path(stage.config.output_dir) / "checkpoints"
+    root = Path(stage.config.output_dir) / CHECKPOINTS_DIR
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
     rngs = [rng_state()]
@@ -398,7 +408,7 @@ def train(stage_name: str, config: TrainConfig, resume: bool = False, stop_after
             # an earlier run's checkpoints would outrank this run's in the rotation and in a later --resume
             logger.warning("%s holds an earlier run's checkpoints; deleting them and starting over (--resume continues it)", output_dir)
             if rank == 0:
-                shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+                shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
         if world > 1:
             dist.barrier()
         seed_everything(config.seed)
@@ -448,9 +458,8 @@ def train(stage_name: str, config: TrainConfig, resume: bool = False, stop_after
             if (step + 1) % config.save_steps == 0 and step + 1 < config.max_steps:
                 save_checkpoint(stage, optimizer, scheduler, step + 1, config.save_total_limit)
         bar.close()
-        final = output_dir / ADAPTER_DIR
+        final, tmp, _ = written_paths(output_dir)
         if rank == 0:
-            tmp = output_dir / f".tmp-{ADAPTER_DIR}"
             shutil.rmtree(tmp, ignore_errors=True)
             stage.save_adapter(tmp)
             shutil.rmtree(final, ignore_errors=True)
