@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (tests)
 from common import model_description  # noqa: E402
 from isolated_engines import EngineProcess, EngineSpec, plain_forward, time_in_turns  # noqa: E402,F401
-from llm2vec_fast.export.cpu_int8 import cpu_flags, cpu_name  # noqa: E402,F401  (bench_int8_gemm imports them from here)
+from llm2vec_fast.export.cpu_int8 import cpu_flags, cpu_name, int8_weight_bits  # noqa: E402,F401  (bench_int8_gemm imports the first two from here)
 from llm2vec_fast.export.exporter import DEFAULT_OPENVINO_FP32_LAYERS, DEFAULT_ROUNDINGS  # noqa: E402
 from llm2vec_fast.export.onnx_encoder import UNRECORDED_OPENVINO_GROUP_SIZE  # noqa: E402
 from llm2vec_fast.export.openvino_runtime import ACTIVATION_GROUP_SIZES, DYNAMIC_QUANTIZATION_GROUP_SIZE  # noqa: E402
@@ -132,11 +132,13 @@ def check_reused_openvino_export(folder: Path, options: dict) -> None:
         "activation_group_size": q.get("activation_group_size", UNRECORDED_OPENVINO_GROUP_SIZE),
         "fp32_layers": q.get("fp32_layers_asked", 0),
         "rounding": "gptq" if str(q.get("weight_rounding", "nearest")).startswith("GPTQ") else "nearest",
+        "weight_bits": q.get("weight_bits"),
     }
     asked = {
         "activation_group_size": options["activation_group_size"] or DYNAMIC_QUANTIZATION_GROUP_SIZE,
         "fp32_layers": DEFAULT_OPENVINO_FP32_LAYERS if options["fp32_layers"] is None else options["fp32_layers"],
         "rounding": options.get("rounding") or DEFAULT_ROUNDINGS["int8-openvino"],
+        "weight_bits": int8_weight_bits(options.get("weights") or "auto", runtime="openvino"),
     }
     if made != asked:
         raise SystemExit(f"bench_onnx: {folder} was exported with {made}, not {asked}: delete it or pick another --export-dir")
@@ -258,7 +260,7 @@ def run(args) -> dict:
     for p in precisions:
         folder = folders[p] = export_root / p
         if p == "int8-openvino" and (folder / "model.onnx").is_file():
-            check_reused_openvino_export(folder, openvino_options)
+            check_reused_openvino_export(folder, {**openvino_options, "weights": args.int8_weights})
         if not (folder / "model.onnx").is_file():
             print(f"exporting {p} -> {folder}", file=sys.stderr)
             int8 = Int8Options(

@@ -5,7 +5,7 @@ it with the same ``encode()`` API as :class:`~llm2vec_fast.LLM2Vec`.
 """
 
 from .exporter import ExportValidationError, Int8Options, ValidationConfig, export_onnx
-from .onnx_encoder import OnnxEncoder
+from .onnx_encoder import OnnxEncoder, OpenVINOFp32Warning
 from .precisions import PRECISIONS, THRESHOLDS
 from .wrapper import NotExportableError
 
@@ -13,6 +13,7 @@ __all__ = [
     "export_onnx",
     "Int8Options",
     "OnnxEncoder",
+    "OpenVINOFp32Warning",
     "PRECISIONS",
     "THRESHOLDS",
     "ExportValidationError",

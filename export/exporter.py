@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +76,12 @@ class Int8Options:
     """How ``precision="int8"`` quantizes.
 
     Args:
-        weights: ``"7bit"`` (int8's default, runs right on every CPU), ``"auto"`` (8-bit weights on
-            a CPU with VNNI or AMX, 7-bit otherwise: see ``cpu_int8``; int8-openvino's default) or
-            ``"8bit"``; ``None`` is the precision's default. An 8-bit export
-            gives wrong results on an x86 CPU without VNNI/AMX (int16 saturation); ``OnnxEncoder``
-            warns there. 8-bit is not the default yet: on the untrained default model it let
+        weights: ``"7bit"`` (int8's default, runs right on every CPU), ``"auto"`` (int8-openvino's
+            default: 8-bit on every CPU, since OpenVINO never saturates; for int8, 8-bit on a CPU
+            with VNNI or AMX, 7-bit otherwise: see ``cpu_int8``) or ``"8bit"``; ``None`` is the
+            precision's default. An 8-bit int8 export gives wrong results under ONNX Runtime on an
+            x86 CPU without VNNI/AMX (int16 saturation); ``OnnxEncoder`` warns there. 8-bit is not
+            int8's default yet: on the untrained default model it let
             calibration keep 17 layers whose export then missed validation on very short inputs
             ("Hello world.": worst cosine 0.940, the torch simulation agrees, so not saturation),
             where 7-bit keeps 16 and passes.
@@ -258,11 +260,16 @@ def export_onnx(
         if validate:
             runtime_name = "OpenVINO" if precision_runtime(precision) == "openvino" else "ONNX Runtime"
             say(f"validation: {runtime_name} vs torch at several batch shapes" + (", STS-B dev" if config.stsb_pairs else ""))
+            simulated = precision == "int8-openvino" and int8_graph.simulate_activations
+            if simulated:
+                save_model(int8_graph.validation_graph(), work / MODEL_FILE)
             report.update(_validate(reference, work, precision, config))
             failures = check_report(report)
             if failures and precision in INT8_PRECISIONS and int8.validation_fallback:
                 failures = _int8_validation_fallback(int8_graph, reference, work, config, report, failures, say)
-                report["file_size_bytes"] = model_size(work)
+            if simulated:  # the export itself leaves the rounding to OpenVINO
+                save_model(int8_graph.build(len(int8_graph.quantization["int8_layers"])), work / MODEL_FILE)
+            report["file_size_bytes"] = model_size(work)
             report["status"] = "failed" if failures else "ok"
             report["failures"] = failures
         (work / REPORT_FILE).write_text(json.dumps(report, indent=2))
@@ -382,6 +389,9 @@ class _Int8Graph:
         model = copy.deepcopy(self.fp32_model) if self.rebuildable else self.fp32_model
         return quantize.embeddings_to_fp16(quantize.rowwise_int8_matmuls(model, names, self.levels, self.weights))
 
+    def validation_graph(self, k: int):
+        return self.build(k)  # ONNX Runtime runs the int8 graph itself on every CPU
+
 
 class _CachedEncodes:
     """The torch encoder with each ``encode`` result kept, so that re-validating another graph
@@ -422,6 +432,7 @@ class _OpenVINOInt8Graph:
     quantization: dict
     fp32_layers: int = 0  # the most sensitive layers in fp32 from the first build
     weights: dict | None = None  # MatMul name -> GPTQ's int8 weight and scale (graph layout); None: nearest
+    simulate_activations: bool = False  # OpenVINO keeps activations fp32 on this CPU: validate with them rounded in the graph
     _order: list | None = None
 
     @property
@@ -467,18 +478,36 @@ class _OpenVINOInt8Graph:
         model = quantize.weight_only_int8_matmuls(copy.deepcopy(self.fp32_model), names, self.levels, self.weights)
         return quantize.embeddings_to_fp16(model)
 
+    def validation_graph(self, k: int | None = None):
+        """``build(k)``, with OpenVINO's activation rounding simulated in the graph where this CPU's
+        OpenVINO would not round them (``simulate_activations``): what a VNNI CPU computes."""
+        from . import quantize
+
+        model = self.build(k)
+        return quantize.simulate_activation_rounding(model, self.group_size) if self.simulate_activations else model
+
 
 def _int8_openvino(onnx_model, encoder, inputs: list, info: dict, say, options: Int8Options, smoothing: dict) -> _OpenVINOInt8Graph:
     """Every decoder MatMul with int8 weights (``quantize.weight_only_int8_matmuls``; GPTQ-rounded
     on OpenVINO's activation rounding by default), for OpenVINO's run-time activation quantization
     (``openvino_runtime``); fp16 embedding table."""
     from .calibrate import decoder_layer_linears
-    from .cpu_int8 import WEIGHT_LEVELS, cpu_flags, cpu_name, int8_weight_bits
+    from .cpu_int8 import WEIGHT_LEVELS, cpu_flags, cpu_name, int8_weight_bits, openvino_quantizes_activations
     from .gptq import gptq_decoder_weights
     from .int8_rounding import fake_int8_groups
+    from .onnx_encoder import OpenVINOFp32Warning
     from .openvino_runtime import DYNAMIC_QUANTIZATION_GROUP_SIZE
 
-    bits = int8_weight_bits(options.weights or "auto")
+    bits = int8_weight_bits(options.weights or "auto", runtime="openvino")
+    simulate = not openvino_quantizes_activations()
+    if simulate:
+        warnings.warn(
+            "this CPU has no VNNI (AVX-VNNI or AVX-512 VNNI), so OpenVINO runs the int8-openvino export here in fp32 with "
+            "the int8 weights widened (about fp32 speed); it runs on int8 GEMMs on CPUs with VNNI, whose activation "
+            "rounding validation simulates in the graph. For int8 speed on this CPU, export --precision int8 (ONNX Runtime).",
+            OpenVINOFp32Warning,
+            stacklevel=3,
+        )
     group = options.activation_group_size or DYNAMIC_QUANTIZATION_GROUP_SIZE
     rounding = options.rounding or DEFAULT_ROUNDINGS["int8-openvino"]
     layers = [sorted(layer) for layer in decoder_layer_linears(encoder)]
@@ -507,13 +536,16 @@ def _int8_openvino(onnx_model, encoder, inputs: list, info: dict, say, options: 
         "cpu_flags": cpu_flags(),
         "activations": f"int8, dynamic, per token and group of {group} input channels (OpenVINO)",
         "activation_group_size": group,
+        "validated_activation_rounding": (
+            "simulated in the graph as OpenVINO rounds on a VNNI CPU (OpenVINO computes fp32 on this CPU)" if simulate else "OpenVINO's own"
+        ),
         "fp32_layers_asked": options.fp32_layers,
         "embedding": "fp16",
         "decoder_layers": len(layers),
         "smoothing": smoothing,
     }
     return _OpenVINOInt8Graph(
-        onnx_model, encoder, inputs, layers, WEIGHT_LEVELS[bits], group, info["quantization"], options.fp32_layers, weights
+        onnx_model, encoder, inputs, layers, WEIGHT_LEVELS[bits], group, info["quantization"], options.fp32_layers, weights, simulate
     )
 
 
@@ -535,7 +567,7 @@ def _int8_validation_fallback(
         if k <= 0:
             break  # an int8 export without int8 layers is not what was asked for
         say(f"validation missed ({'; '.join(failures)}): {k} int8 layers, the most sensitive back in fp32")
-        save_model(graph.build(k), work / MODEL_FILE)
+        save_model(graph.validation_graph(k), work / MODEL_FILE)
         report.update(_validate(reference, work, precision, config))
         failures = check_report(report)
     if not failures:
@@ -698,11 +730,13 @@ def _write_encoder_files(
 def _validate(reference: _CachedEncodes, folder: Path, precision: str, config: ValidationConfig) -> dict:
     """Validation numbers of the export in ``folder`` against the torch encoder (its embeddings
     and bf16's figures cached in ``reference``)."""
-    from .onnx_encoder import OnnxEncoder
+    from .onnx_encoder import OnnxEncoder, OpenVINOFp32Warning
 
     runtime = precision_runtime(precision)
     providers = config.providers if runtime == "onnxruntime" else None
-    onnx_encoder = OnnxEncoder.from_pretrained(folder, providers=providers, num_threads=config.num_threads, runtime=runtime)
+    with warnings.catch_warnings():  # the export has said it once, for the output folder
+        warnings.simplefilter("ignore", OpenVINOFp32Warning)
+        onnx_encoder = OnnxEncoder.from_pretrained(folder, providers=providers, num_threads=config.num_threads, runtime=runtime)
     thresholds = THRESHOLDS[precision].as_dict()
     result = {"providers": onnx_encoder.providers}
     if precision in INT8_PRECISIONS:  # the worst-sentence bar is relative to bf16 on the same texts

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,18 +63,40 @@ def resolve_providers(providers: str | Sequence | None, available: Sequence[str]
 
 def _check_int8_weights(config: dict, providers: list, folder: Path) -> None:
     """8-bit int8 weights saturate in ONNX Runtime's CPU GEMM on x86 without VNNI/AMX (see
-    ``cpu_int8``): say so instead of returning quietly wrong embeddings."""
-    import platform
-
-    from .cpu_int8 import has_int8_dot
+    ``cpu_int8``): say so instead of returning quietly wrong embeddings. The int8-openvino graph's
+    weights sit behind a ``DequantizeLinear``, which neither runtime multiplies with the saturating
+    instruction (ONNX Runtime's 8-bit ``MatMulNBits`` on an AVX2 EPYC: worst cosine 0.993)."""
+    from .cpu_int8 import has_int8_dot, is_x86
 
     first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-    on_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-    if config.get("onnx", {}).get("int8_weight_bits") == 8 and first == "CPUExecutionProvider" and on_x86 and not has_int8_dot():
+    onnx_config = config.get("onnx", {})
+    if onnx_config.get("precision") == "int8-openvino" or onnx_config.get("int8_weight_bits") != 8:
+        return
+    if first == "CPUExecutionProvider" and is_x86() and not has_int8_dot():
         logger.warning(
             "%s holds 8-bit int8 weights, which need a CPU with VNNI or AMX; this CPU has neither, so ONNX Runtime's "
             "int8 GEMM saturates and the embeddings are wrong. Re-export on this machine (or with --int8-weights 7bit).",
             folder,
+        )
+
+
+class OpenVINOFp32Warning(UserWarning):
+    """OpenVINO runs an int8-openvino export in fp32 on this CPU (no VNNI): right, but not faster."""
+
+
+def _check_openvino_int8(folder: Path) -> None:
+    """An int8-openvino export runs on int8 GEMMs only where OpenVINO quantizes activations (x86:
+    VNNI, see ``cpu_int8``); elsewhere it computes in fp32 from the widened int8 weights (right, and
+    about as slow as fp32): say so, with the export that is fast on this CPU."""
+    from .cpu_int8 import openvino_quantizes_activations
+
+    if not openvino_quantizes_activations():
+        warnings.warn(
+            f"{folder} is an int8-openvino export: OpenVINO runs it on int8 GEMMs only on a CPU with VNNI (AVX-VNNI or "
+            "AVX-512 VNNI), which this one lacks, so here it multiplies in fp32 with the int8 weights widened (about fp32 "
+            "speed). For int8 speed on this CPU, export --precision int8 (ONNX Runtime).",
+            OpenVINOFp32Warning,
+            stacklevel=3,
         )
 
 
@@ -164,6 +187,8 @@ class OnnxEncoder(EncodeMixin):
 
             if providers not in (None, "cpu", "CPUExecutionProvider") or session_options is not None:
                 raise ValueError("runtime='openvino' runs on the CPU; providers and session_options are ONNX Runtime settings")
+            if precision == "int8-openvino":
+                _check_openvino_int8(folder)
             _check_int8_weights(config, ["CPUExecutionProvider"], folder)
             # the group size the export was validated with; int8-openvino folders written before it was
             # recorded were validated with 32

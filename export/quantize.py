@@ -314,6 +314,60 @@ def weight_only_int8_matmuls(
     return _replace_int8_weight_matmuls(model, names, weight_levels, dequantized, weights)
 
 
+def simulate_activation_rounding(model: onnx.ModelProto, group: int) -> onnx.ModelProto:
+    """A :func:`weight_only_int8_matmuls` graph in which every MatMul with int8 weights
+    gets its input quantized and dequantized in the graph as OpenVINO's CPU plugin quantizes it on
+    a CPU with VNNI (symmetric int8, one scale per token and group of ``group`` input channels, one
+    per token where the channels do not split into whole groups: ``int8_rounding.fake_int8_groups``).
+    On an x86 CPU without VNNI OpenVINO keeps those inputs in fp32 (``cpu_int8``), so this copy is
+    what validation runs there to see the embeddings a VNNI CPU computes; it is never saved as the
+    export. Modifies ``model``."""
+    ed = _GraphEditor(model)
+    int8_weights = {t.name: tuple(t.dims) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2}
+    in_channels = {
+        n.output[0]: int8_weights[n.input[0]][0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights
+    }
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    # ReduceMax takes its axes as an input from opset 18, as an attribute before
+    axes_in, axes_attr = ([ed.const("groupq/axis_last", np.array([-1], np.int64))], {}) if opset >= 18 else ([], {"axes": [-1]})
+    levels = ed.const("groupq/levels", np.array(ROW_ACTIVATION_LEVELS, np.float32))
+    tiny = ed.const("groupq/tiny", np.array(1e-30, np.float32))
+    rounded: dict[str, str] = {}  # x -> its rounded copy, shared by q/k/v and gate/up
+    nodes: list = []
+    for node in model.graph.node:
+        k = in_channels.get(node.input[1]) if node.op_type == "MatMul" else None
+        if k is None:
+            nodes.append(node)
+            continue
+        x = node.input[0]
+        if x not in rounded:
+            t = f"{node.name}/groupq"
+            width = group if k % group == 0 else k
+            nodes += [
+                helper.make_node("Shape", [x], [f"{t}/x_shape"], name=f"{t}/Shape"),
+                helper.make_node(
+                    "Reshape", [x, ed.const(f"{t}/groups", np.array([-1, width], np.int64))], [f"{t}/grouped"], name=f"{t}/Group"
+                ),
+                helper.make_node("Abs", [f"{t}/grouped"], [f"{t}/abs"], name=f"{t}/Abs"),
+                helper.make_node("ReduceMax", [f"{t}/abs", *axes_in], [f"{t}/max"], name=f"{t}/ReduceMax", keepdims=1, **axes_attr),
+                helper.make_node("Max", [f"{t}/max", tiny], [f"{t}/max_safe"], name=f"{t}/MaxTiny"),
+                helper.make_node("Div", [levels, f"{t}/max_safe"], [f"{t}/inverse_step"], name=f"{t}/InverseStep"),
+                helper.make_node("Div", [f"{t}/max_safe", levels], [f"{t}/step"], name=f"{t}/Step"),
+                helper.make_node("Mul", [f"{t}/grouped", f"{t}/inverse_step"], [f"{t}/scaled"], name=f"{t}/Scale"),
+                helper.make_node("Round", [f"{t}/scaled"], [f"{t}/codes"], name=f"{t}/Round"),
+                helper.make_node("Mul", [f"{t}/codes", f"{t}/step"], [f"{t}/dequantized"], name=f"{t}/Dequantize"),
+                helper.make_node("Reshape", [f"{t}/dequantized", f"{t}/x_shape"], [f"{t}/rounded"], name=f"{t}/Ungroup"),
+            ]
+            rounded[x] = f"{t}/rounded"
+        simulated = onnx.NodeProto()
+        simulated.CopyFrom(node)
+        simulated.input[0] = rounded[x]
+        nodes.append(simulated)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    return ed.finish()
+
+
 # ------------------------------------------------------------ int8 with per-row activation scales
 
 

@@ -822,13 +822,20 @@ def test_int8_validation_fallback_can_be_turned_off(tiny_encoder, tmp_path, monk
 
 
 def test_bench_onnx_refuses_an_int8_openvino_export_made_with_other_options(tmp_path):
-    """A reused --export-dir folder is timed only if it was exported with the options asked for
-    (a report without them is an export from before they existed: group 32, no fp32 layers asked,
+    """A reused --export-dir folder is timed only if it was exported with the options asked for,
+    weight bits included (a report without them is an export from before they existed: group 32, no fp32 layers asked,
     nearest rounding)."""
     bench = _bench_module()
     folder = tmp_path / "int8-openvino"
     folder.mkdir()
-    report = {"quantization": {"activation_group_size": 64, "fp32_layers_asked": 3, "weight_rounding": "GPTQ (sequential, act-order)"}}
+    report = {
+        "quantization": {
+            "activation_group_size": 64,
+            "fp32_layers_asked": 3,
+            "weight_rounding": "GPTQ (sequential, act-order)",
+            "weight_bits": 8,
+        }
+    }
     (folder / "export_report.json").write_text(json.dumps(report))
     bench.check_reused_openvino_export(folder, {"activation_group_size": 64, "fp32_layers": 3, "rounding": None})
     bench.check_reused_openvino_export(folder, {"activation_group_size": 64, "fp32_layers": 3, "rounding": "gptq"})
@@ -838,12 +845,13 @@ def test_bench_onnx_refuses_an_int8_openvino_export_made_with_other_options(tmp_
         {"activation_group_size": 64, "fp32_layers": 0, "rounding": None},
         {"activation_group_size": 64, "fp32_layers": None, "rounding": None},
         {"activation_group_size": 64, "fp32_layers": 3, "rounding": "nearest"},
+        {"activation_group_size": 64, "fp32_layers": 3, "rounding": None, "weights": "7bit"},  # int8-openvino's weights: 8-bit
     ):
         with pytest.raises(SystemExit, match="was exported with"):
             bench.check_reused_openvino_export(folder, other)
     # a folder from before the group size and rounding were recorded: group 32, nearest
-    (folder / "export_report.json").write_text(json.dumps({"quantization": {}}))
-    bench.check_reused_openvino_export(folder, {"activation_group_size": 32, "fp32_layers": 0, "rounding": "nearest"})
+    (folder / "export_report.json").write_text(json.dumps({"quantization": {"weight_bits": 7}}))
+    bench.check_reused_openvino_export(folder, {"activation_group_size": 32, "fp32_layers": 0, "rounding": "nearest", "weights": "7bit"})
     with pytest.raises(SystemExit, match="was exported with"):
         bench.check_reused_openvino_export(folder, {"activation_group_size": 32, "fp32_layers": 0, "rounding": None})
     facts = bench.export_facts(folder)
@@ -899,3 +907,20 @@ def test_cpu_name_carries_family_and_model(monkeypatch, tmp_path):
     assert cpu_int8.cpu_name() == "AMD EPYC (family 26, model 2)"
     info.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
     assert cpu_int8.cpu_name() == "Some CPU"
+
+
+def test_int8_weight_bits_and_openvino_activations_follow_the_cpu():
+    """ONNX Runtime's int8 GEMM saturates 8-bit weights without VNNI/AMX, so int8's ``auto`` is 8-bit
+    only with them; OpenVINO never saturates (VNNI, or fp32 from widened weights), so ``auto`` is
+    8-bit for it everywhere; OpenVINO quantizes activations on x86 only with AVX-VNNI or AVX-512 VNNI."""
+    from llm2vec_fast.export.cpu_int8 import int8_weight_bits, openvino_quantizes_activations
+
+    avx2, zen4, alder_lake = {"avx2", "fma"}, {"avx2", "avx512f", "avx512_vnni"}, {"avx2", "avx_vnni"}
+    assert [int8_weight_bits("auto", flags) for flags in (avx2, zen4, alder_lake)] == [7, 8, 8]
+    assert [int8_weight_bits("auto", flags, runtime="openvino") for flags in (avx2, zen4, alder_lake)] == [8, 8, 8]
+    assert int8_weight_bits("7bit", zen4, runtime="openvino") == 7 and int8_weight_bits("8bit", avx2) == 8
+    assert [openvino_quantizes_activations(flags, "x86_64") for flags in (avx2, zen4, alder_lake)] == [False, True, True]
+    assert openvino_quantizes_activations({"avx2", "amx_int8", "avx512_vnni"}, "AMD64")
+    assert openvino_quantizes_activations(set(), "aarch64")  # not measured elsewhere: no warning
+    with pytest.raises(ValueError, match="must be one of"):
+        int8_weight_bits("9bit")

@@ -85,6 +85,7 @@ def test_weight_only_int8_graph_is_the_rounded_weights():
     64 channels, as asked) stays close to it even with a token 1,000x larger than the others."""
     import onnx
     import onnxruntime as ort
+    from llm2vec_fast.export.cpu_int8 import openvino_quantizes_activations
     from llm2vec_fast.export.openvino_runtime import OpenVINOSession
     from llm2vec_fast.export.quantize import quantize_columns, weight_only_int8_matmuls
     from onnx import helper, numpy_helper
@@ -115,12 +116,72 @@ def test_weight_only_int8_graph_is_the_rounded_weights():
     path = Path(tempfile.mkdtemp()) / "m.onnx"
     onnx.save(model, path)
     by_group = {}
+    int8_activations = openvino_quantizes_activations()
     for group in (32, 64):
         y_ov, z_ov = by_group[group] = OpenVINOSession(path, num_threads=1, activation_group_size=group).run(None, {"x": x})
         rel = np.linalg.norm(y_ov - x @ rounded, axis=-1) / np.linalg.norm(x @ rounded, axis=-1)
-        assert 1e-4 < rel.max() < 0.02  # int8 activations (not fp32); the huge token is no worse than the others
+        if int8_activations:
+            assert 1e-4 < rel.max() < 0.02  # int8 activations (not fp32); the huge token is no worse than the others
+        else:  # x86 without VNNI: OpenVINO widens the int8 weights and multiplies in fp32
+            assert rel.max() < 1e-5
         np.testing.assert_allclose(z_ov, x @ v, rtol=1e-4, atol=1e-2)
-    assert not np.array_equal(by_group[32][0], by_group[64][0])  # the group size reaches OpenVINO
+    if int8_activations:
+        assert not np.array_equal(by_group[32][0], by_group[64][0])  # the group size reaches OpenVINO
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize("group", [32, 64])
+def test_simulated_activation_rounding_is_openvinos_rounding_in_the_graph(opset, group):
+    """``simulate_activation_rounding``: each MatMul with int8 weights multiplies its input rounded
+    per token and group of ``group`` channels (per token where its channels do not split into whole
+    groups), the rounding the export's GPTQ calibrates on (``fake_int8_groups``); inputs shared by
+    two such MatMuls are rounded once; fp32 MatMuls keep their input. Under OpenVINO on a CPU that
+    keeps activations in fp32 it computes the same."""
+    import onnx
+    import onnxruntime as ort
+    from llm2vec_fast.export.cpu_int8 import openvino_quantizes_activations
+    from llm2vec_fast.export.int8_rounding import fake_int8_groups
+    from llm2vec_fast.export.openvino_runtime import OpenVINOSession
+    from llm2vec_fast.export.quantize import quantize_columns, simulate_activation_rounding, weight_only_int8_matmuls
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.normal(size=(128, 64)).astype(np.float32), rng.normal(size=(128, 16)).astype(np.float32)
+    w3, v = rng.normal(size=(96, 32)).astype(np.float32), rng.normal(size=(128, 32)).astype(np.float32)  # 96: no whole 64-groups
+    f32 = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["y1"], name="/q/MatMul"),
+            helper.make_node("MatMul", ["x", "w2"], ["y2"], name="/k/MatMul"),
+            helper.make_node("MatMul", ["u", "w3"], ["y3"], name="/o/MatMul"),
+            helper.make_node("MatMul", ["x", "v"], ["z"], name="/fp32/MatMul"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", f32, [None, None, 128]), helper.make_tensor_value_info("u", f32, [None, None, 96])],
+        [helper.make_tensor_value_info(n, f32, [None, None, k]) for n, k in (("y1", 64), ("y2", 16), ("y3", 32), ("z", 32))],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"), (v, "v"))],
+    )
+    model = helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = simulate_activation_rounding(weight_only_int8_matmuls(model, {"/q/MatMul", "/k/MatMul", "/o/MatMul"}, 63), group)
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node].count("Round") == 2  # x once for q and k, u once
+    x, u = rng.normal(size=(2, 7, 128)).astype(np.float32), rng.normal(size=(2, 7, 96)).astype(np.float32)
+    x[0, 0, :group] *= 1e3  # a huge group leaves the token's other groups as fine as before
+    x[1, 3] = 0.0  # an all-zero token stays zero
+    xr, ur = (fake_int8_groups(torch.from_numpy(a), group).numpy() for a in (x, u))
+    assert not np.allclose(xr, x)
+    rounded = {n: (lambda q, s: q.astype(np.float32) * s)(*quantize_columns(w, 63)) for n, w in (("w1", w1), ("w2", w2), ("w3", w3))}
+    expected = [xr @ rounded["w1"], xr @ rounded["w2"], ur @ rounded["w3"], x @ v]
+    basic = ort.SessionOptions()
+    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    got = ort.InferenceSession(model.SerializeToString(), basic, providers=["CPUExecutionProvider"]).run(None, {"x": x, "u": u})
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=2e-3)
+    if not openvino_quantizes_activations():
+        path = Path(tempfile.mkdtemp()) / "m.onnx"
+        onnx.save(model, path)
+        for g, e in zip(OpenVINOSession(path, num_threads=1).run(None, {"x": x, "u": u}), expected):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=2e-3)
 
 
 def test_activation_group_size_is_checked():
@@ -157,7 +218,6 @@ def test_int8_openvino_export_runs_its_int8_layers_under_openvino(int8_openvino_
     import logging
 
     import onnx
-    from llm2vec_fast.export.cpu_int8 import int8_weight_bits
 
     encoder, folder = int8_openvino_export
     graph = onnx.load(folder / "model.onnx")
@@ -165,7 +225,7 @@ def test_int8_openvino_export_runs_its_int8_layers_under_openvino(int8_openvino_
     layers = encoder.model.config.num_hidden_layers
     assert ops.count("DequantizeLinear") == 7 * (layers - 1) and "MatMulIntegerToFloat" not in ops
     config = json.loads((folder / "llm2vec_config.json").read_text())
-    assert config["onnx"]["precision"] == "int8-openvino" and config["onnx"]["int8_weight_bits"] == int8_weight_bits("auto")
+    assert config["onnx"]["precision"] == "int8-openvino" and config["onnx"]["int8_weight_bits"] == 8
     assert config["onnx"]["activation_group_size"] == 64
     ov = OnnxEncoder.from_pretrained(folder, num_threads=1)
     assert ov.runtime == "openvino" and ov.session.activation_group_size == 64
@@ -230,6 +290,65 @@ def test_int8_openvino_validation_fallback_keeps_the_most_sensitive_layer_in_fp3
     assert len(weights) == q["int8_matmuls"] == 7 and all(f"layers.{1 - most_sensitive}/" in w for w in weights)
 
 
+def test_int8_openvino_validation_sees_int8_activations_on_a_cpu_without_vnni(int8_openvino_export, tmp_path, monkeypatch, caplog):
+    """Where OpenVINO keeps activations in fp32 (x86 without VNNI) the export says so once, every
+    validation try (fallback included) runs the graph with OpenVINO's activation rounding simulated
+    in it (what a VNNI CPU computes, not the fp32 product), the report says so, and the saved graph
+    leaves the rounding to OpenVINO; opening the folder there warns, without the 8-bit saturation
+    warning (OpenVINO widens the weights). With VNNI none of this happens."""
+    import json
+    import logging
+    import shutil
+    import warnings
+
+    import onnx
+    from llm2vec_fast.export import OpenVINOFp32Warning, ValidationConfig, cpu_int8
+    from llm2vec_fast.export import exporter as exporter_module
+
+    encoder, _ = int8_openvino_export
+    real_validate, real_check = exporter_module._validate, exporter_module.check_report
+    rounds_seen = []
+
+    def validate(reference, folder, precision, config):
+        rounds_seen.append(sum(n.op_type == "Round" for n in onnx.load(folder / "model.onnx").graph.node))
+        return real_validate(reference, folder, precision, config)
+
+    monkeypatch.setattr(exporter_module, "_validate", validate)
+    monkeypatch.setattr(
+        exporter_module, "check_report", lambda r: real_check(r) + (["fallback"] if r["quantization"]["int8_matmuls"] > 7 else [])
+    )
+    monkeypatch.setattr(cpu_int8, "has_int8_dot", lambda flags=None: False)
+    for vnni in (True, False):
+        monkeypatch.setattr(cpu_int8, "openvino_quantizes_activations", lambda flags=None, machine=None, vnni=vnni: vnni)
+        rounds_seen.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            folder = export_onnx(
+                encoder,
+                tmp_path / f"vnni-{vnni}",
+                precision="int8-openvino",
+                validate=ValidationConfig(stsb_pairs=0),
+                int8=exporter_module.Int8Options(fp32_layers=0),
+            )
+        assert sum(issubclass(w.category, OpenVINOFp32Warning) for w in caught) == (0 if vnni else 1)
+        assert rounds_seen == ([0, 0] if vnni else [8, 4])  # per int8 layer: q/k/v's input, o's, gate/up's, down's
+        q = json.loads((folder / "export_report.json").read_text())["quantization"]
+        assert ("simulated" in q["validated_activation_rounding"]) == (not vnni) and len(q["validation_fallback"]) == 1
+        nodes = onnx.load(folder / "model.onnx").graph.node
+        assert not any(n.op_type == "Round" for n in nodes) and sum(n.op_type == "DequantizeLinear" for n in nodes) == 7
+        eight_bit = tmp_path / f"8bit-{vnni}"
+        shutil.copytree(folder, eight_bit)
+        config = json.loads((eight_bit / "llm2vec_config.json").read_text())
+        config["onnx"]["int8_weight_bits"] = 8
+        (eight_bit / "llm2vec_config.json").write_text(json.dumps(config))
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+            warnings.simplefilter("always")
+            caplog.clear()
+            OnnxEncoder.from_pretrained(eight_bit, num_threads=1)
+        assert sum(issubclass(w.category, OpenVINOFp32Warning) for w in caught) == (0 if vnni else 1)
+        assert "saturates" not in caplog.text
+
+
 def test_fake_int8_groups_matches_per_group_rounding():
     from llm2vec_fast.export.int8_rounding import fake_int8_groups, fake_int8_rows
 
@@ -264,7 +383,7 @@ def test_int8_openvino_rounds_its_weights_with_gptq_on_openvinos_activation_roun
     import onnx
     from llm2vec_fast.export import Int8Options, ValidationConfig, gptq
     from llm2vec_fast.export.calibrate import decoder_layer_linears
-    from llm2vec_fast.export.cpu_int8 import WEIGHT_LEVELS, int8_weight_bits
+    from llm2vec_fast.export.cpu_int8 import WEIGHT_LEVELS
     from llm2vec_fast.export.int8_rounding import fake_int8_groups
     from llm2vec_fast.export.quantize import quantize_columns
     from onnx import numpy_helper
@@ -314,7 +433,7 @@ def test_int8_openvino_rounds_its_weights_with_gptq_on_openvinos_activation_roun
     q = json.loads((nearest / "export_report.json").read_text())["quantization"]
     assert q["weight_rounding"] == "nearest"
     stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(nearest / "model.onnx").graph.initializer}
-    levels = WEIGHT_LEVELS[int8_weight_bits("auto")]
+    levels = WEIGHT_LEVELS[8]  # int8-openvino: 8-bit on every CPU
     modules = {name: m for layer in decoder_layer_linears(encoder) for name, m in layer.items()}
     assert set(modules) == set(weights)
     for name, module in modules.items():  # no smoothing: the encoder's own weights, rounded to nearest

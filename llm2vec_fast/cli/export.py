@@ -41,8 +41,8 @@ def add_parser(sub) -> None:
         choices=("7bit", "auto", "8bit"),
         default=None,
         help=(
-            "int8 weights (default: 7bit for int8, right on every CPU; auto for int8-openvino); "
-            "8bit needs VNNI or AMX where the export runs; auto = 8bit if this CPU has them"
+            "int8 weights (default: 7bit for int8, right on every CPU; auto for int8-openvino, which is 8bit on "
+            "every CPU); int8 with 8bit needs VNNI or AMX where it runs; for int8, auto = 8bit if this CPU has them"
         ),
     )
     p.add_argument(
