@@ -314,12 +314,18 @@ def weight_only_int8_matmuls(
     return _replace_int8_weight_matmuls(model, names, weight_levels, dequantized, weights)
 
 
+def _last_axis_reduce_args(ed: _GraphEditor, model: onnx.ModelProto, prefix: str) -> tuple[list[str], dict]:
+    """ReduceMax over the last axis: its axes as an input from opset 18, as an attribute before."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    return ([ed.const(f"{prefix}/axis_last", np.array([-1], np.int64))], {}) if opset >= 18 else ([], {"axes": [-1]})
+
+
 def simulate_activation_rounding(model: onnx.ModelProto, group: int) -> onnx.ModelProto:
     """A :func:`weight_only_int8_matmuls` graph in which every MatMul with int8 weights
     gets its input quantized and dequantized in the graph as OpenVINO's CPU plugin quantizes it on
     a CPU with VNNI (symmetric int8, one scale per token and group of ``group`` input channels, one
     per token where the channels do not split into whole groups: ``int8_rounding.fake_int8_groups``).
-    On an x86 CPU without VNNI OpenVINO keeps those inputs in fp32 (``cpu_int8``), so this copy is
+    On an x86 CPU without VNNI OpenVINO keeps those inputs in fp32 (``cpu_int8``), so this graph is
     what validation runs there to see the embeddings a VNNI CPU computes; it is never saved as the
     export. Modifies ``model``."""
     ed = _GraphEditor(model)
@@ -327,9 +333,7 @@ def simulate_activation_rounding(model: onnx.ModelProto, group: int) -> onnx.Mod
     in_channels = {
         n.output[0]: int8_weights[n.input[0]][0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights
     }
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    # ReduceMax takes its axes as an input from opset 18, as an attribute before
-    axes_in, axes_attr = ([ed.const("groupq/axis_last", np.array([-1], np.int64))], {}) if opset >= 18 else ([], {"axes": [-1]})
+    axes_in, axes_attr = _last_axis_reduce_args(ed, model, "groupq")
     levels = ed.const("groupq/levels", np.array(ROW_ACTIVATION_LEVELS, np.float32))
     tiny = ed.const("groupq/tiny", np.array(1e-30, np.float32))
     rounded: dict[str, str] = {}  # x -> its rounded copy, shared by q/k/v and gate/up
@@ -391,9 +395,7 @@ def rowwise_int8_matmuls(
     nearest with ``weight_levels``. Modifies ``model``."""
     ed = _GraphEditor(model)
     nodes: list = []
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    # ReduceMax takes its axes as an input from opset 18, as an attribute before
-    axes_in, axes_attr = ([ed.const("rowq/axis_last", np.array([-1], np.int64))], {}) if opset >= 18 else ([], {"axes": [-1]})
+    axes_in, axes_attr = _last_axis_reduce_args(ed, model, "rowq")
     levels = ed.const("rowq/levels", np.array(ROW_ACTIVATION_LEVELS, np.float32))
     tiny = ed.const("rowq/tiny", np.array(1e-30, np.float32))
     one = ed.const("rowq/one", np.array(1.0, np.float32))
