@@ -246,7 +246,9 @@ def export_onnx(
             onnx_model = int8_graph.build(len(int8_graph.order))
         elif precision == "int8-openvino":
             int8_graph = _int8_openvino(onnx_model, source, calibration, info, say, int8, smoothing)
-            onnx_model = int8_graph.build()
+            # the graph validation runs (OpenVINO's rounding simulated in it on a CPU without VNNI);
+            # a simulated one is replaced by the export itself once validation is done
+            onnx_model = int8_graph.validation_graph() if validate else int8_graph.build()
         else:
             onnx_model = _convert(onnx_model, precision, info, say)
         shutil.rmtree(work / "fp32", ignore_errors=True)
@@ -261,8 +263,6 @@ def export_onnx(
             runtime_name = "OpenVINO" if precision_runtime(precision) == "openvino" else "ONNX Runtime"
             say(f"validation: {runtime_name} vs torch at several batch shapes" + (", STS-B dev" if config.stsb_pairs else ""))
             simulated = precision == "int8-openvino" and int8_graph.simulate_activations
-            if simulated:
-                save_model(int8_graph.validation_graph(), work / MODEL_FILE)
             report.update(_validate(reference, work, precision, config))
             failures = check_report(report)
             if failures and precision in INT8_PRECISIONS and int8.validation_fallback:

@@ -314,10 +314,31 @@ def weight_only_int8_matmuls(
     return _replace_int8_weight_matmuls(model, names, weight_levels, dequantized, weights)
 
 
-def _last_axis_reduce_args(ed: _GraphEditor, model: onnx.ModelProto, prefix: str) -> tuple[list[str], dict]:
-    """ReduceMax over the last axis: its axes as an input from opset 18, as an attribute before."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    return ([ed.const(f"{prefix}/axis_last", np.array([-1], np.int64))], {}) if opset >= 18 else ([], {"axes": [-1]})
+class _RowSteps:
+    """Per-row (last axis) symmetric int8 steps in a graph: ``step = max(max|x|, tiny) / 127`` and
+    ``x / step``, shared by the per-token export (:func:`rowwise_int8_matmuls`) and the simulation
+    of OpenVINO's rounding (:func:`simulate_activation_rounding`) so both round alike. Its constants
+    are named under ``prefix``; ReduceMax takes its axes as an input from opset 18, as an attribute
+    before."""
+
+    def __init__(self, ed: _GraphEditor, model: onnx.ModelProto, prefix: str):
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        self.axes_in = [ed.const(f"{prefix}/axis_last", np.array([-1], np.int64))] if opset >= 18 else []
+        self.axes_attr = {} if opset >= 18 else {"axes": [-1]}
+        self.levels = ed.const(f"{prefix}/levels", np.array(ROW_ACTIVATION_LEVELS, np.float32))
+        self.tiny = ed.const(f"{prefix}/tiny", np.array(1e-30, np.float32))
+
+    def nodes(self, x: str, t: str) -> list:
+        """Nodes that compute ``{t}/step`` (keepdims) and ``{t}/scaled`` (``x / step``, in
+        ``[-127, 127]``) from ``x``."""
+        return [
+            helper.make_node("Abs", [x], [f"{t}/abs"], name=f"{t}/Abs"),
+            helper.make_node("ReduceMax", [f"{t}/abs", *self.axes_in], [f"{t}/max"], name=f"{t}/ReduceMax", keepdims=1, **self.axes_attr),
+            helper.make_node("Max", [f"{t}/max", self.tiny], [f"{t}/max_safe"], name=f"{t}/MaxTiny"),
+            helper.make_node("Div", [self.levels, f"{t}/max_safe"], [f"{t}/inverse_step"], name=f"{t}/InverseStep"),
+            helper.make_node("Div", [f"{t}/max_safe", self.levels], [f"{t}/step"], name=f"{t}/Step"),
+            helper.make_node("Mul", [x, f"{t}/inverse_step"], [f"{t}/scaled"], name=f"{t}/Scale"),
+        ]
 
 
 def simulate_activation_rounding(model: onnx.ModelProto, group: int) -> onnx.ModelProto:
@@ -333,9 +354,7 @@ def simulate_activation_rounding(model: onnx.ModelProto, group: int) -> onnx.Mod
     in_channels = {
         n.output[0]: int8_weights[n.input[0]][0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights
     }
-    axes_in, axes_attr = _last_axis_reduce_args(ed, model, "groupq")
-    levels = ed.const("groupq/levels", np.array(ROW_ACTIVATION_LEVELS, np.float32))
-    tiny = ed.const("groupq/tiny", np.array(1e-30, np.float32))
+    steps = _RowSteps(ed, model, "groupq")
     rounded: dict[str, str] = {}  # x -> its rounded copy, shared by q/k/v and gate/up
     nodes: list = []
     for node in model.graph.node:
@@ -352,21 +371,14 @@ def simulate_activation_rounding(model: onnx.ModelProto, group: int) -> onnx.Mod
                 helper.make_node(
                     "Reshape", [x, ed.const(f"{t}/groups", np.array([-1, width], np.int64))], [f"{t}/grouped"], name=f"{t}/Group"
                 ),
-                helper.make_node("Abs", [f"{t}/grouped"], [f"{t}/abs"], name=f"{t}/Abs"),
-                helper.make_node("ReduceMax", [f"{t}/abs", *axes_in], [f"{t}/max"], name=f"{t}/ReduceMax", keepdims=1, **axes_attr),
-                helper.make_node("Max", [f"{t}/max", tiny], [f"{t}/max_safe"], name=f"{t}/MaxTiny"),
-                helper.make_node("Div", [levels, f"{t}/max_safe"], [f"{t}/inverse_step"], name=f"{t}/InverseStep"),
-                helper.make_node("Div", [f"{t}/max_safe", levels], [f"{t}/step"], name=f"{t}/Step"),
-                helper.make_node("Mul", [f"{t}/grouped", f"{t}/inverse_step"], [f"{t}/scaled"], name=f"{t}/Scale"),
+                *steps.nodes(f"{t}/grouped", t),
                 helper.make_node("Round", [f"{t}/scaled"], [f"{t}/codes"], name=f"{t}/Round"),
                 helper.make_node("Mul", [f"{t}/codes", f"{t}/step"], [f"{t}/dequantized"], name=f"{t}/Dequantize"),
                 helper.make_node("Reshape", [f"{t}/dequantized", f"{t}/x_shape"], [f"{t}/rounded"], name=f"{t}/Ungroup"),
             ]
             rounded[x] = f"{t}/rounded"
-        simulated = onnx.NodeProto()
-        simulated.CopyFrom(node)
-        simulated.input[0] = rounded[x]
-        nodes.append(simulated)
+        node.input[0] = rounded[x]
+        nodes.append(node)
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     return ed.finish()
@@ -395,9 +407,7 @@ def rowwise_int8_matmuls(
     nearest with ``weight_levels``. Modifies ``model``."""
     ed = _GraphEditor(model)
     nodes: list = []
-    axes_in, axes_attr = _last_axis_reduce_args(ed, model, "rowq")
-    levels = ed.const("rowq/levels", np.array(ROW_ACTIVATION_LEVELS, np.float32))
-    tiny = ed.const("rowq/tiny", np.array(1e-30, np.float32))
+    steps = _RowSteps(ed, model, "rowq")
     one = ed.const("rowq/one", np.array(1.0, np.float32))
     a_zero = ed.const("rowq/a_zero_point", np.array(128, np.uint8))
     quantized: dict[str, tuple[str, str]] = {}  # x -> (uint8 codes, row step), shared by q/k/v and gate/up
@@ -410,12 +420,7 @@ def rowwise_int8_matmuls(
         if x not in quantized:
             t = f"{base}/rowq"
             nodes += [
-                helper.make_node("Abs", [x], [f"{t}/abs"], name=f"{t}/Abs"),
-                helper.make_node("ReduceMax", [f"{t}/abs", *axes_in], [f"{t}/max"], name=f"{t}/ReduceMax", keepdims=1, **axes_attr),
-                helper.make_node("Max", [f"{t}/max", tiny], [f"{t}/max_safe"], name=f"{t}/MaxTiny"),
-                helper.make_node("Div", [levels, f"{t}/max_safe"], [f"{t}/inverse_step"], name=f"{t}/InverseStep"),
-                helper.make_node("Div", [f"{t}/max_safe", levels], [f"{t}/step"], name=f"{t}/Step"),
-                helper.make_node("Mul", [x, f"{t}/inverse_step"], [f"{t}/scaled"], name=f"{t}/Scale"),
+                *steps.nodes(x, t),
                 # |scaled| <= 127: round half to even, + 128, saturate to uint8 in one op
                 helper.make_node("QuantizeLinear", [f"{t}/scaled", one, a_zero], [f"{t}/codes"], name=f"{t}/Codes"),
             ]
