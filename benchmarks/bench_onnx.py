@@ -67,6 +67,18 @@ INSTRUCTIONS = (
 )
 
 
+def held_out_inputs(sentences: int, dev: list | None = None) -> tuple[list[str], list[list[str]]]:
+    """The held-out text the benchmark scores: ``sentences`` STS-B dev sentences after the pairs
+    export validation reads (``dev[:200]``), and ``[instruction, text]`` pairs of the first half
+    of them (at least 8)."""
+    from llm2vec_fast.stsb import load_stsb
+
+    dev = load_stsb("dev") if dev is None else dev
+    texts = list(dict.fromkeys(s for a, b, _ in dev[200:] for s in (a, b)))[:sentences]
+    pairs = [[INSTRUCTIONS[i % len(INSTRUCTIONS)], s] for i, s in enumerate(texts[: max(sentences // 2, 8)])]
+    return texts, pairs
+
+
 class BusyMachineError(RuntimeError):
     pass
 
@@ -234,9 +246,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=True, dtype="float32", device="cpu")
     dev = load_stsb("dev")
-    # speed/cosine text: dev sentences after the pairs export validation scores (dev[:200])
-    texts = list(dict.fromkeys(s for a, b, _ in dev[200:] for s in (a, b)))[: args.sentences]
-    pairs = [[INSTRUCTIONS[i % len(INSTRUCTIONS)], s] for i, s in enumerate(texts[: max(args.sentences // 2, 8)])]
+    texts, pairs = held_out_inputs(args.sentences, dev)
 
     export_root = args.export_dir or Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     model = str(args.model) if args.model else None

@@ -149,13 +149,19 @@ def render_table(result: dict) -> str:
         f"{result['held_out']['plain']} held-out STS-B dev sentences / {result['held_out']['instructions']} "
         f"[instruction, text] pairs; GPTQ on {result['calibration_inputs']} STS-B train inputs.",
         "",
-        "| configuration | mean cos | worst cos | mean cos (instr.) | worst cos (instr.) |",
-        "|---|---|---|---|---|",
+        *cosine_table(result["rows"], "configuration", "config"),
     ]
-    for r in result["rows"]:
-        p, i = r["plain"], r["instructions"]
-        lines.append(f"| {r['config']} | {p['mean_cos']:.4f} | {p['min_cos']:.4f} | {i['mean_cos']:.4f} | {i['min_cos']:.4f} |")
     return "\n".join(lines)
+
+
+def cosine_table(rows: list[dict], heading: str, key: str) -> list[str]:
+    """Markdown lines: per row, ``row[key]`` and its mean / worst cosine on plain text and on
+    instruction pairs (``row["plain"]``, ``row["instructions"]``)."""
+    lines = [f"| {heading} | mean cos | worst cos | mean cos (instr.) | worst cos (instr.) |", "|---|---|---|---|---|"]
+    for r in rows:
+        p, i = r["plain"], r["instructions"]
+        lines.append(f"| {r[key]} | {p['mean_cos']:.4f} | {p['min_cos']:.4f} | {i['mean_cos']:.4f} | {i['min_cos']:.4f} |")
+    return lines
 
 
 if __name__ == "__main__":

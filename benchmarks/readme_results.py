@@ -358,6 +358,16 @@ def int8_levers_table(result: dict) -> str:
     return render_table(result)
 
 
+def int8_perturbation_table(result: dict) -> str:
+    """int8_perturbation.py owns its table."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from int8_perturbation import render_table
+
+    return render_table(result)
+
+
 def int8_gemm_table(result: dict) -> str:
     lines = [
         f"{result['cpu']} ({', '.join(result['cpu_flags'])}), {result['threads']} threads, M = {result['rows'][0]['m']} rows, "
@@ -546,6 +556,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "int8-levers": ("int8-levers.json", int8_levers_table),
     "int8-levers-trained": ("int8-levers-trained.json", int8_levers_table),
     "int8-levers-qat": ("int8-levers-qat.json", int8_levers_table),
+    "int8-perturbation-epyc-zen3": ("int8-perturbation-epyc-zen3.json", int8_perturbation_table),
     "serve-cpu": ("serve-cpu.json", serve_table),
     "encode_dataset-cpu": ("encode_dataset-cpu.json", dataset_table),
     "recipe-sts": ("recipe_sts.json", recipe_sts_table),

@@ -924,3 +924,35 @@ def test_int8_weight_bits_and_openvino_activations_follow_the_cpu():
     assert openvino_quantizes_activations(set(), "aarch64")  # not measured elsewhere: no warning
     with pytest.raises(ValueError, match="must be one of"):
         int8_weight_bits("9bit")
+
+
+def test_int8_perturbation_script_compares_graph_and_simulation(tiny_llama_dir, tiny_exports, tmp_path, capsys):
+    """benchmarks/int8_perturbation.py simulates the int8 export's own integers (read from the
+    graph) on the export's smoothed encoder: unperturbed, it computes what the graph computes;
+    perturbed draws move the cosines; inputs that move a lot are listed. It refuses exports that
+    are not int8."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "int8_perturbation.py"
+    spec = importlib.util.spec_from_file_location("int8_perturbation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "perturbation.json"
+    argv = ["--model", tiny_llama_dir, "--export", str(tiny_exports["int8"]), "--sentences", "16", "--draws", "2", "--eps", "0.05"]
+    assert module.main([*argv, "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    engines = [r["engine"] for r in result["rows"]]
+    assert engines == ["graph (ONNX Runtime)", "simulation", "simulation, perturbed draw 1", "simulation, perturbed draw 2"]
+    graph, simulated, draw1 = (result["rows"][i] for i in range(3))
+    report = json.loads((tiny_exports["int8"] / "export_report.json").read_text())["quantization"]
+    assert result["export"]["int8_layers"] == len(report["int8_layers"]) >= 1
+    for kind in ("plain", "instructions"):
+        assert simulated[kind]["min_cos"] < 0.99999  # int8 changes something
+        assert abs(graph[kind]["mean_cos"] - simulated[kind]["mean_cos"]) < 0.05 * (1 - simulated[kind]["mean_cos"])
+        assert draw1[kind]["mean_cos"] != simulated[kind]["mean_cos"]
+    assert set(result["knife_edge_inputs"]) == {"plain", "instructions"}
+    assert "| graph (ONNX Runtime) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="needs an int8 export"):
+        module.main(["--model", tiny_llama_dir, "--export", str(tiny_exports["fp32"]), "--output", str(tmp_path / "no.json")])
+    with pytest.raises(SystemExit, match="not an export folder"):
+        module.main(["--model", tiny_llama_dir, "--export", str(tmp_path), "--output", str(tmp_path / "no.json")])
