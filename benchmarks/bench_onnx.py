@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (tests)
 from common import model_description  # noqa: E402
 from isolated_engines import EngineProcess, EngineSpec, plain_forward, time_in_turns  # noqa: E402,F401
-from llm2vec_fast.export.cpu_int8 import cpu_flags, cpu_name, int8_weight_bits  # noqa: E402,F401  (bench_int8_gemm imports the first two from here)
+from llm2vec_fast.export.cpu_int8 import BF16_GEMM_FLAGS, cpu_flags, cpu_name, int8_weight_bits  # noqa: E402,F401  (bench_int8_gemm imports cpu_flags and cpu_name from here)
 from llm2vec_fast.export.exporter import DEFAULT_OPENVINO_FP32_LAYERS, DEFAULT_ROUNDINGS  # noqa: E402
 from llm2vec_fast.export.onnx_encoder import UNRECORDED_OPENVINO_GROUP_SIZE  # noqa: E402
 from llm2vec_fast.export.openvino_runtime import ACTIVATION_GROUP_SIZES, DYNAMIC_QUANTIZATION_GROUP_SIZE  # noqa: E402
@@ -58,7 +58,6 @@ MAX_BASELINE_RATIO = 1.5
 # Each engine runs in its own process (isolated_engines); the pause lets the previous engine's
 # threads stop spin-waiting before the next one starts.
 ENGINE_PAUSE_S = 0.25
-BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 TABLES = {"onnx-cpu.json": "bench_onnx", "onnx-cpu-trained.json": "bench_onnx_trained"}
 INSTRUCTIONS = (
     "Retrieve semantically similar text:",
@@ -282,7 +281,7 @@ def run(args) -> dict:
     if openvino:  # the same folders under OpenVINO (f32 inference: the graph's precision)
         for p in precisions:
             onnx_engines[f"openvino-{p}"] = (p, "openvino", None)
-        if "fp32" in precisions and BF16_FLAGS & set(cpu_flags()):  # its CPU default where the CPU has bf16
+        if "fp32" in precisions and set(BF16_GEMM_FLAGS) & set(cpu_flags()):  # its CPU default where the CPU has bf16
             onnx_engines["openvino-fp32-bf16-inference"] = ("fp32", "openvino", "bf16")
     for name, (p, runtime, inference) in onnx_engines.items():
         specs[name] = EngineSpec("onnx", folder=str(folders[p]), runtime=runtime, inference_precision=inference)

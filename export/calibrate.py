@@ -99,15 +99,43 @@ class Int8Simulator(QuantSimulator):
         return self._rounded[name]
 
 
-def bf16_copy(encoder):
+class Fp32AccumulatedBf16Linear(nn.Linear):
+    """A bf16 ``nn.Linear`` computed as a bf16 GEMM computes it (bf16 inputs and weights, products
+    summed in fp32, the result rounded to bf16) through an fp32 GEMM. On a CPU without bf16
+    instructions torch's own bf16 GEMM took 8x the time of fp32 (the export's bf16 bar, 54 s of
+    128 instruction pairs on an AVX2-only Zen 3; this: 7 s). The outputs differ by one bf16 ulp on
+    1 element in 10,000 (summation order); the embeddings agree with torch's bf16 to 1e-4 in
+    cosine except on knife-edge inputs (``benchmarks/int8_perturbation.py``), where either can land
+    on either side (docs/export.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+
+
+def bf16_copy(encoder, fp32_accumulated_linears: bool | None = None):
     """A bfloat16 copy of ``encoder`` (the int8 fidelity bar is relative to bf16's, see
-    ``precisions.int8_min_cos``); the encoder itself is untouched."""
+    ``precisions.int8_min_cos``); the encoder itself is untouched.
+
+    ``fp32_accumulated_linears``: run its linear layers as :class:`Fp32AccumulatedBf16Linear`
+    (same numbers, fp32 speed). ``None``: where torch's bf16 GEMMs would be slow (a CPU encoder on
+    a CPU without bf16 instructions, ``cpu_int8.has_bf16_gemm``); timing torch's own bf16 asks
+    ``False``."""
     import copy
 
     from ..encoding import CONFIG_KEYS
+    from .cpu_int8 import has_bf16_gemm
 
+    model = copy.deepcopy(encoder.model).to(torch.bfloat16)
+    if fp32_accumulated_linears is None:
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        fp32_accumulated_linears = on_cpu and not has_bf16_gemm()
+    if fp32_accumulated_linears:
+        for module in model.modules():
+            if type(module) is nn.Linear:  # not subclasses with their own forward
+                module.__class__ = Fp32AccumulatedBf16Linear
     return type(encoder)(
-        copy.deepcopy(encoder.model).to(torch.bfloat16),
+        model,
         encoder.tokenizer,
         model_id=encoder.model_id,
         packed=encoder.packed,

@@ -25,6 +25,7 @@ from pathlib import Path
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot products into int32: no saturation
 OPENVINO_INT8_FLAGS = ("avx512_vnni", "avx_vnni")  # OpenVINO quantizes MatMul inputs only with one of these
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+BF16_GEMM_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 bf16 dot products: torch's bf16 GEMMs are fast only with one of these
 WEIGHT_LEVELS = {7: 63, 8: 127}  # symmetric integer range per weight bits
 WEIGHT_CHOICES = ("auto", "7bit", "8bit")
 
@@ -70,6 +71,15 @@ def has_int8_dot(flags: set[str] | None = None) -> bool:
 
 def is_x86(machine: str | None = None) -> bool:
     return (machine or platform.machine()).lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def has_bf16_gemm(flags: set[str] | None = None, machine: str | None = None) -> bool:
+    """Whether torch's CPU bf16 GEMMs run on bf16 instructions here: on x86 only with AVX512-BF16 or
+    AMX-BF16 (without, they took 8x the time of fp32 on an AVX2-only Zen 3); elsewhere assumed."""
+    if not is_x86(machine):
+        return True
+    flags = all_cpu_flags() if flags is None else flags
+    return any(f in flags for f in BF16_GEMM_FLAGS)
 
 
 def openvino_quantizes_activations(flags: set[str] | None = None, machine: str | None = None) -> bool:

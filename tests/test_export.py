@@ -926,6 +926,48 @@ def test_int8_weight_bits_and_openvino_activations_follow_the_cpu():
         int8_weight_bits("9bit")
 
 
+def test_bf16_copy_sums_linear_products_in_fp32_where_bf16_gemms_are_slow(tiny_encoder, monkeypatch):
+    """The bf16 bar's copy runs its linear layers through fp32 GEMMs on CPUs without bf16
+    instructions: bf16 inputs and weights, fp32 sums, a bf16 result, as torch's bf16 GEMM computes
+    (one bf16 ulp apart at most, rarely); with bf16 instructions, or asked, torch's own bf16."""
+    import torch
+    from llm2vec_fast.export import cpu_int8
+    from llm2vec_fast.export.calibrate import Fp32AccumulatedBf16Linear, bf16_copy
+    from torch import nn
+
+    assert cpu_int8.has_bf16_gemm({"avx2", "avx512_bf16"}, "x86_64") and cpu_int8.has_bf16_gemm({"amx_bf16"}, "x86_64")
+    assert not cpu_int8.has_bf16_gemm({"avx2", "avx512_vnni"}, "x86_64") and cpu_int8.has_bf16_gemm(set(), "aarch64")
+
+    torch.manual_seed(0)
+    native = nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(33, 64).to(torch.bfloat16)
+    emulated = nn.Linear(64, 48).to(torch.bfloat16)
+    emulated.load_state_dict(native.state_dict())
+    emulated.__class__ = Fp32AccumulatedBf16Linear
+    got, want = emulated(x), native(x)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    ulp = (want.float().abs() * 2**-7).clamp(min=1e-30)
+    assert ((got.float() - want.float()).abs() <= ulp).all()
+
+    def linear_types(encoder):
+        return {type(m) for m in encoder.model.modules() if isinstance(m, nn.Linear)}
+
+    monkeypatch.setattr(cpu_int8, "has_bf16_gemm", lambda flags=None, machine=None: False)
+    slow_cpu = bf16_copy(tiny_encoder)
+    assert linear_types(slow_cpu) == {Fp32AccumulatedBf16Linear}
+    assert next(slow_cpu.model.parameters()).dtype == torch.bfloat16
+    assert linear_types(bf16_copy(tiny_encoder, fp32_accumulated_linears=False)) == {nn.Linear}
+    assert linear_types(tiny_encoder) == {nn.Linear}  # the encoder itself is untouched
+    monkeypatch.setattr(cpu_int8, "has_bf16_gemm", lambda flags=None, machine=None: True)
+    assert linear_types(bf16_copy(tiny_encoder)) == {nn.Linear}
+    texts = TEXTS + [["Find a paraphrase of the given sentence", "It rains."]]
+    fp32 = tiny_encoder.encode(texts, convert_to_numpy=True)
+    own = bf16_copy(tiny_encoder, fp32_accumulated_linears=False).encode(texts, convert_to_numpy=True)
+    summed = slow_cpu.encode(texts, convert_to_numpy=True)
+    assert cosine_rows(summed, own).min() > 0.9999  # the same bf16 arithmetic
+    assert cosine_rows(summed, fp32).min() < 0.99999  # and still bf16's error
+
+
 def test_int8_perturbation_script_compares_graph_and_simulation(tiny_llama_dir, tiny_exports, tmp_path, capsys):
     """benchmarks/int8_perturbation.py simulates the int8 export's own integers (read from the
     graph) on the export's smoothed encoder: unperturbed, it computes what the graph computes;
