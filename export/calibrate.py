@@ -118,7 +118,7 @@ def bf16_copy(encoder, fp32_accumulated_linears: bool | None = None):
     ``precisions.int8_min_cos``); the encoder itself is untouched.
 
     ``fp32_accumulated_linears``: run its linear layers as :class:`Fp32AccumulatedBf16Linear`
-    (same numbers, fp32 speed). ``None``: where torch's bf16 GEMMs would be slow (a CPU encoder on
+    (the same arithmetic at fp32 speed). ``None``: where torch's bf16 GEMMs would be slow (a CPU encoder on
     a CPU without bf16 instructions, ``cpu_int8.has_bf16_gemm``); timing torch's own bf16 asks
     ``False``."""
     import copy
