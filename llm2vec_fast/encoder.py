@@ -38,6 +38,7 @@ from .loading import (
     hub_kwargs,
     load_base_model,
     merge_lora,
+    offline_hint,
     read_encoder_settings,
     resolve_device,
     resolve_model_path,
@@ -193,6 +194,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
                 raise
             raise OSError(
                 f"{path!r} is no local folder (from {os.getcwd()}) and could not be loaded from the Hugging Face hub: {err}"
+                + offline_hint(hf_kwargs)
             ) from err
         model = load_base_model(path, dtype, hf_kwargs)
         adapters = _as_list(peft_model_name_or_path)

@@ -96,6 +96,21 @@ def hub_kwargs(hf_kwargs: dict) -> dict:
     return {k: v for k, v in hf_kwargs.items() if k in HUB_KWARGS}
 
 
+def offline_hint(hf_kwargs: dict) -> str:
+    """What to add to a failed hub load's error: without internet, ``HF_HUB_OFFLINE=1`` (or
+    ``local_files_only=True``) skips huggingface_hub's connection retries (about 50 s before an
+    unreachable hub id fails) and loads cached models from the cache alone. Empty when either is
+    already set."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or hf_kwargs.get("local_files_only"):
+        return ""
+    return (
+        " Without internet, set HF_HUB_OFFLINE=1 (or pass local_files_only=True): the hub client retries the connection "
+        "for about 50 s first, and a cached model loads from the cache alone."
+    )
+
+
 def has_tokenizer_files(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a tokenizer's vocabulary (one of :data:`TOKENIZER_FILES`, or another
     sentencepiece ``.model`` / tiktoken file)."""

@@ -197,3 +197,27 @@ def test_hub_checkpoint_settings_and_tokenizer_follow_hf_kwargs(tiny_llama_dir, 
     (repo / "snapshots" / revision / "llm2vec_config.json").write_text(json.dumps(stored))
     encoder = LLM2Vec.from_pretrained("fake-org/enc", device="cpu", cache_dir=str(tmp_path / "cache"), local_files_only=True)
     assert (encoder.pooling_mode, encoder.max_length, encoder.skip_instruction) == ("last_token", 64, False)
+
+
+def test_a_hub_id_that_cannot_load_says_how_to_skip_the_hub_retries(monkeypatch):
+    """A hub id that is no local folder and does not load names the folder it was looked up from,
+    the hub's error, and, unless the hub is already off, HF_HUB_OFFLINE=1 / local_files_only=True
+    (the hub client otherwise retries the connection for about 50 s on a machine without internet)."""
+    import huggingface_hub.constants
+    import transformers
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(OSError, match="no local folder") as err:
+        LLM2Vec.from_pretrained("someone/no-such-encoder", device="cpu")
+    assert "couldn't connect" in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
+    with pytest.raises(OSError, match="no local folder") as err:
+        LLM2Vec.from_pretrained("someone/no-such-encoder", device="cpu", local_files_only=True)
+    assert "HF_HUB_OFFLINE" not in str(err.value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="no local folder") as err:
+        LLM2Vec.from_pretrained("someone/no-such-encoder", device="cpu")
+    assert "HF_HUB_OFFLINE" not in str(err.value)
