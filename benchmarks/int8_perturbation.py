@@ -18,9 +18,11 @@ Writes ``benchmarks/results/int8-perturbation.json`` (or ``--output``) and print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,25 +72,19 @@ def simulated_encoder(encoder, report: dict, graph):
     return source
 
 
-def perturbed_embeddings(encoder, eps: float, seed: int):
-    """A context manager: within it, ``encoder``'s token embeddings are multiplied by
-    ``1 + eps * N(0, 1)`` (seeded)."""
+@contextlib.contextmanager
+def perturbed_embeddings(encoder, eps: float, seed: int) -> Iterator[None]:
+    """Within the block, ``encoder``'s token embeddings are multiplied by ``1 + eps * N(0, 1)`` (seeded)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    table = encoder.model.get_input_embeddings()
-    return _Hook(table, lambda _m, _a, out: out * (1 + eps * torch.randn(out.shape, generator=generator, dtype=out.dtype)))
-
-
-class _Hook:
-    def __init__(self, module, hook):
-        self.module, self.hook = module, hook
-
-    def __enter__(self):
-        self.handle = self.module.register_forward_hook(self.hook)
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+    hook = encoder.model.get_input_embeddings().register_forward_hook(
+        lambda _m, _a, out: out * (1 + eps * torch.randn(out.shape, generator=generator, dtype=out.dtype))
+    )
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def summary(cos: np.ndarray, inputs: list) -> dict:

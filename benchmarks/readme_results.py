@@ -338,34 +338,17 @@ def gpu_results(results: Path) -> str:
     return "\n\n".join(blocks) if blocks else "(no GPU results yet: run `bash benchmarks/gpu_suite.sh` on a GPU)"
 
 
-def matryoshka_table(result: dict) -> str:
-    """recipe_matryoshka.py owns its table (also printed by its --table)."""
-    import sys
+def script_table(script: str, function: str = "render_table") -> Callable[[dict], str]:
+    """The table renderer of ``benchmarks/<script>.py``: that script owns its table (and prints it)."""
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from recipe_matryoshka import markdown_table
+    def render(result: dict) -> str:
+        import importlib
+        import sys
 
-    return markdown_table(result)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        return getattr(importlib.import_module(script), function)(result)
 
-
-def int8_levers_table(result: dict) -> str:
-    """int8_levers.py owns its table."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from int8_levers import render_table
-
-    return render_table(result)
-
-
-def int8_perturbation_table(result: dict) -> str:
-    """int8_perturbation.py owns its table."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from int8_perturbation import render_table
-
-    return render_table(result)
+    return render
 
 
 def int8_gemm_table(result: dict) -> str:
@@ -553,14 +536,14 @@ def summary_table(results: Path) -> str:
 
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "int8-gemm-cpu": ("int8-gemm-cpu.json", int8_gemm_table),
-    "int8-levers": ("int8-levers.json", int8_levers_table),
-    "int8-levers-trained": ("int8-levers-trained.json", int8_levers_table),
-    "int8-levers-qat": ("int8-levers-qat.json", int8_levers_table),
-    "int8-perturbation-epyc-zen3": ("int8-perturbation-epyc-zen3.json", int8_perturbation_table),
+    "int8-levers": ("int8-levers.json", script_table("int8_levers")),
+    "int8-levers-trained": ("int8-levers-trained.json", script_table("int8_levers")),
+    "int8-levers-qat": ("int8-levers-qat.json", script_table("int8_levers")),
+    "int8-perturbation-epyc-zen3": ("int8-perturbation-epyc-zen3.json", script_table("int8_perturbation")),
     "serve-cpu": ("serve-cpu.json", serve_table),
     "encode_dataset-cpu": ("encode_dataset-cpu.json", dataset_table),
     "recipe-sts": ("recipe_sts.json", recipe_sts_table),
-    "recipe-matryoshka": ("recipe_matryoshka.json", matryoshka_table),
+    "recipe-matryoshka": ("recipe_matryoshka.json", script_table("recipe_matryoshka", "markdown_table")),
 }
 
 

@@ -73,22 +73,25 @@ def is_x86(machine: str | None = None) -> bool:
     return (machine or platform.machine()).lower() in ("x86_64", "amd64", "i686", "x86")
 
 
-def has_bf16_gemm(flags: set[str] | None = None, machine: str | None = None) -> bool:
-    """Whether torch's CPU bf16 GEMMs run on bf16 instructions here: on x86 only with AVX512-BF16 or
-    AMX-BF16 (without, they took 8x the time of fp32 on an AVX2-only Zen 3); elsewhere assumed."""
+def _x86_has_any(names: tuple[str, ...], flags: set[str] | None, machine: str | None) -> bool:
+    """On x86, whether this CPU (or ``flags``) has one of ``names``; elsewhere True (assumed, not
+    measured here)."""
     if not is_x86(machine):
         return True
     flags = all_cpu_flags() if flags is None else flags
-    return any(f in flags for f in BF16_GEMM_FLAGS)
+    return any(f in flags for f in names)
+
+
+def has_bf16_gemm(flags: set[str] | None = None, machine: str | None = None) -> bool:
+    """Whether torch's CPU bf16 GEMMs run on bf16 instructions here: on x86 only with AVX512-BF16 or
+    AMX-BF16 (without, they took 8x the time of fp32 on an AVX2-only Zen 3); elsewhere assumed."""
+    return _x86_has_any(BF16_GEMM_FLAGS, flags, machine)
 
 
 def openvino_quantizes_activations(flags: set[str] | None = None, machine: str | None = None) -> bool:
     """Whether OpenVINO's CPU plugin runs int8-weight MatMuls on int8 GEMMs here (quantizing their
     inputs at run time): on x86 only with VNNI; elsewhere assumed (not measured here)."""
-    if not is_x86(machine):
-        return True
-    flags = all_cpu_flags() if flags is None else flags
-    return any(f in flags for f in OPENVINO_INT8_FLAGS)
+    return _x86_has_any(OPENVINO_INT8_FLAGS, flags, machine)
 
 
 def int8_weight_bits(choice: str = "auto", flags: set[str] | None = None, runtime: str = "onnxruntime") -> int:

@@ -495,19 +495,14 @@ def _int8_openvino(onnx_model, encoder, inputs: list, info: dict, say, options: 
     from .cpu_int8 import WEIGHT_LEVELS, cpu_flags, cpu_name, int8_weight_bits, openvino_quantizes_activations
     from .gptq import gptq_decoder_weights
     from .int8_rounding import fake_int8_groups
-    from .onnx_encoder import OpenVINOFp32Warning
+    from .onnx_encoder import warn_if_openvino_computes_fp32
     from .openvino_runtime import DYNAMIC_QUANTIZATION_GROUP_SIZE
 
     bits = int8_weight_bits(options.weights or "auto", runtime="openvino")
     simulate = not openvino_quantizes_activations()
-    if simulate:
-        warnings.warn(
-            "this CPU has no VNNI (AVX-VNNI or AVX-512 VNNI), so OpenVINO runs the int8-openvino export here in fp32 with "
-            "the int8 weights widened (about fp32 speed); it runs on int8 GEMMs on CPUs with VNNI, whose activation "
-            "rounding validation simulates in the graph. For int8 speed on this CPU, export --precision int8 (ONNX Runtime).",
-            OpenVINOFp32Warning,
-            stacklevel=3,
-        )
+    warn_if_openvino_computes_fp32(
+        "exporting int8-openvino (validation simulates a VNNI CPU's activation rounding in the graph)", stacklevel=3
+    )
     group = options.activation_group_size or DYNAMIC_QUANTIZATION_GROUP_SIZE
     rounding = options.rounding or DEFAULT_ROUNDINGS["int8-openvino"]
     layers = [sorted(layer) for layer in decoder_layer_linears(encoder)]

@@ -84,19 +84,20 @@ class OpenVINOFp32Warning(UserWarning):
     """OpenVINO runs an int8-openvino export in fp32 on this CPU (no VNNI): right, but not faster."""
 
 
-def _check_openvino_int8(folder: Path) -> None:
+def warn_if_openvino_computes_fp32(what: str, stacklevel: int = 1) -> None:
     """An int8-openvino export runs on int8 GEMMs only where OpenVINO quantizes activations (x86:
     VNNI, see ``cpu_int8``); elsewhere it computes in fp32 from the widened int8 weights (right, and
-    about as slow as fp32): say so, with the export that is fast on this CPU."""
+    about as slow as fp32): say so about ``what``, with the export that is fast on this CPU.
+    ``stacklevel`` as for ``warnings.warn``, counted from the caller."""
     from .cpu_int8 import openvino_quantizes_activations
 
     if not openvino_quantizes_activations():
         warnings.warn(
-            f"{folder} is an int8-openvino export: OpenVINO runs it on int8 GEMMs only on a CPU with VNNI (AVX-VNNI or "
-            "AVX-512 VNNI), which this one lacks, so here it multiplies in fp32 with the int8 weights widened (about fp32 "
-            "speed). For int8 speed on this CPU, export --precision int8 (ONNX Runtime).",
+            f"{what}: OpenVINO runs int8-openvino exports on int8 GEMMs only on a CPU with VNNI (AVX-VNNI or AVX-512 "
+            "VNNI), which this one lacks, so here it multiplies in fp32 with the int8 weights widened (about fp32 speed). "
+            "For int8 speed on this CPU, export --precision int8 (ONNX Runtime).",
             OpenVINOFp32Warning,
-            stacklevel=3,
+            stacklevel=stacklevel + 1,
         )
 
 
@@ -188,7 +189,7 @@ class OnnxEncoder(EncodeMixin):
             if providers not in (None, "cpu", "CPUExecutionProvider") or session_options is not None:
                 raise ValueError("runtime='openvino' runs on the CPU; providers and session_options are ONNX Runtime settings")
             if precision == "int8-openvino":
-                _check_openvino_int8(folder)
+                warn_if_openvino_computes_fp32(f"{folder} is an int8-openvino export", stacklevel=2)
             _check_int8_weights(config, ["CPUExecutionProvider"], folder)
             # the group size the export was validated with; int8-openvino folders written before it was
             # recorded were validated with 32
