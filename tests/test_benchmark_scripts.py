@@ -308,6 +308,47 @@ def test_gpu_followup_runs_fused_fp8_and_fused_training(tmp_path):
     assert proc.returncode == 1 and "bench-fp8-load: skipped (" in proc.stdout
 
 
+_READ_ONLY_PYTHON = """#!/usr/bin/env bash
+# a GPU image whose python3 cannot pip install into its own environment; llm2vec_fast imports only
+# from the working tree once the suite links kernels/ and export/ and puts the tree on PYTHONPATH
+if [ "$1 $2 $3" = "-m pip install" ] && [[ " $* " != *" --target "* ]]; then exit 1; fi
+if [ "$1" = -c ] && [[ "$2" == *"import llm2vec_fast"* ]]; then
+    [ -n "${WORKING_TREE_IMPORTS:-}" ] && [ -L llm2vec_fast/kernels ] && [ -L llm2vec_fast/export ] \\
+        && [[ ":$PYTHONPATH:" == *":$PWD:"* ]]
+    exit $?
+fi
+exit 0
+"""
+
+
+@pytest.mark.parametrize("imports", [True, False], ids=["tree-imports", "nothing-imports"])
+def test_gpu_suite_on_a_read_only_image_imports_the_working_tree(tmp_path, imports):
+    """On an image where pip cannot install (calls have run as a non-root user), the suite imports the
+    working tree instead: that is not a failed suite; a tree that does not import either is."""
+    tree = tmp_path / "tree"
+    (tree / "benchmarks").mkdir(parents=True)
+    for name in ("gpu_suite.sh", "gpu_steps.sh"):
+        (tree / "benchmarks" / name).write_text((BENCH_DIR / name).read_text())
+    for folder in ("llm2vec_fast", "kernels", "export"):
+        (tree / folder).mkdir()
+    python = tmp_path / "python3"
+    python.write_text(_READ_ONLY_PYTHON)
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "OUT": str(tmp_path / "out"), "PYTHONPATH": ""}
+    env["WORKING_TREE_IMPORTS"] = "1" if imports else ""
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True, timeout=120, env=env)
+    steps = (tmp_path / "out" / "steps.txt").read_text()
+    if imports:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert steps.startswith("install: not installed (read-only environment?), llm2vec_fast imported from the working tree\n")
+        assert "FAILED" not in steps and "kernel-tests: ok (" in steps
+    else:
+        assert proc.returncode == 1
+        assert "install: FAILED rc=1" in steps and "llm2vec_fast imports neither installed nor from the working tree" in steps
+    assert (tree / "llm2vec_fast" / "kernels").is_symlink()
+
+
 def test_bench_onnx_cuda_cpu_smoke(tmp_path):
     """The fp16 export of random weights against torch on the same inputs, timed with its spread and
     checked by cosine; on CPU (CPU provider, tiny model) as a check of the script."""
