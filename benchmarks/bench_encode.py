@@ -361,9 +361,8 @@ def report(args, cfg, rows, summaries) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("bench_encode.py: no CUDA GPU on this machine, nothing to measure (use --cpu-smoke to check the script on CPU).")
-        return 0
+    if not args.cpu_smoke:
+        common.require_cuda("bench_encode.py (--cpu-smoke checks the script on CPU)")
     cfg = settings(args)
     if len(cfg["counts"]) != len(cfg["shapes"]):
         raise SystemExit("--num-texts needs one value per shape")

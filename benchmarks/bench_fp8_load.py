@@ -90,7 +90,8 @@ def main(argv=None) -> int:
 
     smoke = args.cpu_smoke
     if not smoke:
-        reason = fp8_unsupported_reason("cuda")
+        common.require_cuda("bench_fp8_load.py (--cpu-smoke checks the script on CPU)")
+        reason = fp8_unsupported_reason("cuda")  # a card without FP8 (sm_80) is not a failure: nothing to run
         if reason:
             print(f"bench_fp8_load.py: needs an FP8 GPU ({reason}); nothing to measure (--cpu-smoke checks the script).")
             return 0
