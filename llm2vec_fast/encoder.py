@@ -159,8 +159,9 @@ class LLM2Vec(EncodeMixin, nn.Module):
         ``quantization="fp8"``: the decoder's linear layers as FP8 W8A8 GEMMs (``torch._scaled_mm``,
         CUDA GPUs of compute capability 8.9+; adapters are merged first), except the decoder layers
         ``high_precision_layers`` (indices, or ``"calibrate"``: chosen at load by measuring each
-        layer's effect on STS-B train embeddings); ``"fp8-simulated"``: the same numerics on any
-        device, for fidelity measurements (see :mod:`llm2vec_fast.fp8`). ``fp8_rounding``: the FP8
+        layer's effect on STS-B train embeddings); ``"fp8-simulated"``: the same GEMM numerics on any
+        device, for fidelity measurements (see :mod:`llm2vec_fast.fp8`; the rest of the model runs in
+        ``dtype``: ``torch.bfloat16`` reproduces a GPU). ``fp8_rounding``: the FP8
         weights rounded by GPTQ on STS-B train text (``"gptq"``, closer, a calibration pass at load)
         or to the nearest e4m3 value (``"nearest"``).
         ``fused=True``: fused decoder layers (Llama, Mistral, Qwen2, Qwen3, Gemma; see

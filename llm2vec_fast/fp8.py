@@ -11,7 +11,9 @@ Scheme (``float8_e4m3fn``, symmetric, one scale per row, ``scale = amax / 448``,
 * product, ``quantization="fp8-simulated"``: the same fp8 values and scales (cast through
   ``torch.float8_e4m3fn`` by the same functions), multiplied as fp32 on any device, then scaled.
   It exists to measure the fidelity of the scheme without such a GPU (tests, the fidelity
-  benchmark); the two differ only in :meth:`FP8Linear.forward`'s matmul (summation order).
+  benchmark); in a model of the same dtype the two differ only in :meth:`FP8Linear.forward`'s matmul
+  (summation order). Around the GEMMs the model runs in its own dtype: a bf16 model (a GPU's) is
+  further from fp32 than an fp32 one, mostly through its residual stream (``docs/encoding.md``).
 
 Weights are rounded by GPTQ by default (``rounding="gptq"``, :mod:`llm2vec_fast.gptq`): the same
 e4m3 grid and scales, but each weight's e4m3 value chosen so that the layer's *output* on calibration

@@ -405,6 +405,9 @@ def test_bench_fp8_fidelity_on_a_tiny_model(tiny_llama_dir, tmp_path):
     result = json.loads((tmp_path / "fp8-fidelity-cpu.json").read_text())
     variants = result["variants"]
     assert list(variants) == ["bf16", "fp8", "fp8-nearest", "fp8-all-layers", "fp8-nearest-all-layers"]
+    # FP8 quantizes a bf16 model, as on a GPU (an fp32 model around the GEMMs flatters FP8 against bf16)
+    assert result["fp8_model_dtype"] == "bfloat16"
+    assert {v["model_dtype"] for v in variants.values()} == {"bfloat16"}
     for name, rounding in (("fp8", "gptq"), ("fp8-nearest", "nearest"), ("fp8-all-layers", "gptq"), ("fp8-nearest-all-layers", "nearest")):
         report = variants[name]["report"]
         assert report["rounding"] == rounding and ("calibration" in report) == (not name.endswith("all-layers"))

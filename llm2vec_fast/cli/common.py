@@ -35,8 +35,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=QUANTIZATIONS,
         default=None,
         help="fp8: the decoder's linear layers as FP8 W8A8 GEMMs (CUDA GPUs of compute capability 8.9+), layers that "
-        "calibration finds sensitive kept in high precision; fp8-simulated: the same numerics on any device (slow; "
-        "for fidelity checks)",
+        "calibration finds sensitive kept in high precision; fp8-simulated: the same GEMM numerics on any device (slow; "
+        "for fidelity checks; with --dtype bfloat16 the rest of the model runs as on a GPU)",
     )
     parser.add_argument(
         "--fused",
