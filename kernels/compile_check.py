@@ -7,7 +7,8 @@ case this module records the shared memory the kernel needs (checked against the
 
 Cases: every autotune config of every kernel (attention forward, dK/dV, dQ, the backward
 preprocess and the dropout-mask kernel; pooling chunk, combine, last/first and backward kernels;
-the RMSNorm / residual-add + RMSNorm kernel at each row width of :data:`RMS_NORM_WIDTHS`; the FP8
+the RMSNorm / residual-add + RMSNorm kernel at each row width of :data:`RMS_NORM_WIDTHS`, over a 16-bit
+or a float32 residual stream (:data:`RESIDUAL_STREAMS`); the FP8
 row quantization at each width of :data:`FP8_QUANT_WIDTHS`, the norm-then-quantize kernel at the
 hidden sizes and SwiGLU-then-quantize at :data:`SWIGLU_WIDTHS`, sm_90 only: e4m3 needs sm_89+),
 for head dims 64/80/128/256 (attention) or every pooling mode, fp16 and bf16, sm_80 and sm_90, with
@@ -179,9 +180,12 @@ def _pooling_cases(pt) -> list[dict]:
 RMS_NORM_WIDTHS = (64, 128, 576, 2048, 4096, 8192)
 
 
-def _row_kernel_case(rt, kernel: str, d: int, dtype: str, arch: int, variant: str, operands: int = 1, **constexprs) -> dict:
+def _row_kernel_case(
+    rt, kernel: str, d: int, dtype: str, arch: int, variant: str, operands: int = 1, arg_types: dict | None = None, **constexprs
+) -> dict:
     """A case of a row-tiled kernel (whole rows in registers, ``operands`` per token) of module
-    ``rt``, whose ``launch_config(d, operands)`` gives the tile and warps."""
+    ``rt``, whose ``launch_config(d, operands)`` gives the tile and warps; ``arg_types`` overrides
+    the pointer types of some arguments (a float32 residual stream)."""
     block_t, block_d, warps = rt.launch_config(d, operands)
     rows = f"{block_t}x" if operands == 1 else f"{block_t}x{operands}x"
     return dict(
@@ -195,17 +199,46 @@ def _row_kernel_case(rt, kernel: str, d: int, dtype: str, arch: int, variant: st
         num_warps=warps,
         num_stages=1,
         variant=variant,
+        **({"arg_types": arg_types} if arg_types else {}),
     )
 
 
-def _rms_norm_cases(rt) -> list[dict]:
-    """The norm kernel at each width, plain and with the fused residual add, Llama and Gemma casts."""
+#: How a norm kernel meets the residual stream: (name, has the residual add, float32 stream). Under a
+#: float32 stream the plain norm reads float32 rows (``X``), the fused one adds a 16-bit branch output
+#: to a float32 residual (``R``) and writes a float32 sum (``S``); the normalised rows are 16-bit.
+RESIDUAL_STREAMS = (("none", False, False), ("add", True, False), ("none-fp32", False, True), ("add-fp32", True, True))
+
+
+def _stream_types(residual: bool, fp32: bool) -> dict | None:
+    if not fp32:
+        return None
+    return {"R": "*fp32", "S": "*fp32"} if residual else {"X": "*fp32"}
+
+
+def _norm_cases(rt, kernel: str, widths, archs, fp8: bool = False) -> list[dict]:
+    """A norm kernel at each width, plain and with the fused residual add, over a 16-bit or a float32
+    residual stream, Llama and Gemma casts; ``fp8``: the norm-then-quantize kernel (its rows rounded
+    to the 16-bit dtype the GEMMs read, the e4m3 cast in the kernel)."""
     return [
         _row_kernel_case(
-            rt, "_rms_norm_fwd_kernel", d, dtype, arch, f"residual={int(residual)},gemma={int(gemma)}", HAS_RESIDUAL=residual, GEMMA=gemma
+            rt,
+            kernel,
+            d,
+            dtype,
+            arch,
+            f"residual={stream},gemma={int(gemma)}",
+            arg_types=_stream_types(residual, fp32),
+            HAS_RESIDUAL=residual,
+            GEMMA=gemma,
+            **(dict(NORMED=dtype, CAST=True) if fp8 else {}),
         )
-        for d, dtype, arch, residual, gemma in itertools.product(RMS_NORM_WIDTHS, DTYPES, SMEM_LIMITS, (False, True), (False, True))
+        for d, dtype, arch, (stream, residual, fp32), gemma in itertools.product(widths, DTYPES, archs, RESIDUAL_STREAMS, (False, True))
     ]
+
+
+def _rms_norm_cases(rt) -> list[dict]:
+    """The norm kernel at each width (see :func:`_norm_cases`), sm_80 and sm_90."""
+    return _norm_cases(rt, "_rms_norm_fwd_kernel", RMS_NORM_WIDTHS, SMEM_LIMITS)
 
 
 #: FP8 row quantization widths: the inputs of the decoder's linear layers (hidden and MLP sizes) of
@@ -224,20 +257,7 @@ def _fp8_quant_cases(rt) -> list[dict]:
         _row_kernel_case(rt, "_fp8_quantize_rows_kernel", d, dtype, arch, "cast", CAST=True)
         for d, dtype, arch in itertools.product(FP8_QUANT_WIDTHS, DTYPES, FP8_ARCHS)
     ]
-    norm = [
-        _row_kernel_case(
-            rt,
-            "_rms_norm_fp8_kernel",
-            d,
-            dtype,
-            arch,
-            f"residual={int(residual)},gemma={int(gemma)}",
-            HAS_RESIDUAL=residual,
-            GEMMA=gemma,
-            CAST=True,
-        )
-        for d, dtype, arch, residual, gemma in itertools.product(RMS_NORM_WIDTHS[2:], DTYPES, FP8_ARCHS, (False, True), (False, True))
-    ]
+    norm = _norm_cases(rt, "_rms_norm_fp8_kernel", RMS_NORM_WIDTHS[2:], FP8_ARCHS, fp8=True)
     swiglu = [  # gate and up in registers: two operands per token
         _row_kernel_case(rt, "_silu_mul_fp8_kernel", d, dtype, arch, "cast", operands=2, CAST=True)
         for d, dtype, arch in itertools.product(SWIGLU_WIDTHS, DTYPES, FP8_ARCHS)
@@ -357,7 +377,9 @@ def _signature(fn, case: dict) -> tuple[dict, dict, dict]:
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        if name in _DATA_PTRS:
+        if name in case.get("arg_types", {}):
+            signature[name] = case["arg_types"][name]
+        elif name in _DATA_PTRS:
             signature[name] = _PTR[case["dtype"]]
         elif case["kernel"] == "_dropout_mask_kernel" and name == "MASK":
             signature[name] = "*i8"

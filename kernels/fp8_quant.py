@@ -28,7 +28,7 @@ import torch
 
 from ._dispatch import resolve_backend
 from .fp8_quant_reference import FP8_DTYPE, fp8_quantize_rows_reference
-from .rms_norm import _FLOAT_DTYPES, check_norm_arguments, row_kernel_backend
+from .rms_norm import _FLOAT_DTYPES, check_norm_arguments, normed_dtype, row_kernel_backend
 from .rms_norm_reference import add_rms_norm_reference, rms_norm_reference
 
 __all__ = ["FP8Rows", "fp8_quantize_rows", "rms_norm_fp8", "silu_mul_fp8"]
@@ -101,7 +101,14 @@ def fp8_quantize_rows(x: torch.Tensor, *, backend: str = "auto") -> FP8Rows:
 
 @torch.library.custom_op("llm2vec_fast::rms_norm_fp8_fwd", mutates_args=())
 def _rms_norm_fp8_op(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, casting: str, offset: float, backend: str
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    casting: str,
+    offset: float,
+    out_dtype: torch.dtype | None,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q [N, D], scales [N, 1], residual + x [N, D])`` for 2-D ``x``; the last output is empty
     ``[0]`` without ``residual``."""
@@ -110,19 +117,20 @@ def _rms_norm_fp8_op(
 
         x = x if x.stride(-1) == 1 else x.contiguous()
         residual = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
-        q, scales, total = fp8_quant_triton.rms_norm_fp8_forward(x, residual, weight.contiguous(), eps, casting == "gemma", offset)
+        normed = out_dtype or normed_dtype(x if residual is None else residual, weight, casting)
+        q, scales, total = fp8_quant_triton.rms_norm_fp8_forward(x, residual, weight.contiguous(), eps, casting == "gemma", offset, normed)
     else:
         if residual is not None:
-            y, total = add_rms_norm_reference(x, residual, weight, eps, casting, offset)
+            y, total = add_rms_norm_reference(x, residual, weight, eps, casting, offset, out_dtype)
         else:
-            y, total = rms_norm_reference(x, weight, eps, casting, offset), None
+            y, total = rms_norm_reference(x, weight, eps, casting, offset, out_dtype), None
         q, scales = fp8_quantize_rows_reference(y)
     return q, scales, (total if total is not None else x.new_empty((0,)))
 
 
 @_rms_norm_fp8_op.register_fake
-def _(x, residual, weight, eps, casting, offset, backend):
-    total = torch.empty_like(x) if residual is not None else x.new_empty((0,))
+def _(x, residual, weight, eps, casting, offset, out_dtype, backend):
+    total = torch.empty_like(residual) if residual is not None else x.new_empty((0,))
     return *_fake_fp8_rows(x.shape[0], x.shape[1], x.device), total
 
 
@@ -134,22 +142,25 @@ def rms_norm_fp8(
     residual: torch.Tensor | None = None,
     casting: str = "llama",
     offset: float = 0.0,
+    out_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> FP8Rows | tuple[FP8Rows, torch.Tensor]:
     """RMSNorm of ``x`` ``[..., D]`` (of ``residual + x`` with ``residual``) quantized to FP8 per row.
 
-    The arguments are :func:`~.rms_norm.rms_norm`'s. Returns :class:`FP8Rows` of the normalised
-    rows (as :func:`fp8_quantize_rows` would quantize ``rms_norm``'s output), and with ``residual``
-    also ``residual + x`` in ``x``'s dtype. Inference only (no autograd).
+    The arguments are :func:`~.rms_norm.rms_norm`'s (``out_dtype``: the dtype the normalised rows
+    are rounded to before quantizing, as the unfused norm would write them). Returns
+    :class:`FP8Rows` of the normalised rows (as :func:`fp8_quantize_rows` would quantize
+    ``rms_norm``'s output), and with ``residual`` also ``residual + x`` in ``residual``'s dtype.
+    Inference only (no autograd).
 
     Raises:
         ValueError: as :func:`~.rms_norm.rms_norm`.
     """
-    resolved = check_norm_arguments(x, weight, residual, casting, offset, backend)
+    resolved = check_norm_arguments(x, weight, residual, casting, offset, backend, out_dtype)
     shape = x.shape
     flat_residual = residual.detach().reshape(-1, shape[-1]) if residual is not None else None
     q, scales, total = torch.ops.llm2vec_fast.rms_norm_fp8_fwd(
-        x.detach().reshape(-1, shape[-1]), flat_residual, weight.detach(), float(eps), casting, float(offset), resolved
+        x.detach().reshape(-1, shape[-1]), flat_residual, weight.detach(), float(eps), casting, float(offset), out_dtype, resolved
     )
     rows = _unflatten(q, scales, shape[:-1])
     return rows if residual is None else (rows, total.reshape(shape))

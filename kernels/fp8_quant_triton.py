@@ -64,6 +64,16 @@ def _fp8_quantize_rows_kernel(
 
 
 @triton.jit
+def _round_to(y, DTYPE: tl.constexpr):
+    """``y`` (float32) rounded to ``DTYPE`` (``"bf16"``, ``"fp16"`` or ``"fp32"``) and back."""
+    if DTYPE == "bf16":
+        y = y.to(tl.bfloat16).to(tl.float32)
+    elif DTYPE == "fp16":
+        y = y.to(tl.float16).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _rms_norm_fp8_kernel(
     X,
     R,
@@ -83,15 +93,16 @@ def _rms_norm_fp8_kernel(
     min_scale,
     HAS_RESIDUAL: tl.constexpr,
     GEMMA: tl.constexpr,
+    NORMED: tl.constexpr,
     CAST: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # the norm's output rounded to the input dtype (what the unfused norm writes), then quantized
+    # the norm's output rounded to its dtype (what the unfused norm writes), then quantized
     y, rows, cols, mask = _norm_tile(
         X, R, W, S, n_rows, D, stride_x, stride_r, stride_s, eps, offset, HAS_RESIDUAL, GEMMA, BLOCK_T, BLOCK_D
     )
-    _quantize_tile(y.to(tl.float32), rows, cols, mask, OUT_Q, OUT_SCALE, stride_q, n_rows, fp8_max, min_scale, CAST)
+    _quantize_tile(_round_to(y, NORMED), rows, cols, mask, OUT_Q, OUT_SCALE, stride_q, n_rows, fp8_max, min_scale, CAST)
 
 
 @triton.jit
@@ -168,14 +179,25 @@ def fp8_quantize_rows_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return _launch_row_quantizer(_fp8_quantize_rows_kernel, x, x.shape[1])
 
 
+#: ``_rms_norm_fp8_kernel``'s ``NORMED``: the dtype the normalised rows are rounded to before quantizing
+NORMED_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
 def rms_norm_fp8_forward(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, gemma: bool, offset: float
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    gemma: bool,
+    offset: float,
+    normed_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(q float8_e4m3fn [N, D], scales float32 [N, 1], residual + x or None)``: the RMSNorm of
-    ``x`` (``residual + x``) ``[N, D]`` (last dim contiguous) quantized per row."""
+    ``x`` (``residual + x``, in ``residual``'s dtype) ``[N, D]`` (last dim contiguous), rounded to
+    ``normed_dtype``, quantized per row."""
     n_rows, d = x.shape
     q, scales, cast = _fp8_outputs(n_rows, d, x.device)
-    total = new_output((n_rows, d), x.dtype, x.device) if residual is not None else None
+    total = new_output((n_rows, d), residual.dtype, x.device) if residual is not None else None
     if n_rows:
         block_t, block_d, num_warps = launch_config(d)
         _rms_norm_fp8_kernel[(triton.cdiv(n_rows, block_t),)](
@@ -197,6 +219,7 @@ def rms_norm_fp8_forward(
             MIN_SCALE,
             HAS_RESIDUAL=residual is not None,
             GEMMA=gemma,
+            NORMED=NORMED_DTYPES[normed_dtype],
             CAST=cast,
             BLOCK_T=block_t,
             BLOCK_D=block_d,

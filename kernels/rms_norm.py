@@ -8,9 +8,10 @@ reading it. Semantics (the casts of the Hugging Face models) are defined by
 
 Backend rule as for attention and pooling: ``"auto"`` runs the Triton kernel (:mod:`.rms_norm_triton`)
 on CUDA tensors and the reference otherwise; ``"triton"`` forces the kernel (CPU only under
-``TRITON_INTERPRET=1``); ``"torch"`` forces the reference. The kernel needs ``x``, ``residual`` and
-``weight`` in one dtype (as a model's norms are) and rows of at most 16384 columns; ``auto`` takes
-the reference otherwise.
+``TRITON_INTERPRET=1``); ``"torch"`` forces the reference. The kernel takes rows of at most 16384
+columns (``auto`` takes the reference for wider ones) and the dtype mixes of the reference: a weight
+in another dtype than ``x``, and a float32 residual stream (``residual`` float32 under a 16-bit ``x``,
+normalised rows written in ``out_dtype``), as flash-attention's ``residual_in_fp32``.
 
 Runs as ``torch.ops.llm2vec_fast.rms_norm_fwd`` with a fake implementation, so ``torch.compile``
 traces it without a graph break. The backward recomputes the reference in torch (the encode path
@@ -37,52 +38,63 @@ def _triton_ops():
 
 @torch.library.custom_op("llm2vec_fast::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd_op(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, casting: str, offset: float, backend: str
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    casting: str,
+    offset: float,
+    out_dtype: torch.dtype | None,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(normed [N, D], residual + x [N, D])`` for 2-D ``x``; the second output is empty ``[0]``
     without ``residual``."""
     if backend == "triton":
         x = x if x.stride(-1) == 1 else x.contiguous()
         residual = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
-        y, total = _triton_ops().rms_norm_forward(x, residual, weight.contiguous(), eps, casting == "gemma", offset)
+        out = out_dtype or normed_dtype(x if residual is None else residual, weight, casting)
+        y, total = _triton_ops().rms_norm_forward(x, residual, weight.contiguous(), eps, casting == "gemma", offset, out)
     elif residual is not None:
-        y, total = add_rms_norm_reference(x, residual, weight, eps, casting, offset)
+        y, total = add_rms_norm_reference(x, residual, weight, eps, casting, offset, out_dtype)
     else:
-        y, total = rms_norm_reference(x, weight, eps, casting, offset), None
+        y, total = rms_norm_reference(x, weight, eps, casting, offset, out_dtype), None
     return y, (total if total is not None else x.new_empty((0,)))
 
 
 def normed_dtype(x: torch.Tensor, weight: torch.Tensor, casting: str) -> torch.dtype:
-    """The dtype of the normalised output: ``"llama"`` multiplies the weight by the cast-back rows, so a
-    weight in another dtype (fp32 norms under bf16 activations) promotes it, as in the Hugging Face models."""
+    """The dtype of the normalised output of ``x`` (the norm's input: the residual sum where there is
+    one): ``"llama"`` multiplies the weight by the cast-back rows, so a weight in another dtype (fp32
+    norms under bf16 activations, bf16 norms over a float32 residual stream) promotes it, as in the
+    Hugging Face models."""
     return x.dtype if casting == "gemma" else torch.promote_types(x.dtype, weight.dtype)
 
 
 @_rms_norm_fwd_op.register_fake
-def _(x, residual, weight, eps, casting, offset, backend):
-    normed = x.new_empty(x.shape, dtype=normed_dtype(x, weight, casting))
-    return normed, (torch.empty_like(x) if residual is not None else x.new_empty((0,)))
+def _(x, residual, weight, eps, casting, offset, out_dtype, backend):
+    norm_input = x if residual is None else residual  # a residual's dtype is the sum's (x's or wider)
+    normed = x.new_empty(x.shape, dtype=out_dtype or normed_dtype(norm_input, weight, casting))
+    return normed, (torch.empty_like(residual) if residual is not None else x.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, eps, casting, offset, backend = inputs
+    x, residual, weight, eps, casting, offset, out_dtype, backend = inputs
     ctx.save_for_backward(x, residual, weight)
-    ctx.args = (eps, casting, offset)
+    ctx.args = (eps, casting, offset, out_dtype)
 
 
 def _backward(ctx, grad_y, grad_total):
     x, residual, weight = ctx.saved_tensors
-    eps, casting, offset = ctx.args
+    eps, casting, offset, out_dtype = ctx.args
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (x, residual, weight) if t is not None]
         if residual is None:
-            outputs, grads = [rms_norm_reference(inputs[0], inputs[1], eps, casting, offset)], [grad_y]
+            outputs, grads = [rms_norm_reference(inputs[0], inputs[1], eps, casting, offset, out_dtype)], [grad_y]
         else:
-            outputs, grads = list(add_rms_norm_reference(*inputs, eps, casting, offset)), [grad_y, grad_total]
+            outputs, grads = list(add_rms_norm_reference(*inputs, eps, casting, offset, out_dtype)), [grad_y, grad_total]
         found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
     if residual is None:
-        return found[0], None, found[1], None, None, None, None
-    return found[0], found[1], found[2], None, None, None, None
+        return found[0], None, found[1], None, None, None, None, None
+    return found[0], found[1], found[2], None, None, None, None, None
 
 
 _rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -103,7 +115,13 @@ def row_kernel_backend(backend: str, resolved: str, width: int, what: str) -> st
 
 
 def check_norm_arguments(
-    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, casting: str, offset: float, backend: str
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None,
+    casting: str,
+    offset: float,
+    backend: str,
+    out_dtype: torch.dtype | None = None,
 ) -> str:
     """Validate the arguments of :func:`rms_norm` (and of the norm-then-quantize op); returns the
     backend to run: ``"triton"`` or ``"torch"``."""
@@ -116,15 +134,20 @@ def check_norm_arguments(
         raise ValueError(f"x {tuple(x.shape)} needs a non-empty last dimension to normalise")
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype not in (x.dtype, torch.float32)):
+        raise ValueError(
+            f"residual {tuple(residual.shape)} {residual.dtype} must have x's shape {tuple(x.shape)} and x's dtype {x.dtype} "
+            "(or float32: a float32 residual stream)"
+        )
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out_dtype {out_dtype} is not supported; expected None or one of {_FLOAT_DTYPES}")
     if casting != "gemma" and offset != 0.0:
         raise ValueError('offset applies to the "gemma" casting mode only')
     tensors = (x, weight) if residual is None else (x, residual, weight)
     resolved = row_kernel_backend(backend, resolve_backend(backend, tensors), x.shape[-1], "RMSNorm")
-    if resolved == "triton" and weight.dtype != x.dtype:
+    if resolved == "triton" and weight.dtype not in _FLOAT_DTYPES:
         if backend == "triton":
-            raise ValueError(f"the Triton RMSNorm needs weight ({weight.dtype}) in x's dtype ({x.dtype})")
+            raise ValueError(f"the Triton RMSNorm takes weights in {_FLOAT_DTYPES}, got dtype {weight.dtype}")
         resolved = "torch"
     return resolved
 
@@ -137,6 +160,7 @@ def rms_norm(
     residual: torch.Tensor | None = None,
     casting: str = "llama",
     offset: float = 0.0,
+    out_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of ``x`` ``[..., D]`` with ``weight`` ``[D]``.
@@ -145,25 +169,29 @@ def rms_norm(
         x: fp16/bf16/fp32 activations.
         weight: the norm's weight ``[D]``.
         eps: added to the mean square.
-        residual: optional, same shape and dtype as ``x``: normalise ``residual + x`` and return the
-            sum too (the new residual stream).
+        residual: optional, ``x``'s shape, in ``x``'s dtype or float32 (a float32 residual stream
+            under 16-bit branch outputs): normalise ``residual + x`` and return the sum too (the new
+            residual stream, in ``residual``'s dtype).
         casting: ``"llama"`` (Llama, Mistral, Qwen2, Qwen3) or ``"gemma"`` (see :mod:`.rms_norm_reference`).
         offset: added to the weight (``"gemma"`` only: Gemma's ``1 + w``).
+        out_dtype: the normalised rows' dtype (``None``: the norm's own, below); under a float32
+            residual stream, the 16-bit dtype the next GEMMs read.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring).
 
     Returns:
         the normalised tensor in ``x``'s shape, or ``(normalised, residual + x)`` with ``residual``.
-        Its dtype is ``x``'s, except that ``"llama"`` with a weight in another dtype promotes it
-        (``weight * normed.to(x.dtype)``, as Hugging Face does); the sum keeps ``x``'s. Differentiable.
+        Its dtype is ``out_dtype``, else the norm input's (``x``, or the sum), except that ``"llama"``
+        with a weight in another dtype promotes it (``weight * normed.to(input dtype)``, as Hugging
+        Face does); the sum is in ``residual``'s dtype. Differentiable.
 
     Raises:
         ValueError: bad shapes, dtypes, casting mode or backend.
     """
-    resolved = check_norm_arguments(x, weight, residual, casting, offset, backend)
+    resolved = check_norm_arguments(x, weight, residual, casting, offset, backend, out_dtype)
     shape = x.shape
     flat_residual = residual.reshape(-1, shape[-1]) if residual is not None else None
     y, total = torch.ops.llm2vec_fast.rms_norm_fwd(
-        x.reshape(-1, shape[-1]), flat_residual, weight, float(eps), casting, float(offset), resolved
+        x.reshape(-1, shape[-1]), flat_residual, weight, float(eps), casting, float(offset), out_dtype, resolved
     )
     if residual is None:
         return y.reshape(shape)

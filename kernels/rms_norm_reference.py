@@ -8,7 +8,10 @@ same bits as the unmodified model:
   scaling in float32, the result cast back to the input dtype, then multiplied by the weight;
 * ``"gemma"``: everything in float32 with the weight shifted by ``offset`` (``1 + w``), cast at the end.
 
-The residual add (``residual + x``) happens in the input dtype, as in the decoder layers.
+The residual add (``residual + x``) happens in the input dtype, as in the decoder layers, or in float32
+when the residual stream is kept in float32 (``residual`` float32, ``x`` a 16-bit branch output: torch's
+promotion); the norm then reads the float32 sum. ``out_dtype`` rounds the normalised rows once more,
+to the dtype the next GEMMs read (16-bit under a float32 stream).
 """
 
 from __future__ import annotations
@@ -23,23 +26,38 @@ def check_casting_mode(casting: str) -> None:
         raise ValueError(f"unknown RMSNorm casting mode {casting!r}; expected one of {CASTING_MODES}")
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, casting: str = "llama", offset: float = 0.0) -> torch.Tensor:
+def rms_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    casting: str = "llama",
+    offset: float = 0.0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """``x / rms(x) * weight`` over the last dim (``* (offset + weight)`` for ``"gemma"``), with the
-    casts of ``casting``."""
+    casts of ``casting``, then cast to ``out_dtype`` if given."""
     check_casting_mode(casting)
     input_dtype = x.dtype
     xf = x.to(torch.float32)
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if casting == "gemma":
-        return (normed * (offset + weight.float())).to(input_dtype)
-    if offset != 0.0:
+        y = (normed * (offset + weight.float())).to(input_dtype)
+    elif offset != 0.0:
         raise ValueError('offset applies to the "gemma" casting mode only')
-    return weight * normed.to(input_dtype)
+    else:
+        y = weight * normed.to(input_dtype)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def add_rms_norm_reference(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, casting: str = "llama", offset: float = 0.0
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    casting: str = "llama",
+    offset: float = 0.0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(residual + x), residual + x)``: the decoder layer's residual add and the next norm."""
     total = residual + x
-    return rms_norm_reference(total, weight, eps, casting, offset), total
+    return rms_norm_reference(total, weight, eps, casting, offset, out_dtype), total

@@ -2,7 +2,9 @@
 
 One program normalises ``BLOCK_T`` rows of ``BLOCK_D >= D`` columns: a whole row is in registers, so
 the residual sum is read once, written once (the new residual stream) and normalised without a second
-pass over memory. Accumulation in float32. No ``tl.dot``: no minimum tile sizes.
+pass over memory. Accumulation in float32. No ``tl.dot``: no minimum tile sizes. The residual stream
+may be float32 under 16-bit branch outputs (``residual_in_fp32``), and the normalised rows are written
+in the output's dtype (16-bit for the next GEMMs).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def _norm_tile(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """This program's tile: ``(y, rows, cols, mask)``, ``y`` the normalised rows in the input dtype
-    (the residual sum stored to ``S`` on the way)."""
+    """This program's tile: ``(y, rows, cols, mask)``, ``y`` the normalised rows in float32, to be
+    rounded to the output dtype by the caller (the residual sum stored to ``S`` on the way)."""
     rows, cols, mask = _row_tile(n_rows, D, BLOCK_T, BLOCK_D)
     # float32 arithmetic throughout: a sum or product of two 16-bit values is exact there or rounds
     # as the 16-bit operation would, so casting once to the input dtype gives torch's bits
@@ -54,8 +56,10 @@ def _norm_tile(
     dtype = x.dtype
     xf = x.to(tl.float32)
     if HAS_RESIDUAL:
-        # the add in the input dtype, as the decoder layer does it; the sum is the new residual stream
+        # the add in the residual stream's dtype (``S``'s: ``x``'s, or float32 for a float32 stream), as
+        # the decoder layer does it; the sum is the new residual stream and the norm's input
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        dtype = S.dtype.element_ty
         xf = (xf + r.to(tl.float32)).to(dtype)
         tl.store(S + rows[:, None] * stride_s + cols[None, :], xf, mask=mask)
         xf = xf.to(tl.float32)
@@ -64,9 +68,10 @@ def _norm_tile(
     if GEMMA:
         y = xf * rstd[:, None] * (offset + w)[None, :]
     else:
-        # Llama: normalised in float32, rounded to the input dtype, then times the weight
+        # Llama: normalised in float32, rounded to the input dtype, then times the weight (a float32
+        # product: exact for 16-bit operands, torch's promotion for a float32 weight or input)
         y = (xf * rstd[:, None]).to(dtype).to(tl.float32) * w[None, :]
-    return y.to(dtype), rows, cols, mask
+    return y, rows, cols, mask
 
 
 @triton.jit
@@ -92,7 +97,7 @@ def _rms_norm_fwd_kernel(
     y, rows, cols, mask = _norm_tile(
         X, R, W, S, n_rows, D, stride_x, stride_r, stride_s, eps, offset, HAS_RESIDUAL, GEMMA, BLOCK_T, BLOCK_D
     )
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y, mask=mask)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 def launch_config(d: int, operands: int = 1) -> tuple[int, int, int]:
@@ -108,12 +113,19 @@ def launch_config(d: int, operands: int = 1) -> tuple[int, int, int]:
 
 
 def rms_norm_forward(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, gemma: bool, offset: float
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    gemma: bool,
+    offset: float,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(y, residual + x or None)`` for ``x`` ``[N, D]`` (last dim contiguous)."""
+    """``(y in out_dtype, residual + x in residual's dtype or None)`` for ``x`` ``[N, D]`` (last dim
+    contiguous)."""
     n_rows, d = x.shape
-    y = new_output((n_rows, d), x.dtype, x.device)
-    total = new_output((n_rows, d), x.dtype, x.device) if residual is not None else None
+    y = new_output((n_rows, d), out_dtype, x.device)
+    total = new_output((n_rows, d), residual.dtype, x.device) if residual is not None else None
     block_t, block_d, num_warps = launch_config(d)
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_t),)](
         x,

@@ -29,7 +29,7 @@ from .encoding import (
     check_encoder_settings,
 )
 from .fp8 import apply_fp8, check_fp8_device, check_quantization, check_rounding
-from .fused_layers import fuse_decoder, has_fused_projections
+from .fused_layers import fuse_decoder, has_fused_projections, keep_residual_in_fp32, wants_fp32_residual
 from .kernels import masked_pool, masked_pool_varlen
 from .loading import (
     apply_adapters,
@@ -141,6 +141,7 @@ class LLM2Vec(EncodeMixin, nn.Module):
         high_precision_layers: Sequence[int] | str = "calibrate",
         fp8_rounding: str = "gptq",
         fused: bool = False,
+        residual_in_fp32: bool | None = None,
         cuda_graphs: bool | Sequence[int] = False,
         **hf_kwargs,
     ) -> LLM2Vec:
@@ -169,6 +170,11 @@ class LLM2Vec(EncodeMixin, nn.Module):
         on CUDA (the torch reference, the same numbers as unfused, on CPU), and stacked QKV / gate-up
         GEMMs (adapters are merged first; with ``quantization`` the stacked GEMMs are the ones in FP8).
         Off by default until measured on a GPU.
+        ``residual_in_fp32``: keep the residual stream in float32 under a 16-bit model (see
+        :func:`llm2vec_fast.fused_layers.keep_residual_in_fp32`; the GEMMs stay 16-bit or FP8, the
+        embeddings come out float32). ``None`` (default): on with ``quantization`` in a bf16/fp16 model of
+        a family with fused layers, where it is what brings FP8's worst case within bf16's
+        (``docs/encoding.md``), off otherwise (plain bf16 keeps the model's own arithmetic).
         ``cuda_graphs``: replay the packed forward from CUDA graphs captured per token-count bucket
         (``True``: powers of two; or a list of bucket sizes), see :meth:`use_cuda_graphs`.
         Extra keyword arguments go to ``transformers.AutoModel.from_pretrained``.
@@ -210,6 +216,8 @@ class LLM2Vec(EncodeMixin, nn.Module):
         if enable_bidirectional:
             make_bidirectional(model)
         fused_report = fuse_decoder(model) if fused else None
+        if wants_fp32_residual(residual_in_fp32, quantization, dtype, model):
+            keep_residual_in_fp32(model)  # before FP8's calibration, which measures the model as it will run
 
         settings, stored_id = read_encoder_settings(adapters[-1] if adapters else path, hf_kwargs)
         model_id = stored_id or model_id

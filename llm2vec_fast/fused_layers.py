@@ -9,6 +9,9 @@
 * rotary embeddings run Liger-Kernel's Triton RoPE (``liger_kernel.ops.rope``; one program per token
   reads that token's cos/sin row, so the packed layout -- ``[1, T, ...]``, positions restarting per
   sequence -- works as is);
+* optionally (:func:`keep_residual_in_fp32`, on by default with FP8) the residual stream stays in
+  float32 while the attention and MLP blocks run in the model's 16-bit dtype: the norms read the
+  float32 sums and write 16-bit (or FP8) rows for the GEMMs;
 * QKV and gate/up become single GEMMs (:mod:`llm2vec_fast.fused_projections`) where the weights allow,
   and SwiGLU runs Liger's kernel on the fused gate/up output (``LigerFusedGateUpSiLUMulFunction``:
   reads both halves of one buffer, no split copies; Gemma's GeGLU stays in torch).
@@ -66,6 +69,8 @@ _LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwe
 _SILU = ("silu", "swish")
 #: Set on fused attention / MLP modules: whether they run the Triton kernels (else torch only).
 KERNELS_ATTRIBUTE = "llm2vec_fast_fused_kernels"
+#: Set on decoder layers by :func:`keep_residual_in_fp32`: the residual stream's dtype (``None``: the model's).
+RESIDUAL_DTYPE_ATTRIBUTE = "llm2vec_fast_residual_dtype"
 
 
 class UnsupportedFusionError(ValueError):
@@ -115,24 +120,30 @@ class FusedRMSNorm(nn.Module):
             raise UnsupportedFusionError(f"{type(norm).__name__} has no weight / epsilon to fuse")
         return cls(norm.weight, eps, *_NORMS[type(norm).__name__])
 
-    def _run(self, op, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
-        kwargs = dict(residual=residual, casting=self.casting, offset=self.offset, backend=_backend(self))
+    def _run(self, op, hidden_states: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype | None):
+        kwargs = dict(residual=residual, casting=self.casting, offset=self.offset, out_dtype=out_dtype, backend=_backend(self))
         return op(hidden_states, self.weight, self.variance_epsilon, **kwargs)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self._run(rms_norm, hidden_states)
+    def forward(self, hidden_states: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``norm(hidden_states)``, in ``out_dtype`` if given (a float32 residual stream's norms write
+        the blocks' 16-bit dtype)."""
+        return self._run(rms_norm, hidden_states, None, out_dtype)
 
-    def add_and_norm(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_and_norm(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor, out_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm(residual + hidden_states), residual + hidden_states)`` in one kernel."""
-        return self._run(rms_norm, hidden_states, residual)
+        return self._run(rms_norm, hidden_states, residual, out_dtype)
 
-    def quantized(self, hidden_states: torch.Tensor) -> FP8Rows:
+    def quantized(self, hidden_states: torch.Tensor, out_dtype: torch.dtype | None = None) -> FP8Rows:
         """``norm(hidden_states)`` quantized per row to FP8 in the same kernel (for FP8 projections)."""
-        return self._run(rms_norm_fp8, hidden_states)
+        return self._run(rms_norm_fp8, hidden_states, None, out_dtype)
 
-    def add_and_norm_quantized(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[FP8Rows, torch.Tensor]:
+    def add_and_norm_quantized(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor, out_dtype: torch.dtype | None = None
+    ) -> tuple[FP8Rows, torch.Tensor]:
         """``(norm(residual + hidden_states) in FP8, residual + hidden_states)`` in one kernel."""
-        return self._run(rms_norm_fp8, hidden_states, residual)
+        return self._run(rms_norm_fp8, hidden_states, residual, out_dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, casting={self.casting}"
@@ -229,7 +240,8 @@ class FusedMLP:
 
 # ------------------------------------------------------------------------------------ layer
 class FusedDecoderLayer:
-    """Mixin over a supported decoder layer: residual add + ``post_attention_layernorm`` fused."""
+    """Mixin over a supported decoder layer: residual add + ``post_attention_layernorm`` fused, and the
+    residual stream optionally kept in float32 (:func:`keep_residual_in_fp32`)."""
 
     def forward(
         self,
@@ -241,12 +253,20 @@ class FusedDecoderLayer:
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        residual_dtype, block_dtype = getattr(self, RESIDUAL_DTYPE_ATTRIBUTE, None), None
+        if residual_dtype is not None and residual_dtype != self.input_layernorm.weight.dtype:
+            # a wider residual stream: the first layer widens the embeddings (exactly), the norms write
+            # the blocks' dtype (their weights'), the blocks' outputs are added in the stream's
+            block_dtype = self.input_layernorm.weight.dtype
+            hidden_states = hidden_states.to(residual_dtype)
         residual = hidden_states
         norm = self.input_layernorm
         if isinstance(norm, FusedRMSNorm) and _reads_fp8(self.self_attn, QKV_FUSED, QKV):
-            hidden_states = norm.quantized(hidden_states)  # the projections take the FP8 rows as they are
+            hidden_states = norm.quantized(hidden_states, block_dtype)  # the projections take the FP8 rows as they are
+        elif isinstance(norm, FusedRMSNorm):
+            hidden_states = norm(hidden_states, block_dtype)
         else:
-            hidden_states = norm(hidden_states)
+            hidden_states = _cast(norm(hidden_states), block_dtype)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
@@ -258,14 +278,18 @@ class FusedDecoderLayer:
         )
         norm = self.post_attention_layernorm
         if isinstance(norm, FusedRMSNorm) and _reads_fp8(self.mlp, GATE_UP_FUSED, GATE_UP):
-            hidden_states, residual = norm.add_and_norm_quantized(hidden_states, residual)
+            hidden_states, residual = norm.add_and_norm_quantized(hidden_states, residual, block_dtype)
         elif isinstance(norm, FusedRMSNorm):
-            hidden_states, residual = norm.add_and_norm(hidden_states, residual)
+            hidden_states, residual = norm.add_and_norm(hidden_states, residual, block_dtype)
         else:
             hidden_states = residual + hidden_states
             residual = hidden_states
-            hidden_states = norm(hidden_states)
+            hidden_states = _cast(norm(hidden_states), block_dtype)
         return residual + self.mlp(hidden_states)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x if dtype is None else x.to(dtype)
 
 
 def _reads_fp8(module: nn.Module, stacked: str, separate: tuple[str, ...]) -> bool:
@@ -356,12 +380,66 @@ def fuse_decoder(model: nn.Module, kernels: bool = True, projections: bool = Tru
     return report
 
 
+def keep_residual_in_fp32(model: nn.Module, enabled: bool = True) -> None:
+    """Keep ``model``'s residual stream in float32 (``enabled=False``: back to the model's dtype), in place.
+
+    The embeddings are widened to float32 before the first decoder layer, each layer adds its
+    attention and MLP outputs to the float32 stream, and its norms read the float32 sums and write
+    the attention and MLP blocks' dtype (the dtype of the layer's norm weights: bf16 in a bf16 model),
+    so every GEMM still runs in 16 bits; the final norm's output is float32 (Hugging Face's promotion
+    of a bf16 weight times float32 rows). flash-attention calls this ``residual_in_fp32``. It costs
+    memory traffic only (the stream is read and written in 4 bytes instead of 2), and in a bf16 model
+    most of the distance to float32 embeddings is the rounding of that stream (``docs/encoding.md``).
+    A no-op in a float32 model. With fused norms (:func:`fuse_decoder`) the residual add, the norm
+    and the FP8 quantization of its output stay one kernel each; otherwise the decoder layers get the
+    fused layer forward with the model's own norms, attention and MLP.
+
+    Raises:
+        UnsupportedFusionError: an architecture without fused layers (the model is left unchanged).
+    """
+    from .bidirectional import decoder_of
+
+    decoder = decoder_of(model)
+    check_fusable(decoder)
+    for layer in decoder.layers:
+        _swap_class(layer, FusedDecoderLayer)
+        setattr(layer, RESIDUAL_DTYPE_ATTRIBUTE, torch.float32 if enabled else None)
+
+
+def wants_fp32_residual(requested: bool | None, quantization: str | None, dtype: torch.dtype, model: nn.Module) -> bool:
+    """``LLM2Vec.from_pretrained``'s ``residual_in_fp32`` resolved: as requested, else on for a
+    quantized (FP8) bf16/fp16 model of a family with fused layers (where it brings FP8's worst case
+    within bf16's) and off otherwise (an explicit ``True`` on another family raises in
+    :func:`keep_residual_in_fp32`)."""
+    if requested is not None:
+        return bool(requested)
+    if quantization is None or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from .bidirectional import decoder_of
+
+    try:
+        check_fusable(decoder_of(model))
+    except UnsupportedFusionError as err:
+        logger.info("the residual stream stays in %s: %s", dtype, err)
+        return False
+    return True
+
+
+def residual_dtype(model: nn.Module) -> torch.dtype | None:
+    """The residual stream's dtype set by :func:`keep_residual_in_fp32` (``None``: the model's own)."""
+    from .bidirectional import decoder_of
+
+    layers = getattr(decoder_of(model), "layers", None) or []
+    return next((getattr(layer, RESIDUAL_DTYPE_ATTRIBUTE, None) for layer in layers), None)
+
+
 def is_fused(model: nn.Module) -> bool:
     """Whether :func:`fuse_decoder` has rewritten ``model``'s decoder."""
     from .bidirectional import decoder_of
 
     layers = getattr(decoder_of(model), "layers", None) or []
-    return any(isinstance(layer, FusedDecoderLayer) for layer in layers)
+    # the attention, not the layer: keep_residual_in_fp32 gives unfused layers the fused layer forward
+    return any(isinstance(getattr(layer, "self_attn", None), FusedAttention) for layer in layers)
 
 
 def has_fused_projections(model: nn.Module) -> bool:

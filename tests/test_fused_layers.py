@@ -401,7 +401,7 @@ def test_rms_norm_op_passes_opcheck(with_residual, x_dtype, weight_dtype, castin
     x = torch.randn(6, 32, generator=g).to(x_dtype).requires_grad_()
     residual = torch.randn(6, 32, generator=g).to(x_dtype).requires_grad_() if with_residual else None
     weight = (torch.rand(32, generator=g) + 0.5).to(weight_dtype).requires_grad_()
-    args = (x, residual, weight, 1e-6, casting, 0.0, "torch")
+    args = (x, residual, weight, 1e-6, casting, 0.0, None, "torch")
     torch.library.opcheck(
         torch.ops.llm2vec_fast.rms_norm_fwd.default, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
     )

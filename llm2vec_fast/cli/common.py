@@ -45,6 +45,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "on CUDA, stacked QKV and gate/up GEMMs (needs liger-kernel on the GPU; adapters are merged)",
     )
     parser.add_argument(
+        "--residual-fp32",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the residual stream in float32 under a bf16/fp16 model, the GEMMs in 16 bits or FP8 (default: on with "
+        "--quantization, where it keeps FP8's worst case within bf16's; off otherwise)",
+    )
+    parser.add_argument(
         "--high-precision-layers",
         type=_layer_indices,
         default="calibrate",
@@ -83,6 +90,7 @@ def encoder_kwargs(args: argparse.Namespace) -> dict:
         high_precision_layers=args.high_precision_layers,
         fp8_rounding=args.fp8_rounding,
         fused=args.fused,
+        residual_in_fp32=args.residual_fp32,
     )
 
 

@@ -13,6 +13,7 @@ import os
 import torch
 
 from ..bidirectional import is_bidirectional
+from ..fused_layers import residual_dtype
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -51,6 +52,9 @@ def encoder_settings(encoder) -> dict:
         if quantization
         else {}
     )
+    # a float32 residual stream changes them too; recorded only when used, for the same reason
+    stream = residual_dtype(model)
+    wide = {"residual_dtype": str(stream).replace("torch.", "")} if stream is not None else {}
     return {
         "weights": weights_fingerprint(model),
         "dimension": int(encoder.hidden_size),
@@ -62,6 +66,7 @@ def encoder_settings(encoder) -> dict:
         "model_id": encoder.model_id,
         "bidirectional": bool(is_bidirectional(model)),
         **fp8,
+        **wide,
     }
 
 
