@@ -7,7 +7,10 @@ Paths (same random-weight model, same inputs, bf16):
     Hugging Face SDPA attention with a 4-D padding mask.
   * ``packed-fp8`` (``--methods``) -- the packed path with every decoder linear layer an FP8 W8A8
     ``torch._scaled_mm`` (``quantization="fp8"``, sm_89+; random weights, so no calibration:
-    every layer FP8, rounded to nearest); with ``--cpu-smoke`` its CPU simulation.
+    every layer FP8, rounded to nearest), its residual stream in float32 as FP8 loads by default
+    (``residual_in_fp32``); with ``--cpu-smoke`` its CPU simulation. ``packed-fp8-bf16-residual``
+    (``--methods``) -- the same FP8 weights over the model's own bf16 residual stream: what the float32
+    stream costs (``fp32_residual_cost`` in the summary).
   * ``packed-fused`` (``--methods``) -- the packed path with fused decoder layers
     (``fused=True``: residual-add + RMSNorm kernel, Liger-Kernel RoPE and SwiGLU, stacked QKV and
     gate/up GEMMs); ``packed-fused-graphs`` -- the same replayed from CUDA graphs per token-count
@@ -60,7 +63,7 @@ MIN_COSINE = 0.99
 #: FP8 against bf16 on random weights: a wrong scale or layout gives ~0; the fidelity floor is 0.95
 FP8_MIN_COSINE = 0.95
 REFERENCE_BATCH_SIZE = 64
-METHODS = ("reference", "packed", "packed-fused", "packed-fused-graphs", "packed-fp8")
+METHODS = ("reference", "packed", "packed-fused", "packed-fused-graphs", "packed-fp8", "packed-fp8-bf16-residual")
 GEMM_REPEATS = 10
 
 
@@ -229,15 +232,24 @@ def bench_shape(shape: str, n_texts: int, cfg: dict, seed: int = 0) -> tuple[lis
             encoder.cuda_graphs = None
         if "packed-fp8" in methods:
             notes["packed-fp8"] = "FP8 of the fused model (packed-fused ran first in this run)"
-    if "packed-fp8" in methods:  # last: quantizing replaces the bf16 weights
+    fp8_methods = [m for m in ("packed-fp8", "packed-fp8-bf16-residual") if m in methods]
+    if fp8_methods:  # last: quantizing replaces the bf16 weights
+        from llm2vec_fast.fused_layers import keep_residual_in_fp32, wants_fp32_residual
+
         reason = fp8_unsupported_reason(device) if device == "cuda" else None
         if reason is None:
+            scheme = "fp8" if device == "cuda" else "fp8-simulated"
             # speed only: random weights, every layer FP8; the rounding does not change the GEMMs' cost
-            apply_fp8(encoder, "fp8" if device == "cuda" else "fp8-simulated", high_precision_layers=[], rounding="nearest")
+            apply_fp8(encoder, scheme, high_precision_layers=[], rounding="nearest")
             encoder.packed = True
-            runs["packed-fp8"] = time_path(encoder, items, cfg["batch_size"], cfg["repeats"], device)
+            for method in fp8_methods:
+                # the residual stream is read at each call: the same FP8 weights, timed over both streams
+                wide = method == "packed-fp8" and wants_fp32_residual(None, scheme, cfg["dtype"], encoder.model)
+                keep_residual_in_fp32(encoder.model, wide)
+                runs[method] = time_path(encoder, items, cfg["batch_size"], cfg["repeats"], device)
         else:
-            notes["packed-fp8"] = f"not run: {reason}"
+            for method in fp8_methods:
+                notes[method] = f"not run: {reason}"
     pad = padding_tokens(encoder, items, cfg["batch_size"]) if "reference" in runs else None
 
     rows = []
@@ -295,6 +307,9 @@ def bench_shape(shape: str, n_texts: int, cfg: dict, seed: int = 0) -> tuple[lis
             "target": FP8_TARGETS.get(shape),
             **fp8,
         }
+        if "packed-fp8-bf16-residual" in runs:
+            # > 1: the float32 residual stream's share of FP8's time
+            summary["fp8"]["fp32_residual_cost"] = runs["packed-fp8"]["seconds"] / runs["packed-fp8-bf16-residual"]["seconds"]
     del encoder, runs
     gc.collect()
     if device == "cuda":
@@ -303,7 +318,7 @@ def bench_shape(shape: str, n_texts: int, cfg: dict, seed: int = 0) -> tuple[lis
 
 
 def precision_of(method: str, dtype: torch.dtype) -> str:
-    return "fp8_rowwise" if method == "packed-fp8" else str(dtype).replace("torch.", "")
+    return "fp8_rowwise" if method.startswith("packed-fp8") else str(dtype).replace("torch.", "")
 
 
 def mfu(model_tflops: float, ceilings: dict, precision: str) -> float:
@@ -406,6 +421,8 @@ def print_summary(summary: dict) -> None:
     if "fp8" in summary:
         fp8 = summary["fp8"]
         parts.append(f"fp8 vs packed {fp8['speedup_vs_packed']:.2f}x, cosine min {fp8['min_cosine']:.4f}")
+        if "fp32_residual_cost" in fp8:
+            parts.append(f"fp8 with the float32 residual stream / without: {fp8['fp32_residual_cost']:.3f}x the time")
     parts += [f"{m}: {note}" for m, note in summary["notes"].items()]
     parts.append(
         f"{summary['model_gflop_per_token']:.3f} GFLOP/token; weights {summary['weights_gib']:.1f} GiB, built in {summary['build_s']:.1f} s"

@@ -56,8 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def time_variant(make_encoder, scheme: str, device: str, inputs: dict, **settings) -> dict:
     from llm2vec_fast.fp8 import apply_fp8
+    from llm2vec_fast.fused_layers import keep_residual_in_fp32, wants_fp32_residual
 
     encoder = make_encoder()
+    # the residual stream as from_pretrained(quantization=...) sets it before quantizing (calibration runs the model)
+    dtype = encoder.model.get_input_embeddings().weight.dtype
+    keep_residual_in_fp32(encoder.model, wants_fp32_residual(None, scheme, dtype, encoder.model))
     _sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -5,7 +5,8 @@
 # so a short budget cuts the last):
 #   1. bench_encode.py --quick --methods packed packed-fused packed-fp8 --shapes llama-1b llama-8b:
 #      FP8 W8A8 of the *fused* model (the norms and SwiGLU quantize for the FP8 GEMMs: rms_norm_fp8,
-#      silu_mul_fp8) vs plain and fused bf16 packed -> fp8-fused-encode-<card>.json
+#      silu_mul_fp8) vs plain and fused bf16 packed, over the float32 residual stream FP8 loads with and
+#      over the model's bf16 one (what the float32 stream costs) -> fp8-fused-encode-<card>.json
 #   2. bench_train.py --quick --fused 1: MNTP and SimCSE steps with fused norms and Liger RoPE vs
 #      plain transformers + peft -> train-fused-<card>.json
 #   3. bench_fp8_load.py: seconds of an FP8 load on the card (nearest, GPTQ, GPTQ + calibration; 1B
@@ -21,8 +22,8 @@ source "$(dirname "$0")/gpu_steps.sh"
 
 followup_steps() {
     if has_liger; then
-        step bench-encode-fp8-fused 110 "$PY" benchmarks/bench_encode.py --quick \
-            --methods packed packed-fused packed-fp8 --shapes llama-1b llama-8b --name fp8-fused-encode
+        step bench-encode-fp8-fused 130 "$PY" benchmarks/bench_encode.py --quick \
+            --methods packed packed-fused packed-fp8 packed-fp8-bf16-residual --shapes llama-1b llama-8b --name fp8-fused-encode
         step bench-train-fused 100 "$PY" benchmarks/bench_train.py --quick --fused 1 "${TOKENIZER_ARGS[@]}"
     else
         STATUS+=("bench-encode-fp8-fused, bench-train-fused: skipped ($LIGER_MISSING)")

@@ -1,9 +1,10 @@
 """Regenerate the result tables of the docs from the benchmarks' JSON: the headline summary (in
 ``README.md`` and ``docs/benchmarks.md``), and on the benchmarks page the CPU int8 GEMM, serve, dataset,
 recipe and recipe Matryoshka tables and the GPU suite's tables (encode with MFU, attention, pooling, first
-embedding, FP8 / fused / CUDA-graph paths, training, ONNX Runtime on CUDA, FP8 load time) of every card that has results.
+embedding, FP8 / fused / CUDA-graph paths, training, ONNX Runtime on CUDA, FP8 load time) of every card that has results;
+the FP8 fidelity table on the benchmarks page and in ``docs/encoding.md``.
 
-    python benchmarks/readme_results.py          # rewrites the text between the markers of both pages
+    python benchmarks/readme_results.py          # rewrites the text between the markers of the pages
 
 Each table sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; a page without a marker is
 left alone there; a missing JSON leaves a note instead, so no page shows a number that no results
@@ -20,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 BENCHMARKS_PAGE = ROOT / "docs" / "benchmarks.md"
-PAGES = (README, BENCHMARKS_PAGE)
+ENCODING_PAGE = ROOT / "docs" / "encoding.md"  # the FP8 fidelity table
+PAGES = (README, BENCHMARKS_PAGE, ENCODING_PAGE)
 
 
 def replace_between_markers(text: str, marker: str, body: str) -> str:
@@ -544,6 +546,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "encode_dataset-cpu": ("encode_dataset-cpu.json", dataset_table),
     "recipe-sts": ("recipe_sts.json", recipe_sts_table),
     "recipe-matryoshka": ("recipe_matryoshka.json", script_table("recipe_matryoshka", "markdown_table")),
+    "fp8-fidelity": ("fp8-fidelity-cpu.json", script_table("bench_fp8_fidelity", "markdown_table")),
 }
 
 

@@ -31,7 +31,7 @@ def test_help(script):
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("bench-results")
-    methods = ("--methods", "reference", "packed", "packed-fused", "packed-fused-graphs", "packed-fp8")
+    methods = ("--methods", "reference", "packed", "packed-fused", "packed-fused-graphs", "packed-fp8", "packed-fp8-bf16-residual")
     return out, _run(BENCH_DIR / "bench_encode.py", "--cpu-smoke", "--no-plot", "--results-dir", out, *methods)
 
 
@@ -41,7 +41,14 @@ def test_bench_encode_cpu_smoke(smoke_results):
     data = json.loads((out / "encode-cpu.json").read_text())
     assert data["tokenisation_timed"] is False and "embed_items" in data["timed"]
     rows = data["results"]
-    assert [r["method"] for r in rows] == ["reference", "packed", "packed-fused", "packed-fused-graphs", "packed-fp8"]
+    assert [r["method"] for r in rows] == [
+        "reference",
+        "packed",
+        "packed-fused",
+        "packed-fused-graphs",
+        "packed-fp8",
+        "packed-fp8-bf16-residual",
+    ]
     assert all(r["tokens_per_s"] > 0 and r["tokens"] == rows[0]["tokens"] for r in rows)
     (summary,) = data["summary"]
     assert summary["agree"] and summary["min_cosine"] > 0.999
@@ -51,6 +58,8 @@ def test_bench_encode_cpu_smoke(smoke_results):
     assert summary["fused_graphs"]["agree"] and summary["fused_graphs"]["min_cosine"] > 0.999999
     # the fp8 path (simulated on CPU, on the fused model) against the packed one
     assert summary["fp8"]["agree"] and summary["fp8"]["speedup_vs_packed"] == pytest.approx(rows[1]["seconds"] / rows[4]["seconds"])
+    # the same FP8 weights over the float32 residual stream (the FP8 default) and over the model's own
+    assert summary["fp8"]["fp32_residual_cost"] == pytest.approx(rows[4]["seconds"] / rows[5]["seconds"])
 
 
 def test_bench_encode_reports_model_flops_utilisation(smoke_results):
@@ -69,7 +78,7 @@ def test_bench_encode_reports_model_flops_utilisation(smoke_results):
     for r in data["results"]:
         flops = summary["model_gflop_per_token"] * 1e9 * r["tokens"]
         assert r["model_tflops_per_s"] == pytest.approx(flops / r["seconds"] / 1e12)
-        if r["method"] == "packed-fp8":
+        if r["method"].startswith("packed-fp8"):
             assert r["precision"] == "fp8_rowwise" and r["mfu"] is None  # no FP8 ceiling on a CPU
         else:
             assert r["precision"] == "float32" and r["mfu"] == pytest.approx(r["model_tflops_per_s"] / ceiling["tflops"])
@@ -191,7 +200,7 @@ def _readme_results():
     return module
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md", "docs/encoding.md"])
 def test_generated_result_tables_match_their_json(tmp_path, page):
     """Every generated block of the page (README: the summary; docs/benchmarks.md: the summary, GPU,
     serve, dataset, int8 GEMM and recipe tables) is exactly what ``readme_results.py`` renders from the JSON."""
@@ -302,7 +311,10 @@ def test_gpu_followup_runs_fused_fp8_and_fused_training(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("install", "bench-encode-fp8-fused", "bench-train-fused", "bench-fp8-load"):
         assert f"{name}: ok (" in proc.stdout, name
-    assert "--methods packed packed-fused packed-fp8 --shapes llama-1b llama-8b --name fp8-fused-encode" in proc.stdout
+    assert (
+        "--methods packed packed-fused packed-fp8 packed-fp8-bf16-residual --shapes llama-1b llama-8b --name fp8-fused-encode"
+        in proc.stdout
+    )
     assert "benchmarks/bench_train.py --quick --fused 1" in proc.stdout
     # at most 8 files come back from a device call: archives and the two summaries
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs_and_plots.tar.gz", "results.tar.gz", "steps.txt", "summary.txt"]
@@ -404,13 +416,33 @@ def test_bench_fp8_fidelity_on_a_tiny_model(tiny_llama_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "fp8-fidelity-cpu.json").read_text())
     variants = result["variants"]
-    assert list(variants) == ["bf16", "fp8", "fp8-nearest", "fp8-all-layers", "fp8-nearest-all-layers"]
-    # FP8 quantizes a bf16 model, as on a GPU (an fp32 model around the GEMMs flatters FP8 against bf16)
+    assert list(variants) == [
+        "bf16",
+        "bf16-fp32-residual",
+        "fp8",
+        "fp8-bf16-residual",
+        "fp8-nearest",
+        "fp8-all-layers",
+        "fp8-nearest-all-layers",
+    ]
+    # FP8 quantizes a bf16 model, as on a GPU (an fp32 model around the GEMMs flatters FP8 against bf16),
+    # with the float32 residual stream FP8 loads with by default
     assert result["fp8_model_dtype"] == "bfloat16"
     assert {v["model_dtype"] for v in variants.values()} == {"bfloat16"}
-    for name, rounding in (("fp8", "gptq"), ("fp8-nearest", "nearest"), ("fp8-all-layers", "gptq"), ("fp8-nearest-all-layers", "nearest")):
+    narrow = {"bf16", "fp8-bf16-residual"}
+    assert {name: v["residual_dtype"] for name, v in variants.items()} == {n: "bfloat16" if n in narrow else "float32" for n in variants}
+    for name, rounding in (
+        ("fp8", "gptq"),
+        ("fp8-bf16-residual", "gptq"),
+        ("fp8-nearest", "nearest"),
+        ("fp8-all-layers", "gptq"),
+        ("fp8-nearest-all-layers", "nearest"),
+    ):
         report = variants[name]["report"]
         assert report["rounding"] == rounding and ("calibration" in report) == (not name.endswith("all-layers"))
         assert 0.9 < variants[name]["all"]["worst_cos"] <= variants[name]["all"]["mean_cos"] < 1.0
     assert variants["fp8-all-layers"]["report"]["fp8_linears"] == variants["fp8-all-layers"]["report"]["linears"] == 14
     assert set(result["checks"]) == {"mean cos >= 0.99", "worst cos >= bf16 worst", "worst cos >= 0.95", "STS-B drop vs bf16 <= 0.5"}
+    # the CPU is named (bf16 is emulated where it has no bf16 instructions) and the docs' table is printed
+    assert result["cpu"] and isinstance(result["cpu_flags"], list)
+    assert "| **FP8, default** (GPTQ, calibrated) | float32 |" in proc.stdout
