@@ -395,10 +395,13 @@ def keep_residual_in_fp32(model: nn.Module, enabled: bool = True) -> None:
     fused layer forward with the model's own norms, attention and MLP.
 
     Raises:
-        UnsupportedFusionError: an architecture without fused layers (the model is left unchanged).
+        UnsupportedFusionError: an architecture without fused layers (the model is left unchanged;
+            ``enabled=False`` on a model whose stream was never widened does nothing, whatever its family).
     """
     from .bidirectional import decoder_of
 
+    if not enabled and residual_dtype(model) is None:
+        return  # nothing to undo (whatever the family)
     decoder = decoder_of(model)
     check_fusable(decoder)
     for layer in decoder.layers:

@@ -206,6 +206,8 @@ def test_other_families_are_refused_and_left_unchanged():
     with pytest.raises(UnsupportedFusionError, match="llama, mistral, qwen2, qwen3, gemma"):
         keep_residual_in_fp32(model)
     assert residual_dtype(model) is None
+    keep_residual_in_fp32(model, enabled=False)  # nothing to undo: no error, nothing changed
+    assert type(model.layers[0]).__name__ == "Gemma2DecoderLayer"
     # the FP8 default leaves such a model's stream alone instead of failing to load it
     assert not wants_fp32_residual(None, "fp8", torch.bfloat16, model)
     assert wants_fp32_residual(None, "fp8", torch.bfloat16, _tiny("qwen3"))
