@@ -117,7 +117,7 @@ def _rms_norm_fp8_op(
 
         x = x if x.stride(-1) == 1 else x.contiguous()
         residual = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
-        normed = out_dtype or normed_dtype(x if residual is None else residual, weight, casting)
+        normed = normed_dtype(x, residual, weight, casting, out_dtype)
         q, scales, total = fp8_quant_triton.rms_norm_fp8_forward(x, residual, weight.contiguous(), eps, casting == "gemma", offset, normed)
     else:
         if residual is not None:

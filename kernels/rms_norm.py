@@ -52,7 +52,7 @@ def _rms_norm_fwd_op(
     if backend == "triton":
         x = x if x.stride(-1) == 1 else x.contiguous()
         residual = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
-        out = out_dtype or normed_dtype(x if residual is None else residual, weight, casting)
+        out = normed_dtype(x, residual, weight, casting, out_dtype)
         y, total = _triton_ops().rms_norm_forward(x, residual, weight.contiguous(), eps, casting == "gemma", offset, out)
     elif residual is not None:
         y, total = add_rms_norm_reference(x, residual, weight, eps, casting, offset, out_dtype)
@@ -61,18 +61,22 @@ def _rms_norm_fwd_op(
     return y, (total if total is not None else x.new_empty((0,)))
 
 
-def normed_dtype(x: torch.Tensor, weight: torch.Tensor, casting: str) -> torch.dtype:
-    """The dtype of the normalised output of ``x`` (the norm's input: the residual sum where there is
-    one): ``"llama"`` multiplies the weight by the cast-back rows, so a weight in another dtype (fp32
-    norms under bf16 activations, bf16 norms over a float32 residual stream) promotes it, as in the
-    Hugging Face models."""
-    return x.dtype if casting == "gemma" else torch.promote_types(x.dtype, weight.dtype)
+def normed_dtype(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, casting: str, out_dtype: torch.dtype | None = None
+) -> torch.dtype:
+    """The dtype of the normalised rows: ``out_dtype`` if given, else the norm input's (``x``, or the
+    residual sum, whose dtype is ``residual``'s); ``"llama"`` multiplies the weight by the cast-back
+    rows, so a weight in another dtype (fp32 norms under bf16 activations, bf16 norms over a float32
+    residual stream) promotes it, as in the Hugging Face models."""
+    if out_dtype is not None:
+        return out_dtype
+    norm_input = x if residual is None else residual
+    return norm_input.dtype if casting == "gemma" else torch.promote_types(norm_input.dtype, weight.dtype)
 
 
 @_rms_norm_fwd_op.register_fake
 def _(x, residual, weight, eps, casting, offset, out_dtype, backend):
-    norm_input = x if residual is None else residual  # a residual's dtype is the sum's (x's or wider)
-    normed = x.new_empty(x.shape, dtype=out_dtype or normed_dtype(norm_input, weight, casting))
+    normed = x.new_empty(x.shape, dtype=normed_dtype(x, residual, weight, casting, out_dtype))
     return normed, (torch.empty_like(residual) if residual is not None else x.new_empty((0,)))
 
 
